@@ -1,0 +1,3 @@
+from mbtrain.cli import main
+
+main()
