@@ -1,0 +1,36 @@
+# One entry point for people and CI. Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+DEMO := demo
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/mbtrain: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# the CPU wheel first: a bare torch requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/mbtrain
+
+demo: install
+	$(BIN)/mbtrain inspect sample_data/funnel_train.parquet --tasks purchase,cart,click
+	$(BIN)/mbtrain fit sample_data/funnel_train.parquet --tasks purchase,cart,click \
+		--model mmoe --balance metabalance --epochs 15 --batch-size 128 --seed 0 --out $(DEMO)/run --overwrite
+	$(BIN)/mbtrain eval $(DEMO)/run sample_data/funnel_test.csv --json $(DEMO)/test_metrics.json
+	$(BIN)/mbtrain export $(DEMO)/run --output $(DEMO)/model.pt
+	$(BIN)/mbtrain predict $(DEMO)/model.pt sample_data/funnel_test.csv --output $(DEMO)/predictions.csv \
+		--keep impression_id
+
+test: install
+	$(BIN)/ruff check mbtrain tests benchmarks
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check mbtrain tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO) *.egg-info

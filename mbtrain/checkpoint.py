@@ -1,0 +1,72 @@
+"""Atomic writes (temp file, then rename) and loading of checkpoints, runs and exports with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mbtrain.errors import MbtrainError
+
+CHECKPOINT_FORMAT = "mbtrain-checkpoint/1"
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    temporary = _temporary(path)
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, temporary)
+    os.replace(temporary, path)
+
+
+def write_json(data: Any, path: Path) -> None:
+    temporary = _temporary(path)
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
+    temporary = _temporary(path)
+    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by save_checkpoint; weights_only loading, so a checkpoint cannot run code."""
+    if not path.is_file():
+        raise MbtrainError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged archive; all mean the same here
+        raise MbtrainError(f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise MbtrainError(f"{path}: not an mbtrain checkpoint")
+    return state
+
+
+def run_checkpoint(run: Path, which: str = "best") -> Path:
+    """The checkpoint file of a run directory (best, else last)."""
+    if not run.exists():
+        raise MbtrainError(f"{run}: run directory not found")
+    if not run.is_dir():
+        raise MbtrainError(f"{run}: not a run directory")
+    for name in (which, "last"):
+        candidate = run / "checkpoints" / f"{name}.pt"
+        if candidate.is_file():
+            return candidate
+    raise MbtrainError(f"{run}: not an mbtrain run (no checkpoints/{which}.pt)")
+
+
+def is_export(path: Path) -> bool:
+    """TorchScript archives made by `mbtrain export` carry the extra file mbtrain.json."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/extra/mbtrain.json") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False

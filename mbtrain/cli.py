@@ -1,0 +1,264 @@
+"""The `mbtrain` command line: parses flags into a RunConfig and calls the library; no training logic here."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from mbtrain.config import BALANCES, MODELS, STRATEGIES, RunConfig, parse_list, read_toml
+from mbtrain.errors import MbtrainError
+
+app = typer.Typer(
+    name="mbtrain",
+    help="Train, evaluate, export and serve multi-task recommendation models (shared-bottom, MMoE) "
+    "with optional MetaBalance gradient balancing.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # usage errors as plain "Error: ..." lines, not boxes
+    add_completion=False,
+)
+console = Console()
+DEFAULTS = RunConfig().flat()
+RESUMABLE = {"epochs", "patience", "threads"}  # settings a resumed run may change
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    sys.stderr.write(f"mbtrain: error: {message}\n")
+    return typer.Exit(code)
+
+
+def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input becomes one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except MbtrainError as exc:
+            raise _fail(str(exc)) from None
+        except OSError as exc:
+            raise _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), 1) from None
+
+    return wrapper
+
+
+def _help(text: str, key: str) -> str:
+    default = DEFAULTS[key]
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    return f"{text} [default: {shown}]" if default not in (None, []) else text
+
+
+TasksOpt = Annotated[str | None, typer.Option(help="Comma-separated label columns, main task first unless "
+                                                   "--main-task says otherwise, e.g. click,purchase.")]
+MainTaskOpt = Annotated[str | None, typer.Option(help="The task MetaBalance and early stopping serve.")]
+CategoricalOpt = Annotated[str | None, typer.Option(help="Columns to treat as categorical (comma-separated).")]
+NumericOpt = Annotated[str | None, typer.Option(help="Columns to treat as numeric (comma-separated).")]
+ExcludeOpt = Annotated[str | None, typer.Option(help="Columns to ignore (comma-separated).")]
+ConfigOpt = Annotated[Path | None, typer.Option(help="TOML file with the same keys as the flags; flags win.")]
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    """Flag values keyed by setting name, lists parsed; None means the flag was not given."""
+    lists = {"tasks": str, "categorical": str, "numeric": str, "exclude": str, "hidden": int, "tower": int}
+    parsed = {}
+    for key, value in flags.items():
+        if key in lists and value is not None:
+            value = parse_list(f"--{key.replace('_', '-')}", value, lists[key])
+        parsed[key] = value
+    return parsed
+
+
+def _resolve(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
+    """Defaults < TOML file < flags."""
+    config = RunConfig()
+    if config_file is not None:
+        config = config.updated(read_toml(config_file))
+    return config.updated(flags)
+
+
+@app.command()
+@reports_errors
+def fit(
+    data: Annotated[Path | None, typer.Argument(help="Training data: a CSV or Parquet file.",
+                                                show_default=False)] = None,
+    tasks: TasksOpt = None,
+    main_task: MainTaskOpt = None,
+    model: Annotated[str | None, typer.Option(help=_help(f"{' | '.join(MODELS)}.", "model"))] = None,
+    balance: Annotated[str | None, typer.Option(help=_help(f"{' | '.join(BALANCES)}.", "balance"))] = None,
+    relax_factor: Annotated[float | None, typer.Option(help=_help("MetaBalance relax factor r in [0, 1).",
+                                                                 "relax_factor"))] = None,
+    beta: Annotated[float | None, typer.Option(help=_help("MetaBalance moving-average factor in [0, 1).",
+                                                          "beta"))] = None,
+    strategy: Annotated[str | None, typer.Option(help=_help(f"MetaBalance: {' | '.join(STRATEGIES)}.",
+                                                            "strategy"))] = None,
+    embed_dim: Annotated[int | None, typer.Option(help=_help("Embedding size per categorical column.",
+                                                             "embed_dim"))] = None,
+    hidden: Annotated[str | None, typer.Option(help=_help("Shared bottom / each expert's layer sizes.",
+                                                          "hidden"))] = None,
+    experts: Annotated[int | None, typer.Option(help=_help("Number of MMoE experts.", "experts"))] = None,
+    tower: Annotated[str | None, typer.Option(help=_help("Tower hidden sizes (empty for none).", "tower"))] = None,
+    dropout: Annotated[float | None, typer.Option(help=_help("Dropout in [0, 1).", "dropout"))] = None,
+    epochs: Annotated[int | None, typer.Option(help=_help("Maximum epochs.", "epochs"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help=_help("Rows per step.", "batch_size"))] = None,
+    lr: Annotated[float | None, typer.Option(help=_help("Adam learning rate.", "lr"))] = None,
+    weight_decay: Annotated[float | None, typer.Option(help=_help("Adam weight decay.", "weight_decay"))] = None,
+    seed: Annotated[int | None, typer.Option(help=_help("Seed for split, init and shuffling.", "seed"))] = None,
+    valid: Annotated[Path | None, typer.Option(help="Validation file (else a held-out fraction).")] = None,
+    valid_fraction: Annotated[float | None, typer.Option(help=_help("Held-out share when no --valid.",
+                                                                    "valid_fraction"))] = None,
+    patience: Annotated[int | None, typer.Option(help=_help("Epochs without main-task validation AUC gain "
+                                                            "before stopping; 0 = off.", "patience"))] = None,
+    categorical: CategoricalOpt = None,
+    numeric: NumericOpt = None,
+    exclude: ExcludeOpt = None,
+    min_frequency: Annotated[int | None, typer.Option(help=_help("Categories seen fewer times in training map "
+                                                                 "to 'unknown'.", "min_frequency"))] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory [default: runs/<timestamp>].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out run (only once training ends).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the --out run from checkpoints/last.pt.")] = False,
+    config: ConfigOpt = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads [default: torch's choice].")] = None,
+) -> None:
+    """Train a multi-task model and write a run directory (checkpoints, history, metrics)."""
+    from mbtrain.train import fit as fit_run
+
+    flags = _overrides(
+        tasks=tasks, main_task=main_task, model=model, balance=balance, relax_factor=relax_factor, beta=beta,
+        strategy=strategy, embed_dim=embed_dim, hidden=hidden, experts=experts, tower=tower, dropout=dropout,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+        valid=str(valid) if valid else None, valid_fraction=valid_fraction, patience=patience,
+        categorical=categorical, numeric=numeric, exclude=exclude, min_frequency=min_frequency, threads=threads,
+    )
+    if resume and overwrite:
+        raise MbtrainError("--resume and --overwrite contradict each other: pick one")
+    if resume:
+        if out is None:
+            raise MbtrainError("--resume needs --out, the run directory to continue")
+        run_config, data = _resumed(out, config, flags, data)
+    else:
+        if data is None:
+            raise MbtrainError("missing DATA: give the training file, e.g. mbtrain fit data.parquet --tasks a,b")
+        run_config = _resolve(config, flags)
+        out = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_config.validate()
+    valid_path = Path(run_config.data.valid) if run_config.data.valid else None
+    try:
+        fit_run(run_config, data, out, valid_path=valid_path, overwrite=overwrite, resume=resume, console=console)
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted; finished epochs are in {out}/checkpoints/last.pt, "
+                    f"continue with: mbtrain fit --resume --out {out}", 130) from None
+
+
+def _resumed(out: Path, config_file: Path | None, flags: dict[str, Any],
+             data: Path | None) -> tuple[RunConfig, Path]:
+    """The saved run's settings, with only the RESUMABLE ones taken from flags and --config."""
+    import json
+
+    record = out / "config.json"
+    if not record.is_file():
+        raise MbtrainError(f"--resume: {out} is not an mbtrain run directory (no config.json)")
+    try:
+        saved = json.loads(record.read_text())
+        run_config = RunConfig.from_dict(saved)
+    except (ValueError, TypeError) as exc:
+        raise MbtrainError(f"--resume: {record} is corrupt ({exc})") from None
+    changes = read_toml(config_file) if config_file else {}
+    changes.update({k: v for k, v in flags.items() if v is not None})
+    ignored = sorted(set(changes) - RESUMABLE)
+    if ignored:
+        sys.stderr.write(f"mbtrain: warning: --resume keeps the run's saved settings; ignoring "
+                         f"{', '.join('--' + k.replace('_', '-') for k in ignored)}\n")
+    run_config = run_config.updated({k: v for k, v in changes.items() if k in RESUMABLE})
+    return run_config, data or Path(saved["paths"]["data"])
+
+
+@app.command()
+@reports_errors
+def inspect(
+    data: Annotated[Path, typer.Argument(help="A CSV or Parquet file.", show_default=False)],
+    tasks: TasksOpt = None,
+    main_task: MainTaskOpt = None,
+    categorical: CategoricalOpt = None,
+    numeric: NumericOpt = None,
+    exclude: ExcludeOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Show the role fit would give every column (label, categorical, numeric, excluded); no training."""
+    from mbtrain.data.io import read_table
+    from mbtrain.data.schema import infer_schema, label_tensor
+    from mbtrain.report import schema_table
+
+    run_config = _resolve(config, _overrides(tasks=tasks, main_task=main_task, categorical=categorical,
+                                             numeric=numeric, exclude=exclude))
+    run_config.validate()
+    d = run_config.data
+    frame = read_table(data)
+    schema = infer_schema(frame, str(data), run_config.ordered_tasks, d.categorical, d.numeric, d.exclude)
+    labels = label_tensor(frame, str(data), schema.tasks)
+    console.print(schema_table(schema, f"{data}: {frame.height:,} rows, {frame.width} columns"))
+    rates = ", ".join(f"{t} {float(labels[:, i].mean()):.2%}" for i, t in enumerate(schema.tasks))
+    console.print(f"positive rates: {rates}")
+
+
+@app.command(name="eval")
+@reports_errors
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory, checkpoint or exported model.", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="Labelled CSV or Parquet file.", show_default=False)],
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
+) -> None:
+    """Per-task AUC, log loss, positives and rows of a trained model on a labelled file."""
+    from mbtrain.checkpoint import write_json
+    from mbtrain.inference import evaluate as evaluate_file
+    from mbtrain.report import metrics_table
+
+    metrics = evaluate_file(run, data)
+    for task, values in metrics["tasks"].items():
+        if values["auc"] is None:
+            sys.stderr.write(f"mbtrain: warning: {data}: task {task!r} has a single class; its AUC is null\n")
+    if json_path is not None:
+        write_json(metrics, json_path)
+    console.print(metrics_table(metrics, f"{data} scored by {run}"))
+
+
+@app.command()
+@reports_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="Run directory, checkpoint or exported model.", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="CSV or Parquet file to score.", show_default=False)],
+    output: Annotated[Path, typer.Option(help="Where to write predictions (.csv or .parquet).")],
+    keep: Annotated[str | None, typer.Option(help="Input columns to copy beside the predictions.")] = None,
+) -> None:
+    """Write one pred_<task> probability column per task, rows in input order."""
+    from mbtrain.data.io import write_table
+    from mbtrain.inference import predict as predict_file
+
+    predictions = predict_file(model, data, parse_list("--keep", keep) or [])
+    write_table(predictions, output)
+    console.print(f"wrote {predictions.height:,} rows × {predictions.width} columns to {output}")
+
+
+@app.command()
+@reports_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory to export (its best checkpoint).", show_default=False)],
+    output: Annotated[Path, typer.Option(help="The exported file, e.g. model.pt.")],
+    format: Annotated[str, typer.Option(help="Export format.")] = "torchscript",
+) -> None:
+    """Write one self-contained TorchScript file with the preprocessing spec embedded as mbtrain.json."""
+    from mbtrain.export import export as export_run
+
+    result = export_run(run, output, format)
+    console.print(f"exported {', '.join(result['tasks'])} to {output} ({result['format']}; checked on "
+                  f"{result['checked_rows']} rows, max difference {result['max_abs_difference']:.1e})")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,213 @@
+"""Run settings: dataclasses with the defaults (stated once, here), validation and JSON / TOML round-trip.
+
+Every field is also a flag of `mbtrain fit` and a key of its `--config` TOML file, spelled with dashes
+on the command line (`--relax-factor`) and with dashes or underscores in TOML. Field names are unique
+across the sections so that the flat flag / TOML namespace maps onto them without ambiguity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mbtrain.errors import MbtrainError
+
+MODELS = ("shared-bottom", "mmoe")
+BALANCES = ("none", "metabalance")
+STRATEGIES = ("both", "reduce", "enlarge")
+
+
+@dataclass
+class DataConfig:
+    tasks: list[str] = field(default_factory=list)
+    main_task: str | None = None
+    categorical: list[str] = field(default_factory=list)
+    numeric: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    valid: str | None = None
+    valid_fraction: float = 0.1
+    min_frequency: int = 2
+
+
+@dataclass
+class ModelConfig:
+    model: str = "mmoe"
+    embed_dim: int = 8
+    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    experts: int = 8
+    tower: list[int] = field(default_factory=lambda: [16])
+    dropout: float = 0.0
+
+
+@dataclass
+class BalanceConfig:
+    balance: str = "none"
+    relax_factor: float = 0.7
+    beta: float = 0.9
+    strategy: str = "both"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    patience: int = 3
+    threads: int | None = None
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        return cls(**{name: section(**raw.get(name, {})) for name, section in SECTIONS.items()})
+
+    def flat(self) -> dict[str, Any]:
+        """Every setting under its flag name (underscored), for tables and overrides."""
+        return {key: getattr(getattr(self, section), key) for key, section in FIELD_SECTION.items()}
+
+    def updated(self, overrides: dict[str, Any]) -> RunConfig:
+        """A copy with `overrides` (flat keys, None meaning 'not given') applied."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            if value is not None:
+                raw[FIELD_SECTION[key]][key] = value
+        return RunConfig.from_dict(raw)
+
+    @property
+    def main_task(self) -> str:
+        return self.data.main_task or self.data.tasks[0]
+
+    @property
+    def ordered_tasks(self) -> list[str]:
+        """Tasks with the main task first: MetaBalance and the model's output order rely on it."""
+        main = self.main_task
+        return [main] + [t for t in self.data.tasks if t != main]
+
+    def validate(self) -> None:
+        """Raise MbtrainError naming the flag for the first out-of-range or inconsistent setting."""
+        d, m, b, t = self.data, self.model, self.balance, self.train
+        if not d.tasks:
+            raise MbtrainError("--tasks is required: name the label columns, e.g. --tasks click,purchase")
+        duplicates = sorted({task for task in d.tasks if d.tasks.count(task) > 1})
+        if duplicates:
+            raise MbtrainError(f"--tasks names {', '.join(duplicates)} more than once")
+        if d.main_task is not None and d.main_task not in d.tasks:
+            raise MbtrainError(f"--main-task {d.main_task!r} is not one of --tasks ({', '.join(d.tasks)})")
+        _choice("--model", m.model, MODELS)
+        _choice("--balance", b.balance, BALANCES)
+        _choice("--strategy", b.strategy, STRATEGIES)
+        if b.balance == "metabalance" and len(d.tasks) < 2:
+            raise MbtrainError("--balance metabalance needs at least two tasks in --tasks")
+        _in_range("--relax-factor", b.relax_factor, 0.0, 1.0, "[0, 1)")
+        _in_range("--beta", b.beta, 0.0, 1.0, "[0, 1)")
+        _in_range("--dropout", m.dropout, 0.0, 1.0, "[0, 1)")
+        if not 0.0 < d.valid_fraction < 1.0:
+            raise MbtrainError(f"--valid-fraction must be in (0, 1): got {d.valid_fraction}")
+        for flag, value in (
+            ("--embed-dim", m.embed_dim),
+            ("--experts", m.experts),
+            ("--epochs", t.epochs),
+            ("--batch-size", t.batch_size),
+            ("--min-frequency", d.min_frequency),
+        ):
+            if value < 1:
+                raise MbtrainError(f"{flag} must be at least 1: got {value}")
+        for flag, sizes in (("--hidden", m.hidden), ("--tower", m.tower)):
+            if any(size < 1 for size in sizes):
+                raise MbtrainError(f"{flag} sizes must be positive integers: got {sizes}")
+        if not m.hidden:
+            raise MbtrainError("--hidden needs at least one layer size, e.g. --hidden 64,32")
+        if not t.lr > 0:
+            raise MbtrainError(f"--lr must be positive: got {t.lr}")
+        if t.weight_decay < 0:
+            raise MbtrainError(f"--weight-decay must be non-negative: got {t.weight_decay}")
+        if t.patience < 0:
+            raise MbtrainError(f"--patience must be non-negative (0 turns early stopping off): got {t.patience}")
+        if t.threads is not None and t.threads < 1:
+            raise MbtrainError(f"--threads must be at least 1: got {t.threads}")
+        overlap = (set(d.categorical) & set(d.numeric)) | (set(d.exclude) & (set(d.categorical) | set(d.numeric)))
+        if overlap:
+            raise MbtrainError(
+                f"column {sorted(overlap)[0]!r} is given more than one role in --categorical/--numeric/--exclude"
+            )
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "balance": BalanceConfig,
+    "train": TrainConfig,
+}
+FIELD_SECTION: dict[str, str] = {
+    f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+}
+FIELD_TYPES: dict[str, str] = {
+    f.name: str(f.type) for cls in SECTIONS.values() for f in dataclasses.fields(cls)
+}
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise MbtrainError(f"{flag} {value!r} is not supported: choose one of {', '.join(choices)}")
+
+
+def _in_range(flag: str, value: float, low: float, high: float, shown: str) -> None:
+    if not low <= value < high:
+        raise MbtrainError(f"{flag} must be in {shown}: got {value}")
+
+
+def parse_list(flag: str, text: str | None, item: type = str) -> list | None:
+    """'64,32' -> [64, 32]; None stays None (flag not given)."""
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        return [item(part) for part in parts]
+    except ValueError:
+        raise MbtrainError(f"{flag} expects a comma-separated list of {item.__name__}: got {text!r}") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A `--config` TOML file as flat overrides (dashes or underscores, lists or comma strings)."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise MbtrainError(f"{path}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise MbtrainError(f"{path}: not a valid TOML file ({exc})") from None
+    overrides: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELD_SECTION:
+            raise MbtrainError(f"{path}: unknown setting {key!r}")
+        kind = FIELD_TYPES[name]
+        if kind.startswith("list") and isinstance(value, str):
+            value = parse_list(f"{path}: {key}", value, int if "int" in kind else str)
+        if not _matches(value, kind):
+            raise MbtrainError(f"{path}: {key} should be {kind.replace(' | None', '')}: got {value!r}")
+        overrides[name] = value
+    return overrides
+
+
+def _matches(value: Any, kind: str) -> bool:
+    scalar = {"int": (int,), "float": (int, float), "str": (str,)}
+    if isinstance(value, bool):
+        return False
+    if kind.startswith("list["):
+        inner = scalar[kind[5:-1]]
+        return isinstance(value, list) and all(isinstance(v, inner) and not isinstance(v, bool) for v in value)
+    return isinstance(value, scalar[kind.replace(" | None", "")])

@@ -1,0 +1,40 @@
+"""Encoded tensors and the mini-batches cut from them: a shuffled index over in-memory tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EncodedData:
+    categorical: torch.Tensor  # int64 [rows, C]: vocabulary indices, 0 = unknown
+    numeric: torch.Tensor  # float32 [rows, N]: raw values, NaN = null
+    labels: torch.Tensor  # float32 [rows, T], main task first
+
+    def __len__(self) -> int:
+        return self.categorical.shape[0]
+
+    def take(self, index: torch.Tensor) -> EncodedData:
+        return EncodedData(self.categorical[index], self.numeric[index], self.labels[index])
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[EncodedData]:
+        """Batches in a shuffled order when `generator` is given, in row order otherwise."""
+        rows = len(self)
+        if generator is None:
+            for start in range(0, rows, batch_size):
+                end = start + batch_size
+                yield EncodedData(self.categorical[start:end], self.numeric[start:end], self.labels[start:end])
+            return
+        order = torch.randperm(rows, generator=generator)
+        for start in range(0, rows, batch_size):
+            yield self.take(order[start : start + batch_size])
+
+
+def split_rows(rows: int, valid_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random (train, valid) row indices, each sorted; valid gets at least one row."""
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    valid_rows = min(max(1, round(rows * valid_fraction)), rows - 1)
+    return order[valid_rows:].sort().values, order[:valid_rows].sort().values

@@ -1,0 +1,157 @@
+"""Decide each column's role (label, categorical, numeric, excluded) and validate the label columns.
+
+Inference, overridable with --categorical / --numeric / --exclude:
+- text, categorical and boolean columns are categorical;
+- floats are numeric;
+- integers are categorical when the name looks like an identifier (`user_id`, `item_code`, `id`) or
+  they take at most SMALL_INT_CARDINALITY values (hour, weekday, label-encoded codes), numeric otherwise;
+- a column whose every value is distinct (a row id), an all-null column, and types we cannot encode
+  (dates, lists, structs) are excluded, with the reason shown by `mbtrain inspect`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import polars as pl
+import torch
+
+from mbtrain.errors import MbtrainError
+
+SMALL_INT_CARDINALITY = 32
+ID_NAME = re.compile(r"(^|[_\-\s])(id|code|key|idx)$|id$", re.IGNORECASE)
+TRUE_TEXT = {"1", "true"}
+FALSE_TEXT = {"0", "false"}
+
+
+@dataclass
+class Column:
+    name: str
+    role: str  # "label", "categorical", "numeric" or "excluded"
+    dtype: str
+    reason: str
+    distinct: int
+    null_share: float
+
+
+@dataclass
+class Schema:
+    tasks: list[str]
+    categorical: list[str]
+    numeric: list[str]
+    columns: list[Column]
+
+
+def infer_schema(
+    frame: pl.DataFrame,
+    source: str,
+    tasks: list[str],
+    categorical: list[str] = (),
+    numeric: list[str] = (),
+    exclude: list[str] = (),
+) -> Schema:
+    """Roles for every column of `frame`; `tasks` must already be ordered main task first."""
+    for flag, names in (("--tasks", tasks), ("--categorical", categorical), ("--numeric", numeric),
+                        ("--exclude", exclude)):
+        for name in names:
+            if name not in frame.columns:
+                raise MbtrainError(f"{source}: column {name!r} (from {flag}) not found; columns are "
+                                   f"{_shown(frame.columns)}")
+    for name in tasks:
+        if name in categorical or name in numeric:
+            raise MbtrainError(f"column {name!r} is a task label and cannot also be a feature")
+    stats = frame.select(
+        [pl.col(c).n_unique().alias(f"{c}\x00distinct") for c in frame.columns]
+        + [pl.col(c).null_count().alias(f"{c}\x00nulls") for c in frame.columns]
+    ).row(0, named=True)
+    columns = []
+    for name in frame.columns:
+        dtype = frame.schema[name]
+        distinct = stats[f"{name}\x00distinct"]
+        null_share = stats[f"{name}\x00nulls"] / frame.height
+        if name in tasks:
+            role, reason = "label", "task" + (" (main)" if name == tasks[0] else "")
+        elif name in exclude:
+            role, reason = "excluded", "--exclude"
+        elif name in categorical:
+            role, reason = "categorical", "--categorical"
+        elif name in numeric:
+            if not (dtype.is_numeric() or dtype == pl.Boolean):
+                raise MbtrainError(f"{source}: column {name!r} is {dtype} and cannot be --numeric")
+            role, reason = "numeric", "--numeric"
+        else:
+            role, reason = _infer(name, dtype, distinct, null_share, frame.height)
+        columns.append(Column(name, role, str(dtype), reason, distinct, null_share))
+    features = [c for c in columns if c.role in ("categorical", "numeric")]
+    if not features:
+        raise MbtrainError(f"{source}: no feature columns left besides the labels")
+    return Schema(
+        tasks=list(tasks),
+        categorical=[c.name for c in columns if c.role == "categorical"],
+        numeric=[c.name for c in columns if c.role == "numeric"],
+        columns=columns,
+    )
+
+
+def _infer(name: str, dtype: pl.DataType, distinct: int, null_share: float, rows: int) -> tuple[str, str]:
+    if null_share == 1.0:
+        return "excluded", "all values null"
+    if dtype in (pl.String, pl.Categorical, pl.Enum) or isinstance(dtype, (pl.Categorical, pl.Enum)):
+        if distinct == rows and rows >= 100:
+            return "excluded", "every value distinct (a row id?)"
+        return "categorical", "text"
+    if dtype == pl.Boolean:
+        return "categorical", "boolean"
+    if dtype.is_integer():
+        if distinct == rows and rows >= 100:
+            return "excluded", "every value distinct (a row id?)"
+        if ID_NAME.search(name):
+            return "categorical", "integer, id-like name"
+        if distinct <= SMALL_INT_CARDINALITY:
+            return "categorical", f"integer, ≤{SMALL_INT_CARDINALITY} values"
+        return "numeric", f"integer, >{SMALL_INT_CARDINALITY} values"
+    if dtype.is_float():
+        return "numeric", "float"
+    return "excluded", f"unsupported type {dtype}"
+
+
+def label_tensor(frame: pl.DataFrame, source: str, tasks: list[str]) -> torch.Tensor:
+    """Labels as float32 [rows, tasks]; anything but 0/1/true/false (or a null) is an error naming the column."""
+    columns = []
+    for name in tasks:
+        if name not in frame.columns:
+            raise MbtrainError(f"{source}: task column {name!r} not found; columns are {_shown(frame.columns)}")
+        column = frame.get_column(name)
+        nulls = column.null_count()
+        if nulls:
+            raise MbtrainError(f"{source}: label column {name!r} has {nulls} null value(s); labels must be 0/1")
+        columns.append(_binary(column, source))
+    return torch.stack(columns, dim=1) if columns else torch.empty(frame.height, 0)
+
+
+def _binary(column: pl.Series, source: str) -> torch.Tensor:
+    dtype = column.dtype
+    if dtype == pl.Boolean:
+        values = column.cast(pl.Float32)
+    elif dtype.is_numeric():
+        bad = column.filter(~column.is_in([0, 1]))
+        if bad.len():
+            raise MbtrainError(f"{source}: label column {column.name!r} is not binary: found value {bad[0]!r} "
+                               "(labels must be 0/1/true/false)")
+        values = column.cast(pl.Float32)
+    elif dtype == pl.String:
+        lowered = column.str.strip_chars().str.to_lowercase()
+        bad = lowered.filter(~lowered.is_in(sorted(TRUE_TEXT | FALSE_TEXT)))
+        if bad.len():
+            raise MbtrainError(f"{source}: label column {column.name!r} holds text such as {bad[0]!r}; "
+                               "labels must be 0/1/true/false")
+        values = lowered.is_in(sorted(TRUE_TEXT)).cast(pl.Float32)
+    else:
+        raise MbtrainError(f"{source}: label column {column.name!r} has type {dtype}; labels must be 0/1")
+    return torch.from_numpy(values.to_numpy().copy())
+
+
+def _shown(names: list[str], limit: int = 12) -> str:
+    listed = ", ".join(names[:limit])
+    return listed + (f", … ({len(names)} in all)" if len(names) > limit else "")

@@ -1,0 +1,56 @@
+"""Score files with a trained run (directory or checkpoint) or an exported model: eval and predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from mbtrain.checkpoint import is_export, load_checkpoint, run_checkpoint
+from mbtrain.data.io import read_table
+from mbtrain.data.schema import label_tensor
+from mbtrain.errors import MbtrainError
+from mbtrain.export import load_torchscript, model_from_checkpoint
+from mbtrain.metrics import task_metrics
+from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities
+
+
+def load_scorer(path: Path) -> tuple[torch.nn.Module, ModelSpec]:
+    """A module mapping (categorical, numeric) to probabilities, and the spec to encode rows for it."""
+    if path.is_dir():
+        state = load_checkpoint(run_checkpoint(path))
+    elif not path.exists():
+        raise MbtrainError(f"{path}: run directory or exported model not found")
+    elif is_export(path):
+        return load_torchscript(path)
+    else:
+        state = load_checkpoint(path)
+    model, spec = model_from_checkpoint(state)
+    return Probabilities(model).eval(), spec
+
+
+def score(path: Path, data: Path) -> tuple[pl.DataFrame, torch.Tensor, ModelSpec]:
+    module, spec = load_scorer(path)
+    frame = read_table(data)
+    categorical, numeric = spec.encoders.encode(frame, str(data))
+    return frame, predict_probabilities(module, categorical, numeric), spec
+
+
+def evaluate(path: Path, data: Path) -> dict[str, Any]:
+    """Per-task AUC, log loss, positives and rows on a labelled file (metrics.json shape)."""
+    frame, probabilities, spec = score(path, data)
+    labels = label_tensor(frame, str(data), spec.tasks)
+    return {"main_task": spec.main_task, "tasks": task_metrics(probabilities, labels, spec.tasks),
+            "data": str(data), "model": str(path)}
+
+
+def predict(path: Path, data: Path, keep: list[str]) -> pl.DataFrame:
+    """`keep` columns then one pred_<task> probability column per task, rows in input order."""
+    frame, probabilities, spec = score(path, data)
+    for name in keep:
+        if name not in frame.columns:
+            raise MbtrainError(f"{data}: column {name!r} (from --keep) not found")
+    predictions = pl.DataFrame({f"pred_{task}": probabilities[:, i].numpy() for i, task in enumerate(spec.tasks)})
+    return pl.concat([frame.select(keep), predictions], how="horizontal")

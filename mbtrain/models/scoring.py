@@ -1,0 +1,123 @@
+"""What scoring raw rows needs: the model spec, the numeric normaliser in front of the network, batched inference.
+
+Numeric preprocessing lives inside the model so that training, eval and the exported file share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mbtrain.data.encoders import Encoders, NumericEncoder
+from mbtrain.models import build_model
+
+SPEC_FORMAT = "mbtrain/1"
+INPUTS_DOC = (
+    "categorical: int64 [B, C], the index of each value in that column's 'values' list plus 1 "
+    "(0 for null or unseen); numeric: float32 [B, N], raw values in the order of 'numeric', NaN for null "
+    "(the model applies log1p / mean / std itself); output: float32 [B, T] probabilities in 'tasks' order"
+)
+
+
+class NumericNormalizer(nn.Module):
+    """log1p (for skewed columns), standardise with training statistics, then 0 for null / NaN."""
+
+    def __init__(self, encoders: list[NumericEncoder]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([e.mean for e in encoders], dtype=torch.float32))
+        self.register_buffer("std", torch.tensor([e.std for e in encoders], dtype=torch.float32))
+        self.register_buffer("log1p", torch.tensor([e.log1p for e in encoders], dtype=torch.bool))
+
+    def forward(self, numeric: torch.Tensor) -> torch.Tensor:
+        # clamp keeps log1p defined for unseen negative values in a column that was non-negative in training
+        logged = torch.where(self.log1p, torch.log1p(numeric.clamp(min=0.0)), numeric)
+        return torch.nan_to_num((logged - self.mean) / self.std, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class ScoringModel(nn.Module):
+    """A multi-task network behind its numeric normaliser: raw inputs in, one logit per task out."""
+
+    def __init__(self, normalizer: NumericNormalizer, network: nn.Module) -> None:
+        super().__init__()
+        self.normalizer = normalizer
+        self.network = network
+
+    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        return self.network(categorical, self.normalizer(numeric))
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return self.network.shared_parameters()
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        return self.network.task_parameters()
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model and feed it raw rows: embedded in checkpoints and exports."""
+
+    tasks: list[str]  # main task first: the model's output columns
+    encoders: Encoders
+    model: dict[str, Any]  # ModelConfig fields
+
+    @property
+    def main_task(self) -> str:
+        return self.tasks[0]
+
+    def build(self) -> ScoringModel:
+        network = build_model(
+            self.model["model"],
+            cardinalities=self.encoders.cardinalities,
+            num_numeric=len(self.encoders.numeric),
+            num_tasks=len(self.tasks),
+            embed_dim=self.model["embed_dim"],
+            hidden=self.model["hidden"],
+            experts=self.model["experts"],
+            tower=self.model["tower"],
+            dropout=self.model["dropout"],
+        )
+        return ScoringModel(NumericNormalizer(self.encoders.numeric), network)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SPEC_FORMAT,
+            "tasks": self.tasks,
+            "main_task": self.main_task,
+            "inputs": INPUTS_DOC,
+            **self.encoders.to_dict(),
+            "model": self.model,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:
+        if raw.get("format") != SPEC_FORMAT:
+            raise ValueError(f"unknown model spec format {raw.get('format')!r}")
+        return cls(list(raw["tasks"]), Encoders.from_dict(raw), dict(raw["model"]))
+
+
+class Probabilities(nn.Module):
+    """The scoring model with a sigmoid on top: what eval, predict and the exported file run."""
+
+    def __init__(self, model: ScoringModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(categorical, numeric))
+
+
+def predict_probabilities(module: nn.Module, categorical: torch.Tensor, numeric: torch.Tensor,
+                          batch_size: int = 65536) -> torch.Tensor:
+    """[rows, T] outputs of a Probabilities-like module, in eval mode, in large batches without autograd."""
+    was_training = module.training
+    module.eval()
+    with torch.inference_mode():
+        parts = [
+            module(categorical[start : start + batch_size], numeric[start : start + batch_size])
+            for start in range(0, categorical.shape[0], batch_size)
+        ]
+    module.train(was_training)
+    return torch.cat(parts)

@@ -1,0 +1,255 @@
+"""The fit recipe: read and encode the data, train epoch by epoch, validate, checkpoint, stop early, resume.
+
+Everything it needs comes from a RunConfig; everything it produces lands in the run directory:
+config.json, checkpoints/{last,best}.pt, history.jsonl, metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from mbtrain import __version__
+from mbtrain.balance import build_balancer
+from mbtrain.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
+from mbtrain.config import RunConfig
+from mbtrain.data.batches import EncodedData, split_rows
+from mbtrain.data.encoders import Encoders
+from mbtrain.data.io import read_table
+from mbtrain.data.schema import Schema, infer_schema, label_tensor
+from mbtrain.errors import MbtrainError
+from mbtrain.metrics import task_metrics
+from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities
+from mbtrain.report import history_line, metrics_table
+
+SAMPLE_ROWS = 256  # validation rows kept in checkpoints so that export can check itself on real data
+PROGRESS_EVERY = 20  # steps between loss read-outs in the progress bar
+
+
+@dataclass
+class Prepared:
+    schema: Schema
+    spec: ModelSpec
+    train: EncodedData
+    valid: EncodedData
+    valid_source: str
+
+
+def prepare(config: RunConfig, data_path: Path, valid_path: Path | None,
+            encoders: Encoders | None = None) -> Prepared:
+    """Read, validate, split and encode; encoders are fitted on the training rows unless given (resume)."""
+    frame = read_table(data_path)
+    tasks = config.ordered_tasks
+    d = config.data
+    schema = infer_schema(frame, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
+    labels = label_tensor(frame, str(data_path), tasks)
+    if valid_path is not None:
+        valid_frame = read_table(valid_path)
+        valid_labels = label_tensor(valid_frame, str(valid_path), tasks)
+        train_frame, train_labels, valid_source = frame, labels, str(valid_path)
+    else:
+        if frame.height < 2:
+            raise MbtrainError(f"{data_path}: needs at least 2 rows to hold out a validation split")
+        train_rows, valid_rows = split_rows(frame.height, d.valid_fraction, config.train.seed)
+        train_frame, valid_frame = frame[train_rows.numpy()], frame[valid_rows.numpy()]
+        train_labels, valid_labels = labels[train_rows], labels[valid_rows]
+        valid_source = f"{data_path} (held-out {d.valid_fraction:.0%})"
+    if encoders is None:
+        encoders = Encoders.fit(train_frame, schema.categorical, schema.numeric, d.min_frequency)
+    train = EncodedData(*encoders.encode(train_frame, str(data_path)), train_labels)
+    valid = EncodedData(*encoders.encode(valid_frame, valid_source), valid_labels)
+    spec = ModelSpec(tasks, encoders, dict(vars(config.model)))
+    return Prepared(schema, spec, train, valid, valid_source)
+
+
+def fit(config: RunConfig, data_path: Path, out: Path, *, valid_path: Path | None = None,
+        overwrite: bool = False, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """Train into `out` and return the metrics.json content (validation metrics of the best epoch)."""
+    console = console or Console()
+    config.validate()
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    state = load_checkpoint(out / "checkpoints" / "last.pt") if resume else None
+    if not resume and out.exists() and any(out.iterdir()) and not overwrite:
+        raise MbtrainError(f"--out {out} already exists: pass --overwrite to replace it or --resume to continue it")
+    prepared = prepare(config, data_path, valid_path,
+                       Encoders.from_dict(state["spec"]) if state else None)
+    spec, train, valid = prepared.spec, prepared.train, prepared.valid
+    staging = not resume and out.exists()
+    work = out.parent / f".{out.name}.partial" if staging else out
+    if staging and work.exists():
+        shutil.rmtree(work)
+    (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(config.train.seed)
+    model = spec.build()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    b = config.balance
+    balancer = build_balancer(b.balance, model.shared_parameters(), model.task_parameters(),
+                              relax_factor=b.relax_factor, beta=b.beta, strategy=b.strategy)
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    bad_epochs, start_epoch = 0, 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        balancer.load_state_dict(state["balancer"])
+        torch.set_rng_state(state["rng"])
+        best, bad_epochs, start_epoch = state["best"], state["bad_epochs"], state["epoch"] + 1
+        history = [row for row in _read_history(out / "history.jsonl") if row["epoch"] <= state["epoch"]]
+
+    write_json(_config_record(config, data_path, valid_path, prepared.schema), work / "config.json")
+    console.print(f"[bold]mbtrain fit[/] {data_path}: {len(train):,} training rows, {len(valid):,} validation "
+                  f"rows; {spec.model['model']}, balance {b.balance}; tasks {', '.join(spec.tasks)} "
+                  f"(main {spec.main_task}); run {out}", soft_wrap=True)
+    started = time.perf_counter()
+    patience = config.train.patience
+    epoch = start_epoch - 1
+    with _progress(console) as progress:
+        for epoch in range(start_epoch, config.train.epochs + 1):
+            if patience and bad_epochs >= patience:
+                epoch -= 1
+                break
+            entry = _train_epoch(model, optimizer, balancer, train, valid, spec.tasks, config, epoch, progress)
+            score = _score(entry["valid"][spec.main_task])
+            entry["best"] = best is None or score > best["score"]
+            if entry["best"]:
+                best = {"epoch": epoch, "score": score, "metrics": entry["valid"]}
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            history.append(entry)
+            checkpoint = {
+                "config": config.to_dict(),
+                "spec": spec.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "balancer": balancer.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "bad_epochs": bad_epochs,
+                "rng": torch.get_rng_state(),
+                "sample": {"categorical": valid.categorical[:SAMPLE_ROWS].clone(),
+                           "numeric": valid.numeric[:SAMPLE_ROWS].clone()},
+            }
+            if entry["best"]:
+                save_checkpoint(checkpoint, work / "checkpoints" / "best.pt")
+            save_checkpoint(checkpoint, work / "checkpoints" / "last.pt")
+            write_jsonl(history, work / "history.jsonl")
+            console.print(history_line(entry, spec.main_task), soft_wrap=True)
+    stopped_early = bool(patience and bad_epochs >= patience and epoch < config.train.epochs)
+    if best is None:
+        raise MbtrainError(f"--out {out}: nothing to resume from, the run has no completed epoch")
+    metrics = {
+        "main_task": spec.main_task,
+        "tasks": best["metrics"],
+        "best_epoch": best["epoch"],
+        "epochs_run": epoch,
+        "stopped_early": stopped_early,
+        "evaluated_on": prepared.valid_source,
+        "train_rows": len(train),
+        "valid_rows": len(valid),
+        "model": spec.model["model"],
+        "balance": b.balance,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json(metrics, work / "metrics.json")
+    if staging:
+        _swap(work, out)
+    note = f"stopped early after epoch {epoch}; " if stopped_early else ""
+    console.print(metrics_table(
+        metrics, f"validation metrics, best epoch {best['epoch']} of {epoch}",
+        f"{note}{spec.model['model']} · balance {b.balance} · {len(train):,} train / {len(valid):,} valid rows "
+        f"· run saved in {out}",
+    ))
+    return metrics
+
+
+def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Any, train: EncodedData,
+                 valid: EncodedData, tasks: list[str], config: RunConfig, epoch: int,
+                 progress: Progress) -> dict[str, Any]:
+    """One pass over the shuffled training rows, then validation; returns the history.jsonl entry."""
+    started = time.perf_counter()
+    batch_size = config.train.batch_size
+    steps = -(-len(train) // batch_size)
+    bar = progress.add_task(f"epoch {epoch}/{config.train.epochs}", total=steps, loss="")
+    generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + epoch)
+    loss_sum = torch.zeros(len(tasks))
+    ratio_sum = torch.zeros(len(tasks))
+    model.train()
+    for step, batch in enumerate(train.batches(batch_size, generator), start=1):
+        logits = model(batch.categorical, batch.numeric)
+        losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(dim=0)
+        optimizer.zero_grad(set_to_none=True)
+        balancer.backward(list(losses.unbind()))
+        optimizer.step()
+        loss_sum += losses.detach() * len(batch)
+        if balancer.grad_norm_ratio is not None:
+            ratio_sum += balancer.grad_norm_ratio
+        if step % PROGRESS_EVERY == 0 or step == steps:
+            progress.update(bar, completed=step, loss=f"loss {float(losses.detach().sum()):.4f}")
+    train_seconds = time.perf_counter() - started
+    progress.remove_task(bar)
+    probabilities = predict_probabilities(Probabilities(model), valid.categorical, valid.numeric)
+    entry: dict[str, Any] = {
+        "epoch": epoch,
+        "train_loss": dict(zip(tasks, (loss_sum / len(train)).tolist())),
+        "valid": task_metrics(probabilities, valid.labels, tasks),
+        "seconds": round(time.perf_counter() - started, 4),
+        "rows_per_second": round(len(train) / train_seconds, 1),
+    }
+    if balancer.grad_norm_ratio is not None:
+        entry["grad_norm_ratio"] = dict(zip(tasks, (ratio_sum / steps).tolist()))
+    return entry
+
+
+def _score(main: dict[str, Any]) -> float:
+    """Early-stopping score: main-task AUC, or minus log loss when validation holds one class only."""
+    return main["auc"] if main["auc"] is not None else -main["logloss"]
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        disable=not console.is_terminal,
+    )
+
+
+def _config_record(config: RunConfig, data_path: Path, valid_path: Path | None, schema: Schema) -> dict[str, Any]:
+    return {
+        **config.to_dict(),
+        "paths": {"data": str(data_path), "valid": str(valid_path) if valid_path else None},
+        "columns": {
+            "tasks": schema.tasks,
+            "categorical": schema.categorical,
+            "numeric": schema.numeric,
+            "excluded": {c.name: c.reason for c in schema.columns if c.role == "excluded"},
+        },
+        "mbtrain_version": __version__,
+    }
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _swap(staged: Path, out: Path) -> None:
+    """Replace the old run directory with the finished one; the old one is only removed once swapped."""
+    retired = out.parent / f".{out.name}.old"
+    if retired.exists():
+        shutil.rmtree(retired)
+    out.rename(retired)
+    staged.rename(out)
+    shutil.rmtree(retired)

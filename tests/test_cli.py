@@ -1,0 +1,163 @@
+"""Each command end to end through the CLI on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from tests.helpers import run_cli
+
+
+def test_fit_writes_a_complete_run(trained_run: Path) -> None:
+    assert (trained_run / "checkpoints" / "last.pt").is_file()
+    assert (trained_run / "checkpoints" / "best.pt").is_file()
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["balance"]["balance"] == "metabalance"
+    assert config["columns"]["tasks"] == ["purchase", "click"]
+    assert "row_id" in config["columns"]["excluded"]  # every value distinct: not a feature
+    history = [json.loads(line) for line in (trained_run / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    for row in history:
+        assert set(row["train_loss"]) == {"purchase", "click"}
+        assert row["seconds"] > 0 and row["rows_per_second"] > 0
+        assert row["grad_norm_ratio"]["purchase"] == pytest.approx(1.0)
+        assert row["grad_norm_ratio"]["click"] > 0
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["main_task"] == "purchase"
+    assert set(metrics["tasks"]) == {"purchase", "click"}
+    best = max(history, key=lambda row: row["valid"]["purchase"]["auc"])
+    assert metrics["best_epoch"] == best["epoch"]
+    assert metrics["tasks"] == best["valid"]
+    click = metrics["tasks"]["click"]
+    assert click["rows"] == 60 and 0 < click["positives"] < 60
+    assert click["auc"] > 0.6  # the generated click label is learnable
+
+
+def test_main_task_flag_reorders_tasks(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run_cli("fit", str(data_dir / "train.parquet"), "--tasks", "click,purchase", "--main-task", "purchase",
+                     "--model", "shared-bottom", "--epochs", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["main_task"] == "purchase"
+    assert list(metrics["tasks"]) == ["purchase", "click"]
+
+
+def test_eval_matches_metrics_shape_and_writes_json(trained_run: Path, data_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "eval.json"
+    result = run_cli("eval", str(trained_run), str(data_dir / "test.csv"), "--json", str(target))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(target.read_text())
+    assert metrics["main_task"] == "purchase"
+    test = pl.read_csv(data_dir / "test.csv")
+    for task in ("purchase", "click"):
+        assert metrics["tasks"][task]["rows"] == test.height
+        assert metrics["tasks"][task]["positives"] == int(test[task].sum())
+        assert 0.0 <= metrics["tasks"][task]["auc"] <= 1.0
+    assert "purchase (main)" in result.stdout
+
+
+def test_predict_from_run_and_export_agree(trained_run: Path, data_dir: Path, tmp_path: Path) -> None:
+    exported = tmp_path / "model.pt"
+    result = run_cli("export", str(trained_run), "--output", str(exported))
+    assert result.exit_code == 0, result.output
+    from_run, from_export = tmp_path / "run.parquet", tmp_path / "export.csv"
+    for source, target in ((trained_run, from_run), (exported, from_export)):
+        result = run_cli("predict", str(source), str(data_dir / "test.csv"), "--output", str(target),
+                         "--keep", "row_id")
+        assert result.exit_code == 0, result.output
+    a, b = pl.read_parquet(from_run), pl.read_csv(from_export)
+    assert a.columns == ["row_id", "pred_purchase", "pred_click"]
+    assert a["row_id"].to_list() == list(range(200))  # input order kept
+    for column in ("pred_purchase", "pred_click"):
+        assert a[column].min() > 0 and a[column].max() < 1
+        assert (a[column] - b[column]).abs().max() < 1e-5
+
+
+def test_export_loads_without_mbtrain(trained_run: Path, tmp_path: Path) -> None:
+    exported = tmp_path / "model.pt"
+    assert run_cli("export", str(trained_run), "--output", str(exported)).exit_code == 0
+    extra = {"mbtrain.json": ""}
+    module = torch.jit.load(str(exported), _extra_files=extra)
+    spec = json.loads(extra["mbtrain.json"])
+    assert spec["tasks"] == ["purchase", "click"] and spec["main_task"] == "purchase"
+    names = [c["name"] for c in spec["categorical"]]
+    assert "user" in names and "row_id" not in names
+    rows = 5
+    categorical = torch.zeros(rows, len(spec["categorical"]), dtype=torch.long)
+    numeric = torch.full((rows, len(spec["numeric"])), float("nan"))
+    probabilities = module(categorical, numeric)
+    assert probabilities.shape == (rows, 2)
+    assert bool(((probabilities > 0) & (probabilities < 1)).all())
+
+
+def test_inspect_shows_roles(data_dir: Path) -> None:
+    result = run_cli("inspect", str(data_dir / "train.parquet"), "--tasks", "purchase,click",
+                     "--numeric", "hour")
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 3}
+    assert "label" in lines["purchase"] and "label" in lines["click"]
+    assert "categorical" in lines["user"] and "categorical" in lines["device"]
+    assert "numeric" in lines["price"] and "numeric" in lines["hour"]
+    assert "excluded" in lines["row_id"]
+
+
+def test_config_file_and_flags(data_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('tasks = "purchase,click"\nepochs = 1\nhidden = [8]\nexperts = 2\nlr = 0.01\n')
+    out = tmp_path / "run"
+    result = run_cli("fit", str(data_dir / "train.parquet"), "--config", str(config), "--lr", "0.005",
+                     "--out", str(out))
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["hidden"] == [8] and saved["model"]["experts"] == 2
+    assert saved["train"]["lr"] == 0.005  # the flag wins over the file
+
+
+def test_resume_continues_from_last_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    common = ["--tasks", "purchase,click", "--balance", "metabalance", "--batch-size", "64", "--patience", "0",
+              "--dropout", "0.1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train = str(data_dir / "train.parquet")
+    assert run_cli("fit", train, *common, "--epochs", "3", "--out", str(straight)).exit_code == 0
+    assert run_cli("fit", train, *common, "--epochs", "1", "--out", str(split)).exit_code == 0
+    result = run_cli("fit", "--resume", "--out", str(split), "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    history = [json.loads(line) for line in (split / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for name, tensor in a["model"].items():
+        assert torch.allclose(tensor, b["model"][name], atol=1e-6), name
+    assert torch.allclose(a["balancer"]["moving_norms"], b["balancer"]["moving_norms"])
+
+
+def test_overwrite_replaces_a_run_only_when_asked(trained_run: Path, data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+    refused = run_cli("fit", str(data_dir / "train.parquet"), "--tasks", "click", "--epochs", "1", "--out", str(out))
+    assert refused.exit_code != 0
+    assert "--overwrite" in refused.stderr and refused.stderr.count("\n") == 1
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before
+    replaced = run_cli("fit", str(data_dir / "train.parquet"), "--tasks", "click", "--epochs", "1", "--out",
+                       str(out), "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((out / "metrics.json").read_text())["main_task"] == "click"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging leftovers
+
+
+def test_python_module_entry_point(data_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "mbtrain", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("fit", "eval", "predict", "export", "inspect"):
+        assert command in result.stdout
