@@ -34,7 +34,8 @@ def schema_table(schema: Schema, title: str) -> Table:
     for heading, justify in (("column", "left"), ("type", "left"), ("role", "left"), ("distinct", "right"),
                              ("null share", "right"), ("why", "left")):
         table.add_column(heading, justify=justify)
-    styles = {"label": "bold magenta", "categorical": "cyan", "numeric": "green", "excluded": "dim"}
+    styles = {"label": "bold magenta", "categorical": "cyan", "numeric": "green",
+              "categorical+numeric": "cyan", "excluded": "dim"}
     for column in schema.columns:
         table.add_row(column.name, column.dtype, f"[{styles[column.role]}]{column.role}[/]",
                       f"{column.distinct:,}", f"{column.null_share:.1%}", column.reason)

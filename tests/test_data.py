@@ -1,0 +1,93 @@
+"""Schema inference, label parsing and encoders (unseen values, nulls, rare values, round-trip)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import polars as pl
+import pytest
+import torch
+
+from mbtrain.data.encoders import Encoders
+from mbtrain.data.schema import infer_schema, label_tensor
+from mbtrain.errors import MbtrainError
+from tests.helpers import make_frame
+
+
+def test_roles_are_inferred_and_overridable() -> None:
+    frame = make_frame(300).with_columns(
+        pl.Series("item_id", [i % 97 for i in range(300)]),
+        pl.Series("age", [18 + i % 60 for i in range(300)]),
+        pl.Series("is_new", [i % 2 == 0 for i in range(300)]),
+    )
+    schema = infer_schema(frame, "f", ["purchase", "click"])
+    roles = {c.name: c.role for c in schema.columns}
+    assert roles == {
+        "row_id": "excluded",  # all distinct
+        "user": "categorical",  # text
+        "device": "categorical",
+        "hour": "categorical",  # small integer code
+        "price": "numeric",
+        "rating": "numeric",
+        "click": "label",
+        "purchase": "label",
+        "item_id": "categorical",  # id-like name
+        "age": "categorical+numeric",  # moderate integer cardinality: both
+        "is_new": "categorical",
+    }
+    assert "age" in schema.categorical and "age" in schema.numeric
+    overridden = infer_schema(frame, "f", ["click"], categorical=["rating"], numeric=["hour"], exclude=["user"])
+    roles = {c.name: c.role for c in overridden.columns}
+    assert (roles["rating"], roles["hour"], roles["user"]) == ("categorical", "numeric", "excluded")
+    assert roles["purchase"] == "categorical"  # not a task here, so a small integer feature
+
+
+def test_labels_accept_ints_bools_and_true_false_text() -> None:
+    frame = pl.DataFrame({"a": [0, 1, 1], "b": [True, False, True], "c": ["true", "FALSE", "1"]})
+    assert label_tensor(frame, "f", ["a", "b", "c"]).tolist() == [[0, 1, 1], [1, 0, 0], [1, 1, 1]]
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [([0, 1, 2], "not binary"), ([0.0, 0.5, 1.0], "not binary"), ([0, None, 1], "null"),
+     (["yes", "no", "yes"], "text")],
+)
+def test_bad_labels_name_the_column(values: list, fragment: str) -> None:
+    with pytest.raises(MbtrainError, match=rf"f: label column 'y' .*{fragment}"):
+        label_tensor(pl.DataFrame({"y": values}), "f", ["y"])
+
+
+def test_categorical_encoder_unseen_null_and_rare_share_index_zero() -> None:
+    train = pl.DataFrame({"city": ["a", "a", "b", "b", "b", "rare", None], "n": [1.0, 2.0, None, 4.0, 5, 6, 7]})
+    encoders = Encoders.fit(train, ["city"], ["n"], min_frequency=2)
+    assert encoders.categorical[0].values == ["b", "a"]  # by frequency
+    assert encoders.cardinalities == [3]
+    test = pl.DataFrame({"city": ["a", "b", "never-seen", None, "rare"], "n": [None, 1.0, float("nan"), 2, 3]})
+    categorical, numeric = encoders.encode(test, "t")
+    assert categorical[:, 0].tolist() == [2, 1, 0, 0, 0]
+    assert math.isnan(numeric[0, 0]) and math.isnan(numeric[2, 0]) and numeric[1, 0] == 1.0
+
+
+def test_encoders_cast_types_between_files_and_round_trip_json() -> None:
+    train = pl.DataFrame({"code": [10, 10, 20, 20], "x": [1.0, 2.0, 3.0, 4.0]})
+    encoders = Encoders.fit(train, ["code"], ["x"], min_frequency=1)
+    restored = Encoders.from_dict(json.loads(json.dumps(encoders.to_dict())))
+    as_text = pl.DataFrame({"code": ["20", "10", "30", "oops"], "x": [1, 2, 3, 4]})  # CSV read as text / ints
+    categorical, numeric = restored.encode(as_text, "t")
+    assert categorical[:, 0].tolist() == [encoders.categorical[0].values.index(v) + 1 if v else 0
+                                          for v in (20, 10, None, None)]
+    assert numeric.dtype == torch.float32 and numeric[:, 0].tolist() == [1, 2, 3, 4]
+
+
+def test_skewed_non_negative_numbers_are_logged() -> None:
+    frame = pl.DataFrame({"gain": [0.0] * 95 + [5000.0, 10000.0, 99999.0, 3000.0, 7000.0],
+                          "temp": [float(i) for i in range(100)]})
+    encoders = Encoders.fit(frame, [], ["gain", "temp"], min_frequency=1)
+    assert [e.log1p for e in encoders.numeric] == [True, False]
+
+
+def test_missing_feature_column_is_named() -> None:
+    encoders = Encoders.fit(pl.DataFrame({"a": ["x"], "b": [1.0]}), ["a"], ["b"], min_frequency=1)
+    with pytest.raises(MbtrainError, match="t: feature column 'b'"):
+        encoders.encode(pl.DataFrame({"a": ["x"]}), "t")
