@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +16,37 @@ from mbtrain.errors import MbtrainError
 CHECKPOINT_FORMAT = "mbtrain-checkpoint/1"
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+def check_writable(path: Path, flag: str = "output") -> None:
+    """Fail before any work when `path` cannot be written as a file."""
+    if path.is_dir():
+        raise MbtrainError(f"{flag} {path}: is a directory, give a file name")
+    if not path.parent.is_dir():
+        raise MbtrainError(f"{flag} {path}: directory {path.parent} does not exist")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], flag: str = "output") -> None:
+    """Call `write` on a temp file beside `path`, then rename it over `path`: readers never see half a file."""
+    check_writable(path, flag)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise MbtrainError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    temporary = _temporary(path)
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, temporary)
-    os.replace(temporary, path)
+    write_atomic(path, lambda temporary: torch.save({"format": CHECKPOINT_FORMAT, **state}, temporary))
 
 
-def write_json(data: Any, path: Path) -> None:
-    temporary = _temporary(path)
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
+def write_json(data: Any, path: Path, flag: str = "output") -> None:
+    write_atomic(path, lambda temporary: temporary.write_text(json.dumps(data, indent=2) + "\n"), flag)
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
-    temporary = _temporary(path)
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(temporary, path)
+    write_atomic(path, lambda temporary: temporary.write_text("".join(json.dumps(row) + "\n" for row in rows)))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -11,17 +11,41 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click since 0.29
+from typer.core import TyperGroup
 
 from mbtrain.config import BALANCES, MODELS, STRATEGIES, RunConfig, parse_list, read_toml
 from mbtrain.errors import MbtrainError
 
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (unknown flag, a number that is not one) as one `mbtrain: error:` line, like ours."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            code = exc.exit_code
+        except ClickException as exc:
+            context = getattr(exc, "ctx", None)
+            hint = f" (see '{context.command_path} --help')" if context is not None else ""
+            sys.stderr.write(f"mbtrain: error: {exc.format_message()}{hint}\n")
+            code = exc.exit_code
+        except typer.Abort:
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="mbtrain",
+    cls=OneLineErrors,
     help="Train, evaluate, export and serve multi-task recommendation models (shared-bottom, MMoE) "
     "with optional MetaBalance gradient balancing.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # usage errors as plain "Error: ..." lines, not boxes
     add_completion=False,
 )
 console = Console()
@@ -215,16 +239,18 @@ def evaluate(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
 ) -> None:
     """Per-task AUC, log loss, positives and rows of a trained model on a labelled file."""
-    from mbtrain.checkpoint import write_json
+    from mbtrain.checkpoint import check_writable, write_json
     from mbtrain.inference import evaluate as evaluate_file
     from mbtrain.report import metrics_table
 
+    if json_path is not None:
+        check_writable(json_path, "--json")
     metrics = evaluate_file(run, data)
     for task, values in metrics["tasks"].items():
         if values["auc"] is None:
             sys.stderr.write(f"mbtrain: warning: {data}: task {task!r} has a single class; its AUC is null\n")
     if json_path is not None:
-        write_json(metrics, json_path)
+        write_json(metrics, json_path, "--json")
     console.print(metrics_table(metrics, f"{data} scored by {run}"))
 
 
@@ -237,9 +263,10 @@ def predict(
     keep: Annotated[str | None, typer.Option(help="Input columns to copy beside the predictions.")] = None,
 ) -> None:
     """Write one pred_<task> probability column per task, rows in input order."""
-    from mbtrain.data.io import write_table
+    from mbtrain.data.io import check_table_output, write_table
     from mbtrain.inference import predict as predict_file
 
+    check_table_output(output)
     predictions = predict_file(model, data, parse_list("--keep", keep) or [])
     write_table(predictions, output)
     console.print(f"wrote {predictions.height:,} rows × {predictions.width} columns to {output}")

@@ -1,15 +1,20 @@
-"""Export a trained run as one self-contained file; TorchScript today, behind one function for other formats."""
+"""Export a trained run as one self-contained file; TorchScript today, behind one function for other formats.
+
+TorchScript is deprecated upstream in favour of torch.export, but it is still the one format that
+loads with plain `torch.jit.load`, batch size free, where mbtrain is not installed; its deprecation
+warnings are silenced here, and `export()` dispatches on a format name so another can sit beside it.
+"""
 
 from __future__ import annotations
 
 import json
-import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mbtrain.checkpoint import load_checkpoint, run_checkpoint
+from mbtrain.checkpoint import check_writable, load_checkpoint, run_checkpoint, write_atomic
 from mbtrain.errors import MbtrainError
 from mbtrain.models.scoring import ModelSpec, Probabilities, ScoringModel, predict_probabilities
 
@@ -29,10 +34,7 @@ def export(run: Path, output: Path, fmt: str = "torchscript") -> dict[str, Any]:
     exporters = {"torchscript": _torchscript}
     if fmt not in exporters:
         raise MbtrainError(f"--format {fmt!r} is not supported: choose one of {', '.join(exporters)}")
-    if output.is_dir():
-        raise MbtrainError(f"--output {output}: is a directory, give a file name such as model.pt")
-    if not output.parent.exists():
-        raise MbtrainError(f"--output {output}: directory {output.parent} does not exist")
+    check_writable(output, "--output")
     state = load_checkpoint(run_checkpoint(run))
     model, spec = model_from_checkpoint(state)
     return exporters[fmt](Probabilities(model).eval(), spec, state["sample"], output)
@@ -40,29 +42,33 @@ def export(run: Path, output: Path, fmt: str = "torchscript") -> dict[str, Any]:
 
 def _torchscript(module: Probabilities, spec: ModelSpec, sample: dict[str, torch.Tensor],
                  output: Path) -> dict[str, Any]:
-    scripted = torch.jit.script(module)
-    temporary = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    torch.jit.save(scripted, str(temporary), _extra_files={SPEC_FILE: json.dumps(spec.to_dict())})
-    try:
+    eager = predict_probabilities(module, sample["categorical"], sample["numeric"])
+    check: dict[str, Any] = {}
+
+    def write_checked(temporary: Path) -> None:
+        """Save, reload from disk, and refuse the file unless it reproduces the eager model on real rows."""
+        with warnings.catch_warnings():  # TorchScript's deprecation notice; see the module docstring
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scripted = torch.jit.script(module)
+            torch.jit.save(scripted, str(temporary), _extra_files={SPEC_FILE: json.dumps(spec.to_dict())})
         reloaded, _ = load_torchscript(temporary)
-        eager = predict_probabilities(module, sample["categorical"], sample["numeric"])
         exported = predict_probabilities(reloaded, sample["categorical"], sample["numeric"])
-        difference = float((eager - exported).abs().max()) if eager.numel() else 0.0
-        if not difference <= TOLERANCE:
+        check["difference"] = float((eager - exported).abs().max()) if eager.numel() else 0.0
+        if not check["difference"] <= TOLERANCE:
             raise MbtrainError(f"--output {output}: exported model disagrees with the trained one "
-                               f"(max difference {difference:.2e}); nothing written")
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    os.replace(temporary, output)
+                               f"(max difference {check['difference']:.2e}); nothing written")
+
+    write_atomic(output, write_checked, "--output")
     return {"format": "torchscript", "output": str(output), "checked_rows": int(eager.shape[0]),
-            "max_abs_difference": difference, "tasks": spec.tasks}
+            "max_abs_difference": check["difference"], "tasks": spec.tasks}
 
 
 def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, ModelSpec]:
     extra = {SPEC_FILE: ""}
     try:
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         spec = ModelSpec.from_dict(json.loads(extra[SPEC_FILE]))
     except Exception as exc:  # damaged archives raise RuntimeError, missing spec JSONDecodeError, ...
         raise MbtrainError(f"{path}: corrupt or not an mbtrain export ({type(exc).__name__})") from None

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from mbtrain import __version__
 from mbtrain.balance import build_balancer
@@ -202,13 +209,13 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balan
     probabilities = predict_probabilities(Probabilities(model), valid.categorical, valid.numeric)
     entry: dict[str, Any] = {
         "epoch": epoch,
-        "train_loss": dict(zip(tasks, (loss_sum / len(train)).tolist())),
+        "train_loss": dict(zip(tasks, (loss_sum / len(train)).tolist(), strict=True)),
         "valid": task_metrics(probabilities, valid.labels, tasks),
         "seconds": round(time.perf_counter() - started, 4),
         "rows_per_second": round(len(train) / train_seconds, 1),
     }
     if balancer.grad_norm_ratio is not None:
-        entry["grad_norm_ratio"] = dict(zip(tasks, (ratio_sum / steps).tolist()))
+        entry["grad_norm_ratio"] = dict(zip(tasks, (ratio_sum / steps).tolist(), strict=True))
     return entry
 
 

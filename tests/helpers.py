@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import polars as pl
 from typer.testing import CliRunner, Result

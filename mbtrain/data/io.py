@@ -8,6 +8,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from mbtrain.checkpoint import check_writable, write_atomic
 from mbtrain.errors import MbtrainError
 
 PARQUET_MAGIC = b"PAR1"
@@ -41,8 +42,7 @@ def _read_parquet(path: Path) -> pl.DataFrame:
     try:
         return pl.read_parquet(path)
     except Exception as exc:  # polars raises several types for corrupt files; all mean the same here
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MbtrainError(f"{path}: unreadable Parquet file, truncated or corrupt ({reason})") from None
+        raise MbtrainError(f"{path}: unreadable Parquet file, truncated or corrupt ({_reason(exc)})") from None
 
 
 def _read_csv(path: Path) -> pl.DataFrame:
@@ -50,24 +50,32 @@ def _read_csv(path: Path) -> pl.DataFrame:
     try:
         table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-        reason = str(exc).strip().splitlines()[0]
-        if "Empty CSV file" in reason:
+        if "Empty CSV file" in str(exc):
             raise MbtrainError(f"{path}: file is empty") from None
-        raise MbtrainError(f"{path}: malformed CSV ({reason})") from None
+        raise MbtrainError(f"{path}: malformed CSV ({_reason(exc)})") from None
+    for column in table.schema:
+        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            raise MbtrainError(f"{path}: column {column.name!r} is not valid UTF-8 text; save the file as UTF-8")
     return pl.from_arrow(table)
 
 
-def write_table(frame: pl.DataFrame, path: str | Path) -> None:
-    """Write CSV or Parquet by the file's extension, atomically (temp file, then rename)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".parquet", ".pq"):
+def check_table_output(path: Path) -> None:
+    """Fail before scoring when --output cannot take a table."""
+    check_writable(path, "--output")
+    if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
         raise MbtrainError(f"--output {path}: use a .csv or .parquet file name")
-    if not path.parent.exists():
-        raise MbtrainError(f"--output {path}: directory {path.parent} does not exist")
-    temporary = path.with_name(f".{path.name}.tmp")
-    if suffix == ".csv":
-        frame.write_csv(temporary)
-    else:
-        frame.write_parquet(temporary)
-    temporary.replace(path)
+
+
+def write_table(frame: pl.DataFrame, path: Path) -> None:
+    """Write CSV or Parquet by the file's extension, atomically (temp file, then rename)."""
+    check_table_output(path)
+    csv = path.suffix.lower() == ".csv"
+    write_atomic(path, lambda temporary: frame.write_csv(temporary) if csv else frame.write_parquet(temporary),
+                 "--output")
+
+
+def _reason(exc: Exception) -> str:
+    """The first line of a library's message, printable and short enough for one line of output."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= 160 else text[:157] + "..."

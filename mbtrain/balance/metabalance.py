@@ -1,0 +1,178 @@
+"""MetaBalance (He et al., WWW 2022): rescale each auxiliary task's gradient on the shared parameters
+towards the main task's gradient magnitude, using moving averages of per-task gradient norms.
+
+See DESIGN.md, "MetaBalance, exactly". Per-task gradients are taken for the shared parameters only; all
+arithmetic runs as ``torch._foreach_*`` ops or on the small ``[T, P]`` norm tensor, with no host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from mbtrain.balance.plain import Balancer
+
+STRATEGIES = ("both", "reduce", "enlarge")
+
+
+def _check_settings(relax_factor: float, beta: float, strategy: str) -> None:
+    if not 0 <= relax_factor < 1:
+        raise ValueError(f"relax_factor must be in [0, 1), got {relax_factor}")
+    if not 0 <= beta < 1:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown MetaBalance strategy {strategy!r}: choose both, reduce or enlarge")
+
+
+class MetaBalance(Balancer):
+    """Balanced gradients on ``shared_params``; every other parameter gets ``sum(losses)``'s gradient.
+
+    With ``task_params`` (all non-shared trainable parameters) the plain part is one backward restricted to
+    them; without it, the summed loss is back-propagated through everything and the shared parameters'
+    ``.grad`` is set aside meanwhile, which is exact but also re-walks the shared part of the graph.
+    """
+
+    def __init__(
+        self,
+        shared_params: Iterable[torch.Tensor],
+        relax_factor: float = 0.7,
+        beta: float = 0.9,
+        strategy: str = "both",
+        eps: float = 1e-5,
+        task_params: Iterable[torch.Tensor] | None = None,
+    ) -> None:
+        _check_settings(relax_factor, beta, strategy)
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        self.shared = list(shared_params)
+        if not self.shared:
+            raise ValueError("MetaBalance needs at least one shared parameter")
+        if not all(p.requires_grad for p in self.shared):
+            raise ValueError("every shared parameter must require grad")
+        shared_ids = {id(p) for p in self.shared}
+        if len(shared_ids) != len(self.shared):
+            raise ValueError("the shared parameters contain the same tensor twice")
+        self.task_params = None if task_params is None else [p for p in task_params if p.requires_grad]
+        if self.task_params is not None and any(id(p) in shared_ids for p in self.task_params):
+            raise ValueError("a parameter cannot be both shared and task-specific")
+        self.relax_factor = relax_factor
+        self.beta = beta
+        self.strategy = strategy
+        self.eps = eps
+        self.moving_norms: torch.Tensor | None = None  # [T, P], created by the first backward
+        self.grad_norm_ratio: torch.Tensor | None = None
+
+    def backward(self, losses: Sequence[torch.Tensor]) -> None:
+        n_tasks = len(losses)
+        if n_tasks < 2:
+            raise ValueError(f"MetaBalance needs at least two losses (main task first), got {n_tasks}")
+        moving = self._moving_norms(n_tasks)
+        plain_rest = self.task_params is None or bool(self.task_params)
+        total = sum(losses) if plain_rest else None
+        raw_norms = []
+        for k, loss in enumerate(losses):
+            grads = torch.autograd.grad(
+                loss, self.shared, retain_graph=plain_rest or k < n_tasks - 1, allow_unused=True
+            )
+            norms = self._norms(grads)
+            raw_norms.append(norms)
+            moving[k].mul_(self.beta).add_(norms, alpha=1 - self.beta)
+            self._accumulate(grads, None if k == 0 else self._scale(moving[0], moving[k]))
+        if total is not None:
+            self._plain_backward(total)
+        raw = torch.stack(raw_norms)
+        ratio = (raw / (raw[0] + self.eps)).mean(dim=1)
+        ratio[0] = 1.0
+        self.grad_norm_ratio = ratio
+
+    def state_dict(self) -> dict:
+        moving = None if self.moving_norms is None else self.moving_norms.detach().clone()
+        return {
+            "moving_norms": moving,
+            "relax_factor": self.relax_factor,
+            "beta": self.beta,
+            "strategy": self.strategy,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the moving averages and, as ``torch.optim`` does, the settings they were made with."""
+        _check_settings(state["relax_factor"], state["beta"], state["strategy"])
+        moving = state["moving_norms"]
+        if moving is not None:
+            n_shared = len(self.shared)
+            if moving.dim() != 2 or moving.shape[0] < 2 or moving.shape[1] != n_shared:
+                raise ValueError(
+                    f"MetaBalance state has moving norms of shape {tuple(moving.shape)}, "
+                    f"expected [tasks >= 2, {n_shared}] for {n_shared} shared parameters"
+                )
+            p0 = self.shared[0]
+            moving = moving.detach().to(device=p0.device, dtype=p0.dtype, copy=True)
+        self.relax_factor = state["relax_factor"]
+        self.beta = state["beta"]
+        self.strategy = state["strategy"]
+        self.moving_norms = moving
+
+    def _moving_norms(self, n_tasks: int) -> torch.Tensor:
+        p0 = self.shared[0]
+        if self.moving_norms is None:
+            self.moving_norms = torch.zeros(n_tasks, len(self.shared), device=p0.device, dtype=p0.dtype)
+        elif self.moving_norms.shape[0] != n_tasks:
+            raise ValueError(f"MetaBalance state is for {self.moving_norms.shape[0]} losses, got {n_tasks}")
+        elif self.moving_norms.device != p0.device:  # the model moved after the state was made
+            self.moving_norms = self.moving_norms.to(p0.device)
+        return self.moving_norms
+
+    def _norms(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """``[P]`` L2 norms; a parameter the task does not reach has a zero gradient, hence norm 0."""
+        present = [g for g in grads if g is not None]
+        if len(present) == len(grads):
+            return torch.stack(torch._foreach_norm(present))
+        zero = self.shared[0].new_zeros(())
+        found = iter(torch._foreach_norm(present) if present else ())
+        return torch.stack([zero if g is None else next(found) for g in grads])
+
+    def _scale(self, main: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        """``[P]`` factor s with r·g·m_0/(m_k+ε) + (1−r)·g = s·g, 1 where the strategy does not apply."""
+        scale = self.relax_factor * main / (aux + self.eps) + (1 - self.relax_factor)
+        if self.strategy == "reduce":
+            return torch.where(aux > main, scale, 1.0)
+        if self.strategy == "enlarge":
+            return torch.where(aux < main, scale, 1.0)
+        return scale
+
+    def _accumulate(self, grads: Sequence[torch.Tensor | None], scale: torch.Tensor | None) -> None:
+        """``p.grad += scale·g`` (None: 1); never writes to autograd's outputs, they may alias each other."""
+        factors = scale.unbind() if scale is not None else ()
+        reached = [i for i, g in enumerate(grads) if g is not None]
+        into = [i for i in reached if self.shared[i].grad is not None]
+        fresh = [i for i in reached if self.shared[i].grad is None]
+        if into:
+            targets = [self.shared[i].grad for i in into]
+            sources = [grads[i] for i in into]
+            if scale is None:
+                torch._foreach_add_(targets, sources)
+            else:
+                torch._foreach_addcmul_(targets, sources, [factors[i] for i in into])
+        if fresh:
+            sources = [grads[i] for i in fresh]
+            if scale is None:
+                made = torch._foreach_clone(sources)
+            else:
+                made = torch._foreach_mul(sources, [factors[i] for i in fresh])
+            for i, g in zip(fresh, made, strict=True):
+                self.shared[i].grad = g
+
+    def _plain_backward(self, total: torch.Tensor) -> None:
+        """The summed loss's gradient for every non-shared parameter; frees the graph."""
+        if self.task_params is not None:
+            torch.autograd.backward(total, inputs=self.task_params)
+            return
+        kept = [p.grad for p in self.shared]
+        for p in self.shared:
+            p.grad = None
+        try:
+            total.backward()
+        finally:
+            for p, g in zip(self.shared, kept, strict=True):
+                p.grad = g

@@ -1,0 +1,43 @@
+"""Model registry: the CLI picks a model by name and builds it from the config's sizes."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mbtrain.models.embedding import FusedEmbedding
+from mbtrain.models.mmoe import MMoE
+from mbtrain.models.shared_bottom import SharedBottom
+from mbtrain.models.towers import Towers
+
+MODELS: dict[str, type[nn.Module]] = {"shared-bottom": SharedBottom, "mmoe": MMoE}
+
+__all__ = ["MODELS", "FusedEmbedding", "MMoE", "SharedBottom", "Towers", "build_model"]
+
+
+def build_model(
+    name: str,
+    *,
+    cardinalities: list[int],
+    num_numeric: int,
+    num_tasks: int,
+    embed_dim: int,
+    hidden: list[int],
+    experts: int,
+    tower: list[int],
+    dropout: float,
+) -> nn.Module:
+    """Build the named model; ``experts`` only applies to MMoE."""
+    common = dict(
+        cardinalities=list(cardinalities),
+        num_numeric=num_numeric,
+        num_tasks=num_tasks,
+        embed_dim=embed_dim,
+        hidden=list(hidden),
+        tower=list(tower),
+        dropout=dropout,
+    )
+    if name == "shared-bottom":
+        return SharedBottom(**common)
+    if name == "mmoe":
+        return MMoE(**common, experts=experts)
+    raise ValueError(f"unknown model {name!r}: choose {' or '.join(MODELS)}")

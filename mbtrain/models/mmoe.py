@@ -1,0 +1,63 @@
+"""Multi-gate mixture-of-experts (Ma et al., KDD 2018) with the experts fused into batched matmuls."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mbtrain.models.embedding import FusedEmbedding
+from mbtrain.models.mlp import StackedMLP
+from mbtrain.models.towers import Towers
+
+
+class MMoE(nn.Module):
+    """Embeddings ⊕ numeric → E expert MLPs; per task a softmax gate mixes them → that task's tower.
+
+    All experts live in stacked weights ([E, in, h1], [E, h1, h2], ...) and run as one matmul per
+    layer; all T gates are one ``Linear(in, T*E)``. Experts and embedding are shared parameters;
+    gates and towers are task parameters.
+    """
+
+    def __init__(
+        self,
+        cardinalities: list[int],
+        num_numeric: int,
+        num_tasks: int,
+        embed_dim: int = 8,
+        hidden: Sequence[int] = (64, 32),
+        experts: int = 8,
+        tower: Sequence[int] = (16,),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        hidden, tower = list(hidden), list(tower)
+        in_dim = len(cardinalities) * embed_dim + num_numeric
+        if in_dim < 1:
+            raise ValueError("the model needs at least one categorical or numeric feature")
+        if not hidden:
+            raise ValueError("MMoE experts need at least one hidden layer")
+        if experts < 1:
+            raise ValueError(f"experts must be >= 1, got {experts}")
+        self.num_tasks = num_tasks
+        self.num_experts = experts
+        self.embedding = FusedEmbedding(cardinalities, embed_dim)
+        self.experts = StackedMLP(experts, in_dim, hidden, dropout)
+        self.gates = nn.Linear(in_dim, num_tasks * experts)
+        self.towers = Towers(hidden[-1], tower, num_tasks, dropout)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Embedding table and experts: the parameters every task's loss reaches."""
+        return [*self.embedding.parameters(), *self.experts.parameters()]
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        """Gates and towers: each slice of them is reached by one task's loss only."""
+        return [*self.gates.parameters(), *self.towers.parameters()]
+
+    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.embedding(categorical), numeric], dim=1)
+        expert_out = self.experts(x)  # [E, B, H]
+        gate = self.gates(x).view(x.shape[0], self.num_tasks, self.num_experts).softmax(dim=2)  # [B, T, E]
+        mixed = torch.einsum("bte,ebh->tbh", gate, expert_out)  # [T, B, H]
+        return self.towers(mixed)

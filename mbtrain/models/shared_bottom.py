@@ -1,0 +1,47 @@
+"""Shared-bottom multi-task model: one shared MLP, one tower per task."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mbtrain.models.embedding import FusedEmbedding
+from mbtrain.models.mlp import mlp
+from mbtrain.models.towers import Towers
+
+
+class SharedBottom(nn.Module):
+    """Embeddings ⊕ numeric features → shared MLP (``hidden``) → per-task towers → logits [B, T]."""
+
+    def __init__(
+        self,
+        cardinalities: list[int],
+        num_numeric: int,
+        num_tasks: int,
+        embed_dim: int = 8,
+        hidden: Sequence[int] = (64, 32),
+        tower: Sequence[int] = (16,),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        hidden, tower = list(hidden), list(tower)
+        in_dim = len(cardinalities) * embed_dim + num_numeric
+        if in_dim < 1:
+            raise ValueError("the model needs at least one categorical or numeric feature")
+        self.embedding = FusedEmbedding(cardinalities, embed_dim)
+        self.bottom = mlp(in_dim, hidden, dropout)
+        self.towers = Towers(hidden[-1] if hidden else in_dim, tower, num_tasks, dropout)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Embedding table and shared MLP: the parameters every task's loss reaches."""
+        return [*self.embedding.parameters(), *self.bottom.parameters()]
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        """The towers."""
+        return list(self.towers.parameters())
+
+    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.embedding(categorical), numeric], dim=1)
+        return self.towers(self.bottom(x))

@@ -1,0 +1,246 @@
+"""MetaBalance against a literal, loop-over-parameters reference of DESIGN.md "MetaBalance, exactly"."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from mbtrain.balance import BALANCERS, MetaBalance, PlainSum, build_balancer
+
+EPS = 1e-5
+
+
+class TinyMultiTask(nn.Module):
+    """A shared trunk, one head per task, and shared vectors that only some tasks reach.
+
+    ``aux_only`` is never reached by the main task; ``not_last`` is never reached by the last task
+    (when there are 3 tasks); ``unused`` is reached by nobody.
+    """
+
+    def __init__(self, n_tasks: int) -> None:
+        super().__init__()
+        self.n_tasks = n_tasks
+        self.trunk = nn.Linear(4, 6)
+        self.aux_only = nn.Parameter(torch.randn(6) * 0.3)
+        self.not_last = nn.Parameter(torch.randn(6) * 0.3)
+        self.unused = nn.Parameter(torch.zeros(3))
+        self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(n_tasks))
+
+    def shared(self) -> list[nn.Parameter]:
+        return [self.trunk.weight, self.trunk.bias, self.aux_only, self.not_last, self.unused]
+
+    def task(self) -> list[nn.Parameter]:
+        return list(self.heads.parameters())
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        h = torch.tanh(self.trunk(x))
+        last = self.n_tasks - 1
+        out = []
+        for k, head in enumerate(self.heads):
+            z = h if k == last else h * (1 + self.not_last)
+            if k > 0:
+                z = z + self.aux_only
+            # different loss scales so that aux norms fall on both sides of the main task's
+            weight = (1.0, 4.0, 0.2)[k]
+            out.append(weight * nn.functional.binary_cross_entropy_with_logits(head(z).squeeze(1), y[:, k]))
+        return out
+
+
+def batch(seed: int, n_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 4, generator=gen), torch.randint(0, 2, (16, n_tasks), generator=gen).float()
+
+
+class Reference:
+    """The formula followed literally: per parameter, per task, plain Python floats."""
+
+    def __init__(self, n_tasks: int, n_shared: int, relax: float, beta: float, strategy: str) -> None:
+        self.m = [[0.0] * n_shared for _ in range(n_tasks)]
+        self.relax, self.beta, self.strategy = relax, beta, strategy
+        self.ratio: list[float] = []
+
+    def shared_grads(self, losses: list[torch.Tensor], shared: list[nn.Parameter]) -> list[torch.Tensor]:
+        per_task = []
+        for loss in losses:
+            grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+            per_task.append(
+                [torch.zeros_like(p) if g is None else g for g, p in zip(grads, shared, strict=True)]
+            )
+        raw = [[g.norm().item() for g in grads] for grads in per_task]
+        self.ratio = [1.0] + [
+            sum(raw[k][i] / (raw[0][i] + EPS) for i in range(len(shared))) / len(shared)
+            for k in range(1, len(losses))
+        ]
+        result = []
+        for i in range(len(shared)):
+            for k in range(len(losses)):
+                self.m[k][i] = self.beta * self.m[k][i] + (1 - self.beta) * raw[k][i]
+            m0 = self.m[0][i]
+            total = per_task[0][i].clone()
+            for k in range(1, len(losses)):
+                g, mk = per_task[k][i], self.m[k][i]
+                applies = (
+                    self.strategy == "both"
+                    or (self.strategy == "reduce" and mk > m0)
+                    or (self.strategy == "enlarge" and mk < m0)
+                )
+                if applies:
+                    g = self.relax * g * m0 / (mk + EPS) + (1 - self.relax) * g
+                total = total + g
+            result.append(total)
+        return result
+
+
+def close(actual: torch.Tensor | None, expected: torch.Tensor) -> None:
+    assert actual is not None
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["both", "reduce", "enlarge"])
+@pytest.mark.parametrize("n_tasks", [2, 3])
+@pytest.mark.parametrize("pass_task_params", [True, False])
+def test_matches_reference_over_steps(strategy: str, n_tasks: int, pass_task_params: bool) -> None:
+    torch.manual_seed(0)
+    model = TinyMultiTask(n_tasks)
+    plain = copy.deepcopy(model)
+    task_params = model.task() if pass_task_params else None
+    mb = MetaBalance(model.shared(), relax_factor=0.7, beta=0.9, strategy=strategy, task_params=task_params)
+    ref = Reference(n_tasks, len(model.shared()), 0.7, 0.9, strategy)
+    applied_somewhere = False
+    for step in range(4):
+        model.zero_grad(set_to_none=True)
+        plain.zero_grad(set_to_none=True)
+        x, y = batch(step, n_tasks)
+        mb.backward(model.losses(x, y))
+        plain_losses = plain.losses(x, y)
+        expected = ref.shared_grads(plain_losses, plain.shared())
+        sum(plain_losses).backward()
+        for p, q in zip(model.task(), plain.task(), strict=True):
+            assert torch.equal(p.grad, q.grad)
+        for p, e in zip(model.shared()[:-1], expected[:-1], strict=True):
+            close(p.grad, e)
+        assert model.unused.grad is None and plain.unused.grad is None
+        close(mb.moving_norms, torch.tensor(ref.m))
+        close(mb.grad_norm_ratio, torch.tensor(ref.ratio))
+        assert mb.grad_norm_ratio[0].item() == 1.0
+        m = mb.moving_norms
+        applied_somewhere |= bool((m[1:] > m[0]).any() and (m[1:] < m[0]).any())
+    assert applied_somewhere  # both sides of the reduce / enlarge condition were exercised
+
+
+def test_grad_accumulates_across_calls() -> None:
+    torch.manual_seed(1)
+    model = TinyMultiTask(3)
+    plain = copy.deepcopy(model)
+    mb = MetaBalance(model.shared(), task_params=model.task())
+    ref = Reference(3, len(model.shared()), 0.7, 0.9, "both")
+    expected = [torch.zeros_like(p) for p in model.shared()]
+    for step in range(2):  # no zero_grad in between
+        x, y = batch(step, 3)
+        mb.backward(model.losses(x, y))
+        plain_losses = plain.losses(x, y)
+        for e, g in zip(expected, ref.shared_grads(plain_losses, plain.shared()), strict=True):
+            e += g
+        sum(plain_losses).backward()
+    for p, q in zip(model.task(), plain.task(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    for p, e in zip(model.shared()[:-1], expected[:-1], strict=True):
+        close(p.grad, e)
+
+
+def test_relax_zero_is_the_plain_sum() -> None:
+    torch.manual_seed(2)
+    model = TinyMultiTask(3)
+    plain = copy.deepcopy(model)
+    mb = MetaBalance(model.shared(), relax_factor=0.0, task_params=model.task())
+    for step in range(2):
+        x, y = batch(step, 3)
+        mb.backward(model.losses(x, y))
+        sum(plain.losses(x, y)).backward()
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        if q.grad is None:
+            assert p.grad is None
+        else:
+            close(p.grad, q.grad)
+
+
+def test_state_round_trip_resumes_identically() -> None:
+    torch.manual_seed(3)
+    model = TinyMultiTask(3)
+    first = MetaBalance(model.shared(), strategy="reduce", task_params=model.task())
+    assert first.state_dict()["moving_norms"] is None
+    for step in range(2):
+        first.backward(model.losses(*batch(step, 3)))
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    second = MetaBalance(model.shared(), task_params=model.task())  # settings come from the state
+    second.load_state_dict(torch.load(buffer))
+    assert second.strategy == "reduce"
+    for step in range(2, 4):
+        grads = []
+        for balancer in (first, second):
+            model.zero_grad(set_to_none=True)
+            balancer.backward(model.losses(*batch(step, 3)))
+            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        for a, b in zip(*grads, strict=True):
+            assert torch.equal(a, b)
+    assert torch.equal(first.moving_norms, second.moving_norms)
+
+
+def test_state_mismatches_are_rejected() -> None:
+    model = TinyMultiTask(3)
+    mb = MetaBalance(model.shared(), task_params=model.task())
+    state = mb.state_dict() | {"moving_norms": torch.zeros(3, 2)}
+    with pytest.raises(ValueError, match="shape"):
+        mb.load_state_dict(state)
+    mb.backward(model.losses(*batch(0, 3)))
+    with pytest.raises(ValueError, match="3 losses, got 2"):
+        mb.backward(model.losses(*batch(1, 3))[:2])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"relax_factor": 1.0}, "relax_factor"),
+        ({"relax_factor": -0.1}, "relax_factor"),
+        ({"beta": 1.0}, "beta"),
+        ({"strategy": "shrink"}, "strategy"),
+    ],
+)
+def test_bad_settings(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MetaBalance(TinyMultiTask(2).shared(), **kwargs)
+
+
+def test_bad_inputs() -> None:
+    model = TinyMultiTask(2)
+    with pytest.raises(ValueError, match="at least one shared"):
+        MetaBalance([])
+    with pytest.raises(ValueError, match="both shared and task"):
+        MetaBalance(model.shared(), task_params=[model.trunk.bias])
+    with pytest.raises(ValueError, match="at least two losses"):
+        MetaBalance(model.shared()).backward(model.losses(*batch(0, 2))[:1])
+
+
+def test_build_balancer() -> None:
+    assert BALANCERS == ("none", "metabalance")
+    torch.manual_seed(4)
+    model = TinyMultiTask(3)
+    plain = copy.deepcopy(model)
+    none = build_balancer("none", model.shared(), model.task())
+    assert isinstance(none, PlainSum) and none.state_dict() == {}
+    x, y = batch(0, 3)
+    none.backward(model.losses(x, y))
+    sum(plain.losses(x, y)).backward()
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+    assert none.grad_norm_ratio is None
+    mb = build_balancer("metabalance", model.shared(), model.task(), relax_factor=0.5, strategy="enlarge")
+    assert isinstance(mb, MetaBalance) and (mb.relax_factor, mb.beta, mb.strategy) == (0.5, 0.9, "enlarge")
+    with pytest.raises(ValueError, match="unknown balance 'x': choose none or metabalance"):
+        build_balancer("x", model.shared(), model.task())

@@ -1,0 +1,174 @@
+"""Models: shapes, parameter partition, TorchScript parity, fused == unfused, learning, task isolation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mbtrain.models import MODELS, FusedEmbedding, MMoE, SharedBottom, Towers, build_model
+
+CARDS = [5, 7, 3]
+NAMES = sorted(MODELS)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_single_thread() -> Iterator[None]:
+    """Deterministic init; one thread, as these tiny ops only lose to thread sync on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(name: str, cards: list[int] = CARDS, num_numeric: int = 2, num_tasks: int = 3, **kw) -> nn.Module:
+    sizes = dict(embed_dim=4, hidden=[8, 6], experts=4, tower=[5], dropout=0.0)
+    sizes.update(kw)
+    return build_model(name, cardinalities=cards, num_numeric=num_numeric, num_tasks=num_tasks, **sizes)
+
+
+def inputs(cards: list[int], num_numeric: int, batch: int = 11, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    columns = [torch.randint(0, c, (batch,), generator=g) for c in cards]
+    cat = torch.stack(columns, 1) if columns else torch.zeros(batch, 0, dtype=torch.long)
+    return cat, torch.randn(batch, num_numeric, generator=g)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("cards", "num_numeric"), [(CARDS, 2), ([], 2), (CARDS, 0), ([9], 0)])
+def test_output_shape(name: str, cards: list[int], num_numeric: int) -> None:
+    model = make(name, cards, num_numeric, num_tasks=3, dropout=0.2)
+    out = model(*inputs(cards, num_numeric, batch=11))
+    assert out.shape == (11, 3)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_no_features_rejected() -> None:
+    for name in NAMES:
+        with pytest.raises(ValueError, match="at least one"):
+            make(name, [], 0)
+
+
+def test_mmoe_needs_expert_layers() -> None:
+    with pytest.raises(ValueError, match="hidden layer"):
+        make("mmoe", hidden=[])
+
+
+def test_shared_bottom_without_hidden_layers() -> None:
+    model = make("shared-bottom", hidden=[])
+    assert model(*inputs(CARDS, 2)).shape == (11, 3)
+
+
+def test_build_model() -> None:
+    assert isinstance(make("mmoe"), MMoE)
+    assert isinstance(make("shared-bottom", experts=99), SharedBottom)
+    assert make("mmoe", experts=6).experts.layers[0].weight.shape[0] == 6
+    with pytest.raises(ValueError, match="unknown model 'x': choose shared-bottom or mmoe"):
+        make("x")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameters_partition(name: str) -> None:
+    model = make(name)
+    shared, task = model.shared_parameters(), model.task_parameters()
+    assert shared and task
+    ids = [id(p) for p in shared + task]
+    assert len(ids) == len(set(ids))
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert model.embedding.table.weight in shared
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(("cards", "num_numeric"), [(CARDS, 2), ([], 3), (CARDS, 0)])
+def test_torchscript_matches_eager(name: str, cards: list[int], num_numeric: int) -> None:
+    model = make(name, cards, num_numeric, dropout=0.3).eval()
+    scripted = torch.jit.script(model)
+    cat, num = inputs(cards, num_numeric, batch=17, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(cat, num), model(cat, num), rtol=0, atol=0)
+
+
+def test_fused_embedding_equals_per_column_lookup() -> None:
+    emb = FusedEmbedding(CARDS, 4)
+    assert emb.table.weight.shape == (sum(CARDS), 4)
+    cat, _ = inputs(CARDS, 0, batch=13)
+    cat[0] = torch.tensor([c - 1 for c in CARDS])  # last row of every column's slice
+    starts = [0, 5, 12]
+    expected = torch.cat([emb.table.weight[starts[j] + cat[:, j]] for j in range(len(CARDS))], 1)
+    torch.testing.assert_close(emb(cat), expected, rtol=0, atol=0)
+    assert FusedEmbedding([], 4)(torch.zeros(4, 0, dtype=torch.long)).shape == (4, 0)
+
+
+def reference_mlp(x: torch.Tensor, layers: nn.ModuleList, group: int) -> torch.Tensor:
+    """One group of a StackedMLP, layer by layer with plain F.linear."""
+    for layer in layers:
+        x = F.relu(F.linear(x, layer.weight[group].T, layer.bias[group, 0]))
+    return x
+
+
+def reference_towers(towers: Towers, xs: list[torch.Tensor]) -> torch.Tensor:
+    logits = []
+    for t, x in enumerate(xs):
+        h = reference_mlp(x, towers.hidden.layers, t)
+        logits.append(F.linear(h, towers.out.weight[t].T, towers.out.bias[t, 0]))
+    return torch.cat(logits, 1)
+
+
+def test_fused_mmoe_equals_unfused_reference() -> None:
+    num_tasks, experts = 3, 4
+    model = make("mmoe", num_tasks=num_tasks, experts=experts, hidden=[8, 6], tower=[5, 3]).double().eval()
+    cat, num = inputs(CARDS, 2, batch=19)
+    num = num.double()
+    x = torch.cat([model.embedding(cat), num], 1)
+    expert_out = [reference_mlp(x, model.experts.layers, e) for e in range(experts)]
+    mixed = []
+    for t in range(num_tasks):
+        rows = slice(t * experts, (t + 1) * experts)
+        gate = F.linear(x, model.gates.weight[rows], model.gates.bias[rows]).softmax(1)
+        mixed.append(sum(gate[:, e : e + 1] * expert_out[e] for e in range(experts)))
+    torch.testing.assert_close(model(cat, num), reference_towers(model.towers, mixed), rtol=1e-12, atol=1e-12)
+
+
+def test_towers_shared_input_equals_per_task_reference() -> None:
+    towers = Towers(7, [6, 4], num_tasks=3, dropout=0.0).double()
+    x = torch.randn(10, 7, dtype=torch.double)
+    expected = reference_towers(towers, [x, x, x])
+    torch.testing.assert_close(towers(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(towers(x.expand(3, -1, -1)), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_task_loss_reaches_only_its_own_tower(name: str) -> None:
+    model = make(name, num_tasks=3, tower=[5])
+    model(*inputs(CARDS, 2))[:, 0].sum().backward()
+    assert model.towers.out.bias.grad[0].item() != 0
+    for p in model.towers.parameters():
+        assert torch.count_nonzero(p.grad[1:]) == 0
+    if name == "mmoe":
+        for p in model.gates.parameters():  # rows are task-major: [T*E, ...]
+            assert torch.count_nonzero(p.grad.view(3, -1)[1:]) == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fits_tiny_multitask_problem(name: str) -> None:
+    cards = [4, 6]
+    cat, num = inputs(cards, 3, batch=256, seed=1)
+    targets = torch.stack(
+        [(num[:, 0] > 0), (cat[:, 0] >= 2), (num[:, 1] + (cat[:, 1] == 3).float() > 0.5)], 1
+    ).float()
+    model = make(name, cards, 3, num_tasks=3, embed_dim=4, hidden=[16, 8], experts=3, tower=[8])
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    losses = []
+    for _ in range(100):
+        loss = F.binary_cross_entropy_with_logits(model(cat, num), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
