@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 DEMO := demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench-adult clean
 
 $(BIN)/mbtrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,6 @@ lint: install
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info
+
+bench-adult: install
+	$(BIN)/python benchmarks/adult_quality.py

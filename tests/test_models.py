@@ -159,9 +159,7 @@ def test_task_loss_reaches_only_its_own_tower(name: str) -> None:
 def test_fits_tiny_multitask_problem(name: str) -> None:
     cards = [4, 6]
     cat, num = inputs(cards, 3, batch=256, seed=1)
-    targets = torch.stack(
-        [(num[:, 0] > 0), (cat[:, 0] >= 2), (num[:, 1] + (cat[:, 1] == 3).float() > 0.5)], 1
-    ).float()
+    targets = torch.stack([(num[:, 0] > 0), (cat[:, 0] >= 2), (num[:, 1] + (cat[:, 1] == 3).float() > 0.5)], 1).float()
     model = make(name, cards, 3, num_tasks=3, embed_dim=4, hidden=[16, 8], experts=3, tower=[8])
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     losses = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 from torch import nn
 
@@ -22,19 +24,13 @@ class FusedEmbedding(nn.Module):
         if any(c < 1 for c in cardinalities):
             raise ValueError(f"every cardinality must be >= 1, got {cardinalities}")
         self.num_features = len(cardinalities)
-        self.dim = dim
+        self.out_dim = self.num_features * dim
         self.table = nn.Embedding(sum(cardinalities), dim)
         nn.init.normal_(self.table.weight, std=0.05)
-        starts = [0]
-        for c in cardinalities[:-1]:
-            starts.append(starts[-1] + c)
-        self.register_buffer("offsets", torch.tensor(starts[: self.num_features], dtype=torch.long))
-
-    @property
-    def out_dim(self) -> int:
-        return self.num_features * self.dim
+        starts = [0, *accumulate(cardinalities)][: self.num_features]
+        self.register_buffer("offsets", torch.tensor(starts, dtype=torch.long))
 
     def forward(self, categorical: torch.Tensor) -> torch.Tensor:
         """[B, C] int64 codes → [B, C * dim] concatenated embeddings (an empty [B, 0] when C == 0)."""
         rows = self.table(categorical + self.offsets)
-        return rows.reshape(categorical.shape[0], self.num_features * self.dim)
+        return rows.reshape(categorical.shape[0], self.out_dim)

@@ -33,7 +33,8 @@ class MMoE(nn.Module):
     ) -> None:
         super().__init__()
         hidden, tower = list(hidden), list(tower)
-        in_dim = len(cardinalities) * embed_dim + num_numeric
+        self.embedding = FusedEmbedding(cardinalities, embed_dim)
+        in_dim = self.embedding.out_dim + num_numeric
         if in_dim < 1:
             raise ValueError("the model needs at least one categorical or numeric feature")
         if not hidden:
@@ -42,7 +43,6 @@ class MMoE(nn.Module):
             raise ValueError(f"experts must be >= 1, got {experts}")
         self.num_tasks = num_tasks
         self.num_experts = experts
-        self.embedding = FusedEmbedding(cardinalities, embed_dim)
         self.experts = StackedMLP(experts, in_dim, hidden, dropout)
         self.gates = nn.Linear(in_dim, num_tasks * experts)
         self.towers = Towers(hidden[-1], tower, num_tasks, dropout)

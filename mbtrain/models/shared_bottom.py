@@ -27,10 +27,10 @@ class SharedBottom(nn.Module):
     ) -> None:
         super().__init__()
         hidden, tower = list(hidden), list(tower)
-        in_dim = len(cardinalities) * embed_dim + num_numeric
+        self.embedding = FusedEmbedding(cardinalities, embed_dim)
+        in_dim = self.embedding.out_dim + num_numeric
         if in_dim < 1:
             raise ValueError("the model needs at least one categorical or numeric feature")
-        self.embedding = FusedEmbedding(cardinalities, embed_dim)
         self.bottom = mlp(in_dim, hidden, dropout)
         self.towers = Towers(hidden[-1] if hidden else in_dim, tower, num_tasks, dropout)
 
