@@ -99,6 +99,7 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, valid_path: Path | Non
 
     torch.manual_seed(config.train.seed)
     model = spec.build()
+    model.set_base_rates(train.labels.mean(dim=0))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     b = config.balance
     balancer = build_balancer(b.balance, model.shared_parameters(), model.task_parameters(),

@@ -48,6 +48,9 @@ class ScoringModel(nn.Module):
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         return self.network(categorical, self.normalizer(numeric))
 
+    def set_base_rates(self, rates: torch.Tensor) -> None:
+        self.network.towers.set_base_rates(rates)
+
     def shared_parameters(self) -> list[nn.Parameter]:
         return self.network.shared_parameters()
 
