@@ -127,7 +127,7 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, valid_path: Path | Non
             if patience and bad_epochs >= patience:
                 epoch -= 1
                 break
-            entry = _train_epoch(model, optimizer, balancer, train, valid, spec.tasks, config, epoch, progress)
+            entry = train_epoch(model, optimizer, balancer, train, valid, spec.tasks, config, epoch, progress)
             score = _score(entry["valid"][spec.main_task])
             entry["best"] = best is None or score > best["score"]
             if entry["best"]:
@@ -182,7 +182,7 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, valid_path: Path | Non
     return metrics
 
 
-def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Any, train: EncodedData,
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Any, train: EncodedData,
                  valid: EncodedData, tasks: list[str], config: RunConfig, epoch: int,
                  progress: Progress) -> dict[str, Any]:
     """One pass over the shuffled training rows, then validation; returns the history.jsonl entry."""
@@ -195,10 +195,11 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balan
     ratio_sum = torch.zeros(len(tasks))
     model.train()
     for step, batch in enumerate(train.batches(batch_size, generator), start=1):
-        logits = model(batch.categorical, batch.numeric)
+        split = model.split_forward(batch.categorical, batch.numeric) if balancer.wants_split else None
+        logits = split.logits if split is not None else model(batch.categorical, batch.numeric)
         losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(dim=0)
         optimizer.zero_grad(set_to_none=True)
-        balancer.backward(list(losses.unbind()))
+        balancer.backward(list(losses.unbind()), split)
         optimizer.step()
         loss_sum += losses.detach() * len(batch)
         if balancer.grad_norm_ratio is not None:

@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mbtrain.balance import BALANCERS, MetaBalance, PlainSum, build_balancer
@@ -244,3 +245,41 @@ def test_build_balancer() -> None:
     assert isinstance(mb, MetaBalance) and (mb.relax_factor, mb.beta, mb.strategy) == (0.5, 0.9, "enlarge")
     with pytest.raises(ValueError, match="unknown balance 'x': choose none or metabalance"):
         build_balancer("x", model.shared(), model.task())
+
+
+@pytest.mark.parametrize("strategy", ["both", "reduce", "enlarge"])
+@pytest.mark.parametrize("name", ["mmoe", "shared-bottom"])
+def test_split_forward_gives_the_same_gradients(name: str, strategy: str) -> None:
+    """The fast path (heads once, trunk per task, table rows per batch) equals the per-task full path."""
+    from mbtrain.models import build_model
+
+    cards = [5, 7, 3]
+    sizes = dict(cardinalities=cards, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6], experts=3,
+                 tower=[5], dropout=0.0)
+    torch.manual_seed(0)
+    full, fast = build_model(name, **sizes).double(), build_model(name, **sizes).double()
+    fast.load_state_dict(full.state_dict())
+    balancers = [MetaBalance(m.shared_parameters(), strategy=strategy, task_params=m.task_parameters())
+                 for m in (full, fast)]
+    for _ in range(3):
+        categorical = torch.stack([torch.randint(0, c, (32,)) for c in cards], 1)
+        numeric, labels = torch.randn(32, 2, dtype=torch.double), (torch.rand(32, 3) < 0.3).double()
+        for model, balancer in zip((full, fast), balancers, strict=True):
+            model.zero_grad(set_to_none=True)
+            split = model.split_forward(categorical, numeric) if model is fast else None
+            logits = split.logits if split is not None else model(categorical, numeric)
+            losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
+            balancer.backward(list(losses.unbind()), split)
+        for (label, a), b in zip(full.named_parameters(), fast.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=label)
+        torch.testing.assert_close(balancers[0].moving_norms, balancers[1].moving_norms)
+
+
+def test_plain_sum_refuses_a_split_forward() -> None:
+    from mbtrain.models import build_model
+
+    model = build_model("mmoe", cardinalities=[3], num_numeric=1, num_tasks=2, embed_dim=2, hidden=[4], experts=2,
+                        tower=[], dropout=0.0)
+    split = model.split_forward(torch.zeros(4, 1, dtype=torch.long), torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="split"):
+        PlainSum().backward(list(split.logits.sum(0).unbind()), split)

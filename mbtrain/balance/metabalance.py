@@ -8,10 +8,12 @@ arithmetic runs as ``torch._foreach_*`` ops or on the small ``[T, P]`` norm tens
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
 from mbtrain.balance.plain import Balancer
+from mbtrain.models.split import SplitForward
 
 STRATEGIES = ("both", "reduce", "enlarge")
 
@@ -60,13 +62,19 @@ class MetaBalance(Balancer):
         self.beta = beta
         self.strategy = strategy
         self.eps = eps
+        self.wants_split = self.task_params is not None
         self.moving_norms: torch.Tensor | None = None  # [T, P], created by the first backward
         self.grad_norm_ratio: torch.Tensor | None = None
 
-    def backward(self, losses: Sequence[torch.Tensor]) -> None:
+    def backward(self, losses: Sequence[torch.Tensor], split: SplitForward | None = None) -> None:
+        """Balanced gradients; with `split` (from the model's split_forward) the same result, computed by
+        back-propagating the heads once and only the trunk once per task (see models/split.py)."""
         n_tasks = len(losses)
         if n_tasks < 2:
             raise ValueError(f"MetaBalance needs at least two losses (main task first), got {n_tasks}")
+        if split is not None:
+            self._split_backward(losses, split)
+            return
         moving = self._moving_norms(n_tasks)
         plain_rest = self.task_params is None or bool(self.task_params)
         total = sum(losses) if plain_rest else None
@@ -78,9 +86,52 @@ class MetaBalance(Balancer):
             norms = self._norms(grads)
             raw_norms.append(norms)
             moving[k].mul_(self.beta).add_(norms, alpha=1 - self.beta)
-            self._accumulate(grads, None if k == 0 else self._scale(moving[0], moving[k]))
+            _accumulate(self.shared, grads, None if k == 0 else self._scale(moving[0], moving[k]))
         if total is not None:
             self._plain_backward(total)
+        self._record_ratio(raw_norms)
+
+    def _split_backward(self, losses: Sequence[torch.Tensor], split: SplitForward) -> None:
+        if self.task_params is None:
+            raise ValueError("MetaBalance needs task_params to use the model's split forward")
+        positions = [i for i, p in enumerate(self.shared) if p is split.table]
+        if len(positions) != 1:
+            raise ValueError("the split forward's embedding table is not one of the shared parameters")
+        table_at = positions[0]
+        dense = [p for i, p in enumerate(self.shared) if i != table_at]
+        # heads: one backward of the summed loss gives their plain gradient and each task's boundary gradient
+        n_heads = len(self.task_params)
+        grads = torch.autograd.grad(sum(losses), [*self.task_params, *split.per_task], allow_unused=True)
+        _accumulate(self.task_params, grads[:n_heads], None)
+        boundary_grads = grads[n_heads:]
+        # trunk: once per task; the table's gradient lives on the batch's distinct rows only
+        dim = split.rows.shape[-1]
+        rows, inverse = torch.unique(split.index.reshape(-1), return_inverse=True)
+        row_sink = _RowGradient()
+        sinks = [*dense[:table_at], row_sink, *dense[table_at:]]
+        moving = self._moving_norms(len(losses))
+        raw_norms = []
+        for k in range(len(losses)):
+            *dense_grads, row_grad = torch.autograd.grad(
+                split.boundary, [*dense, split.rows], grad_outputs=[g[k] for g in boundary_grads],
+                retain_graph=k < len(losses) - 1, allow_unused=True,
+            )
+            table_grad = None
+            if row_grad is not None:
+                table_grad = row_grad.new_zeros(rows.numel(), dim).index_add_(0, inverse, row_grad.reshape(-1, dim))
+            task_grads = [*dense_grads[:table_at], table_grad, *dense_grads[table_at:]]
+            norms = self._norms(task_grads)
+            raw_norms.append(norms)
+            moving[k].mul_(self.beta).add_(norms, alpha=1 - self.beta)
+            _accumulate(sinks, task_grads, None if k == 0 else self._scale(moving[0], moving[k]))
+        if row_sink.grad is not None:
+            table = split.table
+            if table.grad is None:
+                table.grad = torch.zeros_like(table)
+            table.grad.index_add_(0, rows, row_sink.grad)
+        self._record_ratio(raw_norms)
+
+    def _record_ratio(self, raw_norms: list[torch.Tensor]) -> None:
         raw = torch.stack(raw_norms)
         ratio = (raw / (raw[0] + self.eps)).mean(dim=1)
         ratio[0] = 1.0
@@ -141,28 +192,6 @@ class MetaBalance(Balancer):
             return torch.where(aux < main, scale, 1.0)
         return scale
 
-    def _accumulate(self, grads: Sequence[torch.Tensor | None], scale: torch.Tensor | None) -> None:
-        """``p.grad += scale·g`` (None: 1); never writes to autograd's outputs, they may alias each other."""
-        factors = scale.unbind() if scale is not None else ()
-        reached = [i for i, g in enumerate(grads) if g is not None]
-        into = [i for i in reached if self.shared[i].grad is not None]
-        fresh = [i for i in reached if self.shared[i].grad is None]
-        if into:
-            targets = [self.shared[i].grad for i in into]
-            sources = [grads[i] for i in into]
-            if scale is None:
-                torch._foreach_add_(targets, sources)
-            else:
-                torch._foreach_addcmul_(targets, sources, [factors[i] for i in into])
-        if fresh:
-            sources = [grads[i] for i in fresh]
-            if scale is None:
-                made = torch._foreach_clone(sources)
-            else:
-                made = torch._foreach_mul(sources, [factors[i] for i in fresh])
-            for i, g in zip(fresh, made, strict=True):
-                self.shared[i].grad = g
-
     def _plain_backward(self, total: torch.Tensor) -> None:
         """The summed loss's gradient for every non-shared parameter; frees the graph."""
         if self.task_params is not None:
@@ -176,3 +205,32 @@ class MetaBalance(Balancer):
         finally:
             for p, g in zip(self.shared, kept, strict=True):
                 p.grad = g
+
+
+def _accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None], scale: torch.Tensor | None) -> None:
+    """``sink.grad += scale·g`` (None: 1); never writes to autograd's outputs, they may alias each other."""
+    factors = scale.unbind() if scale is not None else ()
+    reached = [i for i, g in enumerate(grads) if g is not None]
+    into = [i for i in reached if sinks[i].grad is not None]
+    fresh = [i for i in reached if sinks[i].grad is None]
+    if into:
+        targets = [sinks[i].grad for i in into]
+        sources = [grads[i] for i in into]
+        if scale is None:
+            torch._foreach_add_(targets, sources)
+        else:
+            torch._foreach_addcmul_(targets, sources, [factors[i] for i in into])
+    if fresh:
+        sources = [grads[i] for i in fresh]
+        if scale is None:
+            made = torch._foreach_clone(sources)
+        else:
+            made = torch._foreach_mul(sources, [factors[i] for i in fresh])
+        for i, g in zip(fresh, made, strict=True):
+            sinks[i].grad = g
+
+
+class _RowGradient:
+    """Holds the embedding table's balanced gradient on the batch's distinct rows until it is scattered."""
+
+    grad: torch.Tensor | None = None

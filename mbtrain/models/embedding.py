@@ -30,7 +30,12 @@ class FusedEmbedding(nn.Module):
         starts = [0, *accumulate(cardinalities)][: self.num_features]
         self.register_buffer("offsets", torch.tensor(starts, dtype=torch.long))
 
+    def lookup(self, categorical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, C, dim] gathered rows, [B, C] their row numbers in the table)."""
+        index = categorical + self.offsets
+        return self.table(index), index
+
     def forward(self, categorical: torch.Tensor) -> torch.Tensor:
         """[B, C] int64 codes → [B, C * dim] concatenated embeddings (an empty [B, 0] when C == 0)."""
-        rows = self.table(categorical + self.offsets)
+        rows, _ = self.lookup(categorical)
         return rows.reshape(categorical.shape[0], self.out_dim)

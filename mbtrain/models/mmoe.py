@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from mbtrain.models.embedding import FusedEmbedding
-from mbtrain.models.mlp import StackedMLP
+from mbtrain.models.mlp import StackedLinear, StackedMLP
+from mbtrain.models.split import SplitForward, task_views
 from mbtrain.models.towers import Towers
 
 
@@ -16,7 +17,7 @@ class MMoE(nn.Module):
     """Embeddings ⊕ numeric → E expert MLPs; per task a softmax gate mixes them → that task's tower.
 
     All experts live in stacked weights ([E, in, h1], [E, h1, h2], ...) and run as one matmul per
-    layer; all T gates are one ``Linear(in, T*E)``. Experts and embedding are shared parameters;
+    layer; all T gates are one StackedLinear [T, in, E]. Experts and embedding are shared parameters;
     gates and towers are task parameters.
     """
 
@@ -44,7 +45,7 @@ class MMoE(nn.Module):
         self.num_tasks = num_tasks
         self.num_experts = experts
         self.experts = StackedMLP(experts, in_dim, hidden, dropout)
-        self.gates = nn.Linear(in_dim, num_tasks * experts)
+        self.gates = StackedLinear(num_tasks, in_dim, experts)
         self.towers = Towers(hidden[-1], tower, num_tasks, dropout)
 
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -57,7 +58,22 @@ class MMoE(nn.Module):
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.embedding(categorical), numeric], dim=1)
-        expert_out = self.experts(x)  # [E, B, H]
-        gate = self.gates(x).view(x.shape[0], self.num_tasks, self.num_experts).softmax(dim=2)  # [B, T, E]
-        mixed = torch.einsum("bte,ebh->tbh", gate, expert_out)  # [T, B, H]
-        return self.towers(mixed)
+        return self.heads(x, self.experts(x))
+
+    def heads(self, x: torch.Tensor, expert_out: torch.Tensor) -> torch.Tensor:
+        """Gates, mixture and towers, from shared inputs (x [B, in], experts [E, B, H]) or per-task
+        views of them ([T, B, in], [T, E, B, H])."""
+        gate = self.gates(x).softmax(dim=2)  # [T, B, E]
+        if expert_out.dim() == 3:
+            mixed = torch.einsum("tbe,ebh->tbh", gate, expert_out)
+        else:
+            mixed = torch.einsum("tbe,tebh->tbh", gate, expert_out)
+        return self.towers(mixed)  # [T, B, H] in, [B, T] logits out
+
+    def split_forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> SplitForward:
+        """Trunk = embedding + experts; heads = gates, mixture, towers (see models/split.py)."""
+        rows, index = self.embedding.lookup(categorical)
+        x = torch.cat([rows.flatten(1), numeric], dim=1)
+        boundary = [x, self.experts(x)]
+        per_task = task_views(boundary, self.num_tasks)
+        return SplitForward(self.heads(*per_task), boundary, per_task, self.embedding.table.weight, rows, index)

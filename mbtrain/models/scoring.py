@@ -13,6 +13,7 @@ from torch import nn
 
 from mbtrain.data.encoders import Encoders, NumericEncoder
 from mbtrain.models import build_model
+from mbtrain.models.split import SplitForward
 
 SPEC_FORMAT = "mbtrain/1"
 INPUTS_DOC = (
@@ -47,6 +48,9 @@ class ScoringModel(nn.Module):
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         return self.network(categorical, self.normalizer(numeric))
+
+    def split_forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> SplitForward:
+        return self.network.split_forward(categorical, self.normalizer(numeric))
 
     def set_base_rates(self, rates: torch.Tensor) -> None:
         self.network.towers.set_base_rates(rates)

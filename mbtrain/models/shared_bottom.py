@@ -9,6 +9,7 @@ from torch import nn
 
 from mbtrain.models.embedding import FusedEmbedding
 from mbtrain.models.mlp import mlp
+from mbtrain.models.split import SplitForward, task_views
 from mbtrain.models.towers import Towers
 
 
@@ -45,3 +46,10 @@ class SharedBottom(nn.Module):
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         x = torch.cat([self.embedding(categorical), numeric], dim=1)
         return self.towers(self.bottom(x))
+
+    def split_forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> SplitForward:
+        """Trunk = embedding + bottom; heads = towers (see models/split.py)."""
+        rows, index = self.embedding.lookup(categorical)
+        bottom = self.bottom(torch.cat([rows.flatten(1), numeric], dim=1))
+        per_task = task_views([bottom], self.towers.num_tasks)
+        return SplitForward(self.towers(per_task[0]), [bottom], per_task, self.embedding.table.weight, rows, index)

@@ -23,6 +23,7 @@ class Towers(nn.Module):
         super().__init__()
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        self.num_tasks = num_tasks
         self.hidden = StackedMLP(num_tasks, in_dim, hidden, dropout)
         self.out = StackedLinear(num_tasks, self.hidden.out_dim, 1)
 

@@ -1,0 +1,203 @@
+"""What MetaBalance costs, and what reading + encoding costs: figures printed in one run (`make bench`).
+
+Training: one generated impression log (default 200k rows, ~20k users, 3 tasks, MMoE 8 experts [64,32]),
+encoded once; the variants `none`, `metabalance` (ours) and `naive` (the widely copied per-task full
+backward with a Python loop over parameters, written here as a baseline) each train epochs in turn,
+interleaved, so machine noise hits all of them alike. Seconds per epoch are training plus validation,
+as in history.jsonl; ratios are against `none` within the same round.
+
+Encoding: a generated Parquet file (default 2M rows, 30 feature columns of strings, ints, floats and
+nulls) is read by polars alone and by mbtrain's full path (read, infer roles, fit encoders, encode to
+tensors), each in a fresh process so that its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import TASKS, impressions  # noqa: E402
+
+from mbtrain.balance import Balancer, build_balancer  # noqa: E402
+from mbtrain.config import RunConfig  # noqa: E402
+from mbtrain.train import prepare, train_epoch  # noqa: E402
+
+
+class NaiveMetaBalance(Balancer):
+    """The widely copied MetaBalance: a full backward per task, a Python loop per parameter, floats on the host.
+
+    Kept exact (no `break` at the first parameter without a gradient) so it differs from ours in cost only.
+    """
+
+    def __init__(self, shared: Sequence[torch.Tensor], relax_factor: float = 0.7, beta: float = 0.9) -> None:
+        self.shared, self.relax_factor, self.beta = list(shared), relax_factor, beta
+        self.moving: list[list[float]] | None = None
+        self.grad_norm_ratio = None
+
+    def backward(self, losses: Sequence[torch.Tensor]) -> None:
+        per_task = []
+        for k, loss in enumerate(losses):
+            for p in self.shared:
+                p.grad = None
+            loss.backward(retain_graph=k < len(losses) - 1)
+            per_task.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in self.shared])
+        if self.moving is None:
+            self.moving = [[0.0] * len(self.shared) for _ in losses]
+        for i, p in enumerate(self.shared):
+            total = per_task[0][i].clone()
+            for k in range(len(losses)):
+                norm = per_task[k][i].norm().item()
+                self.moving[k][i] = self.beta * self.moving[k][i] + (1 - self.beta) * norm
+                if k:
+                    scale = self.moving[0][i] / (self.moving[k][i] + 1e-5)
+                    total += per_task[k][i] * (self.relax_factor * scale + 1 - self.relax_factor)
+            p.grad = total
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+def bench_training(args: argparse.Namespace, console: Console) -> None:
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "train.parquet"
+        impressions(args.rows, users=args.users).write_parquet(path)
+        config = RunConfig().updated({"tasks": TASKS, "epochs": args.rounds, "seed": 0, "patience": 0})
+        started = time.perf_counter()
+        prepared = prepare(config, path, None)
+        console.print(f"training data: {len(prepared.train):,} train / {len(prepared.valid):,} valid rows, "
+                      f"{sum(prepared.spec.encoders.cardinalities):,} embedding rows, encoded in "
+                      f"{time.perf_counter() - started:.1f}s")
+    runs = {}
+    for variant in args.variants:
+        torch.manual_seed(0)
+        model = prepared.spec.build()
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+        if variant == "naive":
+            balancer: Balancer = NaiveMetaBalance(model.shared_parameters())
+        else:
+            balancer = build_balancer(variant, model.shared_parameters(), model.task_parameters())
+        runs[variant] = (model, optimizer, balancer, [], [])
+    steps = -(-len(prepared.train) // config.train.batch_size)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        for round_ in range(args.rounds + 1):  # round 0 warms up and is not counted
+            for model, optimizer, balancer, epochs, trains in runs.values():
+                entry = train_epoch(model, optimizer, balancer, prepared.train, prepared.valid, prepared.spec.tasks,
+                                    config, round_ + 1, progress)
+                if round_:
+                    epochs.append(entry["seconds"])
+                    trains.append(len(prepared.train) / entry["rows_per_second"])
+    table = Table(title=f"seconds per epoch, {args.rows:,} rows, {args.users:,} users, MMoE, 3 tasks, "
+                        f"{args.threads} threads, median of {args.rounds} interleaved rounds")
+    for column in ("balance", "epoch s (train+valid)", "train s", "ms/step", "× none (epoch)", "× none (train)",
+                   "per-round × none"):
+        table.add_column(column, justify="right")
+    base_epochs, base_trains = runs["none"][3], runs["none"][4]
+    for variant, (_, _, _, epochs, trains) in runs.items():
+        ratios = [e / b for e, b in zip(epochs, base_epochs, strict=True)]
+        table.add_row(variant, f"{statistics.median(epochs):.2f}", f"{statistics.median(trains):.2f}",
+                      f"{1000 * statistics.median(trains) / steps:.1f}",
+                      f"{statistics.median(epochs) / statistics.median(base_epochs):.2f}",
+                      f"{statistics.median(trains) / statistics.median(base_trains):.2f}",
+                      " ".join(f"{r:.2f}" for r in ratios))
+    console.print(table)
+
+
+def _stage(stage: str, path: Path) -> None:
+    """Run in a child process: one stage, then print its time and peak RSS as JSON."""
+    import polars as pl
+
+    from mbtrain.data.encoders import Encoders
+    from mbtrain.data.io import read_table
+    from mbtrain.data.schema import infer_schema, label_tensor
+
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    result: dict[str, float] = {}
+    if stage == "read":
+        frame = pl.read_parquet(path)
+        result["rows"] = frame.height
+    else:
+        frame = read_table(path)
+        schema = infer_schema(frame, str(path), TASKS)
+        labels = label_tensor(frame, str(path), TASKS)
+        encoders = Encoders.fit(frame, schema.categorical, schema.numeric, min_frequency=2)
+        categorical, numeric = encoders.encode(frame, str(path))
+        del frame
+        result["tensor_mb"] = sum(t.numel() * t.element_size() for t in (categorical, numeric, labels)) / 2**20
+        result["columns"] = categorical.shape[1] + numeric.shape[1]
+    result["seconds"] = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["peak_mb"] = peak / 1024
+    result["added_mb"] = (peak - baseline) / 1024
+    print(json.dumps(result))
+
+
+def bench_encoding(args: argparse.Namespace, console: Console) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "encode.parquet"
+        impressions(args.encode_rows, users=200_000, items=50_000, extra=23, seed=1).write_parquet(path)
+        size_mb = path.stat().st_size / 2**20
+        results: dict[str, list[dict]] = {"read": [], "encode": []}
+        for _ in range(args.encode_repeats):
+            for stage in results:
+                output = subprocess.run([sys.executable, __file__, "--stage", stage, "--path", str(path)],
+                                        check=True, capture_output=True, text=True).stdout
+                results[stage].append(json.loads(output.strip().splitlines()[-1]))
+    read = statistics.median(r["seconds"] for r in results["read"])
+    encode = statistics.median(r["seconds"] for r in results["encode"])
+    last = results["encode"][-1]
+    table = Table(title=f"reading + encoding {args.encode_rows:,} rows, {int(last['columns'])} feature columns "
+                        f"(Parquet {size_mb:.0f} MB), median of {args.encode_repeats}")
+    for column in ("stage", "seconds", "× polars read", "peak RSS MB", "RSS added MB", "tensors MB",
+                   "added / tensors"):
+        table.add_column(column, justify="right")
+    table.add_row("polars.read_parquet", f"{read:.2f}", "1.00", f"{results['read'][-1]['peak_mb']:.0f}",
+                  f"{results['read'][-1]['added_mb']:.0f}", "", "")
+    table.add_row("mbtrain read+encode", f"{encode:.2f}", f"{encode / read:.2f}", f"{last['peak_mb']:.0f}",
+                  f"{last['added_mb']:.0f}", f"{last['tensor_mb']:.0f}", f"{last['added_mb'] / last['tensor_mb']:.2f}")
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=["none", "metabalance", "naive"])
+    parser.add_argument("--encode-rows", type=int, default=2_000_000)
+    parser.add_argument("--encode-repeats", type=int, default=2)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["training", "encoding"])
+    parser.add_argument("--stage", choices=["read", "encode"], help=argparse.SUPPRESS)
+    parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stage:
+        _stage(args.stage, args.path)
+        return
+    console = Console(width=150)
+    if "training" not in args.skip:
+        bench_training(args, console)
+    if "encoding" not in args.skip:
+        bench_encoding(args, console)
+
+
+if __name__ == "__main__":
+    main()

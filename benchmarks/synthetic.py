@@ -1,0 +1,54 @@
+"""Generated impression logs at benchmark sizes: ~30 columns of strings, ints, floats and nulls, 3 labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+TASKS = ["purchase", "cart", "click"]
+
+
+def impressions(rows: int, users: int = 20_000, items: int = 5_000, seed: int = 0, extra: int = 14) -> pl.DataFrame:
+    """A click → cart → purchase funnel driven by user / item affinities and a few feature effects."""
+    rng = np.random.default_rng(seed)
+    # a heavy head of busy users and popular items over a uniform tail, so most ids appear
+    user = np.where(rng.random(rows) < 0.3, rng.zipf(1.3, rows) % users, rng.integers(0, users, rows))
+    item = np.where(rng.random(rows) < 0.5, rng.zipf(1.2, rows) % items, rng.integers(0, items, rows))
+    user_vec, item_vec = rng.normal(0, 0.7, (users, 4)), rng.normal(0, 0.7, (items, 4))
+    category = item % 40
+    device = rng.integers(0, 3, rows)
+    hour = rng.integers(0, 24, rows)
+    price = np.exp(rng.normal(3, 1, rows))
+    rating = rng.uniform(1, 5, rows)
+    affinity = (user_vec[user] * item_vec[item]).sum(1)
+    click_logit = -2.0 + affinity + 0.3 * (device == 0) - 0.2 * np.log(price) + 0.1 * rating
+    click = rng.random(rows) < 1 / (1 + np.exp(-click_logit))
+    cart = click & (rng.random(rows) < 1 / (1 + np.exp(-(-1.0 + affinity + 0.2 * rating))))
+    purchase = cart & (rng.random(rows) < 1 / (1 + np.exp(-(-0.5 + 0.5 * affinity - 0.1 * np.log(price)))))
+    columns: dict[str, object] = {
+        "user_id": user,
+        "item_id": item,
+        "category": np.array([f"cat{c}" for c in range(40)])[category],
+        "device": np.array(["ios", "android", "web"])[device],
+        "hour": hour,
+        "price": price,
+        "rating": rating,
+    }
+    for j in range(extra):  # filler features of every kind, some with nulls
+        kind = j % 3
+        if kind == 0:
+            columns[f"s{j}"] = np.array([f"v{v}" for v in range(50 + 10 * j)])[rng.integers(0, 50 + 10 * j, rows)]
+        elif kind == 1:
+            columns[f"i{j}_code"] = rng.integers(0, 200 * (j + 1), rows)
+        else:
+            columns[f"f{j}"] = rng.normal(0, 1 + j, rows)
+    frame = pl.DataFrame(columns)
+    nulls = {name: rng.random(rows) < 0.05 for name in ("price", "category", "s0", "f2")}
+    frame = frame.with_columns(
+        [pl.when(pl.Series(mask)).then(None).otherwise(pl.col(name)).alias(name) for name, mask in nulls.items()]
+    )
+    return frame.with_columns(
+        pl.Series("click", click.astype(np.int8)),
+        pl.Series("cart", cart.astype(np.int8)),
+        pl.Series("purchase", purchase.astype(np.int8)),
+    )
