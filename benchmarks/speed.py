@@ -48,7 +48,7 @@ class NaiveMetaBalance(Balancer):
         self.moving: list[list[float]] | None = None
         self.grad_norm_ratio = None
 
-    def backward(self, losses: Sequence[torch.Tensor]) -> None:
+    def backward(self, losses: Sequence[torch.Tensor], split: None = None) -> None:
         per_task = []
         for k, loss in enumerate(losses):
             for p in self.shared:
