@@ -35,8 +35,11 @@ class StackedLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            x = x.expand(self.groups, -1, -1)  # a stride-0 view, not G copies
+        if x.dim() == 2:  # one input for every group: a single [B, in] @ [in, G*out] matmul
+            groups, in_dim, out_dim = self.weight.shape
+            flat = self.weight.transpose(0, 1).reshape(in_dim, groups * out_dim)
+            y = torch.addmm(self.bias.reshape(groups * out_dim), x, flat)
+            return y.view(x.shape[0], groups, out_dim).transpose(0, 1)
         return torch.baddbmm(self.bias, x, self.weight)
 
 
