@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 DEMO := demo
 
-.PHONY: install demo test lint bench-adult clean
+BENCH := .venv-bench
+
+.PHONY: install demo test lint bench bench-adult clean
 
 $(BIN)/mbtrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +35,20 @@ lint: install
 	$(BIN)/ruff check mbtrain tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(DEMO) *.egg-info
+	rm -rf $(VENV) $(BENCH) $(DEMO) *.egg-info
 
 bench-adult: install
 	$(BIN)/python benchmarks/adult_quality.py
+
+# The benchmarks' own environment: the reference library torch-rechub runs beside us, never as our dependency.
+$(BENCH)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH)
+	$(BENCH)/bin/pip install --quiet $(TORCH)
+	$(BENCH)/bin/pip install --quiet -e .
+	$(BENCH)/bin/pip install --quiet --no-deps torch-rechub==0.0.3
+	$(BENCH)/bin/pip install --quiet pandas tqdm scikit-learn
+	touch $@
+
+bench: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/speed.py
+	$(BENCH)/bin/python benchmarks/versus_rechub.py
