@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -128,7 +127,7 @@ def _stage(stage: str, path: Path) -> None:
     from mbtrain.data.io import read_table
     from mbtrain.data.schema import infer_schema, label_tensor
 
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = _rss_mb("VmRSS")
     started = time.perf_counter()
     result: dict[str, float] = {}
     if stage == "read":
@@ -144,10 +143,19 @@ def _stage(stage: str, path: Path) -> None:
         result["tensor_mb"] = sum(t.numel() * t.element_size() for t in (categorical, numeric, labels)) / 2**20
         result["columns"] = categorical.shape[1] + numeric.shape[1]
     result["seconds"] = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result["peak_mb"] = peak / 1024
-    result["added_mb"] = (peak - baseline) / 1024
+    peak = _rss_mb("VmHWM")
+    result["peak_mb"] = peak
+    result["added_mb"] = peak - baseline
     print(json.dumps(result))
+
+
+def _rss_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process in MB; unlike ru_maxrss, VmHWM starts afresh at exec,
+    so a child does not inherit the benchmark parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def bench_encoding(args: argparse.Namespace, console: Console) -> None:

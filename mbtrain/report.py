@@ -37,8 +37,9 @@ def schema_table(schema: Schema, title: str) -> Table:
     styles = {"label": "bold magenta", "categorical": "cyan", "numeric": "green",
               "categorical+numeric": "cyan", "excluded": "dim"}
     for column in schema.columns:
-        table.add_row(column.name, column.dtype, f"[{styles[column.role]}]{column.role}[/]",
-                      f"{column.distinct:,}", f"{column.null_share:.1%}", column.reason)
+        distinct = "—" if column.distinct is None else f"{column.distinct:,}"
+        table.add_row(column.name, column.dtype, f"[{styles[column.role]}]{column.role}[/]", distinct,
+                      f"{column.null_share:.1%}", column.reason)
     return table
 
 

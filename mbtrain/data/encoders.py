@@ -24,6 +24,8 @@ from mbtrain.errors import MbtrainError
 
 SKEWED = 2.0  # skewness above which a non-negative numeric column is log1p-transformed first
 
+LOOKUP_SLACK = 4  # integer vocabularies use a lookup table when their value range is at most this × their size
+
 KINDS: dict[str, pl.DataType] = {"str": pl.String, "int": pl.Int64, "float": pl.Float64, "bool": pl.Boolean}
 
 
@@ -37,21 +39,21 @@ class CategoricalEncoder:
     def cardinality(self) -> int:
         return len(self.values) + 1
 
-    @classmethod
-    def fit(cls, column: pl.Series, min_frequency: int) -> CategoricalEncoder:
-        kind = _kind(column.dtype)
-        counts = column.cast(KINDS[kind]).drop_nulls().value_counts(sort=True, name="count")
-        counts = counts.filter(pl.col("count") >= min_frequency)
-        # frequency order, ties broken by value, so the vocabulary does not depend on row order
-        counts = counts.sort(["count", column.name], descending=[True, False])
-        return cls(column.name, kind, counts.get_column(column.name).to_list())
-
     def expression(self) -> pl.Expr:
-        return (
-            pl.col(self.name)
-            .cast(KINDS[self.kind], strict=False)
-            .replace_strict(self.values, list(range(1, self.cardinality)), default=0, return_dtype=pl.Int64)
-        )
+        """Value → index, 0 for null / unknown; the fastest polars form for the kind (measured on 2M rows:
+        an Enum cast for text, a lookup table over the value range for integers, hashing otherwise)."""
+        column = pl.col(self.name).cast(KINDS[self.kind], strict=False)
+        if self.values and self.kind == "str":
+            codes = column.cast(pl.Enum(self.values), strict=False).to_physical().cast(pl.Int64) + 1
+            return codes.fill_null(0)
+        if self.values and self.kind == "int":
+            low, high = min(self.values), max(self.values)
+            if high - low < LOOKUP_SLACK * len(self.values) + 1024:
+                table = np.zeros(high - low + 2, dtype=np.int64)  # last slot: out of range
+                table[np.asarray(self.values, dtype=np.int64) - low] = np.arange(1, self.cardinality)
+                position = pl.when(column.is_between(low, high)).then(column - low).otherwise(high - low + 1)
+                return pl.lit(pl.Series(table)).gather(position).fill_null(0).alias(self.name)
+        return column.replace_strict(self.values, list(range(1, self.cardinality)), default=0, return_dtype=pl.Int64)
 
 
 @dataclass
@@ -82,8 +84,11 @@ class Encoders:
     @classmethod
     def fit(cls, frame: pl.DataFrame, categorical: list[str], numeric: list[str],
             min_frequency: int) -> Encoders:
+        # all columns' vocabularies in one parallel collection
+        counts = pl.collect_all([_value_counts(frame, name, min_frequency) for name in categorical])
         return cls(
-            [CategoricalEncoder.fit(frame.get_column(name), min_frequency) for name in categorical],
+            [CategoricalEncoder(name, _kind(frame.schema[name]), table.get_column(name).to_list())
+             for name, table in zip(categorical, counts, strict=True)],
             [NumericEncoder.fit(frame.get_column(name)) for name in numeric],
         )
 
@@ -120,6 +125,17 @@ class Encoders:
         return categorical, numeric
 
 
+def _value_counts(frame: pl.DataFrame, name: str, min_frequency: int) -> pl.LazyFrame:
+    """The vocabulary of one column: values seen at least `min_frequency` times, most frequent first,
+    ties broken by value so that it does not depend on row order."""
+    column = pl.col(name).cast(KINDS[_kind(frame.schema[name])])
+    return (
+        frame.lazy().select(column).drop_nulls().group_by(name).len("count")
+        .filter(pl.col("count") >= min_frequency)
+        .sort(["count", name], descending=[True, False])
+    )
+
+
 def _kind(dtype: pl.DataType) -> str:
     if dtype == pl.Boolean:
         return "bool"
@@ -133,5 +149,7 @@ def _kind(dtype: pl.DataType) -> str:
 def _matrix(frame: pl.DataFrame, expressions: list[pl.Expr], dtype: type, rows: int) -> torch.Tensor:
     if not expressions:
         return torch.empty(rows, 0, dtype=torch.from_numpy(np.empty(0, dtype)).dtype)
-    array = frame.select(expressions).to_numpy(order="c")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
+    # column-major, as polars holds the columns: no transposing copy of the whole table (0.37 s on 2M × 21);
+    # gathering a batch of rows from it costs a few per cent more than from a row-major one
+    array = np.asarray(frame.select(expressions).to_numpy(order="fortran"), dtype=dtype, order="F")
+    return torch.from_numpy(array if array.flags.writeable else array.copy(order="F"))

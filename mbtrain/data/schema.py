@@ -35,7 +35,7 @@ class Column:
     role: str  # "label", "categorical", "numeric", "categorical+numeric" or "excluded"
     dtype: str
     reason: str
-    distinct: int
+    distinct: int | None  # not counted for floats
     null_share: float
 
 
@@ -65,14 +65,15 @@ def infer_schema(
     for name in tasks:
         if name in categorical or name in numeric:
             raise MbtrainError(f"column {name!r} is a task label and cannot also be a feature")
+    counted = [c for c in frame.columns if not frame.schema[c].is_float()]  # floats are numeric whatever
     stats = frame.select(
-        [pl.col(c).n_unique().alias(f"{c}\x00distinct") for c in frame.columns]
+        [pl.col(c).n_unique().alias(f"{c}\x00distinct") for c in counted]
         + [pl.col(c).null_count().alias(f"{c}\x00nulls") for c in frame.columns]
     ).row(0, named=True)
     columns = []
     for name in frame.columns:
         dtype = frame.schema[name]
-        distinct = stats[f"{name}\x00distinct"]
+        distinct = stats.get(f"{name}\x00distinct")
         null_share = stats[f"{name}\x00nulls"] / frame.height
         if name in tasks:
             role, reason = "label", "task" + (" (main)" if name == tasks[0] else "")
@@ -98,7 +99,7 @@ def infer_schema(
     )
 
 
-def _infer(name: str, dtype: pl.DataType, distinct: int, null_share: float, rows: int) -> tuple[str, str]:
+def _infer(name: str, dtype: pl.DataType, distinct: int | None, null_share: float, rows: int) -> tuple[str, str]:
     if null_share == 1.0:
         return "excluded", "all values null"
     if dtype in (pl.String, pl.Categorical, pl.Enum) or isinstance(dtype, (pl.Categorical, pl.Enum)):
