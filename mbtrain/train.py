@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,10 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, valid_path: Path | Non
     prepared = prepare(config, data_path, valid_path,
                        Encoders.from_dict(state["spec"]) if state else None)
     spec, train, valid = prepared.spec, prepared.train, prepared.valid
+    for task, positives in zip(spec.tasks, valid.labels.sum(dim=0).tolist(), strict=True):
+        if positives in (0, len(valid)):
+            sys.stderr.write(f"mbtrain: warning: {prepared.valid_source}: task {task!r} has a single class in "
+                             "validation; its AUC will be null\n")
     staging = not resume and out.exists()
     work = out.parent / f".{out.name}.partial" if staging else out
     if staging and work.exists():

@@ -576,6 +576,8 @@ def test_single_class_validation_file(data_dir: Path, tmp_path: Path) -> None:
                      "--valid", str(valid), "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("mbtrain: warning:")]
+    assert len(warnings) == 1 and "'purchase'" in warnings[0] and "valid.parquet" in warnings[0]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tasks"]["purchase"]["auc"] is None
     assert metrics["tasks"]["purchase"]["positives"] == 0
