@@ -33,7 +33,7 @@ def run_mbtrain(root: Path, balance: str, epochs: int, threads: int) -> dict:
     config = RunConfig().updated({"tasks": ADULT_TASKS, "balance": balance, "epochs": epochs, "patience": 0,
                                   "threads": threads, "valid": str(root / "valid.parquet")})
     out = root / f"mbtrain-{balance}"
-    fit(config, root / "train.parquet", out, valid_path=root / "valid.parquet", overwrite=True,
+    fit(config, root / "train.parquet", out, overwrite=True,
         console=Console(quiet=True))
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     test = evaluate(out, root / "test.parquet")["tasks"]

@@ -172,12 +172,10 @@ def fit(
         run_config = _resolve(config, flags)
         out = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_config.validate()
-    valid_path = Path(run_config.data.valid) if run_config.data.valid else None
     try:
-        fit_run(run_config, data, out, valid_path=valid_path, overwrite=overwrite, resume=resume, console=console)
-    except KeyboardInterrupt:
-        raise _fail(f"interrupted; finished epochs are in {out}/checkpoints/last.pt, "
-                    f"continue with: mbtrain fit --resume --out {out}", 130) from None
+        fit_run(run_config, data, out, overwrite=overwrite, resume=resume, console=console)
+    except KeyboardInterrupt as exc:
+        raise _fail(str(exc) or "interrupted", 130) from None
 
 
 def _resumed(out: Path, config_file: Path | None, flags: dict[str, Any],
@@ -191,8 +189,9 @@ def _resumed(out: Path, config_file: Path | None, flags: dict[str, Any],
     try:
         saved = json.loads(record.read_text())
         run_config = RunConfig.from_dict(saved)
-    except (ValueError, TypeError) as exc:
-        raise MbtrainError(f"--resume: {record} is corrupt ({exc})") from None
+        saved_data = Path(saved["paths"]["data"])
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise MbtrainError(f"--resume: {record} is corrupt ({type(exc).__name__}: {exc})") from None
     changes = read_toml(config_file) if config_file else {}
     changes.update({k: v for k, v in flags.items() if v is not None})
     ignored = sorted(set(changes) - RESUMABLE)
@@ -200,7 +199,7 @@ def _resumed(out: Path, config_file: Path | None, flags: dict[str, Any],
         sys.stderr.write(f"mbtrain: warning: --resume keeps the run's saved settings; ignoring "
                          f"{', '.join('--' + k.replace('_', '-') for k in ignored)}\n")
     run_config = run_config.updated({k: v for k, v in changes.items() if k in RESUMABLE})
-    return run_config, data or Path(saved["paths"]["data"])
+    return run_config, data or saved_data
 
 
 @app.command()

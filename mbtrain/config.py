@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mbtrain.balance import BALANCERS as BALANCES
+from mbtrain.balance.metabalance import STRATEGIES
 from mbtrain.errors import MbtrainError
-
-MODELS = ("shared-bottom", "mmoe")
-BALANCES = ("none", "metabalance")
-STRATEGIES = ("both", "reduce", "enlarge")
+from mbtrain.models import MODELS
 
 
 @dataclass
@@ -137,6 +136,8 @@ class RunConfig:
             raise MbtrainError(f"--weight-decay must be non-negative: got {t.weight_decay}")
         if t.patience < 0:
             raise MbtrainError(f"--patience must be non-negative (0 turns early stopping off): got {t.patience}")
+        if not 0 <= t.seed < 2**32:
+            raise MbtrainError(f"--seed must be in [0, 2^32): got {t.seed}")
         if t.threads is not None and t.threads < 1:
             raise MbtrainError(f"--threads must be at least 1: got {t.threads}")
         overlap = (set(d.categorical) & set(d.numeric)) | (set(d.exclude) & (set(d.categorical) | set(d.numeric)))

@@ -49,8 +49,11 @@ def evaluate(path: Path, data: Path) -> dict[str, Any]:
 def predict(path: Path, data: Path, keep: list[str]) -> pl.DataFrame:
     """`keep` columns then one pred_<task> probability column per task, rows in input order."""
     frame, probabilities, spec = score(path, data)
+    keep = list(dict.fromkeys(keep))
     for name in keep:
         if name not in frame.columns:
             raise MbtrainError(f"{data}: column {name!r} (from --keep) not found")
+        if name in {f"pred_{task}" for task in spec.tasks}:
+            raise MbtrainError(f"--keep {name}: the output already has a column of that name")
     predictions = pl.DataFrame({f"pred_{task}": probabilities[:, i].numpy() for i, task in enumerate(spec.tasks)})
     return pl.concat([frame.select(keep), predictions], how="horizontal")

@@ -52,10 +52,11 @@ class Prepared:
     valid_source: str
 
 
-def prepare(config: RunConfig, data_path: Path, valid_path: Path | None,
-            encoders: Encoders | None = None) -> Prepared:
-    """Read, validate, split and encode; encoders are fitted on the training rows unless given (resume)."""
+def prepare(config: RunConfig, data_path: Path, spec: ModelSpec | None = None) -> Prepared:
+    """Read, validate, split and encode; encoders are fitted on the training rows unless `spec` (a resumed
+    run's) brings them. Validation is config.data.valid, else a seeded held-out fraction."""
     frame = read_table(data_path)
+    valid_path = Path(config.data.valid) if config.data.valid else None
     tasks = config.ordered_tasks
     d = config.data
     schema = infer_schema(frame, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
@@ -71,17 +72,19 @@ def prepare(config: RunConfig, data_path: Path, valid_path: Path | None,
         train_frame, valid_frame = frame[train_rows.numpy()], frame[valid_rows.numpy()]
         train_labels, valid_labels = labels[train_rows], labels[valid_rows]
         valid_source = f"{data_path} (held-out {d.valid_fraction:.0%})"
-    if encoders is None:
+    if spec is None:
         encoders = Encoders.fit(train_frame, schema.categorical, schema.numeric, d.min_frequency)
-    train = EncodedData(*encoders.encode(train_frame, str(data_path)), train_labels)
-    valid = EncodedData(*encoders.encode(valid_frame, valid_source), valid_labels)
-    spec = ModelSpec(tasks, encoders, dict(vars(config.model)))
+        spec = ModelSpec(tasks, encoders, dict(vars(config.model)))
+    train = EncodedData(*spec.encoders.encode(train_frame, str(data_path)), train_labels)
+    valid = EncodedData(*spec.encoders.encode(valid_frame, valid_source), valid_labels)
     return Prepared(schema, spec, train, valid, valid_source)
 
 
-def fit(config: RunConfig, data_path: Path, out: Path, *, valid_path: Path | None = None,
-        overwrite: bool = False, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Train into `out` and return the metrics.json content (validation metrics of the best epoch)."""
+def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = False, resume: bool = False,
+        console: Console | None = None) -> dict[str, Any]:
+    """Train into `out` and return the metrics.json content (validation metrics of the best epoch).
+
+    A KeyboardInterrupt comes back with a message saying where the finished epochs are."""
     console = console or Console()
     config.validate()
     if config.train.threads:
@@ -89,8 +92,7 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, valid_path: Path | Non
     state = load_checkpoint(out / "checkpoints" / "last.pt") if resume else None
     if not resume and out.exists() and any(out.iterdir()) and not overwrite:
         raise MbtrainError(f"--out {out} already exists: pass --overwrite to replace it or --resume to continue it")
-    prepared = prepare(config, data_path, valid_path,
-                       Encoders.from_dict(state["spec"]) if state else None)
+    prepared = prepare(config, data_path, spec_of(state, out / "checkpoints" / "last.pt") if state else None)
     spec, train, valid = prepared.spec, prepared.train, prepared.valid
     for task, positives in zip(spec.tasks, valid.labels.sum(dim=0).tolist(), strict=True):
         if positives in (0, len(valid)):
@@ -113,55 +115,62 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, valid_path: Path | Non
     best: dict[str, Any] | None = None
     bad_epochs, start_epoch = 0, 1
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        balancer.load_state_dict(state["balancer"])
-        torch.set_rng_state(state["rng"])
-        best, bad_epochs, start_epoch = state["best"], state["bad_epochs"], state["epoch"] + 1
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            balancer.load_state_dict(state["balancer"])
+            torch.set_rng_state(state["rng"])
+            best, bad_epochs, start_epoch = state["best"], state["bad_epochs"], state["epoch"] + 1
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise MbtrainError(f"{out}/checkpoints/last.pt: cannot resume from it ({type(exc).__name__})") from None
         history = [row for row in _read_history(out / "history.jsonl") if row["epoch"] <= state["epoch"]]
+        if best is not None and best["epoch"] == state["epoch"]:  # an interruption may have come before best.pt
+            save_checkpoint({k: v for k, v in state.items() if k != "format"}, out / "checkpoints" / "best.pt")
 
-    write_json(_config_record(config, data_path, valid_path, prepared.schema), work / "config.json")
+    write_json(_config_record(config, data_path, prepared), work / "config.json")
     console.print(f"[bold]mbtrain fit[/] {data_path}: {len(train):,} training rows, {len(valid):,} validation "
                   f"rows; {spec.model['model']}, balance {b.balance}; tasks {', '.join(spec.tasks)} "
                   f"(main {spec.main_task}); run {out}", soft_wrap=True)
     started = time.perf_counter()
     patience = config.train.patience
     epoch = start_epoch - 1
-    with _progress(console) as progress:
-        for epoch in range(start_epoch, config.train.epochs + 1):
-            if patience and bad_epochs >= patience:
-                epoch -= 1
-                break
-            entry = train_epoch(model, optimizer, balancer, train, valid, spec.tasks, config, epoch, progress)
-            score = _score(entry["valid"][spec.main_task])
-            entry["best"] = best is None or score > best["score"]
-            if entry["best"]:
-                best = {"epoch": epoch, "score": score, "metrics": entry["valid"]}
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-            history.append(entry)
-            checkpoint = {
-                "config": config.to_dict(),
-                "spec": spec.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "balancer": balancer.state_dict(),
-                "epoch": epoch,
-                "best": best,
-                "bad_epochs": bad_epochs,
-                "rng": torch.get_rng_state(),
-                "sample": {"categorical": valid.categorical[:SAMPLE_ROWS].clone(),
-                           "numeric": valid.numeric[:SAMPLE_ROWS].clone()},
-            }
-            if entry["best"]:
-                save_checkpoint(checkpoint, work / "checkpoints" / "best.pt")
-            save_checkpoint(checkpoint, work / "checkpoints" / "last.pt")
-            write_jsonl(history, work / "history.jsonl")
-            console.print(history_line(entry, spec.main_task), soft_wrap=True)
+    try:
+        with _progress(console) as progress:
+            for epoch in range(start_epoch, config.train.epochs + 1):
+                if patience and bad_epochs >= patience:
+                    epoch -= 1
+                    break
+                entry = train_epoch(model, optimizer, balancer, train, valid, spec.tasks, config, epoch, progress)
+                score = _score(entry["valid"][spec.main_task])
+                entry["best"] = best is None or score > best["score"]
+                if entry["best"]:
+                    best = {"epoch": epoch, "score": score, "metrics": entry["valid"]}
+                    bad_epochs = 0
+                else:
+                    bad_epochs += 1
+                history.append(entry)
+                checkpoint = {
+                    "config": config.to_dict(),
+                    "spec": spec.to_dict(),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "balancer": balancer.state_dict(),
+                    "epoch": epoch,
+                    "best": best,
+                    "bad_epochs": bad_epochs,
+                    "rng": torch.get_rng_state(),
+                    "sample": {"categorical": valid.categorical[:SAMPLE_ROWS].clone(),
+                               "numeric": valid.numeric[:SAMPLE_ROWS].clone()},
+                }
+                # history first (resume drops lines past last.pt), best.pt last (never ahead of last.pt)
+                write_jsonl(history, work / "history.jsonl")
+                save_checkpoint(checkpoint, work / "checkpoints" / "last.pt")
+                if entry["best"]:
+                    save_checkpoint(checkpoint, work / "checkpoints" / "best.pt")
+                console.print(history_line(entry, spec.main_task), soft_wrap=True)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_interrupted(out, work, staging)) from None
     stopped_early = bool(patience and bad_epochs >= patience and epoch < config.train.epochs)
-    if best is None:
-        raise MbtrainError(f"--out {out}: nothing to resume from, the run has no completed epoch")
     metrics = {
         "main_task": spec.main_task,
         "tasks": best["metrics"],
@@ -239,10 +248,27 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def _config_record(config: RunConfig, data_path: Path, valid_path: Path | None, schema: Schema) -> dict[str, Any]:
+def spec_of(state: dict[str, Any], path: Path) -> ModelSpec:
+    try:
+        return ModelSpec.from_dict(state["spec"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise MbtrainError(f"{path}: checkpoint holds no readable model spec ({type(exc).__name__})") from None
+
+
+def _interrupted(out: Path, work: Path, staging: bool) -> str:
+    if staging:
+        return f"interrupted; {out} is unchanged, the unfinished run is in {work}"
+    if (work / "checkpoints" / "last.pt").is_file():
+        return f"interrupted; finished epochs are in {out}, continue with: mbtrain fit --resume --out {out}"
+    return "interrupted before the first epoch finished; nothing to resume"
+
+
+def _config_record(config: RunConfig, data_path: Path, prepared: Prepared) -> dict[str, Any]:
+    schema = prepared.schema
+    valid = config.data.valid
     return {
         **config.to_dict(),
-        "paths": {"data": str(data_path), "valid": str(valid_path) if valid_path else None},
+        "paths": {"data": str(data_path.resolve()), "valid": str(Path(valid).resolve()) if valid else None},
         "columns": {
             "tasks": schema.tasks,
             "categorical": schema.categorical,

@@ -626,3 +626,24 @@ def test_unseen_categories_and_null_features_score(fmt: str, trained_run: Path, 
             assert predictions["pred_purchase"].is_between(0, 1, closed="none").all()
     assert evaluated.exit_code == 0, evaluated.output
     assert "Traceback" not in evaluated.output
+
+
+@pytest.mark.parametrize("keep", ["row_id,row_id", "pred_click"])
+def test_predict_keep_duplicates_and_collisions(keep: str, trained_run: Path, data_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "p.csv"
+    source = data_dir / "test.csv"
+    if keep == "pred_click":
+        source = tmp_path / "scored.csv"
+        pl.read_csv(data_dir / "test.csv").with_columns(pred_click=pl.lit(0.5)).write_csv(source)
+    result = run_cli("predict", str(trained_run), str(source), "--output", str(target), "--keep", keep)
+    if keep == "pred_click":
+        assert_clean_error(result, "--keep", "pred_click")
+    else:
+        assert result.exit_code == 0, result.output
+        assert pl.read_csv(target).columns == ["row_id", "pred_purchase", "pred_click"]
+
+
+def test_seed_out_of_range(data_dir: Path, tmp_path: Path) -> None:
+    result = run_cli("fit", str(data_dir / "train.parquet"), *TASKS, *FAST, "--seed", str(2**40), "--out",
+                     str(tmp_path / "run"))
+    assert_clean_error(result, "--seed")

@@ -91,3 +91,25 @@ def test_missing_feature_column_is_named() -> None:
     encoders = Encoders.fit(pl.DataFrame({"a": ["x"], "b": [1.0]}), ["a"], ["b"], min_frequency=1)
     with pytest.raises(MbtrainError, match="t: feature column 'b'"):
         encoders.encode(pl.DataFrame({"a": ["x"]}), "t")
+
+
+def test_id_like_names() -> None:
+    rows = 300
+    frame = pl.DataFrame({name: [i % 150 for i in range(rows)] for name in ("userId", "bid", "amount_paid", "shop_key")}
+                         ).with_columns(pl.Series("y", [i % 2 for i in range(rows)]))
+    roles = {c.name: c.role for c in infer_schema(frame, "f", ["y"]).columns}
+    assert roles["userId"] == roles["shop_key"] == "categorical"
+    assert roles["bid"] == roles["amount_paid"] == "categorical+numeric"  # not ids: ends in 'id' by chance
+
+
+def test_boolean_categories_match_text_read_from_csv() -> None:
+    encoders = Encoders.fit(pl.DataFrame({"flag": [True, False, True, True]}), ["flag"], [], min_frequency=1)
+    as_bool, _ = encoders.encode(pl.DataFrame({"flag": [True, False, None]}), "t")
+    as_text, _ = encoders.encode(pl.DataFrame({"flag": ["true", "false", "yes"]}), "t")
+    assert as_bool[:, 0].tolist() == [1, 2, 0]
+    assert as_text[:, 0].tolist() == [1, 2, 0]
+
+
+def test_a_label_cannot_be_excluded() -> None:
+    with pytest.raises(MbtrainError, match="'y' is a task label"):
+        infer_schema(pl.DataFrame({"x": [1.0, 2.0], "y": [0, 1]}), "f", ["y"], exclude=["y"])

@@ -2,7 +2,8 @@
 towards the main task's gradient magnitude, using moving averages of per-task gradient norms.
 
 See DESIGN.md, "MetaBalance, exactly". Per-task gradients are taken for the shared parameters only; all
-arithmetic runs as ``torch._foreach_*`` ops or on the small ``[T, P]`` norm tensor, with no host sync.
+arithmetic runs as ``torch._foreach_*`` ops or on the small ``[T, P]`` norm tensor, with no per-parameter
+Python arithmetic (the split path's ``torch.unique`` of the batch's table rows is its one host sync).
 """
 
 from __future__ import annotations

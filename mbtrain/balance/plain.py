@@ -14,7 +14,7 @@ class Balancer(ABC):
     """Turns per-task losses into gradients; the fit loop calls ``backward`` then ``optimizer.step``.
 
     ``grad_norm_ratio`` is ``None`` or, after each ``backward``, a detached tensor ``[T]`` the fit loop
-    averages per epoch for the history log (kept on device: reading it would force a host sync per step).
+    averages per epoch for the history log (a tensor, so that reading it never forces a sync per step).
     ``wants_split`` says whether the fit loop should run the model's ``split_forward`` and hand the
     result to ``backward`` (models/split.py), which only pays off for balancers needing per-task gradients.
     """

@@ -20,14 +20,9 @@ class EncodedData:
     def take(self, index: torch.Tensor) -> EncodedData:
         return EncodedData(self.categorical[index], self.numeric[index], self.labels[index])
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[EncodedData]:
-        """Batches in a shuffled order when `generator` is given, in row order otherwise."""
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[EncodedData]:
+        """Batches of rows in the shuffled order that `generator` draws."""
         rows = len(self)
-        if generator is None:
-            for start in range(0, rows, batch_size):
-                end = start + batch_size
-                yield EncodedData(self.categorical[start:end], self.numeric[start:end], self.labels[start:end])
-            return
         order = torch.randperm(rows, generator=generator)
         for start in range(0, rows, batch_size):
             yield self.take(order[start : start + batch_size])

@@ -27,7 +27,7 @@ SKEWED = 2.0  # skewness above which a non-negative numeric column is log1p-tran
 COLUMNS_AT_ONCE = 4  # encoded together: enough for polars to use every core, few enough to stay small
 LOOKUP_SLACK = 4  # integer vocabularies use a lookup table when their value range is at most this × their size
 
-KINDS: dict[str, pl.DataType] = {"str": pl.String, "int": pl.Int64, "float": pl.Float64, "bool": pl.Boolean}
+KINDS: dict[str, pl.DataType] = {"str": pl.String, "int": pl.Int64, "float": pl.Float64}
 
 
 @dataclass
@@ -116,12 +116,13 @@ class Encoders:
             if not (dtype.is_numeric() or dtype == pl.Boolean or dtype == pl.Null):
                 raise MbtrainError(f"{source}: numeric column {encoder.name!r} has type {dtype}, expected numbers")
         rows = frame.height
-        categorical = _matrix(frame, [e.expression() for e in self.categorical], torch.int64, rows)
+        categorical = _matrix(frame, [e.expression() for e in self.categorical], torch.int64, rows, source)
         numeric = _matrix(
             frame,
             [pl.col(e.name).cast(pl.Float32).fill_null(math.nan) for e in self.numeric],
             torch.float32,
             rows,
+            source,
         )
         return categorical, numeric
 
@@ -138,8 +139,7 @@ def _value_counts(frame: pl.DataFrame, name: str, min_frequency: int) -> pl.Lazy
 
 
 def _kind(dtype: pl.DataType) -> str:
-    if dtype == pl.Boolean:
-        return "bool"
+    """How values are compared; booleans as text ("true"/"false"), which a CSV read elsewhere can match."""
     if dtype.is_integer():
         return "int"
     if dtype.is_float():
@@ -147,12 +147,21 @@ def _kind(dtype: pl.DataType) -> str:
     return "str"
 
 
-def _matrix(frame: pl.DataFrame, expressions: list[pl.Expr], dtype: torch.dtype, rows: int) -> torch.Tensor:
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
+def _matrix(frame: pl.DataFrame, expressions: list[pl.Expr], dtype: torch.dtype, rows: int,
+            source: str) -> torch.Tensor:
     """[rows, len(expressions)] column-major, as polars holds columns: no transposing copy of the table
     (0.37 s on 2M × 21), and only COLUMNS_AT_ONCE encoded columns exist twice at any time, which keeps the
     peak memory near frame + tensors. Gathering a batch of rows from it costs a few per cent more."""
     out = torch.empty(len(expressions), rows, dtype=dtype).T
     for start in range(0, len(expressions), COLUMNS_AT_ONCE):
-        part = frame.select(expressions[start : start + COLUMNS_AT_ONCE]).to_numpy(order="fortran")
+        try:
+            part = frame.select(expressions[start : start + COLUMNS_AT_ONCE]).to_numpy(order="fortran")
+        except pl.exceptions.PolarsError as exc:  # a column whose type cannot become the training type
+            reason = _first_line(exc)
+            raise MbtrainError(f"{source}: cannot encode a column like the training data ({reason})") from None
         out[:, start : start + part.shape[1]] = torch.from_numpy(np.require(part, requirements=["F", "W"]))
     return out

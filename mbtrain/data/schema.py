@@ -24,7 +24,7 @@ from mbtrain.errors import MbtrainError
 
 SMALL_INT_CARDINALITY = 32
 DUAL_INT_CARDINALITY = 1000
-ID_NAME = re.compile(r"(^|[_\-\s])(id|code|key|idx)$|id$", re.IGNORECASE)
+ID_NAME = re.compile(r"(?i:(^|[_\-\s])(id|code|key|idx)$)|[a-z0-9]I[dD]$")  # user_id, item-code, userId
 TRUE_TEXT = {"1", "true"}
 FALSE_TEXT = {"0", "false"}
 
@@ -63,8 +63,12 @@ def infer_schema(
                 raise MbtrainError(f"{source}: column {name!r} (from {flag}) not found; columns are "
                                    f"{_shown(frame.columns)}")
     for name in tasks:
-        if name in categorical or name in numeric:
-            raise MbtrainError(f"column {name!r} is a task label and cannot also be a feature")
+        if name in categorical or name in numeric or name in exclude:
+            raise MbtrainError(f"column {name!r} is a task label and cannot also be in --categorical, --numeric "
+                               "or --exclude")
+    for name in categorical:
+        if frame.schema[name].is_nested():
+            raise MbtrainError(f"{source}: column {name!r} is {frame.schema[name]} and cannot be --categorical")
     counted = [c for c in frame.columns if not frame.schema[c].is_float()]  # floats are numeric whatever
     stats = frame.select(
         [pl.col(c).n_unique().alias(f"{c}\x00distinct") for c in counted]

@@ -27,17 +27,8 @@ def build_model(
     dropout: float,
 ) -> nn.Module:
     """Build the named model; ``experts`` only applies to MMoE."""
-    common = dict(
-        cardinalities=list(cardinalities),
-        num_numeric=num_numeric,
-        num_tasks=num_tasks,
-        embed_dim=embed_dim,
-        hidden=list(hidden),
-        tower=list(tower),
-        dropout=dropout,
-    )
-    if name == "shared-bottom":
-        return SharedBottom(**common)
-    if name == "mmoe":
-        return MMoE(**common, experts=experts)
-    raise ValueError(f"unknown model {name!r}: choose {' or '.join(MODELS)}")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose {' or '.join(MODELS)}")
+    sizes = dict(cardinalities=list(cardinalities), num_numeric=num_numeric, num_tasks=num_tasks,
+                 embed_dim=embed_dim, hidden=list(hidden), tower=list(tower), dropout=dropout)
+    return MMoE(**sizes, experts=experts) if name == "mmoe" else SharedBottom(**sizes)
