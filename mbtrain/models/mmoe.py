@@ -64,8 +64,10 @@ class MMoE(nn.Module):
         """Gates, mixture and towers, from shared inputs (x [B, in], experts [E, B, H]) or per-task
         views of them ([T, B, in], [T, E, B, H])."""
         gate = self.gates(x).softmax(dim=2)  # [T, B, E]
-        # elementwise, not einsum: with per-task expert views einsum would copy them into tiny batched matmuls
-        mixed = (gate.transpose(1, 2).unsqueeze(-1) * expert_out).sum(dim=-3)  # [T, B, H]
+        if expert_out.dim() == 3:
+            mixed = torch.einsum("tbe,ebh->tbh", gate, expert_out)  # one batched matmul
+        else:  # per-task views: einsum would copy them into tiny matmuls; elementwise is 3x faster here
+            mixed = (gate.transpose(1, 2).unsqueeze(-1) * expert_out).sum(dim=1)  # [T, B, H]
         return self.towers(mixed)  # [B, T] logits
 
     def split_forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> SplitForward:
