@@ -249,11 +249,12 @@ def test_build_balancer() -> None:
 
 @pytest.mark.parametrize("strategy", ["both", "reduce", "enlarge"])
 @pytest.mark.parametrize("name", ["mmoe", "shared-bottom"])
-def test_split_forward_gives_the_same_gradients(name: str, strategy: str) -> None:
-    """The fast path (heads once, trunk per task, table rows per batch) equals the per-task full path."""
+@pytest.mark.parametrize(("cards", "batch"), [([5, 7, 3], 32), ([50, 70, 30], 8)], ids=["small-table", "big-table"])
+def test_split_forward_gives_the_same_gradients(name: str, strategy: str, cards: list[int], batch: int) -> None:
+    """The fast path (heads once, trunk per task, table rows per batch) equals the per-task full path,
+    both when the table is coalesced whole (small) and on the batch's distinct rows (big)."""
     from mbtrain.models import build_model
 
-    cards = [5, 7, 3]
     sizes = dict(cardinalities=cards, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6], experts=3,
                  tower=[5], dropout=0.0)
     torch.manual_seed(0)
@@ -262,8 +263,8 @@ def test_split_forward_gives_the_same_gradients(name: str, strategy: str) -> Non
     balancers = [MetaBalance(m.shared_parameters(), strategy=strategy, task_params=m.task_parameters())
                  for m in (full, fast)]
     for _ in range(3):
-        categorical = torch.stack([torch.randint(0, c, (32,)) for c in cards], 1)
-        numeric, labels = torch.randn(32, 2, dtype=torch.double), (torch.rand(32, 3) < 0.3).double()
+        categorical = torch.stack([torch.randint(0, c, (batch,)) for c in cards], 1)
+        numeric, labels = torch.randn(batch, 2, dtype=torch.double), (torch.rand(batch, 3) < 0.3).double()
         for model, balancer in zip((full, fast), balancers, strict=True):
             model.zero_grad(set_to_none=True)
             split = model.split_forward(categorical, numeric) if model is fast else None

@@ -107,7 +107,12 @@ class MetaBalance(Balancer):
         boundary_grads = grads[n_heads:]
         # trunk: once per task; the table's gradient lives on the batch's distinct rows only
         dim = split.rows.shape[-1]
-        rows, inverse = torch.unique(split.index.reshape(-1), return_inverse=True)
+        flat = split.index.reshape(-1)
+        if split.table.shape[0] <= flat.numel():  # a table no bigger than the batch: coalesce into all its rows
+            rows, inverse = None, flat
+        else:  # a big table: only the rows the batch touched (one sort, no table-sized gradient per task)
+            rows, inverse = torch.unique(flat, return_inverse=True)
+        coalesced_rows = split.table.shape[0] if rows is None else rows.numel()
         row_sink = _RowGradient()
         sinks = [*dense[:table_at], row_sink, *dense[table_at:]]
         moving = self._moving_norms(len(losses))
@@ -119,7 +124,7 @@ class MetaBalance(Balancer):
             )
             table_grad = None
             if row_grad is not None:
-                table_grad = row_grad.new_zeros(rows.numel(), dim).index_add_(0, inverse, row_grad.reshape(-1, dim))
+                table_grad = row_grad.new_zeros(coalesced_rows, dim).index_add_(0, inverse, row_grad.reshape(-1, dim))
             task_grads = [*dense_grads[:table_at], table_grad, *dense_grads[table_at:]]
             norms = self._norms(task_grads)
             raw_norms.append(norms)
@@ -127,9 +132,12 @@ class MetaBalance(Balancer):
             _accumulate(sinks, task_grads, None if k == 0 else self._scale(moving[0], moving[k]))
         if row_sink.grad is not None:
             table = split.table
-            if table.grad is None:
-                table.grad = torch.zeros_like(table)
-            table.grad.index_add_(0, rows, row_sink.grad)
+            if rows is None:
+                table.grad = row_sink.grad if table.grad is None else table.grad.add_(row_sink.grad)
+            else:
+                if table.grad is None:
+                    table.grad = torch.zeros_like(table)
+                table.grad.index_add_(0, rows, row_sink.grad)
         self._record_ratio(raw_norms)
 
     def _record_ratio(self, raw_norms: list[torch.Tensor]) -> None:
