@@ -50,7 +50,7 @@ app = typer.Typer(
 )
 console = Console()
 DEFAULTS = RunConfig().flat()
-RESUMABLE = {"epochs", "patience", "threads"}  # settings a resumed run may change
+RESUMABLE = {"epochs", "patience", "threads", "device"}  # settings a resumed run may change
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -149,6 +149,8 @@ def fit(
     resume: Annotated[bool, typer.Option(help="Continue the --out run from checkpoints/last.pt.")] = False,
     config: ConfigOpt = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads [default: torch's choice].")] = None,
+    device: Annotated[str | None, typer.Option(help=_help("auto (a GPU where there is one) | cpu | cuda.",
+                                                          "device"))] = None,
 ) -> None:
     """Train a multi-task model and write a run directory (checkpoints, history, metrics)."""
     from mbtrain.train import fit as fit_run
@@ -159,6 +161,7 @@ def fit(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
         valid=str(valid) if valid else None, valid_fraction=valid_fraction, patience=patience,
         categorical=categorical, numeric=numeric, exclude=exclude, min_frequency=min_frequency, threads=threads,
+        device=device,
     )
     if resume and overwrite:
         raise MbtrainError("--resume and --overwrite contradict each other: pick one")

@@ -15,6 +15,7 @@ from typing import Any
 
 from mbtrain.balance import BALANCERS as BALANCES
 from mbtrain.balance.metabalance import STRATEGIES
+from mbtrain.distributed import DEVICES
 from mbtrain.errors import MbtrainError
 from mbtrain.models import MODELS
 
@@ -58,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     patience: int = 3
     threads: int | None = None
+    device: str = "auto"
 
 
 @dataclass
@@ -109,6 +111,7 @@ class RunConfig:
         _choice("--model", m.model, MODELS)
         _choice("--balance", b.balance, BALANCES)
         _choice("--strategy", b.strategy, STRATEGIES)
+        _choice("--device", t.device, DEVICES)
         if b.balance == "metabalance" and len(d.tasks) < 2:
             raise MbtrainError("--balance metabalance needs at least two tasks in --tasks")
         _in_range("--relax-factor", b.relax_factor, 0.0, 1.0, "[0, 1)")

@@ -34,6 +34,7 @@ from mbtrain.data.batches import EncodedData, split_rows
 from mbtrain.data.encoders import Encoders
 from mbtrain.data.io import read_table
 from mbtrain.data.schema import Schema, infer_schema, label_tensor
+from mbtrain.distributed import Cluster, cluster_from_env
 from mbtrain.errors import MbtrainError
 from mbtrain.metrics import task_metrics
 from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities
@@ -85,32 +86,47 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = Fals
     """Train into `out` and return the metrics.json content (validation metrics of the best epoch).
 
     A KeyboardInterrupt comes back with a message saying where the finished epochs are."""
-    console = console or Console()
     config.validate()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    cluster = cluster_from_env(config.train.device)
+    try:
+        return _fit(config, data_path, out, overwrite, resume, console or Console(), cluster)
+    finally:
+        cluster.close()
+
+
+def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume: bool, console: Console,
+         cluster: Cluster) -> dict[str, Any]:
+    main = cluster.is_main  # the one rank that writes files and prints
+    if not main:
+        console = Console(quiet=True)
     state = load_checkpoint(out / "checkpoints" / "last.pt") if resume else None
     if not resume and out.exists() and any(out.iterdir()) and not overwrite:
         raise MbtrainError(f"--out {out} already exists: pass --overwrite to replace it or --resume to continue it")
+    staging = not resume and out.exists()
+    cluster.barrier()  # every rank has looked at --out before the main rank creates anything
     prepared = prepare(config, data_path, spec_of(state, out / "checkpoints" / "last.pt") if state else None)
     spec, train, valid = prepared.spec, prepared.train, prepared.valid
     for task, positives in zip(spec.tasks, valid.labels.sum(dim=0).tolist(), strict=True):
-        if positives in (0, len(valid)):
+        if main and positives in (0, len(valid)):
             sys.stderr.write(f"mbtrain: warning: {prepared.valid_source}: task {task!r} has a single class in "
                              "validation; its AUC will be null\n")
-    staging = not resume and out.exists()
     work = out.parent / f".{out.name}.partial" if staging else out
-    if staging and work.exists():
-        shutil.rmtree(work)
-    (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if main:
+        if staging and work.exists():
+            shutil.rmtree(work)
+        (work / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.train.seed)
     model = spec.build()
     model.set_base_rates(train.labels.mean(dim=0))
+    model.to(cluster.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     b = config.balance
     balancer = build_balancer(b.balance, model.shared_parameters(), model.task_parameters(),
-                              relax_factor=b.relax_factor, beta=b.beta, strategy=b.strategy)
+                              relax_factor=b.relax_factor, beta=b.beta, strategy=b.strategy,
+                              reduce=cluster.sum_ if cluster.world_size > 1 else None)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     bad_epochs, start_epoch = 0, 1
@@ -120,17 +136,21 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = Fals
             optimizer.load_state_dict(state["optimizer"])
             balancer.load_state_dict(state["balancer"])
             torch.set_rng_state(state["rng"])
+            if cluster.device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], cluster.device)
             best, bad_epochs, start_epoch = state["best"], state["bad_epochs"], state["epoch"] + 1
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise MbtrainError(f"{out}/checkpoints/last.pt: cannot resume from it ({type(exc).__name__})") from None
         history = [row for row in _read_history(out / "history.jsonl") if row["epoch"] <= state["epoch"]]
-        if best is not None and best["epoch"] == state["epoch"]:  # an interruption may have come before best.pt
+        if main and best is not None and best["epoch"] == state["epoch"]:  # an interruption may have beaten best.pt
             save_checkpoint({k: v for k, v in state.items() if k != "format"}, out / "checkpoints" / "best.pt")
 
-    write_json(_config_record(config, data_path, prepared), work / "config.json")
+    if main:
+        write_json(_config_record(config, data_path, prepared), work / "config.json")
+    ranks = f", {cluster.world_size} ranks" if cluster.world_size > 1 else ""
     console.print(f"[bold]mbtrain fit[/] {data_path}: {len(train):,} training rows, {len(valid):,} validation "
                   f"rows; {spec.model['model']}, balance {b.balance}; tasks {', '.join(spec.tasks)} "
-                  f"(main {spec.main_task}); run {out}", soft_wrap=True)
+                  f"(main {spec.main_task}); {cluster.device}{ranks}; run {out}", soft_wrap=True)
     started = time.perf_counter()
     patience = config.train.patience
     epoch = start_epoch - 1
@@ -140,7 +160,8 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = Fals
                 if patience and bad_epochs >= patience:
                     epoch -= 1
                     break
-                entry = train_epoch(model, optimizer, balancer, train, valid, spec.tasks, config, epoch, progress)
+                entry = train_epoch(model, optimizer, balancer, train, valid, spec.tasks, config, epoch, progress,
+                                    cluster)
                 score = _score(entry["valid"][spec.main_task])
                 entry["best"] = best is None or score > best["score"]
                 if entry["best"]:
@@ -159,14 +180,16 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = Fals
                     "best": best,
                     "bad_epochs": bad_epochs,
                     "rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state(cluster.device)} if cluster.device.type == "cuda" else {}),
                     "sample": {"categorical": valid.categorical[:SAMPLE_ROWS].clone(),
                                "numeric": valid.numeric[:SAMPLE_ROWS].clone()},
                 }
                 # history first (resume drops lines past last.pt), best.pt last (never ahead of last.pt)
-                write_jsonl(history, work / "history.jsonl")
-                save_checkpoint(checkpoint, work / "checkpoints" / "last.pt")
-                if entry["best"]:
-                    save_checkpoint(checkpoint, work / "checkpoints" / "best.pt")
+                if main:
+                    write_jsonl(history, work / "history.jsonl")
+                    save_checkpoint(checkpoint, work / "checkpoints" / "last.pt")
+                    if entry["best"]:
+                        save_checkpoint(checkpoint, work / "checkpoints" / "best.pt")
                 console.print(history_line(entry, spec.main_task), soft_wrap=True)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_interrupted(out, work, staging)) from None
@@ -184,9 +207,10 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = Fals
         "balance": b.balance,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    write_json(metrics, work / "metrics.json")
-    if staging:
-        _swap(work, out)
+    if main:
+        write_json(metrics, work / "metrics.json")
+        if staging:
+            _swap(work, out)
     note = f"stopped early after epoch {epoch}; " if stopped_early else ""
     console.print(metrics_table(
         metrics, f"validation metrics, best epoch {best['epoch']} of {epoch}",
@@ -198,30 +222,39 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = Fals
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Any, train: EncodedData,
                  valid: EncodedData, tasks: list[str], config: RunConfig, epoch: int,
-                 progress: Progress) -> dict[str, Any]:
-    """One pass over the shuffled training rows, then validation; returns the history.jsonl entry."""
+                 progress: Progress, cluster: Cluster | None = None) -> dict[str, Any]:
+    """One pass over the shuffled training rows, then validation; returns the history.jsonl entry.
+
+    Under torchrun each rank takes its slice of every global batch of world_size × batch_size rows, and
+    its losses are divided by the global batch's rows: summed across ranks, that is one process's mean."""
+    cluster = cluster or Cluster(0, 1, torch.device("cpu"))
+    device = cluster.device
     started = time.perf_counter()
     batch_size = config.train.batch_size
-    steps = -(-len(train) // batch_size)
+    steps = -(-len(train) // (batch_size * cluster.world_size))
     bar = progress.add_task(f"epoch {epoch}/{config.train.epochs}", total=steps, loss="")
     generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + epoch)
-    loss_sum = torch.zeros(len(tasks))
-    ratio_sum = torch.zeros(len(tasks))
+    loss_sum = torch.zeros(len(tasks), device=device)
+    ratio_sum = torch.zeros(len(tasks), device=device)
     model.train()
-    for step, batch in enumerate(train.batches(batch_size, generator), start=1):
-        split = model.split_forward(batch.categorical, batch.numeric) if balancer.wants_split else None
-        logits = split.logits if split is not None else model(batch.categorical, batch.numeric)
-        losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(dim=0)
+    batches = train.batches(batch_size, generator, cluster.rank, cluster.world_size)
+    for step, (batch, global_rows) in enumerate(batches, start=1):
+        categorical, numeric = batch.categorical.to(device), batch.numeric.to(device)
+        split = model.split_forward(categorical, numeric) if balancer.wants_split else None
+        logits = split.logits if split is not None else model(categorical, numeric)
+        losses = F.binary_cross_entropy_with_logits(logits, batch.labels.to(device), reduction="none")
+        losses = losses.sum(dim=0) / global_rows
         optimizer.zero_grad(set_to_none=True)
         balancer.backward(list(losses.unbind()), split)
         optimizer.step()
-        loss_sum += losses.detach() * len(batch)
+        loss_sum += losses.detach() * global_rows
         if balancer.grad_norm_ratio is not None:
             ratio_sum += balancer.grad_norm_ratio
         if step % PROGRESS_EVERY == 0 or step == steps:
             progress.update(bar, completed=step, loss=f"loss {float(losses.detach().sum()):.4f}")
     train_seconds = time.perf_counter() - started
     progress.remove_task(bar)
+    cluster.sum_([loss_sum])
     probabilities = predict_probabilities(Probabilities(model), valid.categorical, valid.numeric)
     entry: dict[str, Any] = {
         "epoch": epoch,

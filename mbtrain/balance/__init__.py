@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -22,12 +22,15 @@ def build_balancer(
     relax_factor: float = 0.7,
     beta: float = 0.9,
     strategy: str = "both",
+    reduce: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> Balancer:
-    """The balancer called ``name`` (one of ``BALANCERS``) for a model's shared and task parameters."""
+    """The balancer called ``name`` (one of ``BALANCERS``) for a model's shared and task parameters;
+    ``reduce`` sums gradients across ranks in place when training is distributed."""
+    shared_params = list(shared_params)
+    task_params = None if task_params is None else list(task_params)
     if name == "none":
-        return PlainSum()
+        return PlainSum([*shared_params, *(task_params or [])], reduce=reduce)
     if name == "metabalance":
-        return MetaBalance(
-            shared_params, relax_factor=relax_factor, beta=beta, strategy=strategy, task_params=task_params
-        )
+        return MetaBalance(shared_params, relax_factor=relax_factor, beta=beta, strategy=strategy,
+                           task_params=task_params, reduce=reduce)
     raise ValueError(f"unknown balance {name!r}: choose none or metabalance")

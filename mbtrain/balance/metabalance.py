@@ -8,7 +8,7 @@ Python arithmetic (the split path's ``torch.unique`` of the batch's table rows i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from mbtrain.balance.plain import Balancer
 from mbtrain.models.split import SplitForward
 
 STRATEGIES = ("both", "reduce", "enlarge")
+Reduce = Callable[[list[torch.Tensor]], None]
 
 
 def _check_settings(relax_factor: float, beta: float, strategy: str) -> None:
@@ -44,6 +45,7 @@ class MetaBalance(Balancer):
         strategy: str = "both",
         eps: float = 1e-5,
         task_params: Iterable[torch.Tensor] | None = None,
+        reduce: Reduce | None = None,
     ) -> None:
         _check_settings(relax_factor, beta, strategy)
         if not eps > 0:
@@ -63,6 +65,9 @@ class MetaBalance(Balancer):
         self.beta = beta
         self.strategy = strategy
         self.eps = eps
+        if reduce is not None and self.task_params is None:
+            raise ValueError("MetaBalance needs task_params to sum gradients across ranks")
+        self.reduce = reduce  # sums a list of gradients across ranks in place (distributed training)
         self.wants_split = self.task_params is not None
         self.moving_norms: torch.Tensor | None = None  # [T, P], created by the first backward
         self.grad_norm_ratio: torch.Tensor | None = None
@@ -84,6 +89,7 @@ class MetaBalance(Balancer):
             grads = torch.autograd.grad(
                 loss, self.shared, retain_graph=plain_rest or k < n_tasks - 1, allow_unused=True
             )
+            grads = self._summed(self.shared, grads)
             norms = self._norms(grads)
             raw_norms.append(norms)
             moving[k].mul_(self.beta).add_(norms, alpha=1 - self.beta)
@@ -103,12 +109,13 @@ class MetaBalance(Balancer):
         # heads: one backward of the summed loss gives their plain gradient and each task's boundary gradient
         n_heads = len(self.task_params)
         grads = torch.autograd.grad(sum(losses), [*self.task_params, *split.per_task], allow_unused=True)
-        _accumulate(self.task_params, grads[:n_heads], None)
+        _accumulate(self.task_params, self._summed(self.task_params, grads[:n_heads]), None)
         boundary_grads = grads[n_heads:]
         # trunk: once per task; the table's gradient lives on the batch's distinct rows only
         dim = split.rows.shape[-1]
         flat = split.index.reshape(-1)
-        if split.table.shape[0] <= flat.numel():  # a table no bigger than the batch: coalesce into all its rows
+        if split.table.shape[0] <= flat.numel() or self.reduce is not None:
+            # a table no bigger than the batch, or ranks with different rows: coalesce into all its rows
             rows, inverse = None, flat
         else:  # a big table: only the rows the batch touched (one sort, no table-sized gradient per task)
             rows, inverse = torch.unique(flat, return_inverse=True)
@@ -126,6 +133,8 @@ class MetaBalance(Balancer):
             if row_grad is not None:
                 table_grad = row_grad.new_zeros(coalesced_rows, dim).index_add_(0, inverse, row_grad.reshape(-1, dim))
             task_grads = [*dense_grads[:table_at], table_grad, *dense_grads[table_at:]]
+            if self.reduce is not None:
+                task_grads = self._summed(self.shared, task_grads)
             norms = self._norms(task_grads)
             raw_norms.append(norms)
             moving[k].mul_(self.beta).add_(norms, alpha=1 - self.beta)
@@ -201,10 +210,20 @@ class MetaBalance(Balancer):
             return torch.where(aux < main, scale, 1.0)
         return scale
 
+    def _summed(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+                ) -> Sequence[torch.Tensor | None]:
+        """Gradients summed across ranks (zeros where a rank's batch did not reach a parameter)."""
+        if self.reduce is None:
+            return grads
+        filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        self.reduce(filled)
+        return filled
+
     def _plain_backward(self, total: torch.Tensor) -> None:
         """The summed loss's gradient for every non-shared parameter; frees the graph."""
         if self.task_params is not None:
-            torch.autograd.backward(total, inputs=self.task_params)
+            grads = torch.autograd.grad(total, self.task_params, allow_unused=True)
+            _accumulate(self.task_params, self._summed(self.task_params, grads), None)
             return
         kept = [p.grad for p in self.shared]
         for p in self.shared:

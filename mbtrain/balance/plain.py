@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -36,7 +36,13 @@ class Balancer(ABC):
 
 
 class PlainSum(Balancer):
-    """No balancing: ``sum(losses).backward()``."""
+    """No balancing: ``sum(losses).backward()``; with `reduce` (distributed training) the gradients of
+    `params` are then summed across ranks, so they must start at zero (or None) each step."""
+
+    def __init__(self, params: Iterable[torch.Tensor] = (), reduce: Callable[[list[torch.Tensor]], None] | None = None
+                 ) -> None:
+        self.params = list(params)
+        self.reduce = reduce
 
     def backward(self, losses: Sequence[torch.Tensor], split: SplitForward | None = None) -> None:
         if not losses:
@@ -44,6 +50,11 @@ class PlainSum(Balancer):
         if split is not None:
             raise ValueError("the plain sum needs the model's ordinary forward, not its split forward")
         sum(losses).backward()
+        if self.reduce is not None:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.reduce([p.grad for p in self.params])
 
     def state_dict(self) -> dict:
         return {}

@@ -20,12 +20,16 @@ class EncodedData:
     def take(self, index: torch.Tensor) -> EncodedData:
         return EncodedData(self.categorical[index], self.numeric[index], self.labels[index])
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[EncodedData]:
-        """Batches of rows in the shuffled order that `generator` draws."""
+    def batches(self, batch_size: int, generator: torch.Generator, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[EncodedData, int]]:
+        """(this rank's slice, rows in the global batch) for each global batch of world_size × batch_size rows,
+        in the shuffled order that `generator` draws (the same on every rank)."""
         rows = len(self)
         order = torch.randperm(rows, generator=generator)
-        for start in range(0, rows, batch_size):
-            yield self.take(order[start : start + batch_size])
+        step = batch_size * world_size
+        for start in range(0, rows, step):
+            chunk = order[start : start + step]
+            yield self.take(chunk[rank * batch_size : (rank + 1) * batch_size]), chunk.numel()
 
 
 def split_rows(rows: int, valid_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -121,9 +121,11 @@ def predict_probabilities(module: nn.Module, categorical: torch.Tensor, numeric:
     """[rows, T] outputs of a Probabilities-like module, in eval mode, in large batches without autograd."""
     was_training = module.training
     module.eval()
+    device = next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
     with torch.inference_mode():
         parts = [
-            module(categorical[start : start + batch_size], numeric[start : start + batch_size])
+            module(categorical[start : start + batch_size].to(device), numeric[start : start + batch_size].to(device))
+            .cpu()
             for start in range(0, categorical.shape[0], batch_size)
         ]
     module.train(was_training)
