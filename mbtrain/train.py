@@ -65,19 +65,23 @@ def prepare(config: RunConfig, data_path: Path, spec: ModelSpec | None = None) -
     if valid_path is not None:
         valid_frame = read_table(valid_path)
         valid_labels = label_tensor(valid_frame, str(valid_path), tasks)
-        train_frame, train_labels, valid_source = frame, labels, str(valid_path)
+        valid_source = str(valid_path)
+        if spec is None:
+            spec = ModelSpec(tasks, Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency),
+                             dict(vars(config.model)))
+        train = EncodedData(*spec.encoders.encode(frame, str(data_path)), labels)
+        valid = EncodedData(*spec.encoders.encode(valid_frame, valid_source), valid_labels)
     else:
         if frame.height < 2:
             raise MbtrainError(f"{data_path}: needs at least 2 rows to hold out a validation split")
         train_rows, valid_rows = split_rows(frame.height, d.valid_fraction, config.train.seed)
-        train_frame, valid_frame = frame[train_rows.numpy()], frame[valid_rows.numpy()]
-        train_labels, valid_labels = labels[train_rows], labels[valid_rows]
         valid_source = f"{data_path} (held-out {d.valid_fraction:.0%})"
-    if spec is None:
-        encoders = Encoders.fit(train_frame, schema.categorical, schema.numeric, d.min_frequency)
-        spec = ModelSpec(tasks, encoders, dict(vars(config.model)))
-    train = EncodedData(*spec.encoders.encode(train_frame, str(data_path)), train_labels)
-    valid = EncodedData(*spec.encoders.encode(valid_frame, valid_source), valid_labels)
+        if spec is None:  # fitted on the training rows only, without copying them out of the frame
+            encoders = Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency, rows=train_rows)
+            spec = ModelSpec(tasks, encoders, dict(vars(config.model)))
+        everything = EncodedData(*spec.encoders.encode(frame, str(data_path)), labels)
+        train = EncodedData(everything.categorical, everything.numeric, labels, rows=train_rows)
+        valid = everything.take(valid_rows)
     return Prepared(schema, spec, train, valid, valid_source)
 
 
@@ -120,7 +124,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
 
     torch.manual_seed(config.train.seed)
     model = spec.build()
-    model.set_base_rates(train.labels.mean(dim=0))
+    model.set_base_rates(train.positive_rates())
     model.to(cluster.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     b = config.balance

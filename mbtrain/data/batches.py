@@ -10,14 +10,25 @@ import torch
 
 @dataclass
 class EncodedData:
-    categorical: torch.Tensor  # int64 [rows, C]: vocabulary indices, 0 = unknown
-    numeric: torch.Tensor  # float32 [rows, N]: raw values, NaN = null
-    labels: torch.Tensor  # float32 [rows, T], main task first
+    """Encoded rows; `rows` (when set) says which rows of the tensors belong to this set, so that the
+    training rows of a file need no copy of their own."""
+
+    categorical: torch.Tensor  # int64 [N, C]: vocabulary indices, 0 = unknown
+    numeric: torch.Tensor  # float32 [N, C]: raw values, NaN = null
+    labels: torch.Tensor  # float32 [N, T], main task first
+    rows: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return self.categorical.shape[0]
+        return self.categorical.shape[0] if self.rows is None else self.rows.numel()
+
+    def positive_rates(self) -> torch.Tensor:
+        """[T] share of positive labels in this set."""
+        return (self.labels if self.rows is None else self.labels[self.rows]).mean(dim=0)
 
     def take(self, index: torch.Tensor) -> EncodedData:
+        """A compact copy of the set's rows at positions `index` (0 ≤ index < len(self))."""
+        if self.rows is not None:
+            index = self.rows[index]
         return EncodedData(self.categorical[index], self.numeric[index], self.labels[index])
 
     def batches(self, batch_size: int, generator: torch.Generator, rank: int = 0,

@@ -13,6 +13,7 @@ in one place.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,9 +25,10 @@ from mbtrain.errors import MbtrainError
 
 SKEWED = 2.0  # skewness above which a non-negative numeric column is log1p-transformed first
 
-COLUMNS_AT_ONCE = 4  # encoded together: enough for polars to use every core, few enough to stay small
+COLUMNS_AT_ONCE = 8  # encoded together: enough for polars to use every core, few enough to stay small
 LOOKUP_SLACK = 4  # integer vocabularies use a lookup table when their value range is at most this × their size
 
+ROW_MASK = "__mbtrain_fit_rows"
 KINDS: dict[str, pl.DataType] = {"str": pl.String, "int": pl.Int64, "float": pl.Float64}
 
 
@@ -83,14 +85,24 @@ class Encoders:
     numeric: list[NumericEncoder]
 
     @classmethod
-    def fit(cls, frame: pl.DataFrame, categorical: list[str], numeric: list[str],
-            min_frequency: int) -> Encoders:
-        # all columns' vocabularies in one parallel collection
-        counts = pl.collect_all([_value_counts(frame, name, min_frequency) for name in categorical])
+    def fit(cls, frame: pl.DataFrame, categorical: list[str], numeric: list[str], min_frequency: int,
+            rows: torch.Tensor | None = None) -> Encoders:
+        """Fitted on `rows` of `frame` (all rows when None), without copying the frame: the row filter is
+        pushed into each column's query."""
+        fitted = frame.lazy()
+        if rows is not None:
+            mask = torch.zeros(frame.height, dtype=torch.bool)
+            mask[rows] = True
+            fitted = fitted.with_columns(pl.Series(ROW_MASK, mask.numpy())).filter(pl.col(ROW_MASK))
+        # all columns' vocabularies, and the numeric columns, in one parallel collection
+        *counts, numbers = pl.collect_all(
+            [_value_counts(fitted, frame.schema, name, min_frequency) for name in categorical]
+            + [fitted.select(numeric)]
+        )
         return cls(
             [CategoricalEncoder(name, _kind(frame.schema[name]), table.get_column(name).to_list())
              for name, table in zip(categorical, counts, strict=True)],
-            [NumericEncoder.fit(frame.get_column(name)) for name in numeric],
+            [NumericEncoder.fit(numbers.get_column(name)) for name in numeric],
         )
 
     @property
@@ -127,12 +139,12 @@ class Encoders:
         return categorical, numeric
 
 
-def _value_counts(frame: pl.DataFrame, name: str, min_frequency: int) -> pl.LazyFrame:
+def _value_counts(frame: pl.LazyFrame, schema: pl.Schema, name: str, min_frequency: int) -> pl.LazyFrame:
     """The vocabulary of one column: values seen at least `min_frequency` times, most frequent first,
     ties broken by value so that it does not depend on row order."""
-    column = pl.col(name).cast(KINDS[_kind(frame.schema[name])])
+    column = pl.col(name).cast(KINDS[_kind(schema[name])])
     return (
-        frame.lazy().select(column).drop_nulls().group_by(name).len("count")
+        frame.select(column).drop_nulls().group_by(name).len("count")
         .filter(pl.col("count") >= min_frequency)
         .sort(["count", name], descending=[True, False])
     )
@@ -159,9 +171,12 @@ def _matrix(frame: pl.DataFrame, expressions: list[pl.Expr], dtype: torch.dtype,
     out = torch.empty(len(expressions), rows, dtype=dtype).T
     for start in range(0, len(expressions), COLUMNS_AT_ONCE):
         try:
-            part = frame.select(expressions[start : start + COLUMNS_AT_ONCE]).to_numpy(order="fortran")
+            part = frame.select(expressions[start : start + COLUMNS_AT_ONCE])
         except pl.exceptions.PolarsError as exc:  # a column whose type cannot become the training type
             reason = _first_line(exc)
             raise MbtrainError(f"{source}: cannot encode a column like the training data ({reason})") from None
-        out[:, start : start + part.shape[1]] = torch.from_numpy(np.require(part, requirements=["F", "W"]))
+        for offset, column in enumerate(part.iter_columns()):
+            with warnings.catch_warnings():  # a read-only view of polars' buffer, only ever copied from
+                warnings.simplefilter("ignore", UserWarning)
+                out[:, start + offset] = torch.from_numpy(column.to_numpy())
     return out
