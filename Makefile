@@ -7,7 +7,7 @@ DEMO := demo
 
 BENCH := .venv-bench
 
-.PHONY: install demo test lint bench bench-adult clean
+.PHONY: install demo test lint bench bench-adult bench-scale clean
 
 $(BIN)/mbtrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ clean:
 
 bench-adult: install
 	$(BIN)/python benchmarks/adult_quality.py
+
+bench-scale: install
+	$(BIN)/python benchmarks/scale.py
 
 # The benchmarks' own environment: the reference library torch-rechub runs beside us, never as our dependency.
 $(BENCH)/.installed: pyproject.toml

@@ -50,7 +50,7 @@ app = typer.Typer(
 )
 console = Console()
 DEFAULTS = RunConfig().flat()
-RESUMABLE = {"epochs", "patience", "threads", "device"}  # settings a resumed run may change
+RESUMABLE = {"epochs", "patience", "threads", "device", "memory_budget"}  # settings a resumed run may change
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -110,7 +110,8 @@ def _resolve(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
 @app.command()
 @reports_errors
 def fit(
-    data: Annotated[Path | None, typer.Argument(help="Training data: a CSV or Parquet file.",
+    data: Annotated[Path | None, typer.Argument(help="Training data: a CSV or Parquet file, or a directory or "
+                                                     "glob of Parquet files.",
                                                 show_default=False)] = None,
     tasks: TasksOpt = None,
     main_task: MainTaskOpt = None,
@@ -144,6 +145,9 @@ def fit(
     exclude: ExcludeOpt = None,
     min_frequency: Annotated[int | None, typer.Option(help=_help("Categories seen fewer times in training map "
                                                                  "to 'unknown'.", "min_frequency"))] = None,
+    memory_budget: Annotated[str | None, typer.Option(help=_help("Memory for the data (e.g. 8G); bigger Parquet "
+                                                                 "data is streamed. auto = half of RAM.",
+                                                                 "memory_budget"))] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory [default: runs/<timestamp>].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out run (only once training ends).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the --out run from checkpoints/last.pt.")] = False,
@@ -161,7 +165,7 @@ def fit(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
         valid=str(valid) if valid else None, valid_fraction=valid_fraction, patience=patience,
         categorical=categorical, numeric=numeric, exclude=exclude, min_frequency=min_frequency, threads=threads,
-        device=device,
+        device=device, memory_budget=memory_budget,
     )
     if resume and overwrite:
         raise MbtrainError("--resume and --overwrite contradict each other: pick one")

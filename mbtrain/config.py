@@ -30,6 +30,7 @@ class DataConfig:
     valid: str | None = None
     valid_fraction: float = 0.1
     min_frequency: int = 2
+    memory_budget: str = "auto"  # beyond it, Parquet data is streamed; "auto" = half the physical memory
 
 
 @dataclass

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -34,6 +35,20 @@ from mbtrain.data.batches import EncodedData, split_rows
 from mbtrain.data.encoders import Encoders
 from mbtrain.data.io import read_table
 from mbtrain.data.schema import Schema, infer_schema, label_tensor
+from mbtrain.data.stream import (
+    StreamingBatches,
+    buffer_rows_for,
+    fit_encoders_streaming,
+    infer_schema_streaming,
+    parquet_files,
+    parse_memory_budget,
+    predict_stream,
+    read_parquet_files,
+    row_groups,
+    scan_row_groups,
+    should_stream,
+    split_row_groups,
+)
 from mbtrain.distributed import Cluster, cluster_from_env
 from mbtrain.errors import MbtrainError
 from mbtrain.metrics import task_metrics
@@ -48,20 +63,30 @@ PROGRESS_EVERY = 20  # steps between loss read-outs in the progress bar
 class Prepared:
     schema: Schema
     spec: ModelSpec
-    train: EncodedData
-    valid: EncodedData
+    train: EncodedData | StreamingBatches
+    valid: EncodedData | StreamingBatches
     valid_source: str
+    path: str  # how the data is held, for the summary: "in memory" or "streamed, ..."
 
 
 def prepare(config: RunConfig, data_path: Path, spec: ModelSpec | None = None) -> Prepared:
     """Read, validate, split and encode; encoders are fitted on the training rows unless `spec` (a resumed
-    run's) brings them. Validation is config.data.valid, else a seeded held-out fraction."""
-    frame = read_table(data_path)
+    run's) brings them. Validation is config.data.valid, else a seeded held-out share. Data whose in-memory
+    path would exceed --memory-budget (a big Parquet file, directory or glob) is streamed instead."""
+    budget = parse_memory_budget(config.data.memory_budget)
+    files = parquet_files(data_path)
+    if should_stream(files, budget):
+        return _prepare_streaming(config, files, str(data_path), spec, budget)
+    frame = read_table(files[0]) if len(files) == 1 else read_parquet_files(files)
+    return _prepare_in_memory(config, frame, str(data_path), spec)
+
+
+def _prepare_in_memory(config: RunConfig, frame: pl.DataFrame, source: str, spec: ModelSpec | None) -> Prepared:
     valid_path = Path(config.data.valid) if config.data.valid else None
     tasks = config.ordered_tasks
     d = config.data
-    schema = infer_schema(frame, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
-    labels = label_tensor(frame, str(data_path), tasks)
+    schema = infer_schema(frame, source, tasks, d.categorical, d.numeric, d.exclude)
+    labels = label_tensor(frame, source, tasks)
     if valid_path is not None:
         valid_frame = read_table(valid_path)
         valid_labels = label_tensor(valid_frame, str(valid_path), tasks)
@@ -69,20 +94,56 @@ def prepare(config: RunConfig, data_path: Path, spec: ModelSpec | None = None) -
         if spec is None:
             spec = ModelSpec(tasks, Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency),
                              dict(vars(config.model)))
-        train = EncodedData(*spec.encoders.encode(frame, str(data_path)), labels)
+        train = EncodedData(*spec.encoders.encode(frame, source), labels)
         valid = EncodedData(*spec.encoders.encode(valid_frame, valid_source), valid_labels)
     else:
         if frame.height < 2:
-            raise MbtrainError(f"{data_path}: needs at least 2 rows to hold out a validation split")
+            raise MbtrainError(f"{source}: needs at least 2 rows to hold out a validation split")
         train_rows, valid_rows = split_rows(frame.height, d.valid_fraction, config.train.seed)
-        valid_source = f"{data_path} (held-out {d.valid_fraction:.0%})"
+        valid_source = f"{source} (held-out {d.valid_fraction:.0%})"
         if spec is None:  # fitted on the training rows only, without copying them out of the frame
             encoders = Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency, rows=train_rows)
             spec = ModelSpec(tasks, encoders, dict(vars(config.model)))
-        everything = EncodedData(*spec.encoders.encode(frame, str(data_path)), labels)
+        everything = EncodedData(*spec.encoders.encode(frame, source), labels)
         train = EncodedData(everything.categorical, everything.numeric, labels, rows=train_rows)
         valid = everything.take(valid_rows)
-    return Prepared(schema, spec, train, valid, valid_source)
+    return Prepared(schema, spec, train, valid, valid_source, "in memory")
+
+
+def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: ModelSpec | None,
+                       budget: int) -> Prepared:
+    """Roles and encoders from streaming passes, batches read row group by row group (data/stream.py)."""
+    tasks = config.ordered_tasks
+    d = config.data
+    parts = row_groups(files)
+    schema = infer_schema_streaming(parts, source, tasks, d.categorical, d.numeric, d.exclude)
+    if d.valid:
+        train_parts, valid_source = parts, d.valid
+        valid_parts = row_groups(parquet_files(Path(d.valid)))
+    else:
+        train_parts, valid_parts = split_row_groups(parts, d.valid_fraction, config.train.seed)
+        valid_source = f"{source} (held-out row groups, {sum(p.rows for p in valid_parts):,} rows)"
+    if spec is None:
+        encoders = fit_encoders_streaming(scan_row_groups(train_parts), schema.categorical, schema.numeric,
+                                          d.min_frequency)
+        spec = ModelSpec(tasks, encoders, dict(vars(config.model)))
+    buffer = buffer_rows_for(budget, spec.encoders, tasks)
+    train = StreamingBatches(train_parts, spec.encoders, tasks, buffer)
+    valid = StreamingBatches(valid_parts, spec.encoders, tasks, buffer)
+    return Prepared(schema, spec, train, valid, valid_source, f"streamed, shuffle buffer {buffer:,} rows")
+
+
+def validate(model: torch.nn.Module, valid: EncodedData | StreamingBatches) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, labels) of every validation row."""
+    if isinstance(valid, StreamingBatches):
+        return predict_stream(Probabilities(model), valid)
+    return predict_probabilities(Probabilities(model), valid.categorical, valid.numeric), valid.labels
+
+
+def _sample(valid: EncodedData | StreamingBatches) -> dict[str, torch.Tensor]:
+    """A few real validation rows, kept in checkpoints for export's self-check."""
+    batch = valid if isinstance(valid, EncodedData) else next(valid.batches(SAMPLE_ROWS))[0]
+    return {"categorical": batch.categorical[:SAMPLE_ROWS].clone(), "numeric": batch.numeric[:SAMPLE_ROWS].clone()}
 
 
 def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = False, resume: bool = False,
@@ -112,8 +173,8 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
     cluster.barrier()  # every rank has looked at --out before the main rank creates anything
     prepared = prepare(config, data_path, spec_of(state, out / "checkpoints" / "last.pt") if state else None)
     spec, train, valid = prepared.spec, prepared.train, prepared.valid
-    for task, positives in zip(spec.tasks, valid.labels.sum(dim=0).tolist(), strict=True):
-        if main and positives in (0, len(valid)):
+    for task, rate in zip(spec.tasks, valid.positive_rates().tolist(), strict=True):
+        if main and rate in (0.0, 1.0):
             sys.stderr.write(f"mbtrain: warning: {prepared.valid_source}: task {task!r} has a single class in "
                              "validation; its AUC will be null\n")
     work = out.parent / f".{out.name}.partial" if staging else out
@@ -154,7 +215,9 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
     ranks = f", {cluster.world_size} ranks" if cluster.world_size > 1 else ""
     console.print(f"[bold]mbtrain fit[/] {data_path}: {len(train):,} training rows, {len(valid):,} validation "
                   f"rows; {spec.model['model']}, balance {b.balance}; tasks {', '.join(spec.tasks)} "
-                  f"(main {spec.main_task}); {cluster.device}{ranks}; run {out}", soft_wrap=True)
+                  f"(main {spec.main_task}); data {prepared.path}; {cluster.device}{ranks}; run {out}",
+                  soft_wrap=True)
+    sample = _sample(valid)
     started = time.perf_counter()
     patience = config.train.patience
     epoch = start_epoch - 1
@@ -185,8 +248,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
                     "bad_epochs": bad_epochs,
                     "rng": torch.get_rng_state(),
                     **({"cuda_rng": torch.cuda.get_rng_state(cluster.device)} if cluster.device.type == "cuda" else {}),
-                    "sample": {"categorical": valid.categorical[:SAMPLE_ROWS].clone(),
-                               "numeric": valid.numeric[:SAMPLE_ROWS].clone()},
+                    "sample": sample,
                 }
                 # history first (resume drops lines past last.pt), best.pt last (never ahead of last.pt)
                 if main:
@@ -224,9 +286,9 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
     return metrics
 
 
-def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Any, train: EncodedData,
-                 valid: EncodedData, tasks: list[str], config: RunConfig, epoch: int,
-                 progress: Progress, cluster: Cluster | None = None) -> dict[str, Any]:
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Any,
+                 train: EncodedData | StreamingBatches, valid: EncodedData | StreamingBatches, tasks: list[str],
+                 config: RunConfig, epoch: int, progress: Progress, cluster: Cluster | None = None) -> dict[str, Any]:
     """One pass over the shuffled training rows, then validation; returns the history.jsonl entry.
 
     Under torchrun each rank takes its slice of every global batch of world_size × batch_size rows, and
@@ -259,11 +321,11 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     train_seconds = time.perf_counter() - started
     progress.remove_task(bar)
     cluster.sum_([loss_sum])
-    probabilities = predict_probabilities(Probabilities(model), valid.categorical, valid.numeric)
+    probabilities, labels = validate(model, valid)
     entry: dict[str, Any] = {
         "epoch": epoch,
         "train_loss": dict(zip(tasks, (loss_sum / len(train)).tolist(), strict=True)),
-        "valid": task_metrics(probabilities, valid.labels, tasks),
+        "valid": task_metrics(probabilities, labels, tasks),
         "seconds": round(time.perf_counter() - started, 4),
         "rows_per_second": round(len(train) / train_seconds, 1),
     }

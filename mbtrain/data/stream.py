@@ -1,0 +1,376 @@
+"""Parquet data larger than memory: a streaming encoder fit, then shuffled batches read row group by row group.
+
+Which path: `should_stream(files, budget)` estimates from the Parquet footers what the in-memory path would
+hold (every column as polars keeps it, the split copy, the encoded tensors) and streams only when that
+exceeds the memory budget, so small data keeps the faster in-memory path.
+
+Streaming keeps memory bounded by the budget, not by the data:
+- the schema and the encoders come from polars' streaming engine (`infer_schema_streaming`,
+  `fit_encoders_streaming`) and equal what the in-memory path gets from the same rows. Each query reads one
+  column of one multi-file scan and holds aggregates, or a hash table of the column's distinct values (what
+  a vocabulary needs anyway; a row-id column costs a table of all its values, unless --exclude'd);
+- `StreamingBatches` reads row groups in a seeded random order, encodes them chunk by chunk and shuffles
+  rows within a buffer of at most `buffer_rows` rows (plus one read chunk): shuffling is local to a few row
+  groups, the price of never holding the file. With no generator it yields rows in file order, the very
+  batches that slicing the in-memory tensors gives.
+
+Validation holds out whole row groups, not rows: `split_row_groups` permutes the row groups with
+`torch.Generator().manual_seed(seed)` and takes them in that order until they hold at least
+`valid_fraction` of the rows (at least one row group, and at least one left for training). Finding held-out
+rows scattered through every row group would mean reading all of the data for each validation pass; whole
+row groups are skipped by the fit and by training, and read once per validation pass. A separate
+validation file (`--valid`) is streamed the same way, as `row_groups([path])`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mbtrain.data.batches import EncodedData
+from mbtrain.data.encoders import SKEWED, CategoricalEncoder, Encoders, NumericEncoder, _kind, _value_counts
+from mbtrain.data.io import PARQUET_MAGIC, _reason
+from mbtrain.data.schema import Schema, infer_schema, label_tensor
+from mbtrain.errors import MbtrainError
+from mbtrain.models.scoring import predict_probabilities
+
+READ_ROWS = 131_072  # rows decoded and encoded at once: big enough to amortise polars' per-call cost
+VARIABLE_WIDTH = 16  # bytes a string takes in polars (its view), for the in-memory estimate
+IN_MEMORY_OVERHEAD = 3.0  # in-memory peak / (rows × column widths): 2.4 measured by benchmarks/scale.py, + margin
+BUFFER_SHARE = 0.25  # of the memory budget, for the shuffle buffer (it exists twice while being assembled)
+ROW_INDEX = "__mbtrain_row"  # scan_row_groups' temporary column
+UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One row group of one file: the unit of shuffling, of validation hold-out and of reading."""
+
+    path: Path
+    index: int  # row group number within the file
+    offset: int  # position of its first row within the file
+    rows: int
+
+
+def parquet_files(source: Path) -> list[Path]:
+    """The files behind a data argument: a file as is, a directory's *.parquet files (not hidden or `_`-prefixed
+    ones such as Spark's _SUCCESS), or a glob pattern's matches; sorted, so that the row order is stable."""
+    text = str(source)
+    if any(ch in text for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise MbtrainError(f"{source}: no file matches this pattern")
+        return files
+    if source.is_dir():
+        files = sorted(p for p in source.glob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
+        if not files:
+            raise MbtrainError(f"{source}: directory holds no *.parquet files")
+        return files
+    if not source.exists():
+        raise MbtrainError(f"{source}: file not found")
+    return [source]
+
+
+def row_groups(files: Sequence[Path]) -> list[RowGroup]:
+    """Every non-empty row group, from the footers alone; the files must be Parquet with the same columns."""
+    parts: list[RowGroup] = []
+    first: pa.Schema | None = None
+    for path in files:
+        try:
+            metadata = pq.read_metadata(path)
+            schema = metadata.schema.to_arrow_schema()
+        except (OSError, pa.ArrowException) as exc:
+            raise MbtrainError(f"{path}: not a readable Parquet file ({_reason(exc)})") from None
+        if first is None:
+            first = schema
+        else:
+            _check_same_columns(path, schema, files[0], first)
+        offset = 0
+        for index in range(metadata.num_row_groups):
+            rows = metadata.row_group(index).num_rows
+            if rows:
+                parts.append(RowGroup(path, index, offset, rows))
+            offset += rows
+    if not parts:
+        raise MbtrainError(f"{files[0]}{' …' if len(files) > 1 else ''}: the Parquet data holds no rows")
+    return parts
+
+
+def _check_same_columns(path: Path, schema: pa.Schema, first_path: Path, first: pa.Schema) -> None:
+    theirs, ours = dict(zip(first.names, first.types, strict=True)), dict(zip(schema.names, schema.types, strict=True))
+    for name, dtype in ours.items():
+        if name not in theirs:
+            raise MbtrainError(f"{path}: has column {name!r} that {first_path} lacks; all files need the same columns")
+        if dtype != theirs[name]:
+            raise MbtrainError(f"{path}: column {name!r} is {dtype} here but {theirs[name]} in {first_path}")
+    for name in theirs:
+        if name not in ours:
+            raise MbtrainError(f"{path}: lacks column {name!r} that {first_path} has; all files need the same columns")
+
+
+def count_rows(files: Sequence[Path]) -> int:
+    """Rows in all files, from the footers (nothing else is read)."""
+    return sum(part.rows for part in row_groups(files))
+
+
+def estimate_in_memory_bytes(files: Sequence[Path]) -> int:
+    """Roughly the in-memory path's peak for these files: rows × summed column widths × IN_MEMORY_OVERHEAD."""
+    rows = count_rows(files)  # first: one clear line when a footer is unreadable
+    schema = pq.read_schema(files[0])
+    return int(rows * sum(_width(field.type) for field in schema) * IN_MEMORY_OVERHEAD)
+
+
+def _width(dtype: pa.DataType) -> int:
+    try:
+        return max(1, dtype.bit_width // 8)
+    except ValueError:  # not fixed-width: strings, binary, nested
+        return VARIABLE_WIDTH
+
+
+def should_stream(files: Sequence[Path], memory_budget_bytes: int) -> bool:
+    """Whether the data needs the streaming path; a lone CSV file never does (only Parquet streams)."""
+    if len(files) == 1 and files[0].is_file():
+        with files[0].open("rb") as handle:
+            if handle.read(4) != PARQUET_MAGIC:
+                return False
+    return estimate_in_memory_bytes(files) > memory_budget_bytes
+
+
+def parse_memory_budget(text: str) -> int:
+    """Bytes from `512M`, `8G`, `1.5GiB`, `2000000000` (binary units) or `auto` (half the physical memory)."""
+    if text.strip().lower() == "auto":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not match or float(match[1]) <= 0:
+        raise MbtrainError(f"--memory-budget {text!r}: expected a size such as 512M or 8G, or auto")
+    return int(float(match[1]) * UNITS[match[2].lower()])
+
+
+def read_parquet_files(files: Sequence[Path]) -> pl.DataFrame:
+    """Several Parquet files as one DataFrame, in file order: the in-memory path for a small directory or glob."""
+    row_groups(files)  # one clear line for a non-Parquet file, mismatched columns or no rows at all
+    try:
+        return pl.read_parquet(list(files), glob=False, hive_partitioning=False)
+    except Exception as exc:  # polars raises several types for corrupt files; all mean the same here
+        raise MbtrainError(f"{files[0]} …: unreadable Parquet data ({_reason(exc)})") from None
+
+
+def split_row_groups(parts: Sequence[RowGroup], valid_fraction: float,
+                     seed: int) -> tuple[list[RowGroup], list[RowGroup]]:
+    """(train, valid) row groups, each in file order: seeded whole row groups held out, see the module doc."""
+    if len(parts) < 2:
+        raise MbtrainError(f"{parts[0].path}: a single row group cannot be split into training and validation; "
+                           "pass --valid FILE or rewrite the data with smaller row groups")
+    order = torch.randperm(len(parts), generator=torch.Generator().manual_seed(seed)).tolist()
+    target, held, chosen = valid_fraction * sum(p.rows for p in parts), 0, set()
+    for i in order[: len(parts) - 1]:
+        chosen.add(i)
+        held += parts[i].rows
+        if held >= target:
+            break
+    return ([p for i, p in enumerate(parts) if i not in chosen], [p for i, p in enumerate(parts) if i in chosen])
+
+
+def scan_row_groups(parts: Sequence[RowGroup]) -> pl.LazyFrame:
+    """A lazy scan of exactly these rows: one scan over their files (a concatenation of per-file scans costs
+    polars memory per file), less the row ranges of the other row groups, dropped by row index."""
+    files = list(dict.fromkeys(part.path for part in parts))
+    first_row, total = {}, 0
+    for path in files:
+        first_row[path], total = total, total + pq.read_metadata(path).num_rows
+    gaps, position = [], 0  # [start, end) row ranges to drop
+    for start, rows in sorted((first_row[part.path] + part.offset, part.rows) for part in parts):
+        if start > position:
+            gaps.append((position, start))
+        position = max(position, start + rows)
+    if position < total:
+        gaps.append((position, total))
+    scan = pl.scan_parquet(files, glob=False, hive_partitioning=False, row_index_name=ROW_INDEX if gaps else None)
+    if not gaps:
+        return scan
+    dropped = pl.any_horizontal([pl.col(ROW_INDEX).is_between(start, end, closed="left") for start, end in gaps])
+    return scan.filter(~dropped).drop(ROW_INDEX)
+
+
+def _collect_by_column(scan: pl.LazyFrame, expressions: list[pl.Expr]) -> dict[str, Any]:
+    """One row of aggregates, collected by the streaming engine one source column at a time: a single query
+    over many columns buffers data for its slower branches (measured: peak RSS grows with the rows, 1.2 GB
+    at 5M rows × 21 columns), while one query per column stays flat and is no slower."""
+    groups: dict[tuple[str, ...], list[pl.Expr]] = {}
+    for expression in expressions:
+        groups.setdefault(tuple(expression.meta.root_names()), []).append(expression)
+    row: dict[str, Any] = {}
+    for group in groups.values():
+        row.update(scan.select(group).collect(engine="streaming").row(0, named=True))
+    return row
+
+
+class _ScannedTable:
+    """The little of a DataFrame that infer_schema reads (columns, schema, height, one select of aggregates),
+    answered by streaming queries. If infer_schema took a LazyFrame and a row count, this could go."""
+
+    def __init__(self, scan: pl.LazyFrame, rows: int) -> None:
+        self.schema = scan.collect_schema()
+        self.columns = self.schema.names()
+        self.height = rows
+        self._scan = scan
+
+    def select(self, expressions: list[pl.Expr]) -> pl.DataFrame:
+        return pl.DataFrame([_collect_by_column(self._scan, expressions)])
+
+
+def infer_schema_streaming(parts: Sequence[RowGroup], source: str, tasks: list[str], categorical: list[str] = (),
+                           numeric: list[str] = (), exclude: list[str] = ()) -> Schema:
+    """infer_schema's roles for these rows, from one streaming pass (distinct and null counts per column)."""
+    table = _ScannedTable(scan_row_groups(parts), sum(p.rows for p in parts))
+    return infer_schema(table, source, tasks, categorical, numeric, exclude)  # type: ignore[arg-type]
+
+
+def fit_encoders_streaming(scan: pl.LazyFrame, categorical: list[str], numeric: list[str],
+                           min_frequency: int) -> Encoders:
+    """Encoders.fit's result for the rows of `scan` (e.g. `scan_row_groups(train_parts)`), from polars'
+    streaming engine one column at a time (see _collect_by_column): a group-by count per categorical column,
+    moments per numeric one."""
+    schema = scan.collect_schema()
+    moments = _collect_by_column(scan, [e for name in numeric for e in numeric_moments(name)])
+    return Encoders(
+        [CategoricalEncoder(name, _kind(schema[name]),
+                            _value_counts(scan, schema, name, min_frequency).collect(engine="streaming")
+                            .get_column(name).to_list())
+         for name in categorical],
+        [numeric_encoder(name, moments) for name in numeric],
+    )
+
+
+def numeric_moments(name: str) -> list[pl.Expr]:
+    """What NumericEncoder needs, as streaming aggregates: count, min and skew of the raw values, mean and
+    population std of both the raw and the log1p values (which of the two is used is decided afterwards)."""
+    values = pl.col(name).cast(pl.Float64).fill_nan(None)
+    logged = values.log1p()
+    return [
+        values.count().alias(f"{name}\x00count"),
+        values.min().alias(f"{name}\x00min"),
+        values.skew().alias(f"{name}\x00skew"),
+        values.mean().alias(f"{name}\x00mean"),
+        values.std(ddof=0).alias(f"{name}\x00std"),
+        logged.mean().alias(f"{name}\x00log_mean"),
+        logged.std(ddof=0).alias(f"{name}\x00log_std"),
+    ]
+
+
+def numeric_encoder(name: str, moments: dict[str, Any]) -> NumericEncoder:
+    """NumericEncoder.fit's decisions from `numeric_moments` results."""
+    if not moments[f"{name}\x00count"]:
+        return NumericEncoder(name, 0.0, 1.0, False)
+    skew = moments[f"{name}\x00skew"]
+    log1p = bool(moments[f"{name}\x00min"] >= 0 and skew is not None and skew > SKEWED)
+    prefix = "log_" if log1p else ""
+    std = moments[f"{name}\x00{prefix}std"] or 0.0
+    return NumericEncoder(name, float(moments[f"{name}\x00{prefix}mean"]), float(std) if std > 1e-12 else 1.0, log1p)
+
+
+def buffer_rows_for(memory_budget_bytes: int, encoders: Encoders, tasks: list[str]) -> int:
+    """Shuffle-buffer rows that fit BUFFER_SHARE of the budget, counting the encoded bytes of a row twice
+    (the chunks and their concatenation coexist briefly); never less than one read chunk."""
+    row_bytes = 8 * len(encoders.categorical) + 4 * len(encoders.numeric) + 4 * len(tasks)
+    return max(READ_ROWS, int(memory_budget_bytes * BUFFER_SHARE) // (2 * row_bytes))
+
+
+class StreamingBatches:
+    """Encoded mini-batches read from Parquet row groups: EncodedData's `batches` for data that does not fit.
+
+    Memory holds the shuffle buffer (at most `buffer_rows` + READ_ROWS rows, encoded), never the data."""
+
+    def __init__(self, parts: Sequence[RowGroup], encoders: Encoders, tasks: list[str], buffer_rows: int) -> None:
+        self.parts = list(parts)
+        self.encoders = encoders
+        self.tasks = list(tasks)
+        self.buffer_rows = buffer_rows
+        names = [e.name for e in [*encoders.categorical, *encoders.numeric]] + self.tasks
+        self.columns = list(dict.fromkeys(names))
+
+    def __len__(self) -> int:
+        return sum(part.rows for part in self.parts)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[EncodedData, int]]:
+        """(this rank's slice, rows in the global batch) for each global batch of world_size × batch_size rows,
+        as EncodedData.batches gives them; every rank reads all rows and keeps its slice. With a generator
+        (seeded per epoch, as the in-memory path does): row groups in a permuted order, rows shuffled within
+        the buffer. Without: file order, the same batches as cutting the in-memory tensors in order."""
+        parts = self.parts
+        if generator is not None:
+            parts = [parts[i] for i in torch.randperm(len(parts), generator=generator).tolist()]
+        held: list[EncodedData] = []
+        rows = 0
+        for chunk in self._chunks(parts):
+            held.append(chunk)
+            rows += len(chunk)
+            if rows >= self.buffer_rows:
+                buffer, held = _concat(held), []
+                rest = yield from _cut(buffer, batch_size, generator, rank, world_size, last=False)
+                held, rows = [rest], len(rest)
+        if rows:
+            yield from _cut(_concat(held), batch_size, generator, rank, world_size, last=True)
+
+    def positive_rates(self) -> torch.Tensor:
+        """[T] share of positive labels, reading the label columns only: the model's starting base rates."""
+        total = torch.zeros(len(self.tasks), dtype=torch.float64)
+        for frame, source in _frames(self.parts, self.tasks):
+            total += label_tensor(frame, source, self.tasks).sum(dim=0, dtype=torch.float64)
+        return (total / len(self)).float()
+
+    def _chunks(self, parts: Sequence[RowGroup]) -> Iterator[EncodedData]:
+        for frame, source in _frames(parts, self.columns):
+            yield EncodedData(*self.encoders.encode(frame, source), label_tensor(frame, source, self.tasks))
+
+
+def _frames(parts: Sequence[RowGroup], columns: list[str]) -> Iterator[tuple[pl.DataFrame, str]]:
+    """The row groups' columns as DataFrames of at most READ_ROWS rows, with a source naming file and row group."""
+    for part in parts:
+        source = f"{part.path} (row group {part.index})"
+        try:
+            with pq.ParquetFile(part.path) as reader:
+                for batch in reader.iter_batches(batch_size=READ_ROWS, row_groups=[part.index], columns=columns):
+                    yield pl.from_arrow(batch), source
+        except (OSError, pa.ArrowException) as exc:
+            raise MbtrainError(f"{source}: unreadable Parquet data ({_reason(exc)})") from None
+
+
+def _concat(parts: list[EncodedData]) -> EncodedData:
+    return EncodedData(torch.cat([p.categorical for p in parts]), torch.cat([p.numeric for p in parts]),
+                       torch.cat([p.labels for p in parts]))
+
+
+def _cut(buffer: EncodedData, batch_size: int, generator: torch.Generator | None, rank: int, world_size: int,
+         last: bool) -> Generator[tuple[EncodedData, int], None, EncodedData]:
+    """Yield the buffer's full global batches (and, if `last`, the short one) as (this rank's slice, global
+    rows); return the rows left over, which join the next buffer so that only an epoch's last batch is short."""
+    rows, step = len(buffer), batch_size * world_size
+    order = torch.randperm(rows, generator=generator) if generator is not None else torch.arange(rows)
+    end = rows if last else rows - rows % step
+    for start in range(0, end, step):
+        chunk = order[start : min(start + step, end)]
+        yield buffer.take(chunk[rank * batch_size : (rank + 1) * batch_size]), chunk.numel()
+    return buffer.take(order[end:])
+
+
+def predict_stream(module: torch.nn.Module, data: StreamingBatches,
+                   batch_size: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities [rows, T], labels [rows, T]) of `data`'s rows in file order, batch by batch: only the
+    outputs and labels are kept, which is what the exact AUC needs."""
+    probabilities, labels = [], []
+    for batch, _ in data.batches(batch_size):
+        probabilities.append(predict_probabilities(module, batch.categorical, batch.numeric))
+        labels.append(batch.labels)
+    return torch.cat(probabilities), torch.cat(labels)
