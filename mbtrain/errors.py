@@ -3,3 +3,10 @@
 
 class MbtrainError(Exception):
     """A problem with the user's input (file, column, flag): reported without a traceback."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """A library's error message as one printable, bounded line, to quote inside ours."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -113,3 +113,18 @@ def test_boolean_categories_match_text_read_from_csv() -> None:
 def test_a_label_cannot_be_excluded() -> None:
     with pytest.raises(MbtrainError, match="'y' is a task label"):
         infer_schema(pl.DataFrame({"x": [1.0, 2.0], "y": [0, 1]}), "f", ["y"], exclude=["y"])
+
+
+def test_fitting_on_some_rows_equals_fitting_on_a_copy_of_them() -> None:
+    frame = make_frame(400, seed=7).with_columns(
+        pl.Series("code", [None if i % 11 == 0 else i % 37 for i in range(400)]),
+        pl.Series("flag", [i % 3 == 0 for i in range(400)]),
+    )
+    rows = torch.randperm(400, generator=torch.Generator().manual_seed(1))[:300]
+    categorical, numeric = ["user", "device", "code", "flag", "hour"], ["price", "rating"]
+    subset = Encoders.fit(frame, categorical, numeric, min_frequency=3, rows=rows)
+    copied = Encoders.fit(frame[rows.numpy()], categorical, numeric, min_frequency=3)
+    assert subset.categorical == copied.categorical
+    for ours, theirs in zip(subset.numeric, copied.numeric, strict=True):
+        assert (ours.name, ours.log1p) == (theirs.name, theirs.log1p)
+        assert ours.mean == pytest.approx(theirs.mean) and ours.std == pytest.approx(theirs.std)

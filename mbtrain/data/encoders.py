@@ -21,14 +21,13 @@ import numpy as np
 import polars as pl
 import torch
 
-from mbtrain.errors import MbtrainError
+from mbtrain.errors import MbtrainError, first_line
 
 SKEWED = 2.0  # skewness above which a non-negative numeric column is log1p-transformed first
 
 COLUMNS_AT_ONCE = 8  # encoded together: enough for polars to use every core, few enough to stay small
 LOOKUP_SLACK = 4  # integer vocabularies use a lookup table when their value range is at most this × their size
 
-ROW_MASK = "__mbtrain_fit_rows"
 KINDS: dict[str, pl.DataType] = {"str": pl.String, "int": pl.Int64, "float": pl.Float64}
 
 
@@ -66,17 +65,32 @@ class NumericEncoder:
     std: float
     log1p: bool
 
+    @staticmethod
+    def moments(name: str) -> list[pl.Expr]:
+        """Aggregates the statistics come from (one row; the streaming engine can compute them too): count,
+        min and skew of the values, mean and population std of both the values and their log1p."""
+        values = pl.col(name).cast(pl.Float64).fill_nan(None)
+        logged = values.log1p()
+        return [
+            values.count().alias(f"{name}\x00count"),
+            values.min().alias(f"{name}\x00min"),
+            values.skew().alias(f"{name}\x00skew"),
+            values.mean().alias(f"{name}\x00mean"),
+            values.std(ddof=0).alias(f"{name}\x00std"),
+            logged.mean().alias(f"{name}\x00log_mean"),
+            logged.std(ddof=0).alias(f"{name}\x00log_std"),
+        ]
+
     @classmethod
-    def fit(cls, column: pl.Series) -> NumericEncoder:
-        values = column.cast(pl.Float64).fill_nan(None).drop_nulls()
-        if values.len() == 0:
-            return cls(column.name, 0.0, 1.0, False)
-        skew = values.skew()
-        log1p = bool(values.min() >= 0 and skew is not None and skew > SKEWED)
-        if log1p:
-            values = values.log1p()
-        std = values.std(ddof=0) or 0.0
-        return cls(column.name, float(values.mean()), float(std) if std > 1e-12 else 1.0, log1p)
+    def from_moments(cls, name: str, row: dict[str, Any]) -> NumericEncoder:
+        """log1p for non-negative columns skewed beyond SKEWED, then the matching mean and std."""
+        if not row[f"{name}\x00count"]:
+            return cls(name, 0.0, 1.0, False)
+        skew = row[f"{name}\x00skew"]
+        log1p = bool(row[f"{name}\x00min"] >= 0 and skew is not None and skew > SKEWED)
+        prefix = "log_" if log1p else ""
+        std = row[f"{name}\x00{prefix}std"] or 0.0
+        return cls(name, float(row[f"{name}\x00{prefix}mean"]), float(std) if std > 1e-12 else 1.0, log1p)
 
 
 @dataclass
@@ -87,22 +101,28 @@ class Encoders:
     @classmethod
     def fit(cls, frame: pl.DataFrame, categorical: list[str], numeric: list[str], min_frequency: int,
             rows: torch.Tensor | None = None) -> Encoders:
-        """Fitted on `rows` of `frame` (all rows when None), without copying the frame: the row filter is
-        pushed into each column's query."""
-        fitted = frame.lazy()
+        """Fitted on `rows` of `frame` (all rows when None) without copying the training rows out: a value's
+        training count is its count in the whole frame less its count in the (small) held-out rest, and the
+        numeric statistics read the training rows of the numeric columns only."""
+        schema, whole = frame.schema, frame.lazy()
+        queries = [_counts(whole, schema, name) for name in categorical]
+        numbers = whole
         if rows is not None:
-            mask = torch.zeros(frame.height, dtype=torch.bool)
-            mask[rows] = True
-            fitted = fitted.with_columns(pl.Series(ROW_MASK, mask.numpy())).filter(pl.col(ROW_MASK))
-        # all columns' vocabularies, and the numeric columns, in one parallel collection
-        *counts, numbers = pl.collect_all(
-            [_value_counts(fitted, frame.schema, name, min_frequency) for name in categorical]
-            + [fitted.select(numeric)]
-        )
+            held = torch.ones(frame.height, dtype=torch.bool)
+            held[rows] = False
+            rest = frame.select(categorical).filter(pl.Series(held.numpy())).lazy()
+            queries += [_counts(rest, schema, name) for name in categorical]
+            numbers = frame.lazy().select(numeric).filter(pl.Series(~held.numpy()))
+        queries.append(numbers.select([e for name in numeric for e in NumericEncoder.moments(name)]))
+        *counts, moments = pl.collect_all(queries)  # every column's query in parallel
+        if rows is not None:
+            counts = [_less(total, held_out, name)
+                      for name, total, held_out in zip(categorical, counts, counts[len(categorical):], strict=False)]
+        row = moments.row(0, named=True) if numeric else {}
         return cls(
-            [CategoricalEncoder(name, _kind(frame.schema[name]), table.get_column(name).to_list())
-             for name, table in zip(categorical, counts, strict=True)],
-            [NumericEncoder.fit(numbers.get_column(name)) for name in numeric],
+            [CategoricalEncoder(name, _kind(schema[name]), _vocabulary(table, name, min_frequency))
+             for name, table in zip(categorical, counts[: len(categorical)], strict=True)],
+            [NumericEncoder.from_moments(name, row) for name in numeric],
         )
 
     @property
@@ -139,12 +159,28 @@ class Encoders:
         return categorical, numeric
 
 
+def _counts(frame: pl.LazyFrame, schema: pl.Schema, name: str) -> pl.LazyFrame:
+    """(value, count) of one column's non-null values, compared as their kind."""
+    return frame.select(pl.col(name).cast(KINDS[_kind(schema[name])])).drop_nulls().group_by(name).len("count")
+
+
+def _less(total: pl.DataFrame, held_out: pl.DataFrame, name: str) -> pl.DataFrame:
+    """Counts in the training rows: whole-frame counts less held-out counts."""
+    joined = total.join(held_out, on=name, how="left", suffix="_held", nulls_equal=True)
+    return joined.select(name, (pl.col("count") - pl.col("count_held").fill_null(0)).alias("count"))
+
+
+def _vocabulary(counts: pl.DataFrame, name: str, min_frequency: int) -> list[Any]:
+    """Values seen at least `min_frequency` times, most frequent first, ties broken by value so that the
+    vocabulary does not depend on row order."""
+    kept = counts.filter(pl.col("count") >= min_frequency).sort(["count", name], descending=[True, False])
+    return kept.get_column(name).to_list()
+
+
 def _value_counts(frame: pl.LazyFrame, schema: pl.Schema, name: str, min_frequency: int) -> pl.LazyFrame:
-    """The vocabulary of one column: values seen at least `min_frequency` times, most frequent first,
-    ties broken by value so that it does not depend on row order."""
-    column = pl.col(name).cast(KINDS[_kind(schema[name])])
+    """The vocabulary of one column as a query (for the streaming engine), ordered as `_vocabulary` orders it."""
     return (
-        frame.select(column).drop_nulls().group_by(name).len("count")
+        _counts(frame, schema, name)
         .filter(pl.col("count") >= min_frequency)
         .sort(["count", name], descending=[True, False])
     )
@@ -159,10 +195,6 @@ def _kind(dtype: pl.DataType) -> str:
     return "str"
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-
-
 def _matrix(frame: pl.DataFrame, expressions: list[pl.Expr], dtype: torch.dtype, rows: int,
             source: str) -> torch.Tensor:
     """[rows, len(expressions)] column-major, as polars holds columns: no transposing copy of the table
@@ -173,7 +205,7 @@ def _matrix(frame: pl.DataFrame, expressions: list[pl.Expr], dtype: torch.dtype,
         try:
             part = frame.select(expressions[start : start + COLUMNS_AT_ONCE])
         except pl.exceptions.PolarsError as exc:  # a column whose type cannot become the training type
-            reason = _first_line(exc)
+            reason = first_line(exc)
             raise MbtrainError(f"{source}: cannot encode a column like the training data ({reason})") from None
         for offset, column in enumerate(part.iter_columns()):
             with warnings.catch_warnings():  # a read-only view of polars' buffer, only ever copied from

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from mbtrain.checkpoint import check_writable, write_atomic
-from mbtrain.errors import MbtrainError
+from mbtrain.errors import MbtrainError, first_line
 
 PARQUET_MAGIC = b"PAR1"
 
@@ -42,7 +42,7 @@ def _read_parquet(path: Path) -> pl.DataFrame:
     try:
         return pl.read_parquet(path)
     except Exception as exc:  # polars raises several types for corrupt files; all mean the same here
-        raise MbtrainError(f"{path}: unreadable Parquet file, truncated or corrupt ({_reason(exc)})") from None
+        raise MbtrainError(f"{path}: unreadable Parquet file, truncated or corrupt ({first_line(exc)})") from None
 
 
 def _read_csv(path: Path) -> pl.DataFrame:
@@ -52,7 +52,7 @@ def _read_csv(path: Path) -> pl.DataFrame:
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         if "Empty CSV file" in str(exc):
             raise MbtrainError(f"{path}: file is empty") from None
-        raise MbtrainError(f"{path}: malformed CSV ({_reason(exc)})") from None
+        raise MbtrainError(f"{path}: malformed CSV ({first_line(exc)})") from None
     for column in table.schema:
         if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
             raise MbtrainError(f"{path}: column {column.name!r} is not valid UTF-8 text; save the file as UTF-8")
@@ -72,10 +72,3 @@ def write_table(frame: pl.DataFrame, path: Path) -> None:
     csv = path.suffix.lower() == ".csv"
     write_atomic(path, lambda temporary: frame.write_csv(temporary) if csv else frame.write_parquet(temporary),
                  "--output")
-
-
-def _reason(exc: Exception) -> str:
-    """The first line of a library's message, printable and short enough for one line of output."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    text = "".join(ch if ch.isprintable() else "?" for ch in text)
-    return text if len(text) <= 160 else text[:157] + "..."

@@ -38,10 +38,10 @@ import pyarrow.parquet as pq
 import torch
 
 from mbtrain.data.batches import EncodedData
-from mbtrain.data.encoders import SKEWED, CategoricalEncoder, Encoders, NumericEncoder, _kind, _value_counts
-from mbtrain.data.io import PARQUET_MAGIC, _reason
+from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder, _kind, _value_counts
+from mbtrain.data.io import PARQUET_MAGIC
 from mbtrain.data.schema import Schema, infer_schema, label_tensor
-from mbtrain.errors import MbtrainError
+from mbtrain.errors import MbtrainError, first_line
 from mbtrain.models.scoring import predict_probabilities
 
 READ_ROWS = 131_072  # rows decoded and encoded at once: big enough to amortise polars' per-call cost
@@ -90,7 +90,7 @@ def row_groups(files: Sequence[Path]) -> list[RowGroup]:
             metadata = pq.read_metadata(path)
             schema = metadata.schema.to_arrow_schema()
         except (OSError, pa.ArrowException) as exc:
-            raise MbtrainError(f"{path}: not a readable Parquet file ({_reason(exc)})") from None
+            raise MbtrainError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
         if first is None:
             first = schema
         else:
@@ -162,7 +162,7 @@ def read_parquet_files(files: Sequence[Path]) -> pl.DataFrame:
     try:
         return pl.read_parquet(list(files), glob=False, hive_partitioning=False)
     except Exception as exc:  # polars raises several types for corrupt files; all mean the same here
-        raise MbtrainError(f"{files[0]} …: unreadable Parquet data ({_reason(exc)})") from None
+        raise MbtrainError(f"{files[0]} …: unreadable Parquet data ({first_line(exc)})") from None
 
 
 def split_row_groups(parts: Sequence[RowGroup], valid_fraction: float,
@@ -242,41 +242,14 @@ def fit_encoders_streaming(scan: pl.LazyFrame, categorical: list[str], numeric: 
     streaming engine one column at a time (see _collect_by_column): a group-by count per categorical column,
     moments per numeric one."""
     schema = scan.collect_schema()
-    moments = _collect_by_column(scan, [e for name in numeric for e in numeric_moments(name)])
+    moments = _collect_by_column(scan, [e for name in numeric for e in NumericEncoder.moments(name)])
     return Encoders(
         [CategoricalEncoder(name, _kind(schema[name]),
                             _value_counts(scan, schema, name, min_frequency).collect(engine="streaming")
                             .get_column(name).to_list())
          for name in categorical],
-        [numeric_encoder(name, moments) for name in numeric],
+        [NumericEncoder.from_moments(name, moments) for name in numeric],
     )
-
-
-def numeric_moments(name: str) -> list[pl.Expr]:
-    """What NumericEncoder needs, as streaming aggregates: count, min and skew of the raw values, mean and
-    population std of both the raw and the log1p values (which of the two is used is decided afterwards)."""
-    values = pl.col(name).cast(pl.Float64).fill_nan(None)
-    logged = values.log1p()
-    return [
-        values.count().alias(f"{name}\x00count"),
-        values.min().alias(f"{name}\x00min"),
-        values.skew().alias(f"{name}\x00skew"),
-        values.mean().alias(f"{name}\x00mean"),
-        values.std(ddof=0).alias(f"{name}\x00std"),
-        logged.mean().alias(f"{name}\x00log_mean"),
-        logged.std(ddof=0).alias(f"{name}\x00log_std"),
-    ]
-
-
-def numeric_encoder(name: str, moments: dict[str, Any]) -> NumericEncoder:
-    """NumericEncoder.fit's decisions from `numeric_moments` results."""
-    if not moments[f"{name}\x00count"]:
-        return NumericEncoder(name, 0.0, 1.0, False)
-    skew = moments[f"{name}\x00skew"]
-    log1p = bool(moments[f"{name}\x00min"] >= 0 and skew is not None and skew > SKEWED)
-    prefix = "log_" if log1p else ""
-    std = moments[f"{name}\x00{prefix}std"] or 0.0
-    return NumericEncoder(name, float(moments[f"{name}\x00{prefix}mean"]), float(std) if std > 1e-12 else 1.0, log1p)
 
 
 def buffer_rows_for(memory_budget_bytes: int, encoders: Encoders, tasks: list[str]) -> int:
@@ -344,7 +317,7 @@ def _frames(parts: Sequence[RowGroup], columns: list[str]) -> Iterator[tuple[pl.
                 for batch in reader.iter_batches(batch_size=READ_ROWS, row_groups=[part.index], columns=columns):
                     yield pl.from_arrow(batch), source
         except (OSError, pa.ArrowException) as exc:
-            raise MbtrainError(f"{source}: unreadable Parquet data ({_reason(exc)})") from None
+            raise MbtrainError(f"{source}: unreadable Parquet data ({first_line(exc)})") from None
 
 
 def _concat(parts: list[EncodedData]) -> EncodedData:
