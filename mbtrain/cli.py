@@ -212,29 +212,27 @@ def _resumed(out: Path, config_file: Path | None, flags: dict[str, Any],
 @app.command()
 @reports_errors
 def inspect(
-    data: Annotated[Path, typer.Argument(help="A CSV or Parquet file.", show_default=False)],
+    data: Annotated[Path, typer.Argument(help="A CSV or Parquet file, or a directory or glob of Parquet files.",
+                                         show_default=False)],
     tasks: TasksOpt = None,
     main_task: MainTaskOpt = None,
     categorical: CategoricalOpt = None,
     numeric: NumericOpt = None,
     exclude: ExcludeOpt = None,
     config: ConfigOpt = None,
+    memory_budget: Annotated[str | None, typer.Option(help="As for fit: bigger Parquet data is streamed.")] = None,
 ) -> None:
     """Show the role fit would give every column (label, categorical, numeric, excluded); no training."""
-    from mbtrain.data.io import read_table
-    from mbtrain.data.schema import infer_schema, label_tensor
     from mbtrain.report import schema_table
+    from mbtrain.train import describe
 
     run_config = _resolve(config, _overrides(tasks=tasks, main_task=main_task, categorical=categorical,
-                                             numeric=numeric, exclude=exclude))
+                                             numeric=numeric, exclude=exclude, memory_budget=memory_budget))
     run_config.validate()
-    d = run_config.data
-    frame = read_table(data)
-    schema = infer_schema(frame, str(data), run_config.ordered_tasks, d.categorical, d.numeric, d.exclude)
-    labels = label_tensor(frame, str(data), schema.tasks)
-    console.print(schema_table(schema, f"{data}: {frame.height:,} rows, {frame.width} columns"))
-    rates = ", ".join(f"{t} {float(labels[:, i].mean()):.2%}" for i, t in enumerate(schema.tasks))
-    console.print(f"positive rates: {rates}")
+    schema, rows, rates = describe(run_config, data)
+    console.print(schema_table(schema, f"{data}: {rows:,} rows, {len(schema.columns)} columns"))
+    shares = ", ".join(f"{task} {rate:.2%}" for task, rate in zip(schema.tasks, rates.tolist(), strict=True))
+    console.print(f"positive rates: {shares}")
 
 
 @app.command(name="eval")

@@ -81,6 +81,21 @@ def prepare(config: RunConfig, data_path: Path, spec: ModelSpec | None = None) -
     return _prepare_in_memory(config, frame, str(data_path), spec)
 
 
+def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Tensor]:
+    """(column roles, rows, positive rate per task) as `fit` would see the data, streamed where fit streams."""
+    budget = parse_memory_budget(config.data.memory_budget)
+    files = parquet_files(data_path)
+    tasks, d = config.ordered_tasks, config.data
+    if should_stream(files, budget):
+        parts = row_groups(files)
+        schema = infer_schema_streaming(parts, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
+        rates = StreamingBatches(parts, Encoders([], []), tasks, buffer_rows=1).positive_rates()
+        return schema, sum(part.rows for part in parts), rates
+    frame = read_table(files[0]) if len(files) == 1 else read_parquet_files(files)
+    schema = infer_schema(frame, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
+    return schema, frame.height, label_tensor(frame, str(data_path), tasks).mean(dim=0)
+
+
 def _prepare_in_memory(config: RunConfig, frame: pl.DataFrame, source: str, spec: ModelSpec | None) -> Prepared:
     valid_path = Path(config.data.valid) if config.data.valid else None
     tasks = config.ordered_tasks

@@ -269,3 +269,12 @@ def test_fit_streams_a_directory_beyond_the_memory_budget_and_resumes(dataset: t
     result = run_cli("predict", str(straight), str(folder / "part-0.parquet"), "--output", str(predictions))
     assert result.exit_code == 0, result.output
     assert pl.read_parquet(predictions).height == pl.read_parquet(folder / "part-0.parquet").height
+
+
+def test_inspect_streams_like_fit_and_says_the_same(dataset: tuple[Path, pl.DataFrame]) -> None:
+    folder, _ = dataset
+    in_memory = run_cli("inspect", str(folder), "--tasks", "purchase,click")
+    streamed = run_cli("inspect", str(folder), "--tasks", "purchase,click", "--memory-budget", "1K")
+    assert in_memory.exit_code == 0 and streamed.exit_code == 0, in_memory.output + streamed.output
+    assert streamed.stdout == in_memory.stdout
+    assert "positive rates: purchase" in streamed.stdout
