@@ -40,6 +40,7 @@ from mbtrain.data.stream import (
     buffer_rows_for,
     fit_encoders_streaming,
     infer_schema_streaming,
+    is_parquet,
     parquet_files,
     parse_memory_budget,
     predict_stream,
@@ -132,9 +133,10 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
     d = config.data
     parts = row_groups(files)
     schema = infer_schema_streaming(parts, source, tasks, d.categorical, d.numeric, d.exclude)
+    valid_files = parquet_files(Path(d.valid)) if d.valid else []
     if d.valid:
         train_parts, valid_source = parts, d.valid
-        valid_parts = row_groups(parquet_files(Path(d.valid)))
+        valid_parts = row_groups(valid_files) if is_parquet(valid_files[0]) else []
     else:
         train_parts, valid_parts = split_row_groups(parts, d.valid_fraction, config.train.seed)
         valid_source = f"{source} (held-out row groups, {sum(p.rows for p in valid_parts):,} rows)"
@@ -144,7 +146,11 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
         spec = ModelSpec(tasks, encoders, dict(vars(config.model)))
     buffer = buffer_rows_for(budget, spec.encoders, tasks)
     train = StreamingBatches(train_parts, spec.encoders, tasks, buffer)
-    valid = StreamingBatches(valid_parts, spec.encoders, tasks, buffer)
+    if valid_parts:
+        valid: EncodedData | StreamingBatches = StreamingBatches(valid_parts, spec.encoders, tasks, buffer)
+    else:  # a CSV validation file: read whole, as CSV does not stream
+        frame = read_table(valid_files[0])
+        valid = EncodedData(*spec.encoders.encode(frame, d.valid), label_tensor(frame, d.valid, tasks))
     return Prepared(schema, spec, train, valid, valid_source, f"streamed, shuffle buffer {buffer:,} rows")
 
 

@@ -278,3 +278,14 @@ def test_inspect_streams_like_fit_and_says_the_same(dataset: tuple[Path, pl.Data
     assert in_memory.exit_code == 0 and streamed.exit_code == 0, in_memory.output + streamed.output
     assert streamed.stdout == in_memory.stdout
     assert "positive rates: purchase" in streamed.stdout
+
+
+def test_streamed_training_takes_a_csv_validation_file(dataset: tuple[Path, pl.DataFrame], tmp_path: Path) -> None:
+    folder, _ = dataset
+    valid = tmp_path / "valid.csv"
+    _frame(80, seed=9).write_csv(valid)
+    result = run_cli("fit", str(folder), "--tasks", "purchase,click", "--memory-budget", "1K", "--epochs", "1",
+                     "--valid", str(valid), "--exclude", "row_id", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["valid_rows"] == 80 and metrics["evaluated_on"] == str(valid)

@@ -137,12 +137,16 @@ def _width(dtype: pa.DataType) -> int:
         return VARIABLE_WIDTH
 
 
+def is_parquet(path: Path) -> bool:
+    """By the magic bytes, as read_table decides."""
+    with path.open("rb") as handle:
+        return handle.read(4) == PARQUET_MAGIC
+
+
 def should_stream(files: Sequence[Path], memory_budget_bytes: int) -> bool:
     """Whether the data needs the streaming path; a lone CSV file never does (only Parquet streams)."""
-    if len(files) == 1 and files[0].is_file():
-        with files[0].open("rb") as handle:
-            if handle.read(4) != PARQUET_MAGIC:
-                return False
+    if len(files) == 1 and files[0].is_file() and not is_parquet(files[0]):
+        return False
     return estimate_in_memory_bytes(files) > memory_budget_bytes
 
 
