@@ -76,7 +76,7 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 def _help(text: str, key: str) -> str:
     default = DEFAULTS[key]
     shown = ",".join(map(str, default)) if isinstance(default, list) else default
-    return f"{text} [default: {shown}]" if default not in (None, []) else text
+    return f"{text} (default: {shown})" if default not in (None, []) else text
 
 
 TasksOpt = Annotated[str | None, typer.Option(help="Comma-separated label columns, main task first unless "
@@ -148,11 +148,11 @@ def fit(
     memory_budget: Annotated[str | None, typer.Option(help=_help("Memory for the data (e.g. 8G); bigger Parquet "
                                                                  "data is streamed. auto = half of RAM.",
                                                                  "memory_budget"))] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory [default: runs/<timestamp>].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<timestamp>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out run (only once training ends).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the --out run from checkpoints/last.pt.")] = False,
     config: ConfigOpt = None,
-    threads: Annotated[int | None, typer.Option(help="Torch CPU threads [default: torch's choice].")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's choice).")] = None,
     device: Annotated[str | None, typer.Option(help=_help("auto (a GPU where there is one) | cpu | cuda.",
                                                           "device"))] = None,
 ) -> None:
