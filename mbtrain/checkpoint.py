@@ -30,6 +30,8 @@ def write_atomic(path: Path, write: Callable[[Path], None], flag: str = "output"
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(temporary)
+        with temporary.open("rb") as written:  # on disk before it takes the name: a crash leaves old or new
+            os.fsync(written.fileno())
         os.replace(temporary, path)
     except OSError as exc:
         raise MbtrainError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
