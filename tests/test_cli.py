@@ -162,3 +162,16 @@ def test_python_module_entry_point(data_dir: Path) -> None:
     assert result.returncode == 0
     for command in ("fit", "eval", "predict", "export", "inspect"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("columns", [["price", "rating"], ["user", "device"]], ids=["numeric-only", "categorical-only"])
+def test_one_kind_of_feature_trains_and_exports(columns: list[str], tmp_path: Path) -> None:
+    from tests.helpers import make_frame
+
+    data = tmp_path / "d.parquet"
+    make_frame(300, seed=1).select(*columns, "click", "purchase").write_parquet(data)
+    out = tmp_path / "run"
+    result = run_cli("fit", str(data), "--tasks", "purchase,click", "--balance", "metabalance", "--epochs", "1",
+                     "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert run_cli("export", str(out), "--output", str(tmp_path / "m.pt")).exit_code == 0

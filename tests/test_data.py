@@ -128,3 +128,10 @@ def test_fitting_on_some_rows_equals_fitting_on_a_copy_of_them() -> None:
     for ours, theirs in zip(subset.numeric, copied.numeric, strict=True):
         assert (ours.name, ours.log1p) == (theirs.name, theirs.log1p)
         assert ours.mean == pytest.approx(theirs.mean) and ours.std == pytest.approx(theirs.std)
+
+
+@pytest.mark.parametrize(("categorical", "numeric"), [(["user"], []), ([], ["price"])])
+def test_fitting_on_some_rows_with_one_kind_of_column(categorical: list[str], numeric: list[str]) -> None:
+    frame = make_frame(100, seed=2)
+    fitted = Encoders.fit(frame, categorical, numeric, min_frequency=1, rows=torch.arange(80))
+    assert len(fitted.categorical) == len(categorical) and len(fitted.numeric) == len(numeric)

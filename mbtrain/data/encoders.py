@@ -110,9 +110,11 @@ class Encoders:
         if rows is not None:
             held = torch.ones(frame.height, dtype=torch.bool)
             held[rows] = False
-            rest = frame.select(categorical).filter(pl.Series(held.numpy())).lazy()
-            queries += [_counts(rest, schema, name) for name in categorical]
-            numbers = frame.lazy().select(numeric).filter(pl.Series(~held.numpy()))
+            if categorical:
+                rest = frame.select(categorical).filter(pl.Series(held.numpy())).lazy()
+                queries += [_counts(rest, schema, name) for name in categorical]
+            if numeric:
+                numbers = frame.select(numeric).filter(pl.Series(~held.numpy())).lazy()
         queries.append(numbers.select([e for name in numeric for e in NumericEncoder.moments(name)]))
         # one query at a time: as fast as collect_all here (each group-by is parallel), with fewer hash tables alive
         *counts, moments = [query.collect() for query in queries]
