@@ -197,6 +197,8 @@ def _resumed(out: Path, config_file: Path | None, flags: dict[str, Any],
         saved = json.loads(record.read_text())
         run_config = RunConfig.from_dict(saved)
         saved_data = Path(saved["paths"]["data"])
+        if saved["paths"].get("valid"):  # absolute: the run may be resumed from another directory
+            run_config = run_config.updated({"valid": saved["paths"]["valid"]})
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise MbtrainError(f"--resume: {record} is corrupt ({type(exc).__name__}: {exc})") from None
     changes = read_toml(config_file) if config_file else {}

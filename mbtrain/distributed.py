@@ -52,9 +52,11 @@ class Cluster:
         if self.world_size > 1:
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group; after a failure, without waiting for ranks that may never arrive."""
         if self.world_size > 1 and dist.is_initialized():
-            dist.barrier()
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -70,16 +71,22 @@ class Prepared:
     path: str  # how the data is held, for the summary: "in memory" or "streamed, ..."
 
 
-def prepare(config: RunConfig, data_path: Path, spec: ModelSpec | None = None) -> Prepared:
+def prepare(config: RunConfig, data_path: Path, spec: ModelSpec | None = None,
+            streamed: bool | None = None) -> Prepared:
     """Read, validate, split and encode; encoders are fitted on the training rows unless `spec` (a resumed
     run's) brings them. Validation is config.data.valid, else a seeded held-out share. Data whose in-memory
     path would exceed --memory-budget (a big Parquet file, directory or glob) is streamed instead."""
     budget = parse_memory_budget(config.data.memory_budget)
     files = parquet_files(data_path)
-    if should_stream(files, budget):
+    if streamed is None:  # a resumed run keeps its path: the other one holds out different validation rows
+        streamed = should_stream(files, budget)
+    if streamed:
         return _prepare_streaming(config, files, str(data_path), spec, budget)
-    frame = read_table(files[0]) if len(files) == 1 else read_parquet_files(files)
-    return _prepare_in_memory(config, frame, str(data_path), spec)
+    return _prepare_in_memory(config, _read(files), str(data_path), spec)
+
+
+def _read(files: list[Path]) -> pl.DataFrame:
+    return read_table(files[0]) if len(files) == 1 else read_parquet_files(files)
 
 
 def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Tensor]:
@@ -92,7 +99,7 @@ def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Ten
         schema = infer_schema_streaming(parts, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
         rates = StreamingBatches(parts, Encoders([], []), tasks, buffer_rows=1).positive_rates()
         return schema, sum(part.rows for part in parts), rates
-    frame = read_table(files[0]) if len(files) == 1 else read_parquet_files(files)
+    frame = _read(files)
     schema = infer_schema(frame, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
     return schema, frame.height, label_tensor(frame, str(data_path), tasks).mean(dim=0)
 
@@ -104,7 +111,7 @@ def _prepare_in_memory(config: RunConfig, frame: pl.DataFrame, source: str, spec
     schema = infer_schema(frame, source, tasks, d.categorical, d.numeric, d.exclude)
     labels = label_tensor(frame, source, tasks)
     if valid_path is not None:
-        valid_frame = read_table(valid_path)
+        valid_frame = _read(parquet_files(valid_path))
         valid_labels = label_tensor(valid_frame, str(valid_path), tasks)
         valid_source = str(valid_path)
         if spec is None:
@@ -137,6 +144,13 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
     if d.valid:
         train_parts, valid_source = parts, d.valid
         valid_parts = row_groups(valid_files) if is_parquet(valid_files[0]) else []
+        if valid_parts:
+            missing = [c for c in schema.columns if c.role != "excluded" and c.name not in
+                       pq.read_schema(valid_files[0]).names]
+            if missing:
+                raise MbtrainError(f"{valid_files[0]}: lacks column {missing[0].name!r} that the training data has")
+        elif len(valid_files) > 1:
+            raise MbtrainError(f"--valid {d.valid}: matches several non-Parquet files; give one CSV file")
     else:
         train_parts, valid_parts = split_row_groups(parts, d.valid_fraction, config.train.seed)
         valid_source = f"{source} (held-out row groups, {sum(p.rows for p in valid_parts):,} rows)"
@@ -177,9 +191,12 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = Fals
         torch.set_num_threads(config.train.threads)
     cluster = cluster_from_env(config.train.device)
     try:
-        return _fit(config, data_path, out, overwrite, resume, console or Console(), cluster)
-    finally:
-        cluster.close()
+        metrics = _fit(config, data_path, out, overwrite, resume, console or Console(), cluster)
+    except BaseException:
+        cluster.close(wait=False)  # the other ranks may be blocked in a collective: do not wait for them
+        raise
+    cluster.close()
+    return metrics
 
 
 def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume: bool, console: Console,
@@ -192,7 +209,8 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
         raise MbtrainError(f"--out {out} already exists: pass --overwrite to replace it or --resume to continue it")
     staging = not resume and out.exists()
     cluster.barrier()  # every rank has looked at --out before the main rank creates anything
-    prepared = prepare(config, data_path, spec_of(state, out / "checkpoints" / "last.pt") if state else None)
+    prepared = prepare(config, data_path, spec_of(state, out / "checkpoints" / "last.pt") if state else None,
+                       streamed=state.get("streamed") if state else None)
     spec, train, valid = prepared.spec, prepared.train, prepared.valid
     for task, rate in zip(spec.tasks, valid.positive_rates().tolist(), strict=True):
         if main and rate in (0.0, 1.0):
@@ -267,6 +285,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
                     "epoch": epoch,
                     "best": best,
                     "bad_epochs": bad_epochs,
+                    "streamed": isinstance(train, StreamingBatches),
                     "rng": torch.get_rng_state(),
                     **({"cuda_rng": torch.cuda.get_rng_state(cluster.device)} if cluster.device.type == "cuda" else {}),
                     "sample": sample,

@@ -175,3 +175,21 @@ def test_one_kind_of_feature_trains_and_exports(columns: list[str], tmp_path: Pa
                      "--out", str(out))
     assert result.exit_code == 0, result.output
     assert run_cli("export", str(out), "--output", str(tmp_path / "m.pt")).exit_code == 0
+
+
+def test_file_names_with_glob_characters_and_resume_from_elsewhere(data_dir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file called data[1].parquet is a file, not a pattern; a relative --valid survives a resume
+    started from another directory."""
+    train = tmp_path / "data[1].parquet"
+    shutil.copy(data_dir / "train.parquet", train)
+    shutil.copy(data_dir / "test.csv", tmp_path / "valid.csv")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    result = run_cli("fit", "data[1].parquet", "--tasks", "purchase,click", "--epochs", "1", "--valid", "valid.csv",
+                     "--out", str(out))
+    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(data_dir)
+    result = run_cli("fit", "--resume", "--out", str(out), "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["evaluated_on"] == str(tmp_path / "valid.csv")

@@ -40,7 +40,7 @@ def read_table(path: str | Path) -> pl.DataFrame:
 
 def _read_parquet(path: Path) -> pl.DataFrame:
     try:
-        return pl.read_parquet(path)
+        return pl.read_parquet(path, glob=False)  # a file named data[1].parquet is not a pattern
     except Exception as exc:  # polars raises several types for corrupt files; all mean the same here
         raise MbtrainError(f"{path}: unreadable Parquet file, truncated or corrupt ({first_line(exc)})") from None
 

@@ -66,7 +66,7 @@ def parquet_files(source: Path) -> list[Path]:
     """The files behind a data argument: a file as is, a directory's *.parquet files (not hidden or `_`-prefixed
     ones such as Spark's _SUCCESS), or a glob pattern's matches; sorted, so that the row order is stable."""
     text = str(source)
-    if any(ch in text for ch in "*?["):
+    if not source.exists() and any(ch in text for ch in "*?["):  # a real file named data[1].csv is a file
         files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
         if not files:
             raise MbtrainError(f"{source}: no file matches this pattern")
@@ -107,7 +107,8 @@ def row_groups(files: Sequence[Path]) -> list[RowGroup]:
 
 
 def _check_same_columns(path: Path, schema: pa.Schema, first_path: Path, first: pa.Schema) -> None:
-    theirs, ours = dict(zip(first.names, first.types, strict=True)), dict(zip(schema.names, schema.types, strict=True))
+    """Same names and the same types as polars reads them (string and large_string are one type there)."""
+    theirs, ours = _polars_types(first), _polars_types(schema)
     for name, dtype in ours.items():
         if name not in theirs:
             raise MbtrainError(f"{path}: has column {name!r} that {first_path} lacks; all files need the same columns")
@@ -116,6 +117,10 @@ def _check_same_columns(path: Path, schema: pa.Schema, first_path: Path, first: 
     for name in theirs:
         if name not in ours:
             raise MbtrainError(f"{path}: lacks column {name!r} that {first_path} has; all files need the same columns")
+
+
+def _polars_types(schema: pa.Schema) -> dict[str, pl.DataType]:
+    return dict(pl.from_arrow(schema.empty_table()).schema)
 
 
 def count_rows(files: Sequence[Path]) -> int:
@@ -215,8 +220,16 @@ def _collect_by_column(scan: pl.LazyFrame, expressions: list[pl.Expr]) -> dict[s
         groups.setdefault(tuple(expression.meta.root_names()), []).append(expression)
     row: dict[str, Any] = {}
     for group in groups.values():
-        row.update(scan.select(group).collect(engine="streaming").row(0, named=True))
+        row.update(_collect(scan.select(group)).row(0, named=True))
     return row
+
+
+def _collect(query: pl.LazyFrame) -> pl.DataFrame:
+    """A streaming query's result; damaged Parquet pages surface here as one clear line."""
+    try:
+        return query.collect(engine="streaming")
+    except pl.exceptions.PolarsError as exc:
+        raise MbtrainError(f"unreadable Parquet data while streaming ({first_line(exc)})") from None
 
 
 class _ScannedTable:
@@ -249,7 +262,7 @@ def fit_encoders_streaming(scan: pl.LazyFrame, categorical: list[str], numeric: 
     moments = _collect_by_column(scan, [e for name in numeric for e in NumericEncoder.moments(name)])
     return Encoders(
         [CategoricalEncoder(name, _kind(schema[name]),
-                            _value_counts(scan, schema, name, min_frequency).collect(engine="streaming")
+                            _collect(_value_counts(scan, schema, name, min_frequency))
                             .get_column(name).to_list())
          for name in categorical],
         [NumericEncoder.from_moments(name, moments) for name in numeric],
