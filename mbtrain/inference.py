@@ -9,8 +9,8 @@ import polars as pl
 import torch
 
 from mbtrain.checkpoint import is_export, load_checkpoint, run_checkpoint
-from mbtrain.data.io import read_table
 from mbtrain.data.schema import label_tensor
+from mbtrain.data.stream import parquet_files, read_files
 from mbtrain.errors import MbtrainError
 from mbtrain.export import load_torchscript, model_from_checkpoint
 from mbtrain.metrics import task_metrics
@@ -33,7 +33,7 @@ def load_scorer(path: Path) -> tuple[torch.nn.Module, ModelSpec]:
 
 def score(path: Path, data: Path) -> tuple[pl.DataFrame, torch.Tensor, ModelSpec]:
     module, spec = load_scorer(path)
-    frame = read_table(data)
+    frame = read_files(parquet_files(data))  # a file, or a directory / glob of Parquet files
     categorical, numeric = spec.encoders.encode(frame, str(data))
     return frame, predict_probabilities(module, categorical, numeric), spec
 

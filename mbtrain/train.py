@@ -45,7 +45,7 @@ from mbtrain.data.stream import (
     parquet_files,
     parse_memory_budget,
     predict_stream,
-    read_parquet_files,
+    read_files,
     row_groups,
     scan_row_groups,
     should_stream,
@@ -82,11 +82,7 @@ def prepare(config: RunConfig, data_path: Path, spec: ModelSpec | None = None,
         streamed = should_stream(files, budget)
     if streamed:
         return _prepare_streaming(config, files, str(data_path), spec, budget)
-    return _prepare_in_memory(config, _read(files), str(data_path), spec)
-
-
-def _read(files: list[Path]) -> pl.DataFrame:
-    return read_table(files[0]) if len(files) == 1 else read_parquet_files(files)
+    return _prepare_in_memory(config, read_files(files), str(data_path), spec)
 
 
 def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Tensor]:
@@ -99,7 +95,7 @@ def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Ten
         schema = infer_schema_streaming(parts, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
         rates = StreamingBatches(parts, Encoders([], []), tasks, buffer_rows=1).positive_rates()
         return schema, sum(part.rows for part in parts), rates
-    frame = _read(files)
+    frame = read_files(files)
     schema = infer_schema(frame, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
     return schema, frame.height, label_tensor(frame, str(data_path), tasks).mean(dim=0)
 
@@ -111,7 +107,7 @@ def _prepare_in_memory(config: RunConfig, frame: pl.DataFrame, source: str, spec
     schema = infer_schema(frame, source, tasks, d.categorical, d.numeric, d.exclude)
     labels = label_tensor(frame, source, tasks)
     if valid_path is not None:
-        valid_frame = _read(parquet_files(valid_path))
+        valid_frame = read_files(parquet_files(valid_path))
         valid_labels = label_tensor(valid_frame, str(valid_path), tasks)
         valid_source = str(valid_path)
         if spec is None:

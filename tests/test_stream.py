@@ -270,6 +270,9 @@ def test_fit_streams_a_directory_beyond_the_memory_budget_and_resumes(dataset: t
     result = run_cli("predict", str(straight), str(folder / "part-0.parquet"), "--output", str(predictions))
     assert result.exit_code == 0, result.output
     assert pl.read_parquet(predictions).height == pl.read_parquet(folder / "part-0.parquet").height
+    scored = tmp_path / "eval.json"
+    assert run_cli("eval", str(straight), str(folder), "--json", str(scored)).exit_code == 0  # a directory too
+    assert json.loads(scored.read_text())["tasks"]["click"]["rows"] == frame.height
 
 
 def test_inspect_streams_like_fit_and_says_the_same(dataset: tuple[Path, pl.DataFrame]) -> None:

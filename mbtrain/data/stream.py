@@ -39,7 +39,7 @@ import torch
 
 from mbtrain.data.batches import EncodedData
 from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder, _kind, _value_counts
-from mbtrain.data.io import PARQUET_MAGIC
+from mbtrain.data.io import PARQUET_MAGIC, read_table
 from mbtrain.data.schema import Schema, infer_schema, label_tensor
 from mbtrain.errors import MbtrainError, first_line
 from mbtrain.models.scoring import predict_probabilities
@@ -172,6 +172,11 @@ def read_parquet_files(files: Sequence[Path]) -> pl.DataFrame:
         return pl.read_parquet(list(files), glob=False, hive_partitioning=False)
     except Exception as exc:  # polars raises several types for corrupt files; all mean the same here
         raise MbtrainError(f"{files[0]} …: unreadable Parquet data ({first_line(exc)})") from None
+
+
+def read_files(files: Sequence[Path]) -> pl.DataFrame:
+    """The in-memory path's frame: one CSV or Parquet file as read_table reads it, or several Parquet files."""
+    return read_table(files[0]) if len(files) == 1 else read_parquet_files(files)
 
 
 def split_row_groups(parts: Sequence[RowGroup], valid_fraction: float,
