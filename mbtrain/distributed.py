@@ -40,14 +40,6 @@ class Cluster:
         for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
             tensor.copy_(part.view_as(tensor))
 
-    def all_true(self, flag: bool) -> bool:
-        """Whether `flag` holds on every rank (used to stop together)."""
-        if self.world_size == 1:
-            return flag
-        value = torch.tensor([1 if flag else 0], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return bool(value.item())
-
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
