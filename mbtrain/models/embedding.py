@@ -35,6 +35,19 @@ class FusedEmbedding(nn.Module):
         index = categorical + self.offsets
         return self.table(index), index
 
+    def input_dim(self, num_numeric: int) -> int:
+        """Width of `inputs`: every embedding plus the numeric features; at least one feature is needed."""
+        width = self.out_dim + num_numeric
+        if width < 1:
+            raise ValueError("the model needs at least one categorical or numeric feature")
+        return width
+
+    def inputs(self, categorical: torch.Tensor, numeric: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(embeddings ⊕ numeric [B, input_dim], the gathered rows [B, C, dim], their table rows [B, C])."""
+        rows, index = self.lookup(categorical)
+        return torch.cat([rows.reshape(categorical.shape[0], self.out_dim), numeric], dim=1), rows, index
+
     def forward(self, categorical: torch.Tensor) -> torch.Tensor:
         """[B, C] int64 codes → [B, C * dim] concatenated embeddings (an empty [B, 0] when C == 0)."""
         rows, _ = self.lookup(categorical)

@@ -35,9 +35,7 @@ class MMoE(nn.Module):
         super().__init__()
         hidden, tower = list(hidden), list(tower)
         self.embedding = FusedEmbedding(cardinalities, embed_dim)
-        in_dim = self.embedding.out_dim + num_numeric
-        if in_dim < 1:
-            raise ValueError("the model needs at least one categorical or numeric feature")
+        in_dim = self.embedding.input_dim(num_numeric)
         if not hidden:
             raise ValueError("MMoE experts need at least one hidden layer")
         if experts < 1:
@@ -57,7 +55,7 @@ class MMoE(nn.Module):
         return [*self.gates.parameters(), *self.towers.parameters()]
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.embedding(categorical), numeric], dim=1)
+        x, _, _ = self.embedding.inputs(categorical, numeric)
         return self.heads(x, self.experts(x))
 
     def heads(self, x: torch.Tensor, expert_out: torch.Tensor) -> torch.Tensor:
@@ -72,8 +70,7 @@ class MMoE(nn.Module):
 
     def split_forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> SplitForward:
         """Trunk = embedding + experts; heads = gates, mixture, towers (see models/split.py)."""
-        rows, index = self.embedding.lookup(categorical)
-        x = torch.cat([rows.flatten(1), numeric], dim=1)
+        x, rows, index = self.embedding.inputs(categorical, numeric)
         boundary = [x, self.experts(x)]
         per_task = task_views(boundary, self.num_tasks)
         return SplitForward(self.heads(*per_task), boundary, per_task, self.embedding.table.weight, rows, index)

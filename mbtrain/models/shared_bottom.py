@@ -29,9 +29,7 @@ class SharedBottom(nn.Module):
         super().__init__()
         hidden, tower = list(hidden), list(tower)
         self.embedding = FusedEmbedding(cardinalities, embed_dim)
-        in_dim = self.embedding.out_dim + num_numeric
-        if in_dim < 1:
-            raise ValueError("the model needs at least one categorical or numeric feature")
+        in_dim = self.embedding.input_dim(num_numeric)
         self.bottom = mlp(in_dim, hidden, dropout)
         self.towers = Towers(hidden[-1] if hidden else in_dim, tower, num_tasks, dropout)
 
@@ -44,12 +42,12 @@ class SharedBottom(nn.Module):
         return list(self.towers.parameters())
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.embedding(categorical), numeric], dim=1)
+        x, _, _ = self.embedding.inputs(categorical, numeric)
         return self.towers(self.bottom(x))
 
     def split_forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> SplitForward:
         """Trunk = embedding + bottom; heads = towers (see models/split.py)."""
-        rows, index = self.embedding.lookup(categorical)
-        bottom = self.bottom(torch.cat([rows.flatten(1), numeric], dim=1))
+        x, rows, index = self.embedding.inputs(categorical, numeric)
+        bottom = self.bottom(x)
         per_task = task_views([bottom], self.towers.num_tasks)
         return SplitForward(self.towers(per_task[0]), [bottom], per_task, self.embedding.table.weight, rows, index)
