@@ -179,6 +179,17 @@ def hour_effect(hour: int) -> float:
     return 0.35 * math.cos(2.0 * math.pi * (hour - 20) / 24.0)
 
 
+def popularity(rng: random.Random, n: int, q: float, s: float) -> tuple[list[int], list[float]]:
+    """A shuffled rank order and the cumulative Zipf-Mandelbrot weights 1 / (rank + q)^s over it."""
+    order = list(range(n))
+    rng.shuffle(order)
+    cumulative, total = [], 0.0
+    for rank in range(n):
+        total += 1.0 / (rank + q) ** s
+        cumulative.append(total)
+    return order, cumulative
+
+
 def generate(n_rows: int) -> pl.DataFrame:
     rng = random.Random(SEED)
     users = make_users(rng)
@@ -187,20 +198,8 @@ def generate(n_rows: int) -> pl.DataFrame:
 
     # Zipf-Mandelbrot popularity 1 / (rank + q)^s over a shuffled rank order: a heavy head without
     # one user dominating the log (users: q=10, s=1.0; items: q=5, s=0.9)
-    user_order = list(range(N_USERS))
-    rng.shuffle(user_order)
-    user_cum = []
-    acc = 0.0
-    for rank in range(N_USERS):
-        acc += 1.0 / (rank + 10) ** 1.0
-        user_cum.append(acc)
-    item_order = list(range(N_ITEMS))
-    rng.shuffle(item_order)
-    item_cum = []
-    acc = 0.0
-    for rank in range(N_ITEMS):
-        acc += 1.0 / (rank + 5) ** 0.9
-        item_cum.append(acc)
+    user_order, user_cum = popularity(rng, N_USERS, q=10, s=1.0)
+    item_order, item_cum = popularity(rng, N_ITEMS, q=5, s=0.9)
 
     hour_weights = [1.0 + 0.8 * math.cos(2.0 * math.pi * (h - 20) / 24.0) for h in range(24)]
 
