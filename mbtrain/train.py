@@ -34,7 +34,6 @@ from mbtrain.checkpoint import load_checkpoint, save_checkpoint, write_json, wri
 from mbtrain.config import RunConfig
 from mbtrain.data.batches import EncodedData, split_rows
 from mbtrain.data.encoders import Encoders
-from mbtrain.data.io import read_table
 from mbtrain.data.schema import Schema, infer_schema, label_tensor
 from mbtrain.data.stream import (
     StreamingBatches,
@@ -76,10 +75,9 @@ def prepare(config: RunConfig, data_path: Path, spec: ModelSpec | None = None,
     """Read, validate, split and encode; encoders are fitted on the training rows unless `spec` (a resumed
     run's) brings them. Validation is config.data.valid, else a seeded held-out share. Data whose in-memory
     path would exceed --memory-budget (a big Parquet file, directory or glob) is streamed instead."""
-    budget = parse_memory_budget(config.data.memory_budget)
-    files = parquet_files(data_path)
+    files, budget, fits = _locate(config, data_path)
     if streamed is None:  # a resumed run keeps its path: the other one holds out different validation rows
-        streamed = should_stream(files, budget)
+        streamed = not fits
     if streamed:
         return _prepare_streaming(config, files, str(data_path), spec, budget)
     return _prepare_in_memory(config, read_files(files), str(data_path), spec)
@@ -87,10 +85,9 @@ def prepare(config: RunConfig, data_path: Path, spec: ModelSpec | None = None,
 
 def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Tensor]:
     """(column roles, rows, positive rate per task) as `fit` would see the data, streamed where fit streams."""
-    budget = parse_memory_budget(config.data.memory_budget)
-    files = parquet_files(data_path)
+    files, _, fits = _locate(config, data_path)
     tasks, d = config.ordered_tasks, config.data
-    if should_stream(files, budget):
+    if not fits:
         parts = row_groups(files)
         schema = infer_schema_streaming(parts, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
         rates = StreamingBatches(parts, Encoders([], []), tasks, buffer_rows=1).positive_rates()
@@ -98,6 +95,13 @@ def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Ten
     frame = read_files(files)
     schema = infer_schema(frame, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
     return schema, frame.height, label_tensor(frame, str(data_path), tasks).mean(dim=0)
+
+
+def _locate(config: RunConfig, data_path: Path) -> tuple[list[Path], int, bool]:
+    """(the data's files, the memory budget in bytes, whether the in-memory path fits in it)."""
+    budget = parse_memory_budget(config.data.memory_budget)
+    files = parquet_files(data_path)
+    return files, budget, not should_stream(files, budget)
 
 
 def _prepare_in_memory(config: RunConfig, frame: pl.DataFrame, source: str, spec: ModelSpec | None) -> Prepared:
@@ -108,8 +112,8 @@ def _prepare_in_memory(config: RunConfig, frame: pl.DataFrame, source: str, spec
     labels = label_tensor(frame, source, tasks)
     if valid_path is not None:
         valid_frame = read_files(parquet_files(valid_path))
-        valid_labels = label_tensor(valid_frame, str(valid_path), tasks)
         valid_source = str(valid_path)
+        valid_labels = label_tensor(valid_frame, valid_source, tasks)  # bad labels fail before any fitting
         if spec is None:
             spec = ModelSpec(tasks, Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency),
                              dict(vars(config.model)))
@@ -141,8 +145,8 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
         train_parts, valid_source = parts, d.valid
         valid_parts = row_groups(valid_files) if is_parquet(valid_files[0]) else []
         if valid_parts:
-            missing = [c for c in schema.columns if c.role != "excluded" and c.name not in
-                       pq.read_schema(valid_files[0]).names]
+            present = set(pq.read_schema(valid_files[0]).names)
+            missing = [c for c in schema.columns if c.role != "excluded" and c.name not in present]
             if missing:
                 raise MbtrainError(f"{valid_files[0]}: lacks column {missing[0].name!r} that the training data has")
         elif len(valid_files) > 1:
@@ -159,7 +163,7 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
     if valid_parts:
         valid: EncodedData | StreamingBatches = StreamingBatches(valid_parts, spec.encoders, tasks, buffer)
     else:  # a CSV validation file: read whole, as CSV does not stream
-        frame = read_table(valid_files[0])
+        frame = read_files(valid_files)
         valid = EncodedData(*spec.encoders.encode(frame, d.valid), label_tensor(frame, d.valid, tasks))
     return Prepared(schema, spec, train, valid, valid_source, f"streamed, shuffle buffer {buffer:,} rows")
 
