@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,9 @@ from mbtrain.balance import build_balancer
 from mbtrain.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from mbtrain.config import RunConfig
 from mbtrain.data.batches import EncodedData, split_rows
+from mbtrain.data.coded import CodedFrame
 from mbtrain.data.encoders import Encoders
+from mbtrain.data.io import read_coded
 from mbtrain.data.schema import Schema, infer_schema, label_tensor
 from mbtrain.data.stream import (
     StreamingBatches,
@@ -80,7 +81,7 @@ def prepare(config: RunConfig, data_path: Path, spec: ModelSpec | None = None,
         streamed = not fits
     if streamed:
         return _prepare_streaming(config, files, str(data_path), spec, budget)
-    return _prepare_in_memory(config, read_files(files), str(data_path), spec)
+    return _prepare_in_memory(config, _read_coded(files, config.ordered_tasks), str(data_path), spec)
 
 
 def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Tensor]:
@@ -92,9 +93,9 @@ def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Ten
         schema = infer_schema_streaming(parts, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
         rates = StreamingBatches(parts, Encoders([], []), tasks, buffer_rows=1).positive_rates()
         return schema, sum(part.rows for part in parts), rates
-    frame = read_files(files)
-    schema = infer_schema(frame, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
-    return schema, frame.height, label_tensor(frame, str(data_path), tasks).mean(dim=0)
+    coded = _read_coded(files, tasks)
+    schema = infer_schema(coded, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
+    return schema, coded.height, label_tensor(coded.frame, str(data_path), tasks).mean(dim=0)
 
 
 def _locate(config: RunConfig, data_path: Path) -> tuple[list[Path], int, bool]:
@@ -104,16 +105,23 @@ def _locate(config: RunConfig, data_path: Path) -> tuple[list[Path], int, bool]:
     return files, budget, not should_stream(files, budget)
 
 
-def _prepare_in_memory(config: RunConfig, frame: pl.DataFrame, source: str, spec: ModelSpec | None) -> Prepared:
+def _read_coded(files: list[Path], tasks: list[str]) -> CodedFrame:
+    """The in-memory path's table: one file with its text features left dictionary-encoded where it is Parquet
+    (the labels are parsed as they are), or several Parquet files read whole."""
+    return read_coded(files[0], plain=tasks) if len(files) == 1 else CodedFrame(read_files(files))
+
+
+def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, spec: ModelSpec | None) -> Prepared:
+    """Roles, encoders and the encoded tensors all from each column's codes, made once (data/coded.py)."""
     valid_path = Path(config.data.valid) if config.data.valid else None
     tasks = config.ordered_tasks
     d = config.data
     schema = infer_schema(frame, source, tasks, d.categorical, d.numeric, d.exclude)
-    labels = label_tensor(frame, source, tasks)
+    labels = label_tensor(frame.frame, source, tasks)
     if valid_path is not None:
-        valid_frame = read_files(parquet_files(valid_path))
+        valid_frame = _read_coded(parquet_files(valid_path), tasks)
         valid_source = str(valid_path)
-        valid_labels = label_tensor(valid_frame, valid_source, tasks)  # bad labels fail before any fitting
+        valid_labels = label_tensor(valid_frame.frame, valid_source, tasks)  # bad labels fail before any fitting
         if spec is None:
             spec = ModelSpec(tasks, Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency),
                              dict(vars(config.model)))

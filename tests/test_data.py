@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mbtrain.data.encoders import Encoders
+from mbtrain.data.io import read_coded
 from mbtrain.data.schema import infer_schema, label_tensor
 from mbtrain.errors import MbtrainError
 from tests.helpers import make_frame
@@ -135,3 +136,47 @@ def test_fitting_on_some_rows_with_one_kind_of_column(categorical: list[str], nu
     frame = make_frame(100, seed=2)
     fitted = Encoders.fit(frame, categorical, numeric, min_frequency=1, rows=torch.arange(80))
     assert len(fitted.categorical) == len(categorical) and len(fitted.numeric) == len(numeric)
+
+
+def _mixed_frame(rows: int) -> pl.DataFrame:
+    """Every kind the coded path handles: text with nulls, ints with nulls, a wide-range int, booleans, text labels."""
+    return make_frame(rows, seed=4).with_columns(
+        pl.Series("city", [None if i % 13 == 0 else f"c{(i * 7) % 23}" for i in range(rows)]),
+        pl.Series("shop_id", [None if i % 17 == 0 else 5 + (i * 11) % 97 for i in range(rows)]),
+        pl.Series("hash_id", [(i % 41) * 10**15 for i in range(rows)]),  # too wide a range to be its own id
+        pl.Series("is_new", [i % 3 == 0 for i in range(rows)]),
+        pl.Series("purchase", ["true" if i % 5 == 0 else "false" for i in range(rows)]),
+    )
+
+
+def test_parquet_text_read_as_dictionaries_gives_what_the_plain_frame_gives(tmp_path) -> None:
+    frame = _mixed_frame(400)
+    path = tmp_path / "mixed.parquet"
+    frame.write_parquet(path, row_group_size=64)  # several row groups, each with its own dictionaries
+    tasks = ["purchase", "click"]
+    coded = read_coded(path, plain=tasks)
+    assert coded.columns == frame.columns and coded.schema == frame.schema
+    schema = infer_schema(coded, "f", tasks)
+    assert schema == infer_schema(frame, "f", tasks)
+    rows = torch.randperm(400, generator=torch.Generator().manual_seed(0))[:300]
+    fitted = Encoders.fit(coded, schema.categorical, schema.numeric, min_frequency=2, rows=rows)
+    plain = Encoders.fit(frame, schema.categorical, schema.numeric, min_frequency=2, rows=rows)
+    assert fitted.categorical == plain.categorical
+    for ours, theirs in zip(fitted.numeric, plain.numeric, strict=True):  # summed over chunks: last-bit differences
+        assert (ours.name, ours.log1p) == (theirs.name, theirs.log1p) and ours.mean == pytest.approx(theirs.mean)
+    categorical, numeric = fitted.encode(coded, "f")
+    plain_categorical, plain_numeric = fitted.encode(frame, "f")
+    assert torch.equal(categorical, plain_categorical)
+    assert torch.equal(numeric.nan_to_num(-1), plain_numeric.nan_to_num(-1))
+    # and both equal the per-value polars expression that encodes streamed chunks' vocabularies
+    expected = frame.select([e.expression().alias(e.name) for e in fitted.categorical]).to_torch()
+    assert torch.equal(categorical, expected.to(torch.int64))
+    assert label_tensor(coded.frame, "f", tasks)[:, 0].sum() == 80
+
+
+def test_vocabulary_orders_by_count_then_value_whatever_the_row_order() -> None:
+    values = ["b", "a", "c", "a", "c", "b", "d", None, "d", "d"]
+    for order in (values, values[::-1]):
+        fitted = Encoders.fit(pl.DataFrame({"x": order, "n": range(10)}), ["x", "n"], [], min_frequency=1)
+        assert fitted.categorical[0].values == ["d", "a", "b", "c"]  # 3, then ties of 2 by value
+        assert fitted.categorical[1].values == list(range(10))

@@ -13,7 +13,6 @@ in one place.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,14 +20,13 @@ import numpy as np
 import polars as pl
 import torch
 
+from mbtrain.data.coded import KINDS, CodedFrame, kind_of, tensor_view
 from mbtrain.errors import MbtrainError, first_line
 
 SKEWED = 2.0  # skewness above which a non-negative numeric column is log1p-transformed first
 
-COLUMNS_AT_ONCE = 4  # encoded together: enough for polars to use every core, few enough to stay small
 LOOKUP_SLACK = 4  # integer vocabularies use a lookup table when their value range is at most this × their size
 
-KINDS: dict[str, pl.DataType] = {"str": pl.String, "int": pl.Int64, "float": pl.Float64}
 
 
 @dataclass
@@ -57,6 +55,15 @@ class CategoricalEncoder:
                 return pl.lit(pl.Series(table)).gather(position).fill_null(0).alias(self.name)
         return column.replace_strict(self.values, list(range(1, self.cardinality)), default=0, return_dtype=pl.Int64)
 
+    def lookup(self, values: pl.Series, source: str) -> torch.Tensor:
+        """int64 [len(values) + 1]: the index of each of a coded column's values, then 0 for its null id."""
+        try:
+            indices = pl.DataFrame([values.alias(self.name)]).select(self.expression()).to_series().to_numpy()
+        except pl.exceptions.PolarsError as exc:  # a column whose type cannot become the training type
+            raise MbtrainError(f"{source}: cannot encode column {self.name!r} like the training data "
+                               f"({first_line(exc)})") from None
+        return torch.cat([torch.from_numpy(indices.astype(np.int64)), torch.zeros(1, dtype=torch.int64)])
+
 
 @dataclass
 class NumericEncoder:
@@ -66,28 +73,34 @@ class NumericEncoder:
     log1p: bool
 
     @staticmethod
-    def moments(name: str) -> list[pl.Expr]:
+    def moments(name: str, logged: bool = True) -> list[pl.Expr]:
         """Aggregates the statistics come from (one row; the streaming engine can compute them too): count,
-        min and skew of the values, mean and population std of both the values and their log1p."""
+        min and skew of the values, mean and population std of the values and, if `logged`, of their log1p."""
         values = pl.col(name).cast(pl.Float64).fill_nan(None)
-        logged = values.log1p()
-        return [
+        expressions = [
             values.count().alias(f"{name}\x00count"),
             values.min().alias(f"{name}\x00min"),
             values.skew().alias(f"{name}\x00skew"),
             values.mean().alias(f"{name}\x00mean"),
             values.std(ddof=0).alias(f"{name}\x00std"),
-            logged.mean().alias(f"{name}\x00log_mean"),
-            logged.std(ddof=0).alias(f"{name}\x00log_std"),
         ]
+        if logged:
+            expressions += [values.log1p().mean().alias(f"{name}\x00log_mean"),
+                            values.log1p().std(ddof=0).alias(f"{name}\x00log_std")]
+        return expressions
+
+    @staticmethod
+    def wants_log1p(name: str, row: dict[str, Any]) -> bool:
+        """Non-negative and skewed beyond SKEWED: log1p first."""
+        skew = row[f"{name}\x00skew"]
+        return bool(row[f"{name}\x00count"] and row[f"{name}\x00min"] >= 0 and skew is not None and skew > SKEWED)
 
     @classmethod
     def from_moments(cls, name: str, row: dict[str, Any]) -> NumericEncoder:
-        """log1p for non-negative columns skewed beyond SKEWED, then the matching mean and std."""
+        """log1p where wants_log1p says so, then the matching mean and std."""
         if not row[f"{name}\x00count"]:
             return cls(name, 0.0, 1.0, False)
-        skew = row[f"{name}\x00skew"]
-        log1p = bool(row[f"{name}\x00min"] >= 0 and skew is not None and skew > SKEWED)
+        log1p = cls.wants_log1p(name, row)
         prefix = "log_" if log1p else ""
         std = row[f"{name}\x00{prefix}std"] or 0.0
         return cls(name, float(row[f"{name}\x00{prefix}mean"]), float(std) if std > 1e-12 else 1.0, log1p)
@@ -99,34 +112,31 @@ class Encoders:
     numeric: list[NumericEncoder]
 
     @classmethod
-    def fit(cls, frame: pl.DataFrame, categorical: list[str], numeric: list[str], min_frequency: int,
+    def fit(cls, frame: pl.DataFrame | CodedFrame, categorical: list[str], numeric: list[str], min_frequency: int,
             rows: torch.Tensor | None = None) -> Encoders:
         """Fitted on `rows` of `frame` (all rows when None) without copying the training rows out: a value's
-        training count is its count in the whole frame less its count in the (small) held-out rest, and the
-        numeric statistics read the training rows of the numeric columns only."""
-        schema, whole = frame.schema, frame.lazy()
-        queries = [_counts(whole, schema, name) for name in categorical]
-        numbers = whole
+        training count is its count in the whole frame (which role inference has already taken) less its count
+        in the held-out rest; the numeric statistics read the training rows of the numeric columns only."""
+        coded = frame if isinstance(frame, CodedFrame) else CodedFrame(frame)
+        held = None
         if rows is not None:
-            held = torch.ones(frame.height, dtype=torch.bool)
-            held[rows] = False
-            if categorical:
-                rest = frame.select(categorical).filter(pl.Series(held.numpy())).lazy()
-                queries += [_counts(rest, schema, name) for name in categorical]
-            if numeric:
-                numbers = frame.select(numeric).filter(pl.Series(~held.numpy())).lazy()
-        queries.append(numbers.select([e for name in numeric for e in NumericEncoder.moments(name)]))
-        # one query at a time: as fast as collect_all here (each group-by is parallel), with fewer hash tables alive
-        *counts, moments = [query.collect() for query in queries]
-        if rows is not None:
-            counts = [_less(total, held_out, name)
-                      for name, total, held_out in zip(categorical, counts, counts[len(categorical):], strict=False)]
-        row = moments.row(0, named=True) if numeric else {}
-        return cls(
-            [CategoricalEncoder(name, _kind(schema[name]), _vocabulary(table, name, min_frequency))
-             for name, table in zip(categorical, counts[: len(categorical)], strict=True)],
-            [NumericEncoder.from_moments(name, row) for name in numeric],
-        )
+            mask = torch.ones(coded.height, dtype=torch.bool)
+            mask[rows] = False
+            held = mask.nonzero().squeeze(1)
+        vocabularies = []
+        for name in categorical:
+            column = coded.column(name, "training data")
+            counts = column.totals if held is None else column.totals - column.counts(held)
+            vocabularies.append(CategoricalEncoder(name, kind_of(coded.schema[name]),
+                                                   _vocabulary(column.values, counts[:-1], min_frequency)))
+        training = None if held is None else pl.lit(pl.Series(~mask.numpy()))
+        row: dict[str, Any] = {}
+        for name in numeric:  # one column's training rows at a time: 16 MB alive at 2M rows, not the lot
+            values = coded.frame.select(pl.col(name) if training is None else pl.col(name).filter(training))
+            row |= values.select(NumericEncoder.moments(name, logged=False)).row(0, named=True)
+            if NumericEncoder.wants_log1p(name, row):  # log1p costs 20 ms per 2M values: only where it is used
+                row |= values.select(NumericEncoder.moments(name)).row(0, named=True)
+        return cls(vocabularies, [NumericEncoder.from_moments(name, row) for name in numeric])
 
     @property
     def cardinalities(self) -> list[int]:
@@ -140,44 +150,39 @@ class Encoders:
         return cls([CategoricalEncoder(**e) for e in raw["categorical"]],
                    [NumericEncoder(**e) for e in raw["numeric"]])
 
-    def encode(self, frame: pl.DataFrame, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(categorical int64 [rows, C], numeric float32 [rows, N], NaN for null), built column-wise."""
-        missing = [e.name for e in [*self.categorical, *self.numeric] if e.name not in frame.columns]
+    def encode(self, frame: pl.DataFrame | CodedFrame, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(categorical int64 [rows, C], numeric float32 [rows, N], NaN for null), built column-wise: each
+        categorical column as a gather of its codes through its vocabulary's lookup table."""
+        coded = frame if isinstance(frame, CodedFrame) else CodedFrame(frame)
+        missing = [e.name for e in [*self.categorical, *self.numeric] if e.name not in coded.columns]
         if missing:
             raise MbtrainError(f"{source}: feature column {missing[0]!r} used by the model is missing"
                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         for encoder in self.numeric:
-            dtype = frame.schema[encoder.name]
+            dtype = coded.schema[encoder.name]
             if not (dtype.is_numeric() or dtype == pl.Boolean or dtype == pl.Null):
                 raise MbtrainError(f"{source}: numeric column {encoder.name!r} has type {dtype}, expected numbers")
-        rows = frame.height
-        categorical = _matrix(frame, [e.expression() for e in self.categorical], torch.int64, rows, source)
-        numeric = _matrix(
-            frame,
-            [pl.col(e.name).cast(pl.Float32).fill_null(math.nan) for e in self.numeric],
-            torch.float32,
-            rows,
-            source,
-        )
-        return categorical, numeric
+        # column-major as in _numeric_matrix; zeros, not empty: the parallel fill takes the page faults of fresh
+        # memory on every core, where the single-threaded gathers below would take them on one (190 → 95 ms)
+        categorical = torch.zeros(len(self.categorical), coded.height, dtype=torch.int64).T
+        for j, encoder in enumerate(self.categorical):
+            column = coded.column(encoder.name, source)
+            torch.index_select(encoder.lookup(column.values, source), 0, column.ids, out=categorical[:, j])
+        return categorical, _numeric_matrix(coded.frame, [e.name for e in self.numeric])
 
 
 def _counts(frame: pl.LazyFrame, schema: pl.Schema, name: str) -> pl.LazyFrame:
     """(value, count) of one column's non-null values, compared as their kind."""
-    return frame.select(pl.col(name).cast(KINDS[_kind(schema[name])])).drop_nulls().group_by(name).len("count")
+    return frame.select(pl.col(name).cast(KINDS[kind_of(schema[name])])).drop_nulls().group_by(name).len("count")
 
 
-def _less(total: pl.DataFrame, held_out: pl.DataFrame, name: str) -> pl.DataFrame:
-    """Counts in the training rows: whole-frame counts less held-out counts."""
-    joined = total.join(held_out, on=name, how="left", suffix="_held", nulls_equal=True)
-    return joined.select(name, (pl.col("count") - pl.col("count_held").fill_null(0)).alias("count"))
-
-
-def _vocabulary(counts: pl.DataFrame, name: str, min_frequency: int) -> list[Any]:
-    """Values seen at least `min_frequency` times, most frequent first, ties broken by value so that the
-    vocabulary does not depend on row order."""
-    kept = counts.filter(pl.col("count") >= min_frequency).sort(["count", name], descending=[True, False])
-    return kept.get_column(name).to_list()
+def _vocabulary(values: pl.Series, counts: torch.Tensor, min_frequency: int) -> list[Any]:
+    """Values seen at least `min_frequency` times (and at least once), most frequent first, ties broken by
+    value so that the vocabulary does not depend on row order: a sort by value, then a stable sort by count."""
+    kept = (counts >= max(min_frequency, 1)).nonzero().squeeze(1)
+    order = kept[torch.from_numpy(values.gather(kept.numpy()).arg_sort().cast(pl.Int64).to_numpy())]
+    order = order[torch.sort(counts[order], descending=True, stable=True).indices]
+    return values.gather(order.numpy()).to_list()
 
 
 def _value_counts(frame: pl.LazyFrame, schema: pl.Schema, name: str, min_frequency: int) -> pl.LazyFrame:
@@ -189,29 +194,14 @@ def _value_counts(frame: pl.LazyFrame, schema: pl.Schema, name: str, min_frequen
     )
 
 
-def _kind(dtype: pl.DataType) -> str:
-    """How values are compared; booleans as text ("true"/"false"), which a CSV read elsewhere can match."""
-    if dtype.is_integer():
-        return "int"
-    if dtype.is_float():
-        return "float"
-    return "str"
+_kind = kind_of  # the name stream.py imports
 
 
-def _matrix(frame: pl.DataFrame, expressions: list[pl.Expr], dtype: torch.dtype, rows: int,
-            source: str) -> torch.Tensor:
-    """[rows, len(expressions)] column-major, as polars holds columns: no transposing copy of the table
-    (0.37 s on 2M × 21), and only COLUMNS_AT_ONCE encoded columns exist twice at any time, which keeps the
-    peak memory near frame + tensors. Gathering a batch of rows from it costs a few per cent more."""
-    out = torch.empty(len(expressions), rows, dtype=dtype).T
-    for start in range(0, len(expressions), COLUMNS_AT_ONCE):
-        try:
-            part = frame.select(expressions[start : start + COLUMNS_AT_ONCE])
-        except pl.exceptions.PolarsError as exc:  # a column whose type cannot become the training type
-            reason = first_line(exc)
-            raise MbtrainError(f"{source}: cannot encode a column like the training data ({reason})") from None
-        for offset, column in enumerate(part.iter_columns()):
-            with warnings.catch_warnings():  # a read-only view of polars' buffer, only ever copied from
-                warnings.simplefilter("ignore", UserWarning)
-                out[:, start + offset] = torch.from_numpy(column.to_numpy())
+def _numeric_matrix(frame: pl.DataFrame, names: list[str]) -> torch.Tensor:
+    """float32 [rows, len(names)], NaN for null, column-major as polars holds columns: no transposing copy of
+    the table (0.37 s on 2M × 21), and one converted column alive at a time besides the result. Gathering a
+    batch of rows from it costs a few per cent more."""
+    out = torch.empty(len(names), frame.height, dtype=torch.float32).T
+    for j, name in enumerate(names):
+        out[:, j] = tensor_view(frame.get_column(name).cast(pl.Float32).fill_null(math.nan).to_numpy())
     return out

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import polars as pl
 import torch
 
+from mbtrain.data.coded import CodedFrame, codable, tensor_view
 from mbtrain.errors import MbtrainError
 
 SMALL_INT_CARDINALITY = 32
@@ -48,7 +49,7 @@ class Schema:
 
 
 def infer_schema(
-    frame: pl.DataFrame,
+    frame: pl.DataFrame | CodedFrame,
     source: str,
     tasks: list[str],
     categorical: list[str] = (),
@@ -69,11 +70,7 @@ def infer_schema(
     for name in categorical:
         if frame.schema[name].is_nested():
             raise MbtrainError(f"{source}: column {name!r} is {frame.schema[name]} and cannot be --categorical")
-    counted = [c for c in frame.columns if not frame.schema[c].is_float()]  # floats are numeric whatever
-    stats = frame.select(
-        [pl.col(c).n_unique().alias(f"{c}\x00distinct") for c in counted]
-        + [pl.col(c).null_count().alias(f"{c}\x00nulls") for c in frame.columns]
-    ).row(0, named=True)
+    stats = _column_stats(frame, source)
     columns = []
     for name in frame.columns:
         dtype = frame.schema[name]
@@ -103,6 +100,29 @@ def infer_schema(
     )
 
 
+def _column_stats(frame: pl.DataFrame | CodedFrame, source: str) -> dict[str, int]:
+    """Distinct (null counted as a value) and null counts: from a CodedFrame's codes, which encoder fitting
+    then reuses, for every column it can code; from polars aggregates otherwise. Floats are numeric
+    whatever their distinct count, so theirs is not taken."""
+    counted = [c for c in frame.columns if not frame.schema[c].is_float()]
+    if not isinstance(frame, CodedFrame):
+        return frame.select(
+            [pl.col(c).n_unique().alias(f"{c}\x00distinct") for c in counted]
+            + [pl.col(c).null_count().alias(f"{c}\x00nulls") for c in frame.columns]
+        ).row(0, named=True)
+    stats = {}
+    for name in frame.columns:
+        if codable(frame.schema[name]):
+            column = frame.column(name, source)
+            stats[f"{name}\x00distinct"], stats[f"{name}\x00nulls"] = column.distinct, int(column.totals[-1])
+        else:
+            series = frame.frame.get_column(name)
+            stats[f"{name}\x00nulls"] = series.null_count()
+            if name in counted:
+                stats[f"{name}\x00distinct"] = series.n_unique()
+    return stats
+
+
 def _infer(name: str, dtype: pl.DataType, distinct: int | None, null_share: float, rows: int) -> tuple[str, str]:
     if null_share == 1.0:
         return "excluded", "all values null"
@@ -129,24 +149,26 @@ def _infer(name: str, dtype: pl.DataType, distinct: int | None, null_share: floa
 
 def label_tensor(frame: pl.DataFrame, source: str, tasks: list[str]) -> torch.Tensor:
     """Labels as float32 [rows, tasks]; anything but 0/1/true/false (or a null) is an error naming the column."""
-    columns = []
-    for name in tasks:
+    labels = torch.empty(frame.height, len(tasks))
+    for j, name in enumerate(tasks):
         if name not in frame.columns:
             raise MbtrainError(f"{source}: task column {name!r} not found; columns are {_shown(frame.columns)}")
         column = frame.get_column(name)
         nulls = column.null_count()
         if nulls:
             raise MbtrainError(f"{source}: label column {name!r} has {nulls} null value(s); labels must be 0/1")
-        columns.append(_binary(column, source))
-    return torch.stack(columns, dim=1) if columns else torch.empty(frame.height, 0)
+        labels[:, j] = tensor_view(_binary(column, source).to_numpy())
+    return labels
 
 
-def _binary(column: pl.Series, source: str) -> torch.Tensor:
+def _binary(column: pl.Series, source: str) -> pl.Series:
+    """The column as Float32 0/1, or one clear error."""
     dtype = column.dtype
     if dtype == pl.Boolean:
         values = column.cast(pl.Float32)
     elif dtype.is_numeric():
-        bad = column.filter((column != 0) & (column != 1))
+        binary_range = dtype.is_integer() and column.min() >= 0 and column.max() <= 1  # no filtered copy
+        bad = column.head(0) if binary_range else column.filter((column != 0) & (column != 1))
         if bad.len():
             raise MbtrainError(f"{source}: label column {column.name!r} is not binary: found value {bad[0]!r} "
                                "(labels must be 0/1/true/false)")
@@ -160,7 +182,7 @@ def _binary(column: pl.Series, source: str) -> torch.Tensor:
         values = lowered.is_in(sorted(TRUE_TEXT)).cast(pl.Float32)
     else:
         raise MbtrainError(f"{source}: label column {column.name!r} has type {dtype}; labels must be 0/1")
-    return torch.from_numpy(values.to_numpy().copy())
+    return values
 
 
 def _shown(names: list[str], limit: int = 12) -> str:
