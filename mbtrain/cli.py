@@ -135,6 +135,9 @@ def fit(
     lr: Annotated[float | None, typer.Option(help=_help("Adam learning rate.", "lr"))] = None,
     weight_decay: Annotated[float | None, typer.Option(help=_help("Adam weight decay.", "weight_decay"))] = None,
     seed: Annotated[int | None, typer.Option(help=_help("Seed for split, init and shuffling.", "seed"))] = None,
+    shuffle: Annotated[bool | None, typer.Option("--shuffle/--no-shuffle",
+                                                 help=_help("Shuffle the training rows every epoch; off: file "
+                                                            "order.", "shuffle"))] = None,
     valid: Annotated[Path | None, typer.Option(help="Validation file (else a held-out fraction).")] = None,
     valid_fraction: Annotated[float | None, typer.Option(help=_help("Held-out share when no --valid.",
                                                                     "valid_fraction"))] = None,
@@ -162,7 +165,7 @@ def fit(
     flags = _overrides(
         tasks=tasks, main_task=main_task, model=model, balance=balance, relax_factor=relax_factor, beta=beta,
         strategy=strategy, embed_dim=embed_dim, hidden=hidden, experts=experts, tower=tower, dropout=dropout,
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, shuffle=shuffle,
         valid=str(valid) if valid else None, valid_fraction=valid_fraction, patience=patience,
         categorical=categorical, numeric=numeric, exclude=exclude, min_frequency=min_frequency, threads=threads,
         device=device, memory_budget=memory_budget,

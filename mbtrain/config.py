@@ -58,6 +58,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
+    shuffle: bool = True  # off: every epoch reads the training rows in file order (each rank its shard's)
     patience: int = 3
     threads: int | None = None
     device: str = "auto"
@@ -210,8 +211,8 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def _matches(value: Any, kind: str) -> bool:
     scalar = {"int": (int,), "float": (int, float), "str": (str,)}
-    if isinstance(value, bool):
-        return False
+    if kind == "bool" or isinstance(value, bool):  # bool is an int to isinstance: only a bool setting takes one
+        return kind == "bool" and isinstance(value, bool)
     if kind.startswith("list["):
         inner = scalar[kind[5:-1]]
         return isinstance(value, list) and all(isinstance(v, inner) and not isinstance(v, bool) for v in value)

@@ -5,12 +5,19 @@ shared parameters summed over ranks *before* it takes their norms, which DDP's b
 Instead every rank computes its losses as (sum over its rows) / (rows in the global batch), and the
 balancer sums gradients across ranks where it needs them (`Cluster.sum_`), so N ranks with batch B take
 exactly the step one process takes with batch N·B.
+
+Work that every rank needs done once (the streamed path's schema and encoder fit, validation) runs on rank 0
+and reaches the others through `from_main`, on a gloo group of its own whose timeout allows rank 0 a long
+pass over the data: the training collectives keep the backend's default timeout (NCCL's is 10 minutes).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +25,9 @@ import torch.distributed as dist
 from mbtrain.errors import MbtrainError
 
 DEVICES = ("auto", "cpu", "cuda")
+HANDOFF_TIMEOUT = timedelta(hours=6)  # how long ranks wait for rank 0's pass over the data (see from_main)
+T = TypeVar("T")
+_handoff_group: Any = None  # the gloo group from_main waits on; made with the process group, gone with it
 
 
 @dataclass
@@ -46,10 +56,12 @@ class Cluster:
 
     def close(self, wait: bool = True) -> None:
         """Leave the process group; after a failure, without waiting for ranks that may never arrive."""
+        global _handoff_group
         if self.world_size > 1 and dist.is_initialized():
             if wait:
                 dist.barrier()
             dist.destroy_process_group()
+            _handoff_group = None
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -71,4 +83,32 @@ def cluster_from_env(device: str) -> Cluster:
         if where.type == "cuda":
             torch.cuda.set_device(where)
         dist.init_process_group("nccl" if where.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        global _handoff_group
+        _handoff_group = dist.new_group(backend="gloo", timeout=HANDOFF_TIMEOUT)
     return Cluster(rank, world_size, where)
+
+
+def ranks_on_this_node() -> int:
+    """Ranks sharing this machine's memory: torchrun's LOCAL_WORLD_SIZE, else 1."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def from_main(compute: Callable[[], T]) -> T:
+    """`compute()` run on rank 0 alone and its result handed to every rank (pickled); in one process, just
+    `compute()`. An MbtrainError on rank 0 is raised on every rank, so that none waits for a result that will
+    not come; any other failure on rank 0 closes its process group, which fails the others' wait."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return compute()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, compute())
+        except MbtrainError as exc:
+            box[0] = (False, str(exc))
+            dist.broadcast_object_list(box, src=0, group=_handoff_group)
+            raise
+    dist.broadcast_object_list(box, src=0, group=_handoff_group)
+    done, value = box[0]
+    if not done:
+        raise MbtrainError(value)
+    return value

@@ -51,7 +51,7 @@ from mbtrain.data.stream import (
     should_stream,
     split_row_groups,
 )
-from mbtrain.distributed import Cluster, cluster_from_env
+from mbtrain.distributed import Cluster, cluster_from_env, from_main
 from mbtrain.errors import MbtrainError
 from mbtrain.metrics import task_metrics
 from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities
@@ -143,29 +143,37 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, spec: 
 
 def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: ModelSpec | None,
                        budget: int) -> Prepared:
-    """Roles and encoders from streaming passes, batches read row group by row group (data/stream.py)."""
+    """Roles and encoders from streaming passes, batches read row group by row group (data/stream.py).
+
+    The row groups of the split come from the footers, on every rank; the passes over the rows (roles, and
+    encoders unless `spec` brings them) run on rank 0 alone under torchrun, which hands them to the others."""
     tasks = config.ordered_tasks
     d = config.data
     parts = row_groups(files)
-    schema = infer_schema_streaming(parts, source, tasks, d.categorical, d.numeric, d.exclude)
     valid_files = parquet_files(Path(d.valid)) if d.valid else []
     if d.valid:
         train_parts, valid_source = parts, d.valid
         valid_parts = row_groups(valid_files) if is_parquet(valid_files[0]) else []
-        if valid_parts:
-            present = set(pq.read_schema(valid_files[0]).names)
-            missing = [c for c in schema.columns if c.role != "excluded" and c.name not in present]
-            if missing:
-                raise MbtrainError(f"{valid_files[0]}: lacks column {missing[0].name!r} that the training data has")
-        elif len(valid_files) > 1:
+        if not valid_parts and len(valid_files) > 1:
             raise MbtrainError(f"--valid {d.valid}: matches several non-Parquet files; give one CSV file")
     else:
         train_parts, valid_parts = split_row_groups(parts, d.valid_fraction, config.train.seed)
         valid_source = f"{source} (held-out row groups, {sum(p.rows for p in valid_parts):,} rows)"
-    if spec is None:
-        encoders = fit_encoders_streaming(scan_row_groups(train_parts), schema.categorical, schema.numeric,
-                                          d.min_frequency)
-        spec = ModelSpec(tasks, encoders, dict(vars(config.model)))
+
+    def roles_and_encoders() -> tuple[Schema, Encoders]:
+        schema = infer_schema_streaming(parts, source, tasks, d.categorical, d.numeric, d.exclude)
+        if d.valid and valid_parts:  # a Parquet --valid file
+            present = set(pq.read_schema(valid_files[0]).names)
+            missing = [c for c in schema.columns if c.role != "excluded" and c.name not in present]
+            if missing:
+                raise MbtrainError(f"{valid_files[0]}: lacks column {missing[0].name!r} that the training data has")
+        if spec is not None:
+            return schema, spec.encoders
+        return schema, fit_encoders_streaming(scan_row_groups(train_parts), schema.categorical, schema.numeric,
+                                              d.min_frequency)
+
+    schema, encoders = from_main(roles_and_encoders)
+    spec = spec or ModelSpec(tasks, encoders, dict(vars(config.model)))
     buffer = buffer_rows_for(budget, spec.encoders, tasks)
     train = StreamingBatches(train_parts, spec.encoders, tasks, buffer)
     if valid_parts:
@@ -220,10 +228,14 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
     prepared = prepare(config, data_path, spec_of(state, out / "checkpoints" / "last.pt") if state else None,
                        streamed=state.get("streamed") if state else None)
     spec, train, valid = prepared.spec, prepared.train, prepared.valid
-    for task, rate in zip(spec.tasks, valid.positive_rates().tolist(), strict=True):
-        if main and rate in (0.0, 1.0):
-            sys.stderr.write(f"mbtrain: warning: {prepared.valid_source}: task {task!r} has a single class in "
-                             "validation; its AUC will be null\n")
+    if not config.train.shuffle and isinstance(train, EncodedData):  # EncodedData.batches always shuffles
+        raise MbtrainError("--no-shuffle needs streamed data (see --memory-budget): data held in memory is "
+                           "always shuffled")
+    if main:  # the one rank that validates
+        for task, rate in zip(spec.tasks, valid.positive_rates().tolist(), strict=True):
+            if rate in (0.0, 1.0):
+                sys.stderr.write(f"mbtrain: warning: {prepared.valid_source}: task {task!r} has a single class "
+                                 "in validation; its AUC will be null\n")
     work = out.parent / f".{out.name}.partial" if staging else out
     if main:
         if staging and work.exists():
@@ -232,7 +244,8 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
 
     torch.manual_seed(config.train.seed)
     model = spec.build()
-    model.set_base_rates(train.positive_rates())
+    if state is None:  # a resumed model's biases come from its checkpoint; rank 0 reads the labels once
+        model.set_base_rates(from_main(train.positive_rates))
     model.to(cluster.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     b = config.balance
@@ -264,7 +277,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
                   f"rows; {spec.model['model']}, balance {b.balance}; tasks {', '.join(spec.tasks)} "
                   f"(main {spec.main_task}); data {prepared.path}; {cluster.device}{ranks}; run {out}",
                   soft_wrap=True)
-    sample = _sample(valid)
+    sample = _sample(valid) if main else None
     started = time.perf_counter()
     patience = config.train.patience
     epoch = start_epoch - 1
@@ -284,22 +297,23 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
                 else:
                     bad_epochs += 1
                 history.append(entry)
-                checkpoint = {
-                    "config": config.to_dict(),
-                    "spec": spec.to_dict(),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "balancer": balancer.state_dict(),
-                    "epoch": epoch,
-                    "best": best,
-                    "bad_epochs": bad_epochs,
-                    "streamed": isinstance(train, StreamingBatches),
-                    "rng": torch.get_rng_state(),
-                    **({"cuda_rng": torch.cuda.get_rng_state(cluster.device)} if cluster.device.type == "cuda" else {}),
-                    "sample": sample,
-                }
                 # history first (resume drops lines past last.pt), best.pt last (never ahead of last.pt)
                 if main:
+                    checkpoint = {
+                        "config": config.to_dict(),
+                        "spec": spec.to_dict(),
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "balancer": balancer.state_dict(),
+                        "epoch": epoch,
+                        "best": best,
+                        "bad_epochs": bad_epochs,
+                        "streamed": isinstance(train, StreamingBatches),
+                        "rng": torch.get_rng_state(),
+                        **({"cuda_rng": torch.cuda.get_rng_state(cluster.device)}
+                           if cluster.device.type == "cuda" else {}),
+                        "sample": sample,
+                    }
                     write_jsonl(history, work / "history.jsonl")
                     save_checkpoint(checkpoint, work / "checkpoints" / "last.pt")
                     if entry["best"]:
@@ -337,17 +351,24 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Any,
                  train: EncodedData | StreamingBatches, valid: EncodedData | StreamingBatches, tasks: list[str],
                  config: RunConfig, epoch: int, progress: Progress, cluster: Cluster | None = None) -> dict[str, Any]:
-    """One pass over the shuffled training rows, then validation; returns the history.jsonl entry.
+    """One pass over the training rows (shuffled unless --no-shuffle), then validation; returns the
+    history.jsonl entry.
 
-    Under torchrun each rank takes its slice of every global batch of world_size × batch_size rows, and
-    its losses are divided by the global batch's rows: summed across ranks, that is one process's mean."""
+    Under torchrun each rank takes its slice of every global batch of world_size × batch_size rows (in memory)
+    or its own shard's batches (streamed), and its losses are divided by the global batch's rows: summed
+    across ranks, that is one process's mean. Rank 0 alone validates (the exact AUC needs every row's
+    prediction in one place) and hands the metrics to the others, which early stopping needs."""
     cluster = cluster or Cluster(0, 1, torch.device("cpu"))
     device = cluster.device
     started = time.perf_counter()
     batch_size = config.train.batch_size
-    steps = -(-len(train) // (batch_size * cluster.world_size))
+    if isinstance(train, StreamingBatches):
+        steps = train.steps(batch_size, cluster.world_size)
+    else:
+        steps = -(-len(train) // (batch_size * cluster.world_size))
     bar = progress.add_task(f"epoch {epoch}/{config.train.epochs}", total=steps, loss="")
-    generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + epoch)
+    seed = config.train.seed * 1_000_003 + epoch
+    generator = torch.Generator().manual_seed(seed) if config.train.shuffle else None
     loss_sum = torch.zeros(len(tasks), device=device)
     ratio_sum = torch.zeros(len(tasks), device=device)
     model.train()
@@ -369,11 +390,10 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     train_seconds = time.perf_counter() - started
     progress.remove_task(bar)
     cluster.sum_([loss_sum])
-    probabilities, labels = validate(model, valid)
     entry: dict[str, Any] = {
         "epoch": epoch,
         "train_loss": dict(zip(tasks, (loss_sum / len(train)).tolist(), strict=True)),
-        "valid": task_metrics(probabilities, labels, tasks),
+        "valid": from_main(lambda: task_metrics(*validate(model, valid), tasks)),
         "seconds": round(time.perf_counter() - started, 4),
         "rows_per_second": round(len(train) / train_seconds, 1),
     }

@@ -1,24 +1,37 @@
-"""torchrun with 2 gloo processes takes exactly the steps of one process with twice the batch."""
+"""torchrun with 2 gloo processes takes exactly the steps of one process with twice the batch: in memory, where
+every rank slices each global batch, and streamed, where each rank reads its own shard of the row groups."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from mbtrain.balance import build_balancer
+from mbtrain.config import ModelConfig
+from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder
+from mbtrain.data.stream import row_groups, split_row_groups
+from mbtrain.models.scoring import ModelSpec
 from tests.helpers import make_frame, run_cli
 
 SETTINGS = ["--tasks", "purchase,click", "--patience", "0", "--threads", "1", "--seed", "3", "--hidden", "8",
             "--experts", "2", "--tower", "4", "--device", "cpu"]
+STREAMED = ["--memory-budget", "1K", "--exclude", "row_id"]  # a budget nothing fits in: the streamed path
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "mbtrain", "fit", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
 def torchrun(*args: str) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "mbtrain", "fit", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    result = launch(*args)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -26,10 +39,25 @@ def weights(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=True)
 
 
+def assert_same_weights(ours: dict, theirs: dict) -> None:
+    for name, tensor in theirs["model"].items():
+        torch.testing.assert_close(ours["model"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ddp") / "train.parquet"
     make_frame(500, seed=0).write_parquet(path)  # 450 training rows: the last global batch is uneven
+    return path
+
+
+@pytest.fixture(scope="module")
+def batch_groups(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """15 row groups of 32 rows; seed 3 holds 2 out, and rank 0 reads 7 of the other 13, rank 1 reads 6."""
+    path = tmp_path_factory.mktemp("sharded") / "train.parquet"
+    make_frame(15 * 32, seed=2).write_parquet(path, row_group_size=32)
+    train, _ = split_row_groups(row_groups([path]), 0.1, seed=3)
+    assert len(train) == 13 and {p.rows for p in train} == {32}
     return path
 
 
@@ -41,8 +69,7 @@ def test_two_ranks_match_one_process_with_twice_the_batch(balance: str, data: Pa
                      "--out", str(tmp_path / "one"))
     assert result.exit_code == 0, result.output
     two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
-    for name, tensor in one["model"].items():
-        torch.testing.assert_close(two["model"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(two, one)
     if balance == "metabalance":
         torch.testing.assert_close(two["balancer"]["moving_norms"], one["balancer"]["moving_norms"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # rank 1 wrote nothing of its own
@@ -55,5 +82,70 @@ def test_a_distributed_run_resumes(data: Path, tmp_path: Path) -> None:
     torchrun("--resume", "--out", str(tmp_path / "split"), "--epochs", "2")
     straight, split = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert split["epoch"] == 2
-    for name, tensor in straight["model"].items():
-        torch.testing.assert_close(split["model"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(split, straight)
+
+
+def test_streamed_ranks_reading_their_own_row_groups_match_one_process_with_twice_the_batch(
+        batch_groups: Path, tmp_path: Path) -> None:
+    """Unshuffled, rank r reads training row groups r, r+2, …, so global batch s is groups 2s and 2s+1: the
+    batch one process with twice the batch reads. 13 groups: rank 1's shard runs out one step early."""
+    common = [str(batch_groups), *SETTINGS, *STREAMED, "--balance", "metabalance", "--epochs", "2",
+              "--no-shuffle"]
+    torchrun(*common, "--batch-size", "32", "--out", str(tmp_path / "two"))
+    result = run_cli("fit", *common, "--batch-size", "64", "--out", str(tmp_path / "one"))
+    assert result.exit_code == 0, result.output
+    assert "streamed" in result.stdout
+    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    assert_same_weights(two, one)
+    torch.testing.assert_close(two["balancer"]["moving_norms"], one["balancer"]["moving_norms"])
+    assert two["streamed"] and one["streamed"]
+    history = [json.loads(line) for line in (tmp_path / "two" / "history.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (tmp_path / "one" / "history.jsonl").read_text().splitlines()]
+    for ours, theirs in zip(history, expected, strict=True):  # rank 0's validation, on all held-out rows
+        for task, metrics in theirs["valid"].items():
+            assert ours["valid"][task] == pytest.approx(metrics, rel=1e-5)
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
+
+
+def test_a_distributed_streamed_run_resumes(batch_groups: Path, tmp_path: Path) -> None:
+    common = [*SETTINGS, *STREAMED, "--balance", "metabalance", "--batch-size", "32"]
+    torchrun(str(batch_groups), *common, "--epochs", "2", "--out", str(tmp_path / "straight"))
+    torchrun(str(batch_groups), *common, "--epochs", "1", "--out", str(tmp_path / "split"))
+    torchrun("--resume", "--out", str(tmp_path / "split"), "--epochs", "2")
+    straight, split = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert split["epoch"] == 2 and split["streamed"]
+    assert_same_weights(split, straight)
+
+
+def test_a_failure_on_rank_0_while_it_fits_the_encoders_stops_every_rank(batch_groups: Path,
+                                                                         tmp_path: Path) -> None:
+    """Only rank 0 reads the rows to infer the roles; the others get its error instead of waiting for it."""
+    settings = [a if a != "purchase,click" else "purchase,clicks" for a in SETTINGS]
+    result = launch(str(batch_groups), *settings, *STREAMED, "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert result.returncode != 0
+    errors = {line for line in result.stderr.splitlines() if line.startswith("mbtrain: error: ")}
+    assert len(errors) == 1 and "column 'clicks' (from --tasks) not found" in errors.pop(), result.stderr
+    assert "gloo" not in result.stderr  # rank 1 raised rank 0's error, not a broken connection's
+
+
+@pytest.mark.parametrize("model", ["mmoe", "shared-bottom"])
+@pytest.mark.parametrize("balance", ["none", "metabalance"])
+def test_an_empty_local_batch_adds_zero_gradients(model: str, balance: str) -> None:
+    """What a rank whose shard is exhausted computes: zero losses, zero gradients, no NaN in MetaBalance."""
+    encoders = Encoders([CategoricalEncoder("user", "str", ["a", "b"]), CategoricalEncoder("device", "str", ["x"])],
+                        [NumericEncoder("price", 1.0, 2.0, False)])
+    spec = ModelSpec(["purchase", "click"], encoders,
+                     {**vars(ModelConfig()), "model": model, "hidden": [8], "experts": 2, "tower": [4]})
+    network = spec.build()
+    balancer = build_balancer(balance, network.shared_parameters(), network.task_parameters(),
+                              reduce=lambda tensors: None)  # no other rank adds anything
+    categorical, numeric = torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 1)
+    split = network.split_forward(categorical, numeric) if balancer.wants_split else None
+    logits = split.logits if split is not None else network(categorical, numeric)
+    losses = F.binary_cross_entropy_with_logits(logits, torch.empty(0, 2), reduction="none").sum(dim=0) / 64
+    balancer.backward(list(losses.unbind()), split)
+    assert torch.equal(losses, torch.zeros(2))
+    for name, parameter in network.named_parameters():
+        assert parameter.grad is not None and not parameter.grad.any(), name
+    if balance == "metabalance":
+        assert torch.isfinite(balancer.state_dict()["moving_norms"]).all()

@@ -181,18 +181,59 @@ def test_shuffling_is_seeded_per_epoch_local_to_the_buffer_and_covers_every_row(
     assert not torch.equal(torch.cat(first[:3]).sort().values, torch.cat(first[:3]))  # shuffled inside
 
 
-def test_ranks_take_their_slices_of_the_same_global_batches(dataset: tuple[Path, pl.DataFrame]) -> None:
+def _row_ids(batch: EncodedData) -> list[int]:
+    """The row_id of each row, where row_id is the only categorical column with every value kept."""
+    return (batch.categorical[:, 0] - 1).tolist()
+
+
+def test_each_rank_reads_its_own_row_groups_and_all_ranks_take_the_same_steps(tmp_path: Path) -> None:
+    """One file per row group: a rank's epoch works with the other rank's files gone, so it never opens them."""
+    sizes = [50, 50, 50, 50, 50, 20, 50]  # rank 0 gets groups 0, 2, 4 (150 rows), rank 1 1, 3, 5, 6 (170 rows)
+    firsts = [sum(sizes[:i]) for i in range(len(sizes))]
+
+    def stream(folder: Path) -> StreamingBatches:
+        folder.mkdir()
+        for i, (rows, first) in enumerate(zip(sizes, firsts, strict=True)):
+            frame = make_frame(rows, seed=i).with_columns(pl.Series("row_id", range(first, first + rows)))
+            frame.write_parquet(folder / f"part-{i}.parquet")
+        parts = row_groups(parquet_files(folder))
+        encoders = fit_encoders_streaming(scan_row_groups(parts), ["row_id"], [], min_frequency=1)
+        return StreamingBatches(parts, encoders, TASKS, buffer_rows=GROUP_ROWS)
+
+    epochs = {}
+    for rank in range(2):
+        data = stream(tmp_path / f"rank{rank}")
+        shards = data.shards(2)
+        assert [[int(p.path.stem[-1]) for p in shard] for shard in shards] == [[0, 2, 4], [1, 3, 5, 6]]
+        assert data.shards(1) == [data.parts] and data.steps(32, 2) == 6 and data.steps(32, 1) == 10
+        for part in shards[1 - rank]:
+            part.path.unlink()
+        epochs[rank] = list(data.batches(32, torch.Generator().manual_seed(5), rank, world_size=2))
+        ids = [i for batch, _ in epochs[rank] for i in _row_ids(batch)]
+        mine = [i for p in shards[rank] for i in range(firsts[int(p.path.stem[-1])], firsts[int(p.path.stem[-1])]
+                                                         + p.rows)]
+        assert sorted(ids) == sorted(mine) and ids != sorted(ids)  # each row of the shard once, shuffled
+    # equal steps, the same global rows on both ranks; rank 0's exhausted shard ends with an empty batch
+    assert [rows for _, rows in epochs[0]] == [rows for _, rows in epochs[1]] == [64, 64, 64, 64, 54, 10]
+    assert [len(b) for b, _ in epochs[0]] == [32, 32, 32, 32, 22, 0]
+    assert [len(b) for b, _ in epochs[1]] == [32, 32, 32, 32, 32, 10]
+    empty, _ = epochs[0][-1]
+    assert empty.categorical.shape == (0, 1) and empty.numeric.shape == (0, 0) and empty.labels.shape == (0, 2)
+
+
+def test_unshuffled_ranks_together_take_one_process_batches_of_row_groups_that_hold_a_batch(
+        dataset: tuple[Path, pl.DataFrame]) -> None:
+    """Row groups of exactly the per-rank batch: rank r reads groups r, r+2, …, and each global batch is the
+    batch one process with twice the batch reads in file order (what the torchrun test relies on)."""
     folder, frame = dataset
     encoders, _ = _in_memory(frame)
-    stream = StreamingBatches(row_groups(parquet_files(folder)), encoders, TASKS, buffer_rows=2 * GROUP_ROWS)
-
-    def epoch(batch_size: int, rank: int, world_size: int) -> list[tuple[EncodedData, int]]:
-        return list(stream.batches(batch_size, torch.Generator().manual_seed(5), rank, world_size))
-
-    whole, ranks = epoch(64, 0, 1), [epoch(32, rank, 2) for rank in range(2)]
-    assert [rows for _, rows in whole] == [rows for _, rows in ranks[0]] == [64] * 9 + [24]
+    stream = StreamingBatches(row_groups(parquet_files(folder)), encoders, TASKS, buffer_rows=GROUP_ROWS)
+    whole = list(stream.batches(2 * GROUP_ROWS))
+    ranks = [list(stream.batches(GROUP_ROWS, rank=rank, world_size=2)) for rank in range(2)]
+    assert [rows for _, rows in whole] == [rows for _, rows in ranks[0]] == [rows for _, rows in ranks[1]]
     for (batch, _), (first, _), (second, _) in zip(whole, *ranks, strict=True):
         assert torch.equal(batch.categorical, torch.cat([first.categorical, second.categorical]))
+        assert torch.equal(batch.labels, torch.cat([first.labels, second.labels]))
 
 
 def test_a_bad_label_names_its_file_and_row_group(dataset: tuple[Path, pl.DataFrame], tmp_path: Path) -> None:
@@ -242,6 +283,13 @@ def test_the_path_is_chosen_by_the_memory_budget(dataset: tuple[Path, pl.DataFra
     assert parse_memory_budget("512M") == 512 * 2**20
     assert parse_memory_budget("1.5GiB") == 3 * 2**29
     assert parse_memory_budget("auto") > 0
+
+
+def test_ranks_on_one_machine_share_its_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    auto = parse_memory_budget("auto")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # as torchrun --nproc-per-node 4 sets it
+    assert parse_memory_budget("8G") == 2 * 2**30
+    assert parse_memory_budget("auto") == auto // 4
     with pytest.raises(MbtrainError, match="--memory-budget 'lots'"):
         parse_memory_budget("lots")
 

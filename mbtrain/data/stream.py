@@ -14,6 +14,12 @@ Streaming keeps memory bounded by the budget, not by the data:
   groups, the price of never holding the file. With no generator it yields rows in file order, the very
   batches that slicing the in-memory tensors gives.
 
+Under torchrun each rank reads only its own shard of the training row groups (`StreamingBatches.shards`:
+fixed for the run, row-balanced from the footers) and cuts it into batches of `batch_size` rows; the global
+batch of a step is the ranks' local batches together. Every rank knows every shard's rows from the
+footers, hence the number of steps and each step's global rows (`global_rows`) without a collective; a
+rank whose shard runs out first takes empty batches until the last one is done.
+
 Validation holds out whole row groups, not rows: `split_row_groups` permutes the row groups with
 `torch.Generator().manual_seed(seed)` and takes them in that order until they hold at least
 `valid_fraction` of the rows (at least one row group, and at least one left for training). Finding held-out
@@ -25,6 +31,7 @@ validation file (`--valid`) is streamed the same way, as `row_groups([path])`.
 from __future__ import annotations
 
 import glob
+import heapq
 import os
 import re
 from collections.abc import Generator, Iterator, Sequence
@@ -41,6 +48,7 @@ from mbtrain.data.batches import EncodedData
 from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder, _kind, _value_counts
 from mbtrain.data.io import PARQUET_MAGIC, read_table
 from mbtrain.data.schema import Schema, infer_schema, label_tensor
+from mbtrain.distributed import ranks_on_this_node
 from mbtrain.errors import MbtrainError, first_line
 from mbtrain.models.scoring import predict_probabilities
 
@@ -156,13 +164,17 @@ def should_stream(files: Sequence[Path], memory_budget_bytes: int) -> bool:
 
 
 def parse_memory_budget(text: str) -> int:
-    """Bytes from `512M`, `8G`, `1.5GiB`, `2000000000` (binary units) or `auto` (half the physical memory)."""
+    """This process's bytes of the machine's budget: `512M`, `8G`, `1.5GiB`, `2000000000` (binary units) or
+    `auto` (half the physical memory), shared equally by the ranks torchrun starts on this machine, each of
+    which holds its own data (the whole file in memory, or its shuffle buffer)."""
     if text.strip().lower() == "auto":
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if not match or float(match[1]) <= 0:
-        raise MbtrainError(f"--memory-budget {text!r}: expected a size such as 512M or 8G, or auto")
-    return int(float(match[1]) * UNITS[match[2].lower()])
+        node = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+        if not match or float(match[1]) <= 0:
+            raise MbtrainError(f"--memory-budget {text!r}: expected a size such as 512M or 8G, or auto")
+        node = int(float(match[1]) * UNITS[match[2].lower()])
+    return node // ranks_on_this_node()
 
 
 def read_parquet_files(files: Sequence[Path]) -> pl.DataFrame:
@@ -284,7 +296,8 @@ def buffer_rows_for(memory_budget_bytes: int, encoders: Encoders, tasks: list[st
 class StreamingBatches:
     """Encoded mini-batches read from Parquet row groups: EncodedData's `batches` for data that does not fit.
 
-    Memory holds the shuffle buffer (at most `buffer_rows` + READ_ROWS rows, encoded), never the data."""
+    Memory holds the shuffle buffer (at most `buffer_rows` + READ_ROWS rows, encoded), never the data; under
+    torchrun each rank reads its own shard of the row groups (see the module doc)."""
 
     def __init__(self, parts: Sequence[RowGroup], encoders: Encoders, tasks: list[str], buffer_rows: int) -> None:
         self.parts = list(parts)
@@ -297,15 +310,47 @@ class StreamingBatches:
     def __len__(self) -> int:
         return sum(part.rows for part in self.parts)
 
+    def shards(self, world_size: int) -> list[list[RowGroup]]:
+        """Each rank's row groups, in file order: every row group in turn goes to the rank holding the fewest
+        rows so far (the lowest such rank on a tie), so shards differ by at most one row group's rows and
+        row groups of equal size are dealt round-robin. Fixed for the run, so a rank re-reads the same files
+        every epoch (its machine's page cache serves them); the epochs still differ in each rank's row group
+        order and buffer shuffle, and each global batch mixes world_size buffers."""
+        shards: list[list[RowGroup]] = [[] for _ in range(world_size)]
+        loads = [(0, rank) for rank in range(world_size)]  # a heap of (rows so far, rank)
+        for part in self.parts:
+            rows, rank = heapq.heappop(loads)
+            shards[rank].append(part)
+            heapq.heappush(loads, (rows + part.rows, rank))
+        return shards
+
+    def steps(self, batch_size: int, world_size: int = 1) -> int:
+        """Steps per epoch: the batches of the shard with the most rows."""
+        return max(-(-sum(p.rows for p in shard) // batch_size) for shard in self.shards(world_size))
+
     def batches(self, batch_size: int, generator: torch.Generator | None = None, rank: int = 0,
                 world_size: int = 1) -> Iterator[tuple[EncodedData, int]]:
-        """(this rank's slice, rows in the global batch) for each global batch of world_size × batch_size rows,
-        as EncodedData.batches gives them; every rank reads all rows and keeps its slice. With a generator
-        (seeded per epoch, as the in-memory path does): row groups in a permuted order, rows shuffled within
-        the buffer. Without: file order, the same batches as cutting the in-memory tensors in order."""
-        parts = self.parts
+        """(this rank's batch, rows in the global batch) for each of the epoch's `steps`, reading `rank`'s
+        shard only: with a generator (seeded per epoch, as the in-memory path does), its row groups in a
+        permuted order and rows shuffled within the buffer; without, file order, so that one process yields
+        the same batches as cutting the in-memory tensors in order. Batches hold batch_size rows, all but the
+        shard's last; then empty batches until the step count, so that every rank joins every collective."""
+        shards = self.shards(world_size)
+        shard_rows = [sum(p.rows for p in shard) for shard in shards]
+        parts = shards[rank]
         if generator is not None:
             parts = [parts[i] for i in torch.randperm(len(parts), generator=generator).tolist()]
+        taken = 0
+        for batch in self._local_batches(parts, batch_size, generator):
+            yield batch, global_rows(shard_rows, batch_size, taken)
+            taken += 1
+        empty = EncodedData(torch.empty(0, len(self.encoders.categorical), dtype=torch.int64),
+                            torch.empty(0, len(self.encoders.numeric)), torch.empty(0, len(self.tasks)))
+        for step in range(taken, max(-(-rows // batch_size) for rows in shard_rows)):
+            yield empty, global_rows(shard_rows, batch_size, step)
+
+    def _local_batches(self, parts: Sequence[RowGroup], batch_size: int,
+                       generator: torch.Generator | None) -> Iterator[EncodedData]:
         held: list[EncodedData] = []
         rows = 0
         for chunk in self._chunks(parts):
@@ -313,10 +358,10 @@ class StreamingBatches:
             rows += len(chunk)
             if rows >= self.buffer_rows:
                 buffer, held = _concat(held), []
-                rest = yield from _cut(buffer, batch_size, generator, rank, world_size, last=False)
+                rest = yield from _cut(buffer, batch_size, generator, last=False)
                 held, rows = [rest], len(rest)
         if rows:
-            yield from _cut(_concat(held), batch_size, generator, rank, world_size, last=True)
+            yield from _cut(_concat(held), batch_size, generator, last=True)
 
     def positive_rates(self) -> torch.Tensor:
         """[T] share of positive labels, reading the label columns only: the model's starting base rates."""
@@ -328,6 +373,12 @@ class StreamingBatches:
     def _chunks(self, parts: Sequence[RowGroup]) -> Iterator[EncodedData]:
         for frame, source in _frames(parts, self.columns):
             yield EncodedData(*self.encoders.encode(frame, source), label_tensor(frame, source, self.tasks))
+
+
+def global_rows(shard_rows: Sequence[int], batch_size: int, step: int) -> int:
+    """Rows in global batch `step` (from 0) when each rank cuts its shard of `shard_rows[rank]` rows into
+    batches of batch_size rows, the last one short: what each rank divides its summed losses by."""
+    return sum(min(batch_size, max(0, rows - step * batch_size)) for rows in shard_rows)
 
 
 def _frames(parts: Sequence[RowGroup], columns: list[str]) -> Iterator[tuple[pl.DataFrame, str]]:
@@ -347,16 +398,15 @@ def _concat(parts: list[EncodedData]) -> EncodedData:
                        torch.cat([p.labels for p in parts]))
 
 
-def _cut(buffer: EncodedData, batch_size: int, generator: torch.Generator | None, rank: int, world_size: int,
-         last: bool) -> Generator[tuple[EncodedData, int], None, EncodedData]:
-    """Yield the buffer's full global batches (and, if `last`, the short one) as (this rank's slice, global
-    rows); return the rows left over, which join the next buffer so that only an epoch's last batch is short."""
-    rows, step = len(buffer), batch_size * world_size
+def _cut(buffer: EncodedData, batch_size: int, generator: torch.Generator | None,
+         last: bool) -> Generator[EncodedData, None, EncodedData]:
+    """Yield the buffer's full batches (and, if `last`, the short one); return the rows left over, which join
+    the next buffer so that only the last batch of a shard is short."""
+    rows = len(buffer)
     order = torch.randperm(rows, generator=generator) if generator is not None else torch.arange(rows)
-    end = rows if last else rows - rows % step
-    for start in range(0, end, step):
-        chunk = order[start : min(start + step, end)]
-        yield buffer.take(chunk[rank * batch_size : (rank + 1) * batch_size]), chunk.numel()
+    end = rows if last else rows - rows % batch_size
+    for start in range(0, end, batch_size):
+        yield buffer.take(order[start : min(start + batch_size, end)])
     return buffer.take(order[end:])
 
 
