@@ -341,3 +341,21 @@ def test_streamed_training_takes_a_csv_validation_file(dataset: tuple[Path, pl.D
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["valid_rows"] == 80 and metrics["evaluated_on"] == str(valid)
+
+
+def test_no_shuffle_is_a_setting_of_streamed_training(dataset: tuple[Path, pl.DataFrame], tmp_path: Path) -> None:
+    """--no-shuffle / `shuffle = false` read streamed data in file order; data held in memory always shuffles."""
+    folder, _ = dataset
+    common = ["--tasks", "purchase,click", "--epochs", "1", "--threads", "1", "--exclude", "row_id"]
+    (tmp_path / "ordered.toml").write_text("shuffle = false\n")
+    result = run_cli("fit", str(folder), *common, "--memory-budget", "1K", "--config", str(tmp_path / "ordered.toml"),
+                     "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["shuffle"] is False
+    refused = run_cli("fit", str(folder), *common, "--no-shuffle", "--out", str(tmp_path / "in-memory"))
+    assert refused.exit_code == 2
+    assert refused.stderr.startswith("mbtrain: error: --no-shuffle needs streamed data") and not refused.stdout
+    assert not (tmp_path / "in-memory").exists()
+    (tmp_path / "bad.toml").write_text("shuffle = 0\n")
+    bad = run_cli("fit", str(folder), *common, "--config", str(tmp_path / "bad.toml"))
+    assert bad.exit_code == 2 and "shuffle should be bool: got 0" in bad.stderr
