@@ -70,7 +70,7 @@ def infer_schema(
     for name in categorical:
         if frame.schema[name].is_nested():
             raise MbtrainError(f"{source}: column {name!r} is {frame.schema[name]} and cannot be --categorical")
-    stats = _column_stats(frame, source)
+    stats = _column_stats(frame, source, not_features={*tasks, *exclude})
     columns = []
     for name in frame.columns:
         dtype = frame.schema[name]
@@ -100,10 +100,10 @@ def infer_schema(
     )
 
 
-def _column_stats(frame: pl.DataFrame | CodedFrame, source: str) -> dict[str, int]:
+def _column_stats(frame: pl.DataFrame | CodedFrame, source: str, not_features: set[str]) -> dict[str, int]:
     """Distinct (null counted as a value) and null counts: from a CodedFrame's codes, which encoder fitting
-    then reuses, for every column it can code; from polars aggregates otherwise. Floats are numeric
-    whatever their distinct count, so theirs is not taken."""
+    then reuses, for the feature columns it can code; from polars aggregates otherwise (labels and
+    --exclude'd columns need no codes). Floats are numeric whatever their distinct count: not counted."""
     counted = [c for c in frame.columns if not frame.schema[c].is_float()]
     if not isinstance(frame, CodedFrame):
         return frame.select(
@@ -112,7 +112,7 @@ def _column_stats(frame: pl.DataFrame | CodedFrame, source: str) -> dict[str, in
         ).row(0, named=True)
     stats = {}
     for name in frame.columns:
-        if codable(frame.schema[name]):
+        if codable(frame.schema[name]) and (name not in not_features or name not in frame.frame.columns):
             column = frame.column(name, source)
             stats[f"{name}\x00distinct"], stats[f"{name}\x00nulls"] = column.distinct, int(column.totals[-1])
         else:
