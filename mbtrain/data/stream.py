@@ -346,7 +346,7 @@ class StreamingBatches:
             taken += 1
         empty = EncodedData(torch.empty(0, len(self.encoders.categorical), dtype=torch.int64),
                             torch.empty(0, len(self.encoders.numeric)), torch.empty(0, len(self.tasks)))
-        for step in range(taken, max(-(-rows // batch_size) for rows in shard_rows)):
+        for step in range(taken, self.steps(batch_size, world_size)):
             yield empty, global_rows(shard_rows, batch_size, step)
 
     def _local_batches(self, parts: Sequence[RowGroup], batch_size: int,
