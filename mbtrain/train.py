@@ -228,9 +228,6 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
     prepared = prepare(config, data_path, spec_of(state, out / "checkpoints" / "last.pt") if state else None,
                        streamed=state.get("streamed") if state else None)
     spec, train, valid = prepared.spec, prepared.train, prepared.valid
-    if not config.train.shuffle and isinstance(train, EncodedData):  # EncodedData.batches always shuffles
-        raise MbtrainError("--no-shuffle needs streamed data (see --memory-budget): data held in memory is "
-                           "always shuffled")
     if main:  # the one rank that validates
         for task, rate in zip(spec.tasks, valid.positive_rates().tolist(), strict=True):
             if rate in (0.0, 1.0):

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 import torch
 
+from mbtrain.data.batches import EncodedData
 from mbtrain.data.encoders import Encoders
 from mbtrain.data.io import read_coded
 from mbtrain.data.schema import infer_schema, label_tensor
@@ -180,3 +181,14 @@ def test_vocabulary_orders_by_count_then_value_whatever_the_row_order() -> None:
         fitted = Encoders.fit(pl.DataFrame({"x": order, "n": range(10)}), ["x", "n"], [], min_frequency=1)
         assert fitted.categorical[0].values == ["d", "a", "b", "c"]  # 3, then ties of 2 by value
         assert fitted.categorical[1].values == list(range(10))
+
+
+def test_batches_without_a_generator_take_the_rows_in_order_and_split_them_across_ranks() -> None:
+    data = EncodedData(torch.arange(10).view(10, 1), torch.zeros(10, 1), torch.zeros(10, 1),
+                       rows=torch.tensor([1, 3, 5, 7, 9]))
+    assert [(b.categorical[:, 0].tolist(), rows) for b, rows in data.batches(2)] == [
+        ([1, 3], 2), ([5, 7], 2), ([9], 1)]
+    assert [(b.categorical[:, 0].tolist(), rows) for b, rows in data.batches(2, None, rank=1, world_size=2)] == [
+        ([5, 7], 4), ([], 1)]
+    shuffled = [b.categorical[:, 0].tolist() for b, _ in data.batches(5, torch.Generator().manual_seed(0))]
+    assert sorted(shuffled[0]) == [1, 3, 5, 7, 9]

@@ -31,12 +31,12 @@ class EncodedData:
             index = self.rows[index]
         return EncodedData(self.categorical[index], self.numeric[index], self.labels[index])
 
-    def batches(self, batch_size: int, generator: torch.Generator, rank: int = 0,
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, rank: int = 0,
                 world_size: int = 1) -> Iterator[tuple[EncodedData, int]]:
         """(this rank's slice, rows in the global batch) for each global batch of world_size × batch_size rows,
-        in the shuffled order that `generator` draws (the same on every rank)."""
+        in the shuffled order that `generator` draws (the same on every rank), or in row order without one."""
         rows = len(self)
-        order = torch.randperm(rows, generator=generator)
+        order = torch.randperm(rows, generator=generator) if generator is not None else torch.arange(rows)
         step = batch_size * world_size
         for start in range(0, rows, step):
             chunk = order[start : start + step]

@@ -196,16 +196,13 @@ def _vocabulary(values: pl.Series, counts: torch.Tensor, min_frequency: int) -> 
     return values.gather(order.numpy()).to_list()
 
 
-def _value_counts(frame: pl.LazyFrame, schema: pl.Schema, name: str, min_frequency: int) -> pl.LazyFrame:
+def vocabulary_query(frame: pl.LazyFrame, schema: pl.Schema, name: str, min_frequency: int) -> pl.LazyFrame:
     """The vocabulary of one column as a query (for the streaming engine), ordered as `_vocabulary` orders it."""
     return (
         _counts(frame, schema, name)
         .filter(pl.col("count") >= min_frequency)
         .sort(["count", name], descending=[True, False])
     )
-
-
-_kind = kind_of  # the name stream.py imports
 
 
 def _numeric_matrix(frame: pl.DataFrame, names: list[str]) -> torch.Tensor:

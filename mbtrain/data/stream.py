@@ -45,7 +45,8 @@ import pyarrow.parquet as pq
 import torch
 
 from mbtrain.data.batches import EncodedData
-from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder, _kind, _value_counts
+from mbtrain.data.coded import kind_of
+from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder, vocabulary_query
 from mbtrain.data.io import PARQUET_MAGIC, read_table
 from mbtrain.data.schema import Schema, infer_schema, label_tensor
 from mbtrain.distributed import ranks_on_this_node
@@ -278,8 +279,8 @@ def fit_encoders_streaming(scan: pl.LazyFrame, categorical: list[str], numeric: 
     schema = scan.collect_schema()
     moments = _collect_by_column(scan, [e for name in numeric for e in NumericEncoder.moments(name)])
     return Encoders(
-        [CategoricalEncoder(name, _kind(schema[name]),
-                            _collect(_value_counts(scan, schema, name, min_frequency))
+        [CategoricalEncoder(name, kind_of(schema[name]),
+                            _collect(vocabulary_query(scan, schema, name, min_frequency))
                             .get_column(name).to_list())
          for name in categorical],
         [NumericEncoder.from_moments(name, moments) for name in numeric],
