@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=["none", "metabalance", "naive"])
     parser.add_argument("--encode-rows", type=int, default=2_000_000)
-    parser.add_argument("--encode-repeats", type=int, default=2)
+    parser.add_argument("--encode-repeats", type=int, default=5)
     parser.add_argument("--skip", nargs="*", default=[], choices=["training", "encoding"])
     parser.add_argument("--stage", choices=["read", "encode"], help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)

@@ -46,7 +46,7 @@ def main() -> None:
     shared = Path(__file__).resolve().parents[2] / "shared"
     parser.add_argument("--data", type=Path, default=shared / "data/adult/adult.parquet")
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
