@@ -246,9 +246,11 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
     model.to(cluster.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     b = config.balance
+    distributed = cluster.world_size > 1
     balancer = build_balancer(b.balance, model.shared_parameters(), model.task_parameters(),
                               relax_factor=b.relax_factor, beta=b.beta, strategy=b.strategy,
-                              reduce=cluster.sum_ if cluster.world_size > 1 else None)
+                              reduce=cluster.sum_ if distributed else None,
+                              gather=cluster.gather if distributed else None)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     bad_epochs, start_epoch = 0, 1

@@ -23,14 +23,16 @@ def build_balancer(
     beta: float = 0.9,
     strategy: str = "both",
     reduce: Callable[[list[torch.Tensor]], None] | None = None,
+    gather: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> Balancer:
-    """The balancer called ``name`` (one of ``BALANCERS``) for a model's shared and task parameters;
-    ``reduce`` sums gradients across ranks in place when training is distributed."""
+    """The balancer called ``name`` (one of ``BALANCERS``) for a model's shared and task parameters; when
+    training is distributed, ``reduce`` sums gradients across ranks in place and ``gather`` concatenates
+    every rank's rows of some tensors (MetaBalance's embedding-table rows)."""
     shared_params = list(shared_params)
     task_params = None if task_params is None else list(task_params)
     if name == "none":
         return PlainSum([*shared_params, *(task_params or [])], reduce=reduce)
     if name == "metabalance":
         return MetaBalance(shared_params, relax_factor=relax_factor, beta=beta, strategy=strategy,
-                           task_params=task_params, reduce=reduce)
+                           task_params=task_params, reduce=reduce, gather=gather)
     raise ValueError(f"unknown balance {name!r}: choose none or metabalance")

@@ -18,6 +18,7 @@ from mbtrain.models.split import SplitForward
 
 STRATEGIES = ("both", "reduce", "enlarge")
 Reduce = Callable[[list[torch.Tensor]], None]
+Gather = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 def _check_settings(relax_factor: float, beta: float, strategy: str) -> None:
@@ -46,6 +47,7 @@ class MetaBalance(Balancer):
         eps: float = 1e-5,
         task_params: Iterable[torch.Tensor] | None = None,
         reduce: Reduce | None = None,
+        gather: Gather | None = None,
     ) -> None:
         _check_settings(relax_factor, beta, strategy)
         if not eps > 0:
@@ -67,7 +69,10 @@ class MetaBalance(Balancer):
         self.eps = eps
         if reduce is not None and self.task_params is None:
             raise ValueError("MetaBalance needs task_params to sum gradients across ranks")
+        if (reduce is None) != (gather is None):
+            raise ValueError("distributed MetaBalance needs both reduce and gather")
         self.reduce = reduce  # sums a list of gradients across ranks in place (distributed training)
+        self.gather = gather  # every rank's rows of a list of tensors, concatenated (distributed training)
         self.wants_split = self.task_params is not None
         self.moving_norms: torch.Tensor | None = None  # [T, P], created by the first backward
         self.grad_norm_ratio: torch.Tensor | None = None
@@ -111,30 +116,23 @@ class MetaBalance(Balancer):
         grads = torch.autograd.grad(sum(losses), [*self.task_params, *split.per_task], allow_unused=True)
         _accumulate(self.task_params, self._summed(self.task_params, grads[:n_heads]), None)
         boundary_grads = grads[n_heads:]
-        # trunk: once per task; the table's gradient lives on the batch's distinct rows only
-        dim = split.rows.shape[-1]
-        flat = split.index.reshape(-1)
-        if split.table.shape[0] <= flat.numel() or self.reduce is not None:
-            # a table no bigger than the batch, or ranks with different rows: coalesce into all its rows
-            rows, inverse = None, flat
-        else:  # a big table: only the rows the batch touched (one sort, no table-sized gradient per task)
-            rows, inverse = torch.unique(flat, return_inverse=True)
-        coalesced_rows = split.table.shape[0] if rows is None else rows.numel()
+        # trunk: once per task
+        n_tasks = len(losses)
+        dense_grads, row_grads = [], []
+        for k in range(n_tasks):
+            *task_dense, row_grad = torch.autograd.grad(
+                split.boundary, [*dense, split.rows], grad_outputs=[g[k] for g in boundary_grads],
+                retain_graph=k < n_tasks - 1, allow_unused=True,
+            )
+            dense_grads.append(self._summed(dense, task_dense))
+            row_grads.append(row_grad)
+        rows, table_grads = self._table_gradients(split, row_grads)
         row_sink = _RowGradient()
         sinks = [*dense[:table_at], row_sink, *dense[table_at:]]
-        moving = self._moving_norms(len(losses))
+        moving = self._moving_norms(n_tasks)
         raw_norms = []
-        for k in range(len(losses)):
-            *dense_grads, row_grad = torch.autograd.grad(
-                split.boundary, [*dense, split.rows], grad_outputs=[g[k] for g in boundary_grads],
-                retain_graph=k < len(losses) - 1, allow_unused=True,
-            )
-            table_grad = None
-            if row_grad is not None:
-                table_grad = row_grad.new_zeros(coalesced_rows, dim).index_add_(0, inverse, row_grad.reshape(-1, dim))
-            task_grads = [*dense_grads[:table_at], table_grad, *dense_grads[table_at:]]
-            if self.reduce is not None:
-                task_grads = self._summed(self.shared, task_grads)
+        for k in range(n_tasks):
+            task_grads = [*dense_grads[k][:table_at], table_grads[k], *dense_grads[k][table_at:]]
             norms = self._norms(task_grads)
             raw_norms.append(norms)
             moving[k].mul_(self.beta).add_(norms, alpha=1 - self.beta)
@@ -148,6 +146,31 @@ class MetaBalance(Balancer):
                     table.grad = torch.zeros_like(table)
                 table.grad.index_add_(0, rows, row_sink.grad)
         self._record_ratio(raw_norms)
+
+    def _table_gradients(self, split: SplitForward, row_grads: list[torch.Tensor | None]
+                         ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """(rows, each task's gradient of the embedding table on those rows), every task's gathered rows
+        coalesced side by side in one index_add. In one process, a table no bigger than the batch: rows None,
+        gradients of the whole table; a bigger one: only the batch's distinct rows (one sort), so no
+        table-sized gradient per task. Across ranks always the latter, with every rank's rows and their
+        gradients gathered and coalesced alike on every rank: the exchange grows with the batch, not with the
+        table, and no rank's choice can differ from another's (their batches may differ in size)."""
+        if any(g is None for g in row_grads):  # no categorical feature reaches the trunk
+            return None, [None] * len(row_grads)
+        dim = split.rows.shape[-1]
+        flat = split.index.reshape(-1)
+        side_by_side = torch.stack([g.reshape(-1, dim) for g in row_grads], dim=1)  # [B·C, T, D]
+        table_rows = split.table.shape[0]
+        if self.gather is None and table_rows <= flat.numel():
+            grads = side_by_side.new_zeros(table_rows, len(row_grads), dim).index_add_(0, flat, side_by_side)
+            return None, list(grads.unbind(1))
+        rows, inverse = torch.unique(flat, return_inverse=True)
+        grads = side_by_side.new_zeros(rows.numel(), len(row_grads), dim).index_add_(0, inverse, side_by_side)
+        if self.gather is not None:
+            every_rows, every_grads = self.gather([rows, grads])
+            rows, inverse = torch.unique(every_rows, return_inverse=True)
+            grads = grads.new_zeros(rows.numel(), len(row_grads), dim).index_add_(0, inverse, every_grads)
+        return rows, list(grads.unbind(1))
 
     def _record_ratio(self, raw_norms: list[torch.Tensor]) -> None:
         raw = torch.stack(raw_norms)
