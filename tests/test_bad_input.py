@@ -227,6 +227,16 @@ def test_numeric_feature_holding_text_is_rejected(bad: dict[str, Path], tmp_path
     assert_clean_error(result, "rating_text.parquet", "'rating'", "--numeric")
 
 
+def test_integers_beyond_int64_are_named(tmp_path: Path) -> None:
+    """Unsigned ids past 2**63 cannot be compared as Int64: one line naming the column, before any training."""
+    path = tmp_path / "hashed.parquet"
+    frame = make_frame(120)
+    frame.with_columns(pl.Series("hashed", [2**63 + i % 5 for i in range(120)], dtype=pl.UInt64)).write_parquet(path)
+    with untouched(tmp_path):
+        result = run_cli("fit", str(path), *TASKS, *FAST, "--out", str(tmp_path / "run"))
+    assert_clean_error(result, "hashed.parquet", "'hashed'", "--exclude")
+
+
 # --------------------------------------------------------------------------------------------- fit flags
 
 FLAG_CASES = {

@@ -24,7 +24,7 @@ import torch
 from mbtrain.errors import MbtrainError, first_line
 
 KINDS: dict[str, pl.DataType] = {"str": pl.String, "int": pl.Int64, "float": pl.Float64}
-INT32 = torch.iinfo(torch.int32)
+INT32, INT64 = torch.iinfo(torch.int32), torch.iinfo(torch.int64)
 RANGE_SLACK = 2  # an integer column is its own id while its value range is at most this × its rows (+ 65,536)
 
 
@@ -95,7 +95,8 @@ class CodedFrame:
                 else:
                     self._coded[name] = _from_series(self.frame.get_column(name))
             except (pl.exceptions.PolarsError, pa.ArrowException) as exc:
-                raise MbtrainError(f"{source}: cannot read column {name!r} as categories ({first_line(exc)})") from None
+                raise MbtrainError(f"{source}: cannot read column {name!r} as categories ({first_line(exc)}); "
+                                   "--exclude it, or store it as text") from None
         return self._coded[name]
 
 
@@ -115,7 +116,7 @@ def _from_integers(column: pl.Series) -> CodedColumn | None:
         return CodedColumn(pl.Series(column.name, [], dtype=pl.Int64), torch.zeros(len(column), dtype=torch.int32))
     low, high = int(low), int(high)
     span = high - low + 1
-    if span > RANGE_SLACK * len(column) + 65_536:
+    if span > RANGE_SLACK * len(column) + 65_536 or high >= INT64.max:  # values compare as Int64
         return None
     if column.null_count():
         column = column.fill_null(high + 1)  # id `span`: the null slot
