@@ -50,11 +50,11 @@ class Cluster:
         for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
             tensor.copy_(part.view_as(tensor))
 
-    def gather(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each of `tensors` with every rank's rows concatenated in rank order; the tensors share their first
-        size on a rank, which may differ between ranks (one exchange of sizes, one all_gather per tensor)."""
+    def gather(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Each of `tensors` as every rank holds it, in rank order; the tensors share their first size on a
+        rank, which may differ between ranks (one exchange of sizes, then one all_gather per tensor)."""
         if self.world_size == 1:
-            return list(tensors)
+            return [[tensor] for tensor in tensors]
         size = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
         sizes = [torch.empty_like(size) for _ in range(self.world_size)]
         dist.all_gather(sizes, size)
@@ -65,7 +65,7 @@ class Cluster:
             padded[: tensor.shape[0]] = tensor
             parts = [torch.empty_like(padded) for _ in range(self.world_size)]
             dist.all_gather(parts, padded)
-            gathered.append(torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)]))
+            gathered.append([part[:count] for part, count in zip(parts, counts, strict=True)])
         return gathered
 
     def barrier(self) -> None:

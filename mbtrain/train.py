@@ -95,7 +95,7 @@ def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Ten
         return schema, sum(part.rows for part in parts), rates
     coded = _read_coded(files, tasks)
     schema = infer_schema(coded, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
-    return schema, coded.height, label_tensor(coded.frame, str(data_path), tasks).mean(dim=0)
+    return schema, coded.height, label_tensor(coded, str(data_path), tasks).mean(dim=0)
 
 
 def _locate(config: RunConfig, data_path: Path) -> tuple[list[Path], int, bool]:
@@ -117,14 +117,14 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, spec: 
     tasks = config.ordered_tasks
     d = config.data
     schema = infer_schema(frame, source, tasks, d.categorical, d.numeric, d.exclude)
-    labels = label_tensor(frame.frame, source, tasks)
+    labels = label_tensor(frame, source, tasks)
     if valid_path is not None:
         valid_frame = _read_coded(parquet_files(valid_path), tasks)
         valid_source = str(valid_path)
-        valid_labels = label_tensor(valid_frame.frame, valid_source, tasks)  # bad labels fail before any fitting
+        valid_labels = label_tensor(valid_frame, valid_source, tasks)  # bad labels fail before any fitting
         if spec is None:
-            spec = ModelSpec(tasks, Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency),
-                             dict(vars(config.model)))
+            spec = ModelSpec(tasks, Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency,
+                                                 source=source), dict(vars(config.model)))
         train = EncodedData(*spec.encoders.encode(frame, source), labels)
         valid = EncodedData(*spec.encoders.encode(valid_frame, valid_source), valid_labels)
     else:
@@ -133,7 +133,8 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, spec: 
         train_rows, valid_rows = split_rows(frame.height, d.valid_fraction, config.train.seed)
         valid_source = f"{source} (held-out {d.valid_fraction:.0%})"
         if spec is None:  # fitted on the training rows only, without copying them out of the frame
-            encoders = Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency, rows=train_rows)
+            encoders = Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency, rows=train_rows,
+                                    source=source)
             spec = ModelSpec(tasks, encoders, dict(vars(config.model)))
         everything = EncodedData(*spec.encoders.encode(frame, source), labels)
         train = EncodedData(everything.categorical, everything.numeric, labels, rows=train_rows)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mbtrain.data.batches import EncodedData
+from mbtrain.data.coded import CodedFrame
 from mbtrain.data.encoders import Encoders
 from mbtrain.data.io import read_coded
 from mbtrain.data.schema import infer_schema, label_tensor
@@ -192,3 +193,30 @@ def test_batches_without_a_generator_take_the_rows_in_order_and_split_them_acros
         ([5, 7], 4), ([], 1)]
     shuffled = [b.categorical[:, 0].tolist() for b, _ in data.batches(5, torch.Generator().manual_seed(0))]
     assert sorted(shuffled[0]) == [1, 3, 5, 7, 9]
+
+
+def test_coding_leaves_the_callers_frame_alone_and_types_mean_what_polars_casts_say() -> None:
+    frame = pl.DataFrame({"age": pl.Series([20, 30, 40, 25], dtype=pl.Int32),
+                          "flag": [1, 0, 1, 1], "score": [-0.0, 0.0, 1.5, 0.0]})
+    fitted = Encoders.fit(frame, ["age", "flag", "score"], ["age"], min_frequency=1)
+    assert frame["age"].to_list() == [20, 30, 40, 25]  # an int32 column is not its own id buffer
+    assert fitted.numeric[0].mean == pytest.approx(28.75)
+    assert fitted.categorical[2].values == [0.0, 1.5]  # -0.0 and 0.0 are one value, as in polars
+    later = pl.DataFrame({"age": pl.Series([25, 99], dtype=pl.Int32), "flag": [True, False], "score": [0.0, -0.0]})
+    coded, _ = fitted.encode(CodedFrame(later), "t")
+    plain, _ = fitted.encode(later, "t")  # a Boolean flag meets an integer vocabulary: cast, not read as text
+    assert torch.equal(coded, plain) and coded[:, 1].tolist() == [1, 2] and coded[:, 2].tolist() == [1, 1]
+
+
+def test_unsigned_ids_past_int64_are_counted_and_excluded_when_all_distinct() -> None:
+    frame = make_frame(150).with_columns(pl.Series("event_hash", [2**63 + 7 * i for i in range(150)],
+                                                   dtype=pl.UInt64))
+    roles = {c.name: c.role for c in infer_schema(CodedFrame(frame), "f", ["purchase", "click"]).columns}
+    assert roles["event_hash"] == "excluded"
+
+
+def test_a_missing_label_lists_every_column_of_a_dictionary_read_file(tmp_path) -> None:
+    path = tmp_path / "valid.parquet"
+    make_frame(50).drop("purchase").write_parquet(path)
+    with pytest.raises(MbtrainError, match=r"'purchase' not found; columns are row_id, user, device, hour"):
+        label_tensor(read_coded(path, plain=["purchase", "click"]), "v", ["purchase", "click"])

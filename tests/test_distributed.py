@@ -140,8 +140,8 @@ def test_an_empty_local_batch_adds_zero_gradients(model: str, balance: str) -> N
     spec = ModelSpec(["purchase", "click"], encoders,
                      {**vars(ModelConfig()), "model": model, "hidden": [8], "experts": 2, "tower": [4]})
     network = spec.build()
-    balancer = build_balancer(balance, network.shared_parameters(), network.task_parameters(),
-                              reduce=lambda tensors: None, gather=lambda tensors: tensors)  # no other rank
+    balancer = build_balancer(balance, network.shared_parameters(), network.task_parameters(),  # no other rank:
+                              reduce=lambda tensors: None, gather=lambda tensors: [[t] for t in tensors])
     categorical, numeric = torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 1)
     split = network.split_forward(categorical, numeric) if balancer.wants_split else None
     logits = split.logits if split is not None else network(categorical, numeric)

@@ -23,11 +23,11 @@ def build_balancer(
     beta: float = 0.9,
     strategy: str = "both",
     reduce: Callable[[list[torch.Tensor]], None] | None = None,
-    gather: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    gather: Callable[[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None,
 ) -> Balancer:
     """The balancer called ``name`` (one of ``BALANCERS``) for a model's shared and task parameters; when
-    training is distributed, ``reduce`` sums gradients across ranks in place and ``gather`` concatenates
-    every rank's rows of some tensors (MetaBalance's embedding-table rows)."""
+    training is distributed, ``reduce`` sums gradients across ranks in place and ``gather`` returns some
+    tensors as every rank holds them (MetaBalance's embedding-table rows)."""
     shared_params = list(shared_params)
     task_params = None if task_params is None else list(task_params)
     if name == "none":

@@ -18,7 +18,7 @@ from mbtrain.models.split import SplitForward
 
 STRATEGIES = ("both", "reduce", "enlarge")
 Reduce = Callable[[list[torch.Tensor]], None]
-Gather = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+Gather = Callable[[list[torch.Tensor]], list[list[torch.Tensor]]]
 
 
 def _check_settings(relax_factor: float, beta: float, strategy: str) -> None:
@@ -72,7 +72,7 @@ class MetaBalance(Balancer):
         if (reduce is None) != (gather is None):
             raise ValueError("distributed MetaBalance needs both reduce and gather")
         self.reduce = reduce  # sums a list of gradients across ranks in place (distributed training)
-        self.gather = gather  # every rank's rows of a list of tensors, concatenated (distributed training)
+        self.gather = gather  # each of a list of tensors from every rank, in rank order (distributed training)
         self.wants_split = self.task_params is not None
         self.moving_norms: torch.Tensor | None = None  # [T, P], created by the first backward
         self.grad_norm_ratio: torch.Tensor | None = None
@@ -124,8 +124,11 @@ class MetaBalance(Balancer):
                 split.boundary, [*dense, split.rows], grad_outputs=[g[k] for g in boundary_grads],
                 retain_graph=k < n_tasks - 1, allow_unused=True,
             )
-            dense_grads.append(self._summed(dense, task_dense))
+            dense_grads.append(task_dense)
             row_grads.append(row_grad)
+        if self.reduce is not None:  # every task's dense gradients summed across ranks in one all-reduce
+            summed = self._summed(dense * n_tasks, [g for task in dense_grads for g in task])
+            dense_grads = [summed[k * len(dense) : (k + 1) * len(dense)] for k in range(n_tasks)]
         rows, table_grads = self._table_gradients(split, row_grads)
         row_sink = _RowGradient()
         sinks = [*dense[:table_at], row_sink, *dense[table_at:]]
@@ -168,8 +171,12 @@ class MetaBalance(Balancer):
         grads = side_by_side.new_zeros(rows.numel(), len(row_grads), dim).index_add_(0, inverse, side_by_side)
         if self.gather is not None:
             every_rows, every_grads = self.gather([rows, grads])
-            rows, inverse = torch.unique(every_rows, return_inverse=True)
-            grads = grads.new_zeros(rows.numel(), len(row_grads), dim).index_add_(0, inverse, every_grads)
+            rows, inverse = torch.unique(torch.cat(every_rows), return_inverse=True)
+            grads = grads.new_zeros(rows.numel(), len(row_grads), dim)
+            # rank by rank: a rank's rows are distinct, so no index_add adds twice into one row and every rank
+            # sums in the same order, even where index_add is not deterministic (CUDA): the ranks stay equal
+            for at, part in zip(inverse.split([r.numel() for r in every_rows]), every_grads, strict=True):
+                grads.index_add_(0, at, part)
         return rows, list(grads.unbind(1))
 
     def _record_ratio(self, raw_norms: list[torch.Tensor]) -> None:

@@ -28,7 +28,6 @@ COLUMNS_AT_ONCE = 4  # encoded together: enough for polars to use every core, fe
 LOOKUP_SLACK = 4  # integer vocabularies use a lookup table when their value range is at most this × their size
 
 
-
 @dataclass
 class CategoricalEncoder:
     name: str
@@ -113,7 +112,7 @@ class Encoders:
 
     @classmethod
     def fit(cls, frame: pl.DataFrame | CodedFrame, categorical: list[str], numeric: list[str], min_frequency: int,
-            rows: torch.Tensor | None = None) -> Encoders:
+            rows: torch.Tensor | None = None, source: str = "training data") -> Encoders:
         """Fitted on `rows` of `frame` (all rows when None) without copying the training rows out: a value's
         training count is its count in the whole frame (which role inference has already taken) less its count
         in the held-out rest; the numeric statistics read the training rows of the numeric columns only."""
@@ -125,10 +124,15 @@ class Encoders:
             held = mask.nonzero().squeeze(1)
         vocabularies = []
         for name in categorical:
-            column = coded.column(name, "training data")
+            column = coded.column(name, source)
+            kind = kind_of(coded.schema[name])
+            try:  # the distinct values, compared as their kind (booleans as "true" / "false")
+                values = column.values.cast(KINDS[kind])
+            except pl.exceptions.PolarsError as exc:
+                raise MbtrainError(f"{source}: column {name!r} has values that are not {KINDS[kind]} "
+                                   f"({first_line(exc)}); --exclude it, or store it as text") from None
             counts = column.totals if held is None else column.totals - column.counts(held)
-            vocabularies.append(CategoricalEncoder(name, kind_of(coded.schema[name]),
-                                                   _vocabulary(column.values, counts[:-1], min_frequency)))
+            vocabularies.append(CategoricalEncoder(name, kind, _vocabulary(values, counts[:-1], min_frequency)))
         training = None if held is None else pl.lit(pl.Series(~mask.numpy()))
         row: dict[str, Any] = {}
         for name in numeric:  # one column's training rows at a time: 16 MB alive at 2M rows, not the lot

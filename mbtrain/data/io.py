@@ -35,7 +35,10 @@ def read_coded(path: str | Path, plain: Collection[str] = ()) -> CodedFrame:
     try:
         schema = pq.read_schema(path)
         text = [field.name for field in schema if is_text(field.type) and field.name not in plain]
-        dictionaries = pq.ParquetFile(path, read_dictionary=text).read(columns=text) if text else None
+        dictionaries = None
+        if text:
+            with pq.ParquetFile(path, read_dictionary=text) as reader:
+                dictionaries = reader.read(columns=text)
     except Exception as exc:  # as in _read_parquet
         raise _damaged(path, exc) from None
     if dictionaries is None:

@@ -147,13 +147,14 @@ def _infer(name: str, dtype: pl.DataType, distinct: int | None, null_share: floa
     return "excluded", f"unsupported type {dtype}"
 
 
-def label_tensor(frame: pl.DataFrame, source: str, tasks: list[str]) -> torch.Tensor:
-    """Labels as float32 [rows, tasks]; anything but 0/1/true/false (or a null) is an error naming the column."""
+def label_tensor(frame: pl.DataFrame | CodedFrame, source: str, tasks: list[str]) -> torch.Tensor:
+    """Labels as float32 [rows, tasks]; anything but 0/1/true/false (or a null) is an error naming the column.
+    A CodedFrame holds its labels as read (read_coded's `plain`)."""
     labels = torch.empty(frame.height, len(tasks))
     for j, name in enumerate(tasks):
         if name not in frame.columns:
             raise MbtrainError(f"{source}: task column {name!r} not found; columns are {_shown(frame.columns)}")
-        column = frame.get_column(name)
+        column = (frame.frame if isinstance(frame, CodedFrame) else frame).get_column(name)
         nulls = column.null_count()
         if nulls:
             raise MbtrainError(f"{source}: label column {name!r} has {nulls} null value(s); labels must be 0/1")
@@ -167,7 +168,7 @@ def _binary(column: pl.Series, source: str) -> pl.Series:
     if dtype == pl.Boolean:
         values = column.cast(pl.Float32)
     elif dtype.is_numeric():
-        binary_range = dtype.is_integer() and column.min() >= 0 and column.max() <= 1  # no filtered copy
+        binary_range = dtype.is_integer() and (column.is_empty() or (column.min() >= 0 and column.max() <= 1))
         bad = column.head(0) if binary_range else column.filter((column != 0) & (column != 1))
         if bad.len():
             raise MbtrainError(f"{source}: label column {column.name!r} is not binary: found value {bad[0]!r} "
