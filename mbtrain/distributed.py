@@ -111,6 +111,15 @@ def ranks_on_this_node() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on some rank (through the hand-off group); in one process, `flag` itself."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_handoff_group)
+    return bool(value)
+
+
 def from_main(compute: Callable[[], T]) -> T:
     """`compute()` run on rank 0 alone and its result handed to every rank (pickled); in one process, just
     `compute()`. An MbtrainError on rank 0 is raised on every rank, so that none waits for a result that will

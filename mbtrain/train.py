@@ -10,6 +10,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from mbtrain.data.stream import (
     should_stream,
     split_row_groups,
 )
-from mbtrain.distributed import Cluster, cluster_from_env, from_main
+from mbtrain.distributed import Cluster, any_rank, cluster_from_env, from_main
 from mbtrain.errors import MbtrainError
 from mbtrain.metrics import task_metrics
 from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities
@@ -78,7 +79,7 @@ def prepare(config: RunConfig, data_path: Path, spec: ModelSpec | None = None,
     path would exceed --memory-budget (a big Parquet file, directory or glob) is streamed instead."""
     files, budget, fits = _locate(config, data_path)
     if streamed is None:  # a resumed run keeps its path: the other one holds out different validation rows
-        streamed = not fits
+        streamed = any_rank(not fits)  # one path for all ranks, even where machines' budgets differ
     if streamed:
         return _prepare_streaming(config, files, str(data_path), spec, budget)
     return _prepare_in_memory(config, _read_coded(files, config.ordered_tasks), str(data_path), spec)
@@ -348,6 +349,26 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
     return metrics
 
 
+def _agreed(batches: Iterator[tuple[EncodedData, int]], cluster: Cluster) -> Iterator[tuple[EncodedData, int]]:
+    """The batches, every rank learning each step whether some rank could not read its own: a data error in
+    one rank's shard then stops every rank with one line, instead of leaving the others waiting in a
+    collective. (All ranks take the same number of steps, so they run out together.)"""
+    if cluster.world_size == 1:
+        yield from batches
+        return
+    while True:
+        failure = None
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        except MbtrainError as exc:
+            failure = exc
+        if any_rank(failure is not None):
+            raise failure or MbtrainError("another rank stopped on a data error (its line says which); stopping too")
+        yield item
+
+
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Any,
                  train: EncodedData | StreamingBatches, valid: EncodedData | StreamingBatches, tasks: list[str],
                  config: RunConfig, epoch: int, progress: Progress, cluster: Cluster | None = None) -> dict[str, Any]:
@@ -372,7 +393,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     loss_sum = torch.zeros(len(tasks), device=device)
     ratio_sum = torch.zeros(len(tasks), device=device)
     model.train()
-    batches = train.batches(batch_size, generator, cluster.rank, cluster.world_size)
+    batches = _agreed(train.batches(batch_size, generator, cluster.rank, cluster.world_size), cluster)
     for step, (batch, global_rows) in enumerate(batches, start=1):
         categorical, numeric = batch.categorical.to(device), batch.numeric.to(device)
         split = model.split_forward(categorical, numeric) if balancer.wants_split else None

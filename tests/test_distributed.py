@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,3 +153,23 @@ def test_an_empty_local_batch_adds_zero_gradients(model: str, balance: str) -> N
         assert parameter.grad is not None and not parameter.grad.any(), name
     if balance == "metabalance":
         assert torch.isfinite(balancer.state_dict()["moving_norms"]).all()
+
+
+def test_a_data_error_in_one_ranks_shard_stops_every_rank_with_one_line(tmp_path: Path) -> None:
+    """Rank 1 alone reads row group 1; its bad label must not leave rank 0 waiting in a collective."""
+    frame = make_frame(4 * 32, seed=5)
+    make_frame(64, seed=6).write_parquet(tmp_path / "valid.parquet")
+    data = tmp_path / "train.parquet"
+    frame.write_parquet(data, row_group_size=32)
+    common = [*SETTINGS, *STREAMED, "--valid", str(tmp_path / "valid.parquet"), "--out", str(tmp_path / "run")]
+    torchrun(str(data), *common, "--epochs", "1")
+    labels = frame["purchase"].to_list()
+    labels[40] = 2  # row group 1: rank 1's shard; resuming skips the up-front pass over the labels
+    frame.with_columns(pl.Series("purchase", labels)).write_parquet(data, row_group_size=32)
+    result = launch("--resume", "--out", str(tmp_path / "run"), "--epochs", "2")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mbtrain: error: ")]
+    assert len(errors) == 2, result.stderr
+    assert any("label column 'purchase' is not binary" in line for line in errors)
+    assert any("another rank stopped on a data error" in line for line in errors)
+    assert "gloo" not in result.stderr and "RuntimeError" not in result.stderr
