@@ -393,7 +393,9 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     loss_sum = torch.zeros(len(tasks), device=device)
     ratio_sum = torch.zeros(len(tasks), device=device)
     model.train()
-    batches = _agreed(train.batches(batch_size, generator, cluster.rank, cluster.world_size), cluster)
+    batches = train.batches(batch_size, generator, cluster.rank, cluster.world_size)
+    if isinstance(train, StreamingBatches):  # reads (and can fail) as it goes; data in memory cannot
+        batches = _agreed(batches, cluster)
     for step, (batch, global_rows) in enumerate(batches, start=1):
         categorical, numeric = batch.categorical.to(device), batch.numeric.to(device)
         split = model.split_forward(categorical, numeric) if balancer.wants_split else None
