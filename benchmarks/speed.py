@@ -34,7 +34,7 @@ from synthetic import TASKS, impressions  # noqa: E402
 
 from mbtrain.balance import Balancer, build_balancer  # noqa: E402
 from mbtrain.config import RunConfig  # noqa: E402
-from mbtrain.train import prepare, train_epoch  # noqa: E402
+from mbtrain.train import build_optimizer, prepare, train_epoch  # noqa: E402
 
 
 class NaiveMetaBalance(Balancer):
@@ -89,7 +89,7 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
     for variant in args.variants:
         torch.manual_seed(0)
         model = prepared.spec.build()
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+        optimizer = build_optimizer(model, config)
         if variant == "naive":
             balancer: Balancer = NaiveMetaBalance(model.shared_parameters())
         else:
