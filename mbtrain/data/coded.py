@@ -11,7 +11,7 @@ dictionary-encoded once by pyarrow.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -24,7 +24,7 @@ import torch
 from mbtrain.errors import MbtrainError, first_line
 
 KINDS: dict[str, pl.DataType] = {"str": pl.String, "int": pl.Int64, "float": pl.Float64}
-INT32, INT64 = torch.iinfo(torch.int32), torch.iinfo(torch.int64)
+INT64 = torch.iinfo(torch.int64)
 RANGE_SLACK = 2  # an integer column is its own id while its value range is at most this × its rows (+ 65,536)
 
 
@@ -124,11 +124,9 @@ def _from_integers(column: pl.Series) -> CodedColumn | None:
         return None
     if column.null_count():
         column = column.fill_null(high + 1)  # id `span`: the null slot
-    values = tensor_view(column.to_numpy())
-    if INT32.min <= low and high + 1 <= INT32.max:  # one int32 copy (never the column itself), then in place
-        ids = values.to(torch.int32, copy=True).sub_(low)
-    else:
-        ids = (values.to(torch.int64) - low).to(torch.int32)
+    ids = torch.empty(len(column), dtype=torch.int32)
+    for start, values in chunk_views(column):
+        ids[start : start + len(values)] = values.to(torch.int64) - low
     return CodedColumn(pl.int_range(low, high + 1, dtype=pl.Int64, eager=True).alias(column.name), ids)
 
 
@@ -139,6 +137,16 @@ def _from_dictionary(column: pa.ChunkedArray) -> CodedColumn:
     dictionary = combined.dictionary
     ids = pc.fill_null(combined.indices, len(dictionary)).cast(pa.int32())
     return CodedColumn(pl.Series(dictionary), tensor_view(ids.to_numpy()))
+
+
+def chunk_views(column: pl.Series) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, a tensor over the chunk's buffer) for each chunk of `column` (one per Parquet row group as
+    polars reads it): writing them into a tensor made for the result spares the copy that to_numpy makes to
+    join the chunks. Integers or floats with nulls come as float arrays with NaN, one chunk at a time."""
+    start = 0
+    for chunk in column.get_chunks():
+        yield start, tensor_view(chunk.to_numpy())
+        start += len(chunk)
 
 
 def tensor_view(array: np.ndarray) -> torch.Tensor:

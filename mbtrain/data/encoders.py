@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from mbtrain.data.coded import KINDS, CodedFrame, kind_of, tensor_view
+from mbtrain.data.coded import KINDS, CodedFrame, chunk_views, kind_of, tensor_view
 from mbtrain.errors import MbtrainError, first_line
 
 SKEWED = 2.0  # skewness above which a non-negative numeric column is log1p-transformed first
@@ -218,5 +218,6 @@ def _numeric_matrix(frame: pl.DataFrame, names: list[str]) -> torch.Tensor:
         column = frame.get_column(name)
         if not (column.dtype.is_float() or column.dtype.is_integer()):
             column = column.cast(pl.Float32)  # booleans, an all-null column
-        out[:, j] = tensor_view(column.to_numpy())  # floats and NaN for null; float32 as the copy is made
+        for start, values in chunk_views(column):  # floats and NaN for null; float32 as the copy is made
+            out[start : start + len(values), j] = values
     return out

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import polars as pl
 import torch
 
-from mbtrain.data.coded import CodedFrame, codable, tensor_view
+from mbtrain.data.coded import CodedFrame, chunk_views, codable
 from mbtrain.errors import MbtrainError
 
 SMALL_INT_CARDINALITY = 32
@@ -158,7 +158,8 @@ def label_tensor(frame: pl.DataFrame | CodedFrame, source: str, tasks: list[str]
         nulls = column.null_count()
         if nulls:
             raise MbtrainError(f"{source}: label column {name!r} has {nulls} null value(s); labels must be 0/1")
-        labels[:, j] = tensor_view(_binary(column, source).to_numpy())
+        for start, values in chunk_views(_binary(column, source)):
+            labels[start : start + len(values), j] = values
     return labels
 
 
