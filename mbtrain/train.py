@@ -107,9 +107,11 @@ def _locate(config: RunConfig, data_path: Path) -> tuple[list[Path], int, bool]:
 
 
 def _read_coded(files: list[Path], tasks: list[str]) -> CodedFrame:
-    """The in-memory path's table: one file with its text features left dictionary-encoded where it is Parquet
-    (the labels are parsed as they are), or several Parquet files read whole."""
-    return read_coded(files[0], plain=tasks) if len(files) == 1 else CodedFrame(read_files(files))
+    """The in-memory path's table: Parquet text features left dictionary-encoded (the labels are parsed as
+    they are); several files are first checked to be Parquet with the same columns."""
+    if len(files) > 1:
+        row_groups(files)  # one clear line for a non-Parquet file, mismatched columns or no rows at all
+    return read_coded(files, plain=tasks)
 
 
 def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, spec: ModelSpec | None) -> Prepared:

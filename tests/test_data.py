@@ -6,6 +6,8 @@ import json
 import math
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -156,7 +158,7 @@ def test_parquet_text_read_as_dictionaries_gives_what_the_plain_frame_gives(tmp_
     path = tmp_path / "mixed.parquet"
     frame.write_parquet(path, row_group_size=64)  # several row groups, each with its own dictionaries
     tasks = ["purchase", "click"]
-    coded = read_coded(path, plain=tasks)
+    coded = read_coded([path], plain=tasks)
     assert coded.columns == frame.columns and coded.schema == frame.schema
     schema = infer_schema(coded, "f", tasks)
     assert schema == infer_schema(frame, "f", tasks)
@@ -219,4 +221,23 @@ def test_a_missing_label_lists_every_column_of_a_dictionary_read_file(tmp_path) 
     path = tmp_path / "valid.parquet"
     make_frame(50).drop("purchase").write_parquet(path)
     with pytest.raises(MbtrainError, match=r"'purchase' not found; columns are row_id, user, device, hour"):
-        label_tensor(read_coded(path, plain=["purchase", "click"]), "v", ["purchase", "click"])
+        label_tensor(read_coded([path], plain=["purchase", "click"]), "v", ["purchase", "click"])
+
+
+def test_several_parquet_files_are_read_as_one_with_their_dictionaries(tmp_path) -> None:
+    """Files that store text as string and as large_string (pyarrow vs polars writers) code as one column."""
+    frame = _mixed_frame(300)
+    frame[:120].write_parquet(tmp_path / "a.parquet", row_group_size=50)
+    pq.write_table(frame[120:].to_arrow().cast(pa.schema(
+        [pa.field(f.name, pa.string() if f.type == pa.large_string() else f.type) for f in frame.to_arrow().schema])),
+        tmp_path / "b.parquet")
+    files = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    assert pq.read_schema(files[1]).field("user").type == pa.string()
+    tasks = ["purchase", "click"]
+    coded = read_coded(files, plain=tasks)
+    schema = infer_schema(coded, "f", tasks)
+    assert schema == infer_schema(frame, "f", tasks)
+    fitted = Encoders.fit(coded, schema.categorical, schema.numeric, min_frequency=2)
+    plain = Encoders.fit(frame, schema.categorical, schema.numeric, min_frequency=2)
+    assert fitted.categorical == plain.categorical
+    assert torch.equal(fitted.encode(coded, "f")[0], fitted.encode(frame, "f")[0])
