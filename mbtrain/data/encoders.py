@@ -56,11 +56,7 @@ class CategoricalEncoder:
 
     def lookup(self, values: pl.Series, source: str) -> torch.Tensor:
         """int64 [len(values) + 1]: the index of each of a coded column's values, then 0 for its null id."""
-        try:
-            indices = pl.DataFrame([values.alias(self.name)]).select(self.expression()).to_series().to_numpy()
-        except pl.exceptions.PolarsError as exc:  # a column whose type cannot become the training type
-            raise MbtrainError(f"{source}: cannot encode a column like the training data "
-                               f"({first_line(exc)})") from None
+        indices = _encoded(pl.DataFrame([values.alias(self.name)]), [self.expression()], source).to_series().to_numpy()
         return torch.cat([torch.from_numpy(indices.astype(np.int64)), torch.zeros(1, dtype=torch.int64)])
 
 
@@ -176,14 +172,18 @@ class Encoders:
                 torch.index_select(encoder.lookup(column.values, source), 0, column.ids, out=categorical[:, j])
             return categorical, _numeric_matrix(frame.frame, [e.name for e in self.numeric])
         for start in range(0, len(self.categorical), COLUMNS_AT_ONCE):
-            try:
-                part = frame.select([e.expression() for e in self.categorical[start : start + COLUMNS_AT_ONCE]])
-            except pl.exceptions.PolarsError as exc:  # a column whose type cannot become the training type
-                raise MbtrainError(f"{source}: cannot encode a column like the training data "
-                                   f"({first_line(exc)})") from None
+            part = _encoded(frame, [e.expression() for e in self.categorical[start : start + COLUMNS_AT_ONCE]], source)
             for offset, column in enumerate(part.iter_columns()):
                 categorical[:, start + offset] = tensor_view(column.to_numpy())
         return categorical, _numeric_matrix(frame, [e.name for e in self.numeric])
+
+
+def _encoded(frame: pl.DataFrame, expressions: list[pl.Expr], source: str) -> pl.DataFrame:
+    """The encoding expressions' result; a column whose type cannot become the training type fails here."""
+    try:
+        return frame.select(expressions)
+    except pl.exceptions.PolarsError as exc:
+        raise MbtrainError(f"{source}: cannot encode a column like the training data ({first_line(exc)})") from None
 
 
 def _counts(frame: pl.LazyFrame, schema: pl.Schema, name: str) -> pl.LazyFrame:
