@@ -21,7 +21,7 @@ LARGE_TEXT = pa.dictionary(pa.int32(), pa.large_string())
 def read_table(path: str | Path) -> pl.DataFrame:
     """The whole file as a DataFrame; Parquet is recognised by its magic bytes, anything else must be CSV."""
     path = Path(path)
-    frame = _read_parquet([path]) if _is_parquet(path) else _read_csv(path)
+    frame = read_parquet([path]) if _is_parquet(path) else _read_csv(path)
     _require_rows(frame.height, path)
     return frame
 
@@ -43,9 +43,9 @@ def read_coded(paths: Sequence[Path], plain: Collection[str] = ()) -> CodedFrame
                 table = reader.read(columns=text)
             for name in text:  # one value type for every file's dictionaries (string or large_string)
                 chunks[name] += [chunk.cast(LARGE_TEXT) for chunk in table.column(name).chunks]
-    except Exception as exc:  # as in _read_parquet
+    except Exception as exc:  # as in read_parquet
         raise _damaged(paths[0], exc) from None
-    frame = _read_parquet(paths, [name for name in schema.names if name not in text])
+    frame = read_parquet(paths, [name for name in schema.names if name not in text])
     dictionaries = {name: pa.chunked_array(pieces, LARGE_TEXT) for name, pieces in chunks.items()}
     coded = CodedFrame(frame, dictionaries, order=schema.names)
     _require_rows(coded.height, paths[0])
@@ -76,7 +76,9 @@ def _require_rows(rows: int, path: Path) -> None:
         raise MbtrainError(f"{path}: has a header but no rows")
 
 
-def _read_parquet(paths: list[Path], columns: list[str] | None = None) -> pl.DataFrame:
+def read_parquet(paths: Sequence[Path], columns: list[str] | None = None) -> pl.DataFrame:
+    """Parquet files as one DataFrame, in file order (several must have the same columns: stream.row_groups)."""
+    paths = list(paths)
     try:  # glob=False: a file named data[1].parquet is not a pattern
         return pl.read_parquet(paths if len(paths) > 1 else paths[0], columns=columns, glob=False,
                                hive_partitioning=False)

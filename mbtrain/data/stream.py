@@ -47,7 +47,7 @@ import torch
 from mbtrain.data.batches import EncodedData
 from mbtrain.data.coded import kind_of
 from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder, vocabulary_query
-from mbtrain.data.io import PARQUET_MAGIC, read_table
+from mbtrain.data.io import PARQUET_MAGIC, read_parquet, read_table
 from mbtrain.data.schema import Schema, infer_schema, label_tensor
 from mbtrain.distributed import ranks_on_this_node
 from mbtrain.errors import MbtrainError, first_line
@@ -181,10 +181,7 @@ def parse_memory_budget(text: str) -> int:
 def read_parquet_files(files: Sequence[Path]) -> pl.DataFrame:
     """Several Parquet files as one DataFrame, in file order: the in-memory path for a small directory or glob."""
     row_groups(files)  # one clear line for a non-Parquet file, mismatched columns or no rows at all
-    try:
-        return pl.read_parquet(list(files), glob=False, hive_partitioning=False)
-    except Exception as exc:  # polars raises several types for corrupt files; all mean the same here
-        raise MbtrainError(f"{files[0]} …: unreadable Parquet data ({first_line(exc)})") from None
+    return read_parquet(files)
 
 
 def read_files(files: Sequence[Path]) -> pl.DataFrame:
