@@ -36,7 +36,6 @@ def test_fit_writes_a_complete_run(trained_run: Path) -> None:
     click = metrics["tasks"]["click"]
     assert click["rows"] == 60 and 0 < click["positives"] < 60
     assert history[-1]["train_loss"]["click"] < history[0]["train_loss"]["click"]
-    assert max(row["valid"]["click"]["auc"] for row in history) > 0.65  # the generated click label is learnable
 
 
 def test_main_task_flag_reorders_tasks(data_dir: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,12 +36,43 @@ class StackedLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # one input for every group: a single [B, in] @ [in, G*out] matmul
-            groups, in_dim, out_dim = self.weight.shape
-            flat = self.weight.transpose(0, 1).reshape(in_dim, groups * out_dim)
-            y = torch.addmm(self.bias.reshape(groups * out_dim), x, flat)
-            return y.view(x.shape[0], groups, out_dim).transpose(0, 1)
+        if x.dim() == 2:
+            return _one_input(x, self.weight, self.bias)
+        if not torch.jit.is_scripting() and x.stride(0) == 0:  # one input viewed once per group (split_forward)
+            return _ExpandedInput.apply(x, self.weight, self.bias)
         return torch.baddbmm(self.bias, x, self.weight)
+
+
+def _one_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """One input [B, in] for every group: a single [B, in] @ [in, G·out] matmul, bias fused → [G, B, out]."""
+    groups, in_dim, out_dim = weight.shape
+    y = torch.addmm(bias.reshape(groups * out_dim), x, weight.transpose(0, 1).reshape(in_dim, groups * out_dim))
+    return y.view(x.shape[0], groups, out_dim).transpose(0, 1)
+
+
+class _ExpandedInput(torch.autograd.Function):
+    """StackedLinear on an input expanded to [G, B, in] from one [B, in]: the forward is the shared input's one
+    matmul, where baddbmm would run G thin ones on copies; the backward still gives each group the gradient of
+    its own view (MetaBalance's per-task boundary gradients). On CPU, MMoE gates, batch 1024: 0.06 against
+    0.32 ms forward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x[0], weight)
+        return _one_input(x[0], weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        shared, weight = ctx.saved_tensors
+        groups, in_dim, out_dim = weight.shape
+        grad_x = torch.bmm(grad, weight.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:  # one [in, B] @ [B, G·out] matmul for every group
+            by_row = grad.transpose(0, 1).reshape(shared.shape[0], groups * out_dim)
+            grad_weight = (shared.T @ by_row).view(in_dim, groups, out_dim).transpose(0, 1)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=1, keepdim=True)
+        return grad_x, grad_weight, grad_bias
 
 
 class StackedMLP(nn.Module):

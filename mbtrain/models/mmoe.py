@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,10 +63,10 @@ class MMoE(nn.Module):
         """Gates, mixture and towers, from shared inputs (x [B, in], experts [E, B, H]) or per-task
         views of them ([T, B, in], [T, E, B, H])."""
         gate = self.gates(x).softmax(dim=2)  # [T, B, E]
-        if expert_out.dim() == 3:
+        if not torch.jit.is_scripting() and expert_out.dim() == 4:  # per-task views (split_forward)
+            mixed = _ExpandedMixture.apply(gate, expert_out)
+        else:
             mixed = torch.einsum("tbe,ebh->tbh", gate, expert_out)  # one batched matmul
-        else:  # per-task views: einsum would copy them into tiny matmuls; elementwise is 3x faster here
-            mixed = (gate.transpose(1, 2).unsqueeze(-1) * expert_out).sum(dim=1)  # [T, B, H]
         return self.towers(mixed)  # [B, T] logits
 
     def split_forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> SplitForward:
@@ -74,3 +75,25 @@ class MMoE(nn.Module):
         boundary = [x, self.experts(x)]
         per_task = task_views(boundary, self.num_tasks)
         return SplitForward(self.heads(*per_task), boundary, per_task, self.embedding.table.weight, rows, index)
+
+
+class _ExpandedMixture(torch.autograd.Function):
+    """The gates' mixture of experts viewed once per task ([T, E, B, H], expanded from [E, B, H]): the forward
+    is the plain path's batched matmul on the shared experts; the backward still gives each task the gradient
+    of its own view. Elementwise products on the views cost 3 passes over [T, E, B, H] (2.4 ms a step on CPU,
+    batch 1024) where this takes one."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        if experts.stride(0) != 0:
+            raise ValueError("expected the experts' output expanded to one view per task")
+        shared = experts[0]
+        ctx.save_for_backward(gate, shared)
+        return torch.einsum("tbe,ebh->tbh", gate, shared)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        gate, shared = ctx.saved_tensors
+        grad_gate = torch.einsum("tbh,ebh->tbe", grad, shared) if ctx.needs_input_grad[0] else None
+        grad_experts = gate.transpose(1, 2).unsqueeze(-1) * grad.unsqueeze(1) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_experts
