@@ -210,6 +210,23 @@ def test_coding_leaves_the_callers_frame_alone_and_types_mean_what_polars_casts_
     assert torch.equal(coded, plain) and coded[:, 1].tolist() == [1, 2] and coded[:, 2].tolist() == [1, 1]
 
 
+@pytest.mark.parametrize("dtype", [pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64])
+def test_integer_columns_of_every_width_code_and_encode_as_their_values_say(dtype: pl.DataType) -> None:
+    low = 0 if dtype.is_unsigned_integer() else -3
+    parts = [pl.DataFrame({"code": pl.Series([low + (i * 7 + j) % 11 if i % 9 else None for i in range(40)],
+                                             dtype=dtype),
+                           "far": pl.Series([100_000 + i % 5 for i in range(40)], dtype=pl.Int64)})
+             for j in range(3)]
+    frame = pl.concat(parts, rechunk=False)  # several chunks, as several Parquet row groups read
+    rows = torch.arange(0, 120, 3)
+    fitted = Encoders.fit(CodedFrame(frame), ["code", "far"], [], min_frequency=2, rows=rows)
+    expected = Encoders.fit(frame[rows.numpy()], ["code", "far"], [], min_frequency=2)
+    assert fitted.categorical == expected.categorical
+    coded, _ = fitted.encode(CodedFrame(frame), "t")
+    plain, _ = fitted.encode(frame, "t")
+    assert torch.equal(coded, plain) and coded.min() == 0 and coded[:, 1].max() == 5
+
+
 def test_unsigned_ids_past_int64_are_counted_and_excluded_when_all_distinct() -> None:
     frame = make_frame(150).with_columns(pl.Series("event_hash", [2**63 + 7 * i for i in range(150)],
                                                    dtype=pl.UInt64))

@@ -24,7 +24,7 @@ from mbtrain.errors import MbtrainError, first_line
 
 SKEWED = 2.0  # skewness above which a non-negative numeric column is log1p-transformed first
 
-COLUMNS_AT_ONCE = 4  # encoded together: enough for polars to use every core, few enough to stay small
+COLUMNS_AT_ONCE = 4  # encoded or measured together: enough for polars to use every core, few enough to stay small
 LOOKUP_SLACK = 4  # integer vocabularies use a lookup table when their value range is at most this × their size
 
 
@@ -68,27 +68,34 @@ class NumericEncoder:
     log1p: bool
 
     @staticmethod
-    def moments(name: str, logged: bool = True) -> list[pl.Expr]:
-        """Aggregates the statistics come from (one row; the streaming engine can compute them too): count,
-        min and skew of the values, mean and population std of the values and, if `logged`, of their log1p."""
-        values = pl.col(name).cast(pl.Float64).fill_nan(None)
-        expressions = [
-            values.count().alias(f"{name}\x00count"),
-            values.min().alias(f"{name}\x00min"),
-            values.skew().alias(f"{name}\x00skew"),
-            values.mean().alias(f"{name}\x00mean"),
-            values.std(ddof=0).alias(f"{name}\x00std"),
-        ]
-        if logged:
-            expressions += [values.log1p().mean().alias(f"{name}\x00log_mean"),
-                            values.log1p().std(ddof=0).alias(f"{name}\x00log_std")]
-        return expressions
+    def moments(name: str) -> list[pl.Expr]:
+        """Aggregates the statistics come from (one row; the streaming engine can compute them too): count, min,
+        mean and population std of the values."""
+        values = _float_values(name)
+        return [values.count().alias(f"{name}\x00count"), values.min().alias(f"{name}\x00min"),
+                values.mean().alias(f"{name}\x00mean"), values.std(ddof=0).alias(f"{name}\x00std")]
 
     @staticmethod
-    def wants_log1p(name: str, row: dict[str, Any]) -> bool:
+    def skewness(name: str) -> list[pl.Expr]:
+        """The skew of the values, which decides log1p for a column that may_log1p."""
+        return [_float_values(name).skew().alias(f"{name}\x00skew")]
+
+    @staticmethod
+    def log_moments(name: str) -> list[pl.Expr]:
+        """Mean and population std of log1p of the values, for a column that wants_log1p."""
+        logged = _float_values(name).log1p()
+        return [logged.mean().alias(f"{name}\x00log_mean"), logged.std(ddof=0).alias(f"{name}\x00log_std")]
+
+    @staticmethod
+    def may_log1p(name: str, row: dict[str, Any]) -> bool:
+        """Non-negative values: log1p if skewed."""
+        return bool(row[f"{name}\x00count"] and row[f"{name}\x00min"] >= 0)
+
+    @classmethod
+    def wants_log1p(cls, name: str, row: dict[str, Any]) -> bool:
         """Non-negative and skewed beyond SKEWED: log1p first."""
-        skew = row[f"{name}\x00skew"]
-        return bool(row[f"{name}\x00count"] and row[f"{name}\x00min"] >= 0 and skew is not None and skew > SKEWED)
+        skew = row.get(f"{name}\x00skew")
+        return cls.may_log1p(name, row) and skew is not None and skew > SKEWED
 
     @classmethod
     def from_moments(cls, name: str, row: dict[str, Any]) -> NumericEncoder:
@@ -131,11 +138,15 @@ class Encoders:
             vocabularies.append(CategoricalEncoder(name, kind, _vocabulary(values, counts[:-1], min_frequency)))
         training = None if held is None else pl.lit(pl.Series(~mask.numpy()))
         row: dict[str, Any] = {}
-        for name in numeric:  # one column's training rows at a time: 16 MB alive at 2M rows, not the lot
-            values = coded.frame.select(pl.col(name) if training is None else pl.col(name).filter(training))
-            row |= values.select(NumericEncoder.moments(name, logged=False)).row(0, named=True)
-            if NumericEncoder.wants_log1p(name, row):  # log1p costs 20 ms per 2M values: only where it is used
-                row |= values.select(NumericEncoder.moments(name)).row(0, named=True)
+        for start in range(0, len(numeric), COLUMNS_AT_ONCE):  # a few columns' training rows at a time
+            names = numeric[start : start + COLUMNS_AT_ONCE]
+            values = coded.frame.select(names) if training is None else coded.frame.select(names).filter(training)
+            row |= values.select([e for name in names for e in NumericEncoder.moments(name)]).row(0, named=True)
+            for later, wanted in ((NumericEncoder.skewness, NumericEncoder.may_log1p),  # only where used: skew
+                                  (NumericEncoder.log_moments, NumericEncoder.wants_log1p)):  # and log1p cost
+                names = [name for name in names if wanted(name, row)]  # 10–20 ms per 2M values
+                if names:
+                    row |= values.select([e for name in names for e in later(name)]).row(0, named=True)
         return cls(vocabularies, [NumericEncoder.from_moments(name, row) for name in numeric])
 
     @property
@@ -169,13 +180,18 @@ class Encoders:
         if isinstance(frame, CodedFrame):
             for j, encoder in enumerate(self.categorical):
                 column = frame.column(encoder.name, source)
-                torch.index_select(encoder.lookup(column.values, source), 0, column.ids, out=categorical[:, j])
+                column.gather(encoder.lookup(column.values, source), out=categorical[:, j])
             return categorical, _numeric_matrix(frame.frame, [e.name for e in self.numeric])
         for start in range(0, len(self.categorical), COLUMNS_AT_ONCE):
             part = _encoded(frame, [e.expression() for e in self.categorical[start : start + COLUMNS_AT_ONCE]], source)
             for offset, column in enumerate(part.iter_columns()):
                 categorical[:, start + offset] = tensor_view(column.to_numpy())
         return categorical, _numeric_matrix(frame, [e.name for e in self.numeric])
+
+
+def _float_values(name: str) -> pl.Expr:
+    """A numeric column as the statistics see it: Float64, NaN counted as null."""
+    return pl.col(name).cast(pl.Float64).fill_nan(None)
 
 
 def _encoded(frame: pl.DataFrame, expressions: list[pl.Expr], source: str) -> pl.DataFrame:

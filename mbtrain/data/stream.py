@@ -274,7 +274,9 @@ def fit_encoders_streaming(scan: pl.LazyFrame, categorical: list[str], numeric: 
     streaming engine one column at a time (see _collect_by_column): a group-by count per categorical column,
     moments per numeric one."""
     schema = scan.collect_schema()
-    moments = _collect_by_column(scan, [e for name in numeric for e in NumericEncoder.moments(name)])
+    moments = _collect_by_column(scan, [e for name in numeric
+                                        for e in (NumericEncoder.moments(name) + NumericEncoder.skewness(name)
+                                                  + NumericEncoder.log_moments(name))])
     return Encoders(
         [CategoricalEncoder(name, kind_of(schema[name]),
                             _collect(vocabulary_query(scan, schema, name, min_frequency))
