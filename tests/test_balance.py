@@ -153,6 +153,32 @@ def test_grad_accumulates_across_calls() -> None:
         close(p.grad, e)
 
 
+@pytest.mark.parametrize("pass_task_params", [True, False])
+def test_gradients_are_laid_out_for_fused_adam(pass_task_params: bool) -> None:
+    """Weights used transposed in bmm get gradients with transposed strides from autograd.grad; fused Adam
+    would silently misread those, so the balancer's .grad must step it exactly as plain Adam steps."""
+    torch.manual_seed(0)
+    shared, heads = nn.Parameter(torch.randn(2, 5, 4)), nn.Parameter(torch.randn(2, 3, 5))
+    x, y = torch.randn(2, 16, 4), (torch.rand(16, 2) < 0.5).float()
+
+    def losses() -> list[torch.Tensor]:
+        hidden = torch.relu(torch.bmm(x, shared.transpose(1, 2)))  # [2, 16, 5]
+        logits = torch.bmm(hidden, heads.transpose(1, 2)).sum(dim=2).t()  # [16, 2]
+        return list(F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(dim=0).unbind())
+
+    balancer = MetaBalance([shared], task_params=[heads] if pass_task_params else None)
+    balancer.backward(losses())
+    stepped = []
+    for fused in (False, True):
+        params = [nn.Parameter(p.detach().clone()) for p in (shared, heads)]
+        for p, q in zip(params, (shared, heads), strict=True):
+            p.grad = q.grad.clone(memory_format=torch.preserve_format)
+        torch.optim.Adam(params, lr=0.1, fused=fused).step()
+        stepped.append(params)
+    for plain, fused in zip(*stepped, strict=True):
+        torch.testing.assert_close(fused, plain)
+
+
 def test_relax_zero_is_the_plain_sum() -> None:
     torch.manual_seed(2)
     model = TinyMultiTask(3)

@@ -266,7 +266,9 @@ class MetaBalance(Balancer):
 
 
 def _accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None], scale: torch.Tensor | None) -> None:
-    """``sink.grad += scale·g`` (None: 1); never writes to autograd's outputs, they may alias each other."""
+    """``sink.grad += scale·g`` (None: 1); never writes to autograd's outputs, they may alias each other.
+    A new ``.grad`` is contiguous, as autograd's own accumulation would lay it out: fused Adam reads a gradient
+    in its parameter's memory order, and silently misreads one with other strides (torch 2.13, CPU)."""
     factors = scale.unbind() if scale is not None else ()
     reached = [i for i, g in enumerate(grads) if g is not None]
     into = [i for i in reached if sinks[i].grad is not None]
@@ -285,7 +287,7 @@ def _accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None], scal
         else:
             made = torch._foreach_mul(sources, [factors[i] for i in fresh])
         for i, g in zip(fresh, made, strict=True):
-            sinks[i].grad = g
+            sinks[i].grad = g.contiguous()
 
 
 class _RowGradient:

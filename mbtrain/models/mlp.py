@@ -69,7 +69,7 @@ class _ExpandedInput(torch.autograd.Function):
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:  # one [in, B] @ [B, G·out] matmul for every group
             by_row = grad.transpose(0, 1).reshape(shared.shape[0], groups * out_dim)
-            grad_weight = (shared.T @ by_row).view(in_dim, groups, out_dim).transpose(0, 1)
+            grad_weight = (shared.T @ by_row).view(in_dim, groups, out_dim).transpose(0, 1).contiguous()
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum(dim=1, keepdim=True)
         return grad_x, grad_weight, grad_bias
