@@ -275,10 +275,12 @@ def test_build_balancer() -> None:
 
 @pytest.mark.parametrize("strategy", ["both", "reduce", "enlarge"])
 @pytest.mark.parametrize("name", ["mmoe", "shared-bottom"])
-@pytest.mark.parametrize(("cards", "batch"), [([5, 7, 3], 32), ([50, 70, 30], 8)], ids=["small-table", "big-table"])
+@pytest.mark.parametrize(("cards", "batch"), [([5, 7, 3], 32), ([50, 70, 30], 8), ([500, 700, 300], 4)],
+                         ids=["small-table", "big-table", "huge-table"])
 def test_split_forward_gives_the_same_gradients(name: str, strategy: str, cards: list[int], batch: int) -> None:
     """The fast path (heads once, trunk per task, table rows per batch) equals the per-task full path,
-    both when the table is coalesced whole (small) and on the batch's distinct rows (big)."""
+    both when the table is coalesced whole (small) and on the batch's distinct rows, found by a mask (big)
+    or by sorting (huge)."""
     from mbtrain.models import build_model
 
     sizes = dict(cardinalities=cards, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6], experts=3,

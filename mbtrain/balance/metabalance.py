@@ -17,6 +17,7 @@ from mbtrain.balance.plain import Balancer
 from mbtrain.models.split import SplitForward
 
 STRATEGIES = ("both", "reduce", "enlarge")
+BITMAP_ROWS = 32  # see _distinct
 Reduce = Callable[[list[torch.Tensor]], None]
 Gather = Callable[[list[torch.Tensor]], list[list[torch.Tensor]]]
 
@@ -167,11 +168,11 @@ class MetaBalance(Balancer):
         if self.gather is None and table_rows <= flat.numel():
             grads = side_by_side.new_zeros(table_rows, len(row_grads), dim).index_add_(0, flat, side_by_side)
             return None, list(grads.unbind(1))
-        rows, inverse = torch.unique(flat, return_inverse=True)
+        rows, inverse = _distinct(flat, table_rows)
         grads = side_by_side.new_zeros(rows.numel(), len(row_grads), dim).index_add_(0, inverse, side_by_side)
         if self.gather is not None:
             every_rows, every_grads = self.gather([rows, grads])
-            rows, inverse = torch.unique(torch.cat(every_rows), return_inverse=True)
+            rows, inverse = _distinct(torch.cat(every_rows), table_rows)
             grads = grads.new_zeros(rows.numel(), len(row_grads), dim)
             # rank by rank: a rank's rows are distinct, so no index_add adds twice into one row and every rank
             # sums in the same order, even where index_add is not deterministic (CUDA): the ranks stay equal
@@ -263,6 +264,21 @@ class MetaBalance(Balancer):
         finally:
             for p, g in zip(self.shared, kept, strict=True):
                 p.grad = g
+
+
+def _distinct(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(index, return_inverse=True): the sorted distinct rows and each entry's position among them.
+    Up to BITMAP_ROWS table rows per entry, marking the rows in a table-sized mask beats sorting the entries
+    (batch 1024 × 15 columns on CPU: 0.18 against 0.69 ms for a 33k-row table, 0.29 for 200k, 0.81 against
+    0.65 for 1.3M)."""
+    if table_rows > BITMAP_ROWS * index.numel():
+        return torch.unique(index, return_inverse=True)
+    seen = torch.zeros(table_rows, dtype=torch.bool, device=index.device)
+    seen[index] = True
+    rows = seen.nonzero().squeeze(1)
+    position = torch.empty(table_rows, dtype=torch.long, device=index.device)
+    position[rows] = torch.arange(rows.numel(), device=index.device)
+    return rows, position[index]
 
 
 def _accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None], scale: torch.Tensor | None) -> None:
