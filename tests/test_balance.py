@@ -153,12 +153,15 @@ def test_grad_accumulates_across_calls() -> None:
         close(p.grad, e)
 
 
+@pytest.mark.parametrize("stored_transposed", [False, True])
 @pytest.mark.parametrize("pass_task_params", [True, False])
-def test_gradients_are_laid_out_for_fused_adam(pass_task_params: bool) -> None:
-    """Weights used transposed in bmm get gradients with transposed strides from autograd.grad; fused Adam
-    would silently misread those, so the balancer's .grad must step it exactly as plain Adam steps."""
+def test_gradients_are_laid_out_for_fused_adam(pass_task_params: bool, stored_transposed: bool) -> None:
+    """Weights used transposed in bmm get gradients with transposed strides from autograd.grad, and a weight
+    may be stored transposed; fused Adam silently misreads a gradient laid out unlike its parameter, so the
+    balancer's .grad must step it exactly as plain Adam steps."""
     torch.manual_seed(0)
-    shared, heads = nn.Parameter(torch.randn(2, 5, 4)), nn.Parameter(torch.randn(2, 3, 5))
+    shared = nn.Parameter(torch.randn(2, 4, 5).transpose(1, 2) if stored_transposed else torch.randn(2, 5, 4))
+    heads = nn.Parameter(torch.randn(2, 3, 5))
     x, y = torch.randn(2, 16, 4), (torch.rand(16, 2) < 0.5).float()
 
     def losses() -> list[torch.Tensor]:

@@ -143,8 +143,10 @@ class MetaBalance(Balancer):
             _accumulate(sinks, task_grads, None if k == 0 else self._scale(moving[0], moving[k]))
         if row_sink.grad is not None:
             table = split.table
-            if rows is None:
-                table.grad = row_sink.grad if table.grad is None else table.grad.add_(row_sink.grad)
+            if rows is None and table.grad is None:
+                table.grad = _laid_out_like(row_sink.grad, table)
+            elif rows is None:
+                table.grad.add_(row_sink.grad)
             else:
                 if table.grad is None:
                     table.grad = torch.zeros_like(table)
@@ -155,7 +157,7 @@ class MetaBalance(Balancer):
                          ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """(rows, each task's gradient of the embedding table on those rows), every task's gathered rows
         coalesced side by side in one index_add. In one process, a table no bigger than the batch: rows None,
-        gradients of the whole table; a bigger one: only the batch's distinct rows (one sort), so no
+        gradients of the whole table; a bigger one: only the batch's distinct rows (_distinct), so no
         table-sized gradient per task. Across ranks always the latter, with every rank's rows and their
         gradients gathered and coalesced alike on every rank: the exchange grows with the batch, not with the
         table, and no rank's choice can differ from another's (their batches may differ in size)."""
@@ -281,10 +283,16 @@ def _distinct(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch
     return rows, position[index]
 
 
+def _laid_out_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`grad` with `param`'s strides, as autograd's own accumulation lays out a .grad (autograd.grad hands back
+    whatever strides the backward made): fused Adam reads a gradient in its parameter's memory order, and
+    silently misreads one with other strides (torch 2.13, CPU)."""
+    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
+
+
 def _accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None], scale: torch.Tensor | None) -> None:
     """``sink.grad += scale·g`` (None: 1); never writes to autograd's outputs, they may alias each other.
-    A new ``.grad`` is contiguous, as autograd's own accumulation would lay it out: fused Adam reads a gradient
-    in its parameter's memory order, and silently misreads one with other strides (torch 2.13, CPU)."""
+    A new ``.grad`` of a parameter is laid out like it (_laid_out_like)."""
     factors = scale.unbind() if scale is not None else ()
     reached = [i for i, g in enumerate(grads) if g is not None]
     into = [i for i in reached if sinks[i].grad is not None]
@@ -303,7 +311,7 @@ def _accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None], scal
         else:
             made = torch._foreach_mul(sources, [factors[i] for i in fresh])
         for i, g in zip(fresh, made, strict=True):
-            sinks[i].grad = g.contiguous()
+            sinks[i].grad = _laid_out_like(g, sinks[i]) if isinstance(sinks[i], torch.Tensor) else g
 
 
 class _RowGradient:

@@ -25,7 +25,7 @@ import torch
 from mbtrain.errors import MbtrainError, first_line
 
 KINDS: dict[str, pl.DataType] = {"str": pl.String, "int": pl.Int64, "float": pl.Float64}
-INT64 = torch.iinfo(torch.int64)
+INT32, INT64 = torch.iinfo(torch.int32), torch.iinfo(torch.int64)
 INDEX_TYPES = (torch.int32, torch.int64)
 RANGE_SLACK = 2  # an integer column is its own id while its value range is at most this × its rows (+ 65,536)
 AS_IS_LOW = 65_536  # integers from 0 up to this minimum are counted and looked up as they are (see Codes.as_is)
@@ -57,7 +57,8 @@ def codable(dtype: pl.DataType) -> bool:
 class Codes:
     """One chunk of a column (a Parquet row group as read) in the form it arrived: its codes are the integer
     values themselves, or positions in the chunk's own dictionary. Keeping them so, instead of writing an id
-    per row, spares 8 MB per column per 2M rows and the pass that would write them."""
+    per row, spares 8 MB per column per 2M rows and the pass that would write them (for text, and for int32 /
+    int64 columns without nulls; other integer columns keep an int32 copy of their values)."""
 
     start: int  # the chunk's first row
     codes: torch.Tensor  # [rows of the chunk]: integer values (nulls filled) or dictionary positions
@@ -103,15 +104,15 @@ class CodedColumn:
 
     def gather(self, table: torch.Tensor, out: torch.Tensor) -> None:
         """out[row] = table[id of row], for every row: `table` has an entry per value, then one for null."""
-        padded: dict[int, torch.Tensor] = {}  # by `low`, for chunks looked up as they are
+        padded = None  # for integer chunks looked up as they are (they share one `low`)
         for chunk in self.chunks:
             rows = out[chunk.start : chunk.start + len(chunk.codes)]
             if chunk.remap is not None:  # map the chunk's few dictionary positions, not its rows
                 torch.index_select(table[chunk.remap], 0, chunk.codes, out=rows)
             elif chunk.as_is:
-                if chunk.low not in padded:
-                    padded[chunk.low] = torch.cat([table.new_zeros(chunk.low), table])
-                torch.index_select(padded[chunk.low], 0, chunk.codes, out=rows)
+                if padded is None:
+                    padded = torch.cat([table.new_zeros(chunk.low), table])
+                torch.index_select(padded, 0, chunk.codes, out=rows)
             else:
                 torch.index_select(table, 0, chunk.codes.to(torch.int64) - chunk.low, out=rows)
 
@@ -169,10 +170,14 @@ def _from_integers(column: pl.Series) -> CodedColumn | None:
     span = high - low + 1
     if span > RANGE_SLACK * len(column) + 65_536 or high >= INT64.max:  # values compare as Int64
         return None
-    if column.null_count():
+    filled = bool(column.null_count())
+    if filled:
         column = column.fill_null(high + 1)  # id `span`: the null slot
-    chunks = [Codes(start, values if values.dtype in INDEX_TYPES else values.to(torch.int64), low, None)
-              for start, values in chunk_views(column)]  # torch counts and indexes by int32 / int64 only
+    # views of the column's own buffers where torch can count and index by them (int32 / int64 without nulls);
+    # otherwise a copy (other widths, or the filled copy) as int32 where the values fit
+    width = torch.int32 if INT32.min <= low and high < INT32.max else torch.int64
+    chunks = [Codes(start, values if values.dtype in INDEX_TYPES and not filled else values.to(width), low, None)
+              for start, values in chunk_views(column)]
     return CodedColumn(pl.int_range(low, high + 1, dtype=pl.Int64, eager=True).alias(column.name), chunks)
 
 
@@ -190,7 +195,7 @@ def _from_dictionary(column: pa.ChunkedArray) -> CodedColumn:
         if positions.null_count:
             positions = pc.fill_null(positions, len(chunk.dictionary))
         positions = tensor_view(positions.to_numpy())
-        coded.append(Codes(start, positions if positions.dtype in INDEX_TYPES else positions.to(torch.int64), 0, remap))
+        coded.append(Codes(start, positions if positions.dtype in INDEX_TYPES else positions.to(torch.int32), 0, remap))
         start += len(chunk)
     return CodedColumn(pl.Series(values), coded)
 

@@ -142,9 +142,11 @@ class Encoders:
             names = numeric[start : start + COLUMNS_AT_ONCE]
             values = coded.frame.select(names) if training is None else coded.frame.select(names).filter(training)
             row |= values.select([e for name in names for e in NumericEncoder.moments(name)]).row(0, named=True)
-            for later, wanted in ((NumericEncoder.skewness, NumericEncoder.may_log1p),  # only where used: skew
-                                  (NumericEncoder.log_moments, NumericEncoder.wants_log1p)):  # and log1p cost
-                names = [name for name in names if wanted(name, row)]  # 10–20 ms per 2M values
+            # then, only where used (each costs 10–20 ms per 2M values): skew where log1p may apply, log1p
+            # moments where it does; each step narrows the names of the last
+            for later, wanted in ((NumericEncoder.skewness, NumericEncoder.may_log1p),
+                                  (NumericEncoder.log_moments, NumericEncoder.wants_log1p)):
+                names = [name for name in names if wanted(name, row)]
                 if names:
                     row |= values.select([e for name in names for e in later(name)]).row(0, named=True)
         return cls(vocabularies, [NumericEncoder.from_moments(name, row) for name in numeric])

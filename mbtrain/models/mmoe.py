@@ -60,8 +60,8 @@ class MMoE(nn.Module):
         return self.heads(x, self.experts(x))
 
     def heads(self, x: torch.Tensor, expert_out: torch.Tensor) -> torch.Tensor:
-        """Gates, mixture and towers, from shared inputs (x [B, in], experts [E, B, H]) or per-task
-        views of them ([T, B, in], [T, E, B, H])."""
+        """Gates, mixture and towers, from shared inputs (x [B, in], experts [E, B, H]) or split_forward's
+        per-task views of them, expanded from those ([T, B, in], [T, E, B, H])."""
         gate = self.gates(x).softmax(dim=2)  # [T, B, E]
         if not torch.jit.is_scripting() and expert_out.dim() == 4:  # per-task views (split_forward)
             mixed = _ExpandedMixture.apply(gate, expert_out)
