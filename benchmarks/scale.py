@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import _rss_mb  # noqa: E402
 from synthetic import TASKS, impressions  # noqa: E402
 
+from mbtrain.allocator import keep_freed_memory  # noqa: E402
 from mbtrain.config import ModelConfig  # noqa: E402
 from mbtrain.data import stream  # noqa: E402
 from mbtrain.data.batches import EncodedData  # noqa: E402
@@ -120,6 +121,7 @@ def run_stage(args: argparse.Namespace) -> None:
     rates = data.positive_rates()
     result["prepare_s"] = time.perf_counter() - started
     result["prepared_mb"] = _rss_mb("VmHWM")
+    keep_freed_memory()  # as `mbtrain fit` does before its first step
     rows, seconds = _steps(ModelSpec(TASKS, encoders, model), rates, _epochs(data, args.batch_size), args.steps)
     result["rows_per_s"] = rows / seconds
     result["peak_mb"] = _rss_mb("VmHWM")

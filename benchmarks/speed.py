@@ -32,6 +32,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import TASKS, impressions  # noqa: E402
 
+from mbtrain.allocator import keep_freed_memory  # noqa: E402
 from mbtrain.balance import Balancer, build_balancer  # noqa: E402
 from mbtrain.config import RunConfig  # noqa: E402
 from mbtrain.train import build_optimizer, prepare, train_epoch  # noqa: E402
@@ -96,6 +97,7 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
             balancer = build_balancer(variant, model.shared_parameters(), model.task_parameters())
         runs[variant] = (model, optimizer, balancer, [], [])
     steps = -(-len(prepared.train) // config.train.batch_size)
+    keep_freed_memory()  # as `mbtrain fit` does before its first step
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         for round_ in range(args.rounds + 1):  # round 0 warms up and is not counted
             for model, optimizer, balancer, epochs, trains in runs.values():

@@ -29,6 +29,7 @@ from rich.progress import (
 )
 
 from mbtrain import __version__
+from mbtrain.allocator import keep_freed_memory
 from mbtrain.balance import build_balancer
 from mbtrain.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from mbtrain.config import RunConfig
@@ -288,6 +289,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
                   f"(main {spec.main_task}); data {prepared.path}; {cluster.device}{ranks}; run {out}",
                   soft_wrap=True)
     sample = _sample(valid) if main else None
+    keep_freed_memory()  # from here on every step allocates and frees the same tensors
     started = time.perf_counter()
     patience = config.train.patience
     epoch = start_epoch - 1
