@@ -80,8 +80,10 @@ class CodedColumn:
     def counts(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[len(values) + 1] occurrences of each value among `rows` (sorted; all rows when None), nulls last."""
         counts = torch.zeros(len(self.values) + 1, dtype=torch.int64)
-        ends = torch.tensor([chunk.start + len(chunk.codes) for chunk in self.chunks])
-        bounds = [0, *torch.searchsorted(rows, ends).tolist()] if rows is not None else None
+        bounds = None  # each chunk's share of `rows`, found at once
+        if rows is not None:
+            ends = torch.tensor([chunk.start + len(chunk.codes) for chunk in self.chunks])
+            bounds = [0, *torch.searchsorted(rows, ends).tolist()]
         for i, chunk in enumerate(self.chunks):
             codes = chunk.codes if bounds is None else chunk.codes[rows[bounds[i] : bounds[i + 1]] - chunk.start]
             if chunk.remap is not None:  # count positions, then add each position's count to its id
@@ -165,7 +167,7 @@ def _from_integers(column: pl.Series) -> CodedColumn | None:
     low, high = column.min(), column.max()
     if low is None:  # every value null
         return CodedColumn(pl.Series(column.name, [], dtype=pl.Int64),
-                           [Codes(0, torch.zeros(len(column), dtype=torch.int64), 0, None)])
+                           [Codes(0, torch.zeros(len(column), dtype=torch.int32), 0, None)])
     low, high = int(low), int(high)
     span = high - low + 1
     if span > RANGE_SLACK * len(column) + 65_536 or high >= INT64.max:  # values compare as Int64
