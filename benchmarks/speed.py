@@ -96,7 +96,7 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
         else:
             balancer = build_balancer(variant, model.shared_parameters(), model.task_parameters())
         runs[variant] = (model, optimizer, balancer, [], [])
-    steps = -(-len(prepared.train) // config.train.batch_size)
+    steps = prepared.train.steps(config.train.batch_size)
     keep_freed_memory()  # as `mbtrain fit` does before its first step
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         for round_ in range(args.rounds + 1):  # round 0 warms up and is not counted

@@ -394,10 +394,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     device = cluster.device
     started = time.perf_counter()
     batch_size = config.train.batch_size
-    if isinstance(train, StreamingBatches):
-        steps = train.steps(batch_size, cluster.world_size)
-    else:
-        steps = -(-len(train) // (batch_size * cluster.world_size))
+    steps = train.steps(batch_size, cluster.world_size)
     bar = progress.add_task(f"epoch {epoch}/{config.train.epochs}", total=steps, loss="")
     seed = config.train.seed * 1_000_003 + epoch
     generator = torch.Generator().manual_seed(seed) if config.train.shuffle else None

@@ -32,16 +32,25 @@ class EncodedData:
             index = self.rows[index]
         return EncodedData(self.categorical[index], self.numeric[index], self.labels[index])
 
+    def steps(self, batch_size: int, world_size: int = 1) -> int:
+        """Steps per epoch: global batches of world_size × batch_size rows."""
+        return -(-len(self) // (batch_size * world_size))
+
     def batches(self, batch_size: int, generator: torch.Generator | None = None, rank: int = 0,
                 world_size: int = 1) -> Iterator[tuple[EncodedData, int]]:
         """(this rank's slice, rows in the global batch) for each global batch of world_size × batch_size rows,
         in the shuffled order that `generator` draws (the same on every rank), or in row order without one."""
         rows = len(self)
-        order = torch.randperm(rows, generator=generator) if generator is not None else torch.arange(rows)
+        order = row_order(rows, generator)
         step = batch_size * world_size
         for start in range(0, rows, step):
             chunk = order[start : start + step]
             yield self.take(chunk[rank * batch_size : (rank + 1) * batch_size]), chunk.numel()
+
+
+def row_order(rows: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The order to take `rows` rows in: the permutation `generator` draws, or row order without one."""
+    return torch.randperm(rows, generator=generator) if generator is not None else torch.arange(rows)
 
 
 def split_rows(rows: int, valid_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

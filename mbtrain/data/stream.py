@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mbtrain.data.batches import EncodedData
+from mbtrain.data.batches import EncodedData, row_order
 from mbtrain.data.coded import kind_of
 from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder, vocabulary_query
 from mbtrain.data.io import PARQUET_MAGIC, read_parquet, read_table
@@ -403,7 +403,7 @@ def _cut(buffer: EncodedData, batch_size: int, generator: torch.Generator | None
     """Yield the buffer's full batches (and, if `last`, the short one); return the rows left over, which join
     the next buffer so that only the last batch of a shard is short."""
     rows = len(buffer)
-    order = torch.randperm(rows, generator=generator) if generator is not None else torch.arange(rows)
+    order = row_order(rows, generator)
     end = rows if last else rows - rows % batch_size
     for start in range(0, end, batch_size):
         yield buffer.take(order[start : min(start + batch_size, end)])
