@@ -14,7 +14,7 @@ from rich.console import Console
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click since 0.29
 from typer.core import TyperGroup
 
-from mbtrain.config import BALANCES, MODELS, STRATEGIES, RunConfig, parse_list, read_toml
+from mbtrain.config import BALANCES, MODELS, MONITORS, NORMS, STRATEGIES, RunConfig, parse_list, read_toml
 from mbtrain.errors import MbtrainError
 
 
@@ -50,7 +50,7 @@ app = typer.Typer(
 )
 console = Console()
 DEFAULTS = RunConfig().flat()
-RESUMABLE = {"epochs", "patience", "threads", "device", "memory_budget"}  # settings a resumed run may change
+RESUMABLE = {"epochs", "patience", "threads", "device", "memory_budget", "tensorboard"}  # settings a resumed run may change
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -85,6 +85,8 @@ MainTaskOpt = Annotated[str | None, typer.Option(help="The task MetaBalance and 
 CategoricalOpt = Annotated[str | None, typer.Option(help="Columns to treat as categorical (comma-separated).")]
 NumericOpt = Annotated[str | None, typer.Option(help="Columns to treat as numeric (comma-separated).")]
 ExcludeOpt = Annotated[str | None, typer.Option(help="Columns to ignore (comma-separated).")]
+GroupByOpt = Annotated[str | None, typer.Option(help="Column of the group (user, session) that GAUC averages "
+                                                    "AUC over, e.g. user_id.")]
 ConfigOpt = Annotated[Path | None, typer.Option(help="TOML file with the same keys as the flags; flags win.")]
 
 
@@ -130,9 +132,15 @@ def fit(
     experts: Annotated[int | None, typer.Option(help=_help("Number of MMoE experts.", "experts"))] = None,
     tower: Annotated[str | None, typer.Option(help=_help("Tower hidden sizes (empty for none).", "tower"))] = None,
     dropout: Annotated[float | None, typer.Option(help=_help("Dropout in [0, 1).", "dropout"))] = None,
+    norm: Annotated[str | None, typer.Option(help=_help(f"Hidden-layer normalisation: {' | '.join(NORMS)}.",
+                                                        "norm"))] = None,
     epochs: Annotated[int | None, typer.Option(help=_help("Maximum epochs.", "epochs"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=_help("Rows per step.", "batch_size"))] = None,
-    lr: Annotated[float | None, typer.Option(help=_help("Adam learning rate.", "lr"))] = None,
+    lr: Annotated[float | None, typer.Option(help=_help("Adam learning rate (after warm-up).", "lr"))] = None,
+    schedule: Annotated[str | None, typer.Option(help=_help("Learning rate after warm-up: constant | cosine "
+                                                            "(down to 0 at the last epoch).", "schedule"))] = None,
+    warmup: Annotated[float | None, typer.Option(help=_help("Epochs of linear learning-rate warm-up.",
+                                                            "warmup"))] = None,
     weight_decay: Annotated[float | None, typer.Option(help=_help("Adam weight decay.", "weight_decay"))] = None,
     seed: Annotated[int | None, typer.Option(help=_help("Seed for split, init and shuffling.", "seed"))] = None,
     shuffle: Annotated[bool | None, typer.Option("--shuffle/--no-shuffle",
@@ -141,8 +149,17 @@ def fit(
     valid: Annotated[Path | None, typer.Option(help="Validation file (else a held-out fraction).")] = None,
     valid_fraction: Annotated[float | None, typer.Option(help=_help("Held-out share when no --valid.",
                                                                     "valid_fraction"))] = None,
-    patience: Annotated[int | None, typer.Option(help=_help("Epochs without main-task validation AUC gain "
-                                                            "before stopping; 0 = off.", "patience"))] = None,
+    patience: Annotated[int | None, typer.Option(help=_help("Epochs without main-task validation gain (in "
+                                                            "--monitor) before stopping; 0 = off.",
+                                                            "patience"))] = None,
+    monitor: Annotated[str | None, typer.Option(help=_help(f"Main-task validation metric that picks the best "
+                                                           f"epoch: {' | '.join(MONITORS)}.", "monitor"))] = None,
+    group_by: GroupByOpt = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard",
+                                                     help=_help("Write TensorBoard event files under "
+                                                                "RUN/tensorboard (pip install "
+                                                                "'mbtrain[tensorboard]').",
+                                                                "tensorboard"))] = None,
     categorical: CategoricalOpt = None,
     numeric: NumericOpt = None,
     exclude: ExcludeOpt = None,
@@ -165,8 +182,9 @@ def fit(
     flags = _overrides(
         tasks=tasks, main_task=main_task, model=model, balance=balance, relax_factor=relax_factor, beta=beta,
         strategy=strategy, embed_dim=embed_dim, hidden=hidden, experts=experts, tower=tower, dropout=dropout,
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, shuffle=shuffle,
-        valid=str(valid) if valid else None, valid_fraction=valid_fraction, patience=patience,
+        norm=norm, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup,
+        weight_decay=weight_decay, seed=seed, shuffle=shuffle, valid=str(valid) if valid else None,
+        valid_fraction=valid_fraction, patience=patience, monitor=monitor, group_by=group_by, tensorboard=tensorboard,
         categorical=categorical, numeric=numeric, exclude=exclude, min_frequency=min_frequency, threads=threads,
         device=device, memory_budget=memory_budget,
     )

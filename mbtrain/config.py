@@ -18,6 +18,12 @@ from mbtrain.balance.metabalance import STRATEGIES
 from mbtrain.distributed import DEVICES
 from mbtrain.errors import MbtrainError
 from mbtrain.models import MODELS
+from mbtrain.models.mlp import NORMS
+
+__all__ = ["BALANCES", "MODELS", "MONITORS", "NORMS", "SCHEDULES", "STRATEGIES", "RunConfig"]
+
+SCHEDULES = ("constant", "cosine")
+MONITORS = ("auc", "gauc", "logloss", "ne")
 
 
 @dataclass
@@ -31,6 +37,7 @@ class DataConfig:
     valid_fraction: float = 0.1
     min_frequency: int = 2
     memory_budget: str = "auto"  # beyond it, Parquet data is streamed; "auto" = half the physical memory
+    group_by: str | None = None  # the column whose groups (users, sessions) validation's GAUC averages over
 
 
 @dataclass
@@ -41,6 +48,7 @@ class ModelConfig:
     experts: int = 8
     tower: list[int] = field(default_factory=lambda: [16])
     dropout: float = 0.0
+    norm: str = "none"  # over each hidden layer: none, batch or layer
 
 
 @dataclass
@@ -56,10 +64,14 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 1024
     lr: float = 1e-3
+    schedule: str = "constant"  # the learning rate after warm-up: constant, or cosine down to 0 at the last epoch
+    warmup: float = 0.0  # epochs of linear warm-up from lr / steps to lr
     weight_decay: float = 0.0
     seed: int = 0
     shuffle: bool = True  # off: every epoch reads the training rows in file order (each rank its shard's)
     patience: int = 3
+    monitor: str = "auc"  # the main-task validation metric that picks the best epoch and drives early stopping
+    tensorboard: bool = False  # event files under RUN/tensorboard (the mbtrain[tensorboard] extra)
     threads: int | None = None
     device: str = "auto"
 
@@ -114,6 +126,13 @@ class RunConfig:
         _choice("--balance", b.balance, BALANCES)
         _choice("--strategy", b.strategy, STRATEGIES)
         _choice("--device", t.device, DEVICES)
+        _choice("--norm", m.norm, NORMS)
+        _choice("--schedule", t.schedule, SCHEDULES)
+        _choice("--monitor", t.monitor, MONITORS)
+        if t.monitor == "gauc" and not d.group_by:
+            raise MbtrainError("--monitor gauc needs --group-by, the column whose groups GAUC averages over")
+        if not 0 <= t.warmup <= t.epochs:
+            raise MbtrainError(f"--warmup must be in [0, --epochs], in epochs: got {t.warmup}")
         if b.balance == "metabalance" and len(d.tasks) < 2:
             raise MbtrainError("--balance metabalance needs at least two tasks in --tasks")
         _in_range("--relax-factor", b.relax_factor, 0.0, 1.0, "[0, 1)")

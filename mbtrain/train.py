@@ -7,6 +7,7 @@ config.json, checkpoints/{last,best}.pt, history.jsonl, metrics.json.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -194,6 +195,21 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Op
     table: 0.19 vs 1.7 ms a step; the plain step took 7.4 ms)."""
     return torch.optim.Adam(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay,
                             fused=True)
+
+
+def learning_rate(config: RunConfig, steps_per_epoch: int, step: int) -> float:
+    """The learning rate of global step `step` (from 0): linear warm-up over --warmup epochs, then --lr held
+    (constant) or decayed along a half cosine to 0 at the end of --epochs (cosine). A function of the step
+    alone, so a resumed run needs no scheduler state; resumed with more --epochs, the rest of the decay
+    stretches over them."""
+    t = config.train
+    warmup = max(1, round(t.warmup * steps_per_epoch)) if t.warmup else 0
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    if t.schedule == "constant":
+        return t.lr
+    total = max(t.epochs * steps_per_epoch, warmup + 1)
+    return t.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
 
 
 def validate(model: torch.nn.Module, valid: EncodedData | StreamingBatches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,6 +428,9 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
         losses = losses.sum(dim=0) / global_rows
         optimizer.zero_grad(set_to_none=True)
         balancer.backward(list(losses.unbind()), split)
+        lr = learning_rate(config, steps, (epoch - 1) * steps + step - 1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
         loss_sum += losses.detach() * global_rows
         if balancer.grad_norm_ratio is not None:
@@ -427,6 +446,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
         "valid": from_main(lambda: task_metrics(*validate(model, valid), tasks)),
         "seconds": round(time.perf_counter() - started, 4),
         "rows_per_second": round(len(train) / train_seconds, 1),
+        "lr": lr,
     }
     if balancer.grad_norm_ratio is not None:
         entry["grad_norm_ratio"] = dict(zip(tasks, (ratio_sum / steps).tolist(), strict=True))

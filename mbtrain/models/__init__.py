@@ -25,10 +25,12 @@ def build_model(
     experts: int,
     tower: list[int],
     dropout: float,
+    norm: str = "none",
 ) -> nn.Module:
     """Build the named model; ``experts`` only applies to MMoE."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose {' or '.join(MODELS)}")
     sizes = dict(cardinalities=list(cardinalities), num_numeric=num_numeric, num_tasks=num_tasks,
-                 embed_dim=embed_dim, hidden=list(hidden), tower=list(tower), dropout=dropout)
+                 embed_dim=embed_dim, hidden=list(hidden), tower=list(tower), dropout=dropout,
+                 norm=norm)
     return MMoE(**sizes, experts=experts) if name == "mmoe" else SharedBottom(**sizes)

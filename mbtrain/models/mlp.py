@@ -1,4 +1,5 @@
-"""MLP building blocks: a plain one, and G independent ones run together as batched matmuls."""
+"""MLP building blocks: a plain one, and G independent ones run together as batched matmuls; each hidden
+layer optionally normalised (batch or layer norm) between its linear map and its ReLU."""
 
 from __future__ import annotations
 
@@ -9,13 +10,68 @@ import torch
 from torch import nn
 
 
-def mlp(in_dim: int, hidden: list[int], dropout: float) -> nn.Sequential:
-    """Linear → ReLU → Dropout for each hidden size (an identity when ``hidden`` is empty)."""
+NORMS = ("none", "batch", "layer")
+
+
+def mlp(in_dim: int, hidden: list[int], dropout: float, norm: str = "none") -> nn.Sequential:
+    """Linear → norm → ReLU → Dropout for each hidden size (an identity when ``hidden`` is empty)."""
     layers: list[nn.Module] = []
     for size in hidden:
-        layers += [nn.Linear(in_dim, size), nn.ReLU(), nn.Dropout(dropout)]
+        normed = [hidden_norm(norm, size)] if norm != "none" else []  # none: the layout of checkpoints before norms
+        layers += [nn.Linear(in_dim, size), *normed, nn.ReLU(), nn.Dropout(dropout)]
         in_dim = size
     return nn.Sequential(*layers)
+
+
+def hidden_norm(kind: str, features: int, groups: int | None = None) -> nn.Module:
+    """The normalisation of a hidden layer's [B, H] (or G groups' [G, B, H]) pre-activations; with ``groups``
+    the affine parameters are per group ([G, 1, H]), so each expert or tower keeps its own."""
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm {kind}: choose one of {', '.join(NORMS)}")
+    shape = [features] if groups is None else [groups, 1, features]
+    if kind == "batch":
+        return RowBatchNorm(shape)
+    return FeatureLayerNorm(shape) if kind == "layer" else nn.Identity()
+
+
+class FeatureLayerNorm(nn.Module):
+    """Layer norm over the features of each row, with an affine map of the given shape."""
+
+    def __init__(self, shape: list[int], eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.layer_norm(x, [x.shape[-1]], None, None, self.eps) * self.weight + self.bias
+
+
+class RowBatchNorm(nn.Module):
+    """Batch norm over the rows (dim -2) of each group separately, as G ``BatchNorm1d`` would, same momentum
+    and eps. Unlike ``BatchNorm1d`` a batch of one row (an epoch's last) or none (a rank's empty streamed
+    batch) trains without error and leaves the running statistics alone."""
+
+    def __init__(self, shape: list[int], momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("running_mean", torch.zeros(shape))
+        self.register_buffer("running_var", torch.ones(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            var, mean = torch.var_mean(x, dim=-2, keepdim=True, correction=0)
+            rows = x.shape[-2]
+            if rows > 1:
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean.view_as(self.running_mean), self.momentum)
+                    self.running_var.lerp_((var * (rows / (rows - 1))).view_as(self.running_var), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
 class StackedLinear(nn.Module):
@@ -76,21 +132,22 @@ class _ExpandedInput(torch.autograd.Function):
 
 
 class StackedMLP(nn.Module):
-    """G independent MLPs (StackedLinear → ReLU → Dropout per hidden size), input as for StackedLinear.
-
-    Output is [G, B, hidden[-1]]; with ``hidden`` empty the input passes through unchanged.
+    """G independent MLPs (StackedLinear → hidden_norm → ReLU → Dropout per hidden size), input as for
+    StackedLinear. Output is [G, B, hidden[-1]]; with ``hidden`` empty the input passes through unchanged.
     """
 
-    def __init__(self, groups: int, in_dim: int, hidden: list[int], dropout: float) -> None:
+    def __init__(self, groups: int, in_dim: int, hidden: list[int], dropout: float, norm: str = "none") -> None:
         super().__init__()
         self.layers = nn.ModuleList()
+        self.norms = nn.ModuleList()
         for size in hidden:
             self.layers.append(StackedLinear(groups, in_dim, size))
+            self.norms.append(hidden_norm(norm, size, groups))
             in_dim = size
         self.out_dim = in_dim
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = self.dropout(torch.relu(layer(x)))
+        for layer, norm in zip(self.layers, self.norms):
+            x = self.dropout(torch.relu(norm(layer(x))))
         return x

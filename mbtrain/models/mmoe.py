@@ -32,6 +32,7 @@ class MMoE(nn.Module):
         experts: int = 8,
         tower: Sequence[int] = (16,),
         dropout: float = 0.0,
+        norm: str = "none",
     ) -> None:
         super().__init__()
         hidden, tower = list(hidden), list(tower)
@@ -43,9 +44,9 @@ class MMoE(nn.Module):
             raise ValueError(f"experts must be >= 1, got {experts}")
         self.num_tasks = num_tasks
         self.num_experts = experts
-        self.experts = StackedMLP(experts, in_dim, hidden, dropout)
+        self.experts = StackedMLP(experts, in_dim, hidden, dropout, norm)
         self.gates = StackedLinear(num_tasks, in_dim, experts)
-        self.towers = Towers(hidden[-1], tower, num_tasks, dropout)
+        self.towers = Towers(hidden[-1], tower, num_tasks, dropout, norm)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Embedding table and experts: the parameters every task's loss reaches."""

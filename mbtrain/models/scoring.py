@@ -85,6 +85,7 @@ class ModelSpec:
             experts=self.model["experts"],
             tower=self.model["tower"],
             dropout=self.model["dropout"],
+            norm=self.model.get("norm", "none"),  # runs from before --norm had none
         )
         return ScoringModel(NumericNormalizer(self.encoders.numeric), network)
 

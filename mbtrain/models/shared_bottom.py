@@ -25,13 +25,14 @@ class SharedBottom(nn.Module):
         hidden: Sequence[int] = (64, 32),
         tower: Sequence[int] = (16,),
         dropout: float = 0.0,
+        norm: str = "none",
     ) -> None:
         super().__init__()
         hidden, tower = list(hidden), list(tower)
         self.embedding = FusedEmbedding(cardinalities, embed_dim)
         in_dim = self.embedding.input_dim(num_numeric)
-        self.bottom = mlp(in_dim, hidden, dropout)
-        self.towers = Towers(hidden[-1] if hidden else in_dim, tower, num_tasks, dropout)
+        self.bottom = mlp(in_dim, hidden, dropout, norm)
+        self.towers = Towers(hidden[-1] if hidden else in_dim, tower, num_tasks, dropout, norm)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Embedding table and shared MLP: the parameters every task's loss reaches."""

@@ -9,7 +9,7 @@ from mbtrain.models.mlp import StackedLinear, StackedMLP
 
 
 class Towers(nn.Module):
-    """Per-task heads: (Linear → ReLU → Dropout) per ``hidden`` size, then Linear to one logit.
+    """Per-task heads: (Linear → norm → ReLU → Dropout) per ``hidden`` size, then Linear to one logit.
 
     The T towers are fused into stacked weights [T, in, h] so that every layer is one batched matmul
     for all tasks rather than T small ones. Towers share a tensor but not a slice, so a task's loss
@@ -19,12 +19,12 @@ class Towers(nn.Module):
     task as [T, B, in] (MMoE's per-task mixtures), and returns logits [B, T].
     """
 
-    def __init__(self, in_dim: int, hidden: list[int], num_tasks: int, dropout: float) -> None:
+    def __init__(self, in_dim: int, hidden: list[int], num_tasks: int, dropout: float, norm: str = "none") -> None:
         super().__init__()
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         self.num_tasks = num_tasks
-        self.hidden = StackedMLP(num_tasks, in_dim, hidden, dropout)
+        self.hidden = StackedMLP(num_tasks, in_dim, hidden, dropout, norm)
         self.out = StackedLinear(num_tasks, self.hidden.out_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
