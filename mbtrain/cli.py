@@ -50,7 +50,8 @@ app = typer.Typer(
 )
 console = Console()
 DEFAULTS = RunConfig().flat()
-RESUMABLE = {"epochs", "patience", "threads", "device", "memory_budget", "tensorboard"}  # settings a resumed run may change
+# settings a resumed run may change
+RESUMABLE = {"epochs", "patience", "threads", "device", "memory_budget", "tensorboard"}
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -264,15 +265,16 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory, checkpoint or exported model.", show_default=False)],
     data: Annotated[Path, typer.Argument(help="Labelled CSV or Parquet file.", show_default=False)],
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
+    group_by: GroupByOpt = None,
 ) -> None:
-    """Per-task AUC, log loss, positives and rows of a trained model on a labelled file."""
+    """Per-task AUC, GAUC (with --group-by), PR AUC, log loss, NE and calibration on a labelled file."""
     from mbtrain.checkpoint import check_writable, write_json
     from mbtrain.inference import evaluate as evaluate_file
     from mbtrain.report import metrics_table
 
     if json_path is not None:
         check_writable(json_path, "--json")
-    metrics = evaluate_file(run, data)
+    metrics = evaluate_file(run, data, group_by)
     for task, values in metrics["tasks"].items():
         if values["auc"] is None:
             sys.stderr.write(f"mbtrain: warning: {data}: task {task!r} has a single class; its AUC is null\n")

@@ -9,7 +9,7 @@ import polars as pl
 import torch
 
 from mbtrain.checkpoint import is_export, load_checkpoint, run_checkpoint
-from mbtrain.data.schema import label_tensor
+from mbtrain.data.schema import group_keys, label_tensor
 from mbtrain.data.stream import parquet_files, read_files
 from mbtrain.errors import MbtrainError
 from mbtrain.export import load_torchscript, model_from_checkpoint
@@ -38,12 +38,13 @@ def score(path: Path, data: Path) -> tuple[pl.DataFrame, torch.Tensor, ModelSpec
     return frame, predict_probabilities(module, categorical, numeric), spec
 
 
-def evaluate(path: Path, data: Path) -> dict[str, Any]:
-    """Per-task AUC, log loss, positives and rows on a labelled file (metrics.json shape)."""
+def evaluate(path: Path, data: Path, group_by: str | None = None) -> dict[str, Any]:
+    """Every metric of every task on a labelled file (metrics.json shape); GAUC over `group_by`'s groups."""
     frame, probabilities, spec = score(path, data)
     labels = label_tensor(frame, str(data), spec.tasks)
-    return {"main_task": spec.main_task, "tasks": task_metrics(probabilities, labels, spec.tasks),
-            "data": str(data), "model": str(path)}
+    groups = group_keys(frame, str(data), group_by) if group_by else None
+    return {"main_task": spec.main_task, "tasks": task_metrics(probabilities, labels, spec.tasks, groups),
+            "data": str(data), "model": str(path), **({"group_by": group_by} if group_by else {})}
 
 
 def predict(path: Path, data: Path, keep: list[str]) -> pl.DataFrame:

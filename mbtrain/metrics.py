@@ -1,25 +1,79 @@
-"""Per-task AUC (exact, ties counted as half) and log loss."""
+"""Per-task ranking and calibration metrics, exact and vectorised (no Python loop over rows or groups).
+
+Definitions (README, "Metrics"): `auc` with ties counted one half; `pr_auc` = average precision, as
+sklearn's `average_precision_score`; `logloss`; `calibration` = Σ predicted / Σ actual; `ne` = log loss over
+the entropy of the rows' positive rate; with groups, `gauc` = the row-weighted mean AUC of the groups
+holding both classes and `gauc_rows` = those groups' share of the rows. Undefined values are None.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 LOG_EPS = 1e-7
+NULL_GROUP = -1  # group key of a row whose group column is null: such rows belong to no group
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
     """Area under the ROC curve via the rank-sum statistic with average ranks for ties; None for one class."""
+    return grouped_auc(scores, labels, torch.zeros(scores.numel(), dtype=torch.long))[0]
+
+
+def grouped_auc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> tuple[float | None, float]:
+    """(the row-weighted mean of each group's AUC over the groups holding both classes, or None where none
+    does; those groups' share of all rows). Rows whose group is NULL_GROUP belong to no group.
+
+    One sort by (group, score) gives every row its rank within its group, ties averaged; per-group rank sums
+    of the positives then give each group's Mann-Whitney AUC at once."""
+    total = scores.numel()
+    keep = groups != NULL_GROUP
+    scores, labels, groups = scores[keep].to(torch.float64), labels[keep].to(torch.float64), groups[keep]
+    rows = scores.numel()
+    if rows == 0:
+        return None, 0.0
+    by_score = torch.argsort(scores, stable=True)
+    order = by_score[torch.argsort(groups[by_score], stable=True)]
+    scores, labels, groups = scores[order], labels[order], groups[order]
+    new_group = torch.ones(rows, dtype=torch.bool)
+    new_group[1:] = groups[1:] != groups[:-1]
+    new_tie = new_group.clone()
+    new_tie[1:] |= scores[1:] != scores[:-1]
+    position = torch.arange(rows, dtype=torch.float64)
+    group = torch.cumsum(new_group, 0) - 1
+    rank = position - position[new_group][group] + 1  # 1-based rank within the group
+    tie = torch.cumsum(new_tie, 0) - 1
+    tie_size = torch.bincount(tie).to(torch.float64)
+    average_rank = (rank[new_tie] + (tie_size - 1) / 2)[tie]
+    count = torch.bincount(group).to(torch.float64)
+    positives = torch.zeros_like(count).index_add_(0, group, labels)
+    rank_sum = torch.zeros_like(count).index_add_(0, group, average_rank * labels)
+    negatives = count - positives
+    both = (positives > 0) & (negatives > 0)
+    if not bool(both.any()):
+        return None, 0.0
+    p, n = positives[both], negatives[both]
+    group_auc = (rank_sum[both] - p * (p + 1) / 2) / (p * n)
+    weight = count[both]
+    return float((group_auc * weight).sum() / weight.sum()), float(weight.sum()) / total
+
+
+def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Σ over distinct thresholds (descending) of the recall gained times the precision there; None without
+    positives."""
     labels = labels.to(torch.float64)
     positives = float(labels.sum())
-    negatives = labels.numel() - positives
-    if positives == 0 or negatives == 0:
+    if positives == 0:
         return None
-    sorted_scores, order = torch.sort(scores.to(torch.float64))
-    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).to(torch.float64)
-    average_rank = ends - (counts.to(torch.float64) - 1) / 2  # 1-based mean rank of each tie group
-    rank_sum = float((average_rank[inverse] * labels[order]).sum())
-    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+    sorted_scores, order = torch.sort(scores.to(torch.float64), descending=True, stable=True)
+    true_positives = torch.cumsum(labels[order], 0)
+    last_of_tie = torch.ones_like(sorted_scores, dtype=torch.bool)
+    last_of_tie[:-1] = sorted_scores[:-1] != sorted_scores[1:]
+    taken = torch.arange(1, labels.numel() + 1, dtype=torch.float64)[last_of_tie]
+    hits = true_positives[last_of_tie]
+    recall_gain = torch.diff(hits, prepend=hits.new_zeros(1)) / positives
+    return float((recall_gain * hits / taken).sum())
 
 
 def logloss(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
@@ -28,14 +82,35 @@ def logloss(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
     return float(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
 
 
-def task_metrics(probabilities: torch.Tensor, labels: torch.Tensor, tasks: list[str]) -> dict[str, dict]:
-    """{task: {"auc", "logloss", "positives", "rows"}} for [rows, T] probabilities and labels."""
-    return {
-        task: {
-            "auc": auc(probabilities[:, i], labels[:, i]),
-            "logloss": logloss(probabilities[:, i], labels[:, i]),
-            "positives": int(labels[:, i].sum()),
-            "rows": int(labels.shape[0]),
+def _entropy(rate: float) -> float | None:
+    """Entropy (nats) of a Bernoulli(rate) label: the log loss of always predicting the base rate."""
+    if rate <= 0.0 or rate >= 1.0:
+        return None
+    return -(rate * torch.log(torch.tensor(rate, dtype=torch.float64))
+             + (1 - rate) * torch.log1p(torch.tensor(-rate, dtype=torch.float64))).item()
+
+
+def task_metrics(probabilities: torch.Tensor, labels: torch.Tensor, tasks: list[str],
+                 groups: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
+    """{task: {"auc", "logloss", "pr_auc", "calibration", "ne", "positives", "rows"[, "gauc", "gauc_rows"]}}
+    for [rows, T] probabilities and labels; `groups` (int64 [rows], NULL_GROUP for none) adds GAUC."""
+    metrics = {}
+    rows = int(labels.shape[0])
+    for i, task in enumerate(tasks):
+        p, y = probabilities[:, i], labels[:, i]
+        positives = int(y.sum())
+        loss = logloss(p, y)
+        entropy = _entropy(positives / rows) if rows else None
+        values: dict[str, Any] = {
+            "auc": auc(p, y),
+            "logloss": loss,
+            "pr_auc": average_precision(p, y),
+            "calibration": float(p.to(torch.float64).sum()) / positives if positives else None,
+            "ne": loss / entropy if entropy else None,
+            "positives": positives,
+            "rows": rows,
         }
-        for i, task in enumerate(tasks)
-    }
+        if groups is not None:
+            values["gauc"], values["gauc_rows"] = grouped_auc(p, y, groups)
+        metrics[task] = values
+    return metrics

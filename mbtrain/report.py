@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 from mbtrain.data.schema import Schema
@@ -13,20 +14,34 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+METRIC_COLUMNS = {"auc": "AUC", "gauc": "GAUC", "pr_auc": "PR AUC", "logloss": "log loss", "ne": "NE",
+                  "calibration": "calib."}
+
+
 def metrics_table(metrics: dict[str, Any], title: str, caption: str | None = None) -> Table:
-    """One row per task (main task first and marked) from a metrics.json-shaped dict."""
-    table = Table(title=title, caption=caption, caption_justify="left")
+    """One row per task (main task first and marked) from a metrics.json-shaped dict, GAUC where the metrics
+    have it; narrow enough for an 80-column terminal."""
+    first = next(iter(metrics["tasks"].values()))
+    shown = [key for key in METRIC_COLUMNS if key in first]
+    notes = [caption] if caption else []
+    if "gauc" in shown:
+        shares = ", ".join(f"{task} {_share(values['gauc_rows'])}" for task, values in metrics["tasks"].items())
+        notes.append(f"GAUC covers the rows in groups holding both classes: {shares}")
+    table = Table(title=f"{title} · {first['rows']:,} rows", caption="\n".join(notes) or None,
+                  caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("task")
-    table.add_column("AUC", justify="right")
-    table.add_column("log loss", justify="right")
+    for key in shown:
+        table.add_column(METRIC_COLUMNS[key], justify="right")
     table.add_column("positives", justify="right")
-    table.add_column("rows", justify="right")
     for task, values in metrics["tasks"].items():
         name = f"{task} (main)" if task == metrics["main_task"] else task
         share = values["positives"] / values["rows"] if values["rows"] else 0.0
-        table.add_row(name, _number(values["auc"]), _number(values["logloss"]),
-                      f"{values['positives']:,} ({share:.1%})", f"{values['rows']:,}")
+        table.add_row(name, *(_number(values[key]) for key in shown), f"{values['positives']:,} ({share:.1%})")
     return table
+
+
+def _share(value: float) -> str:
+    return f"{value:.1%}" if 0 < value < 0.001 or 0.999 < value < 1 else f"{value:.0%}"
 
 
 def schema_table(schema: Schema, title: str) -> Table:
@@ -43,10 +58,12 @@ def schema_table(schema: Schema, title: str) -> Table:
     return table
 
 
-def history_line(entry: dict[str, Any], main_task: str) -> str:
-    """One line per epoch for logs: train losses, validation AUCs, time."""
+def history_line(entry: dict[str, Any], main_task: str, monitor: str = "auc") -> str:
+    """One line per epoch for logs: train losses, validation AUCs (and the main task's --monitor metric),
+    time; `*` marks a new best epoch."""
     losses = " ".join(f"{t}={v:.4f}" for t, v in entry["train_loss"].items())
     aucs = " ".join(f"{t}={_number(m['auc'])}" for t, m in entry["valid"].items())
+    monitored = "" if monitor == "auc" else f" | {main_task} {monitor} {_number(entry['valid'][main_task][monitor])}"
     flag = " *" if entry.get("best") else ""
-    return (f"epoch {entry['epoch']}: loss {losses} | valid AUC {aucs} | "
+    return (f"epoch {entry['epoch']}: loss {losses} | valid AUC {aucs}{monitored} | "
             f"{entry['seconds']:.1f}s, {entry['rows_per_second']:,.0f} rows/s{flag}")

@@ -34,11 +34,11 @@ from mbtrain.allocator import keep_freed_memory
 from mbtrain.balance import build_balancer
 from mbtrain.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from mbtrain.config import RunConfig
-from mbtrain.data.batches import EncodedData, split_rows
+from mbtrain.data.batches import EncodedData, Rows, split_rows
 from mbtrain.data.coded import CodedFrame
 from mbtrain.data.encoders import Encoders
 from mbtrain.data.io import read_coded
-from mbtrain.data.schema import Schema, infer_schema, label_tensor
+from mbtrain.data.schema import Schema, group_keys, infer_schema, label_tensor
 from mbtrain.data.stream import (
     StreamingBatches,
     buffer_rows_for,
@@ -47,7 +47,6 @@ from mbtrain.data.stream import (
     is_parquet,
     parquet_files,
     parse_memory_budget,
-    predict_stream,
     read_files,
     row_groups,
     scan_row_groups,
@@ -57,7 +56,7 @@ from mbtrain.data.stream import (
 from mbtrain.distributed import Cluster, any_rank, cluster_from_env, from_main
 from mbtrain.errors import MbtrainError
 from mbtrain.metrics import task_metrics
-from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities
+from mbtrain.models.scoring import ModelSpec, Probabilities, score_rows
 from mbtrain.report import history_line, metrics_table
 
 SAMPLE_ROWS = 256  # validation rows kept in checkpoints so that export can check itself on real data
@@ -68,8 +67,8 @@ PROGRESS_EVERY = 20  # steps between loss read-outs in the progress bar
 class Prepared:
     schema: Schema
     spec: ModelSpec
-    train: EncodedData | StreamingBatches
-    valid: EncodedData | StreamingBatches
+    train: Rows
+    valid: Rows
     valid_source: str
     path: str  # how the data is held, for the summary: "in memory" or "streamed, ..."
 
@@ -84,7 +83,12 @@ def prepare(config: RunConfig, data_path: Path, spec: ModelSpec | None = None,
         streamed = any_rank(not fits)  # one path for all ranks, even where machines' budgets differ
     if streamed:
         return _prepare_streaming(config, files, str(data_path), spec, budget)
-    return _prepare_in_memory(config, _read_coded(files, config.ordered_tasks), str(data_path), spec)
+    return _prepare_in_memory(config, _read_coded(files, _plain(config)), str(data_path), spec)
+
+
+def _plain(config: RunConfig) -> list[str]:
+    """Columns read as they are stored: the labels and the --group-by column."""
+    return config.ordered_tasks + ([config.data.group_by] if config.data.group_by else [])
 
 
 def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Tensor]:
@@ -124,24 +128,26 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, spec: 
     schema = infer_schema(frame, source, tasks, d.categorical, d.numeric, d.exclude)
     labels = label_tensor(frame, source, tasks)
     if valid_path is not None:
-        valid_frame = _read_coded(parquet_files(valid_path), tasks)
+        valid_frame = _read_coded(parquet_files(valid_path), _plain(config))
         valid_source = str(valid_path)
         valid_labels = label_tensor(valid_frame, valid_source, tasks)  # bad labels fail before any fitting
+        valid_groups = group_keys(valid_frame, valid_source, d.group_by) if d.group_by else None
         if spec is None:
             spec = ModelSpec(tasks, Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency,
                                                  source=source), dict(vars(config.model)))
         train = EncodedData(*spec.encoders.encode(frame, source), labels)
-        valid = EncodedData(*spec.encoders.encode(valid_frame, valid_source), valid_labels)
+        valid = EncodedData(*spec.encoders.encode(valid_frame, valid_source), valid_labels, groups=valid_groups)
     else:
         if frame.height < 2:
             raise MbtrainError(f"{source}: needs at least 2 rows to hold out a validation split")
+        groups = group_keys(frame, source, d.group_by) if d.group_by else None
         train_rows, valid_rows = split_rows(frame.height, d.valid_fraction, config.train.seed)
         valid_source = f"{source} (held-out {d.valid_fraction:.0%})"
         if spec is None:  # fitted on the training rows only, without copying them out of the frame
             encoders = Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency, rows=train_rows,
                                     source=source)
             spec = ModelSpec(tasks, encoders, dict(vars(config.model)))
-        everything = EncodedData(*spec.encoders.encode(frame, source), labels)
+        everything = EncodedData(*spec.encoders.encode(frame, source), labels, groups=groups)
         train = EncodedData(everything.categorical, everything.numeric, labels, rows=train_rows)
         valid = everything.take(valid_rows)
     return Prepared(schema, spec, train, valid, valid_source, "in memory")
@@ -168,6 +174,9 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
 
     def roles_and_encoders() -> tuple[Schema, Encoders]:
         schema = infer_schema_streaming(parts, source, tasks, d.categorical, d.numeric, d.exclude)
+        grouped = [valid_files[0]] if d.valid else [parts[0].path]
+        if d.group_by and is_parquet(grouped[0]) and d.group_by not in pq.read_schema(grouped[0]).names:
+            raise MbtrainError(f"{grouped[0]}: --group-by column {d.group_by!r} not found")
         if d.valid and valid_parts:  # a Parquet --valid file
             present = set(pq.read_schema(valid_files[0]).names)
             missing = [c for c in schema.columns if c.role != "excluded" and c.name not in present]
@@ -183,10 +192,11 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
     buffer = buffer_rows_for(budget, spec.encoders, tasks)
     train = StreamingBatches(train_parts, spec.encoders, tasks, buffer)
     if valid_parts:
-        valid: EncodedData | StreamingBatches = StreamingBatches(valid_parts, spec.encoders, tasks, buffer)
+        valid: Rows = StreamingBatches(valid_parts, spec.encoders, tasks, buffer, d.group_by)
     else:  # a CSV validation file: read whole, as CSV does not stream
         frame = read_files(valid_files)
-        valid = EncodedData(*spec.encoders.encode(frame, d.valid), label_tensor(frame, d.valid, tasks))
+        valid = EncodedData(*spec.encoders.encode(frame, d.valid), label_tensor(frame, d.valid, tasks),
+                            groups=group_keys(frame, d.valid, d.group_by) if d.group_by else None)
     return Prepared(schema, spec, train, valid, valid_source, f"streamed, shuffle buffer {buffer:,} rows")
 
 
@@ -212,17 +222,16 @@ def learning_rate(config: RunConfig, steps_per_epoch: int, step: int) -> float:
     return t.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
 
 
-def validate(model: torch.nn.Module, valid: EncodedData | StreamingBatches) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities, labels) of every validation row."""
-    if isinstance(valid, StreamingBatches):
-        return predict_stream(Probabilities(model), valid)
-    return predict_probabilities(Probabilities(model), valid.categorical, valid.numeric), valid.labels
+def validate(model: torch.nn.Module, valid: Rows, tasks: list[str]) -> dict[str, dict[str, Any]]:
+    """Every metric of every task on the validation rows (metrics.py)."""
+    probabilities, labels, groups = score_rows(Probabilities(model), valid)
+    return task_metrics(probabilities, labels, tasks, groups)
 
 
-def _sample(valid: EncodedData | StreamingBatches) -> dict[str, torch.Tensor]:
+def _sample(valid: Rows) -> dict[str, torch.Tensor]:
     """A few real validation rows, kept in checkpoints for export's self-check."""
-    batch = valid if isinstance(valid, EncodedData) else next(valid.batches(SAMPLE_ROWS))[0]
-    return {"categorical": batch.categorical[:SAMPLE_ROWS].clone(), "numeric": batch.numeric[:SAMPLE_ROWS].clone()}
+    chunk = next(valid.chunks())
+    return {"categorical": chunk.categorical[:SAMPLE_ROWS].clone(), "numeric": chunk.numeric[:SAMPLE_ROWS].clone()}
 
 
 def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = False, resume: bool = False,
@@ -317,7 +326,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
                     break
                 entry = train_epoch(model, optimizer, balancer, train, valid, spec.tasks, config, epoch, progress,
                                     cluster)
-                score = _score(entry["valid"][spec.main_task])
+                score = _score(entry["valid"][spec.main_task], config.train.monitor)
                 entry["best"] = best is None or score > best["score"]
                 if entry["best"]:
                     best = {"epoch": epoch, "score": score, "metrics": entry["valid"]}
@@ -336,7 +345,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
                         "epoch": epoch,
                         "best": best,
                         "bad_epochs": bad_epochs,
-                        "streamed": isinstance(train, StreamingBatches),
+                        "streamed": train.streamed,
                         "rng": torch.get_rng_state(),
                         **({"cuda_rng": torch.cuda.get_rng_state(cluster.device)}
                            if cluster.device.type == "cuda" else {}),
@@ -346,7 +355,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
                     save_checkpoint(checkpoint, work / "checkpoints" / "last.pt")
                     if entry["best"]:
                         save_checkpoint(checkpoint, work / "checkpoints" / "best.pt")
-                console.print(history_line(entry, spec.main_task), soft_wrap=True)
+                console.print(history_line(entry, spec.main_task, config.train.monitor), soft_wrap=True)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_interrupted(out, work, staging)) from None
     stopped_early = bool(patience and bad_epochs >= patience and epoch < config.train.epochs)
@@ -354,6 +363,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
         "main_task": spec.main_task,
         "tasks": best["metrics"],
         "best_epoch": best["epoch"],
+        "monitor": config.train.monitor,
         "epochs_run": epoch,
         "stopped_early": stopped_early,
         "evaluated_on": prepared.valid_source,
@@ -397,7 +407,7 @@ def _agreed(batches: Iterator[tuple[EncodedData, int]], cluster: Cluster) -> Ite
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Any,
-                 train: EncodedData | StreamingBatches, valid: EncodedData | StreamingBatches, tasks: list[str],
+                 train: Rows, valid: Rows, tasks: list[str],
                  config: RunConfig, epoch: int, progress: Progress, cluster: Cluster | None = None) -> dict[str, Any]:
     """One pass over the training rows (shuffled unless --no-shuffle), then validation; returns the
     history.jsonl entry.
@@ -418,7 +428,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     ratio_sum = torch.zeros(len(tasks), device=device)
     model.train()
     batches = train.batches(batch_size, generator, cluster.rank, cluster.world_size)
-    if isinstance(train, StreamingBatches):  # reads (and can fail) as it goes; data in memory cannot
+    if train.streamed:  # reads (and can fail) as it goes; data in memory cannot
         batches = _agreed(batches, cluster)
     for step, (batch, global_rows) in enumerate(batches, start=1):
         categorical, numeric = batch.categorical.to(device), batch.numeric.to(device)
@@ -443,7 +453,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     entry: dict[str, Any] = {
         "epoch": epoch,
         "train_loss": dict(zip(tasks, (loss_sum / len(train)).tolist(), strict=True)),
-        "valid": from_main(lambda: task_metrics(*validate(model, valid), tasks)),
+        "valid": from_main(lambda: validate(model, valid, tasks)),
         "seconds": round(time.perf_counter() - started, 4),
         "rows_per_second": round(len(train) / train_seconds, 1),
         "lr": lr,
@@ -453,9 +463,13 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     return entry
 
 
-def _score(main: dict[str, Any]) -> float:
-    """Early-stopping score: main-task AUC, or minus log loss when validation holds one class only."""
-    return main["auc"] if main["auc"] is not None else -main["logloss"]
+def _score(main: dict[str, Any], monitor: str) -> float:
+    """The best-epoch and early-stopping score, higher is better: the main task's --monitor metric (AUC and
+    GAUC as they are, log loss and NE negated), or minus log loss where that metric is undefined (one class)."""
+    value = main.get(monitor)
+    if value is None:
+        return -main["logloss"]
+    return value if monitor in ("auc", "gauc") else -value
 
 
 def _progress(console: Console) -> Progress:

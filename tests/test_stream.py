@@ -22,7 +22,6 @@ from mbtrain.data.stream import (
     infer_schema_streaming,
     parquet_files,
     parse_memory_budget,
-    predict_stream,
     read_parquet_files,
     row_groups,
     scan_row_groups,
@@ -30,7 +29,7 @@ from mbtrain.data.stream import (
     split_row_groups,
 )
 from mbtrain.errors import MbtrainError
-from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities
+from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities, score_rows
 from tests.helpers import make_frame, run_cli
 
 TASKS = ["purchase", "click"]
@@ -268,9 +267,9 @@ def test_label_rates_and_streamed_predictions_equal_the_in_memory_ones(dataset: 
     torch.testing.assert_close(stream.positive_rates(), data.positive_rates())
     torch.manual_seed(0)
     model = Probabilities(ModelSpec(TASKS, encoders, dict(vars(ModelConfig()))).build())
-    probabilities, labels = predict_stream(model, stream, batch_size=128)
+    probabilities, labels, groups = score_rows(model, stream)
     torch.testing.assert_close(probabilities, predict_probabilities(model, data.categorical, data.numeric))
-    assert torch.equal(labels, data.labels)
+    assert torch.equal(labels, data.labels) and groups is None
 
 
 def test_the_path_is_chosen_by_the_memory_budget(dataset: tuple[Path, pl.DataFrame], tmp_path: Path) -> None:

@@ -1,12 +1,42 @@
-"""Encoded tensors and the mini-batches cut from them: a shuffled index over in-memory tensors."""
+"""Encoded tensors and the mini-batches cut from them: a shuffled index over in-memory tensors; and `Rows`,
+the one interface the fit loop reads data through, in memory (EncodedData) or streamed (StreamingBatches)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
+
+SCORE_ROWS = 65_536  # rows per chunk when a whole set is scored
+
+
+class Rows(Protocol):
+    """A training or validation set as the fit loop sees it."""
+
+    streamed: bool  # read from disk as the epoch goes (so a step can fail on bad data), not held in memory
+
+    def __len__(self) -> int: ...
+
+    def positive_rates(self) -> torch.Tensor:
+        """[T] share of positive labels."""
+        ...
+
+    def steps(self, batch_size: int, world_size: int = 1) -> int:
+        """Steps per epoch: global batches of world_size × batch_size rows."""
+        ...
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[EncodedData, int]]:
+        """(this rank's batch, rows in the global batch) for each of the epoch's steps."""
+        ...
+
+    def chunks(self) -> Iterator[EncodedData]:
+        """Every row once, in order, in chunks of up to SCORE_ROWS rows (with group keys where the set has
+        them): what scoring reads."""
+        ...
 
 
 @dataclass
@@ -18,6 +48,8 @@ class EncodedData:
     numeric: torch.Tensor  # float32 [N, C]: raw values, NaN = null
     labels: torch.Tensor  # float32 [N, T], main task first
     rows: torch.Tensor | None = None
+    groups: torch.Tensor | None = None  # int64 [N]: --group-by keys (schema.group_keys), validation sets only
+    streamed: ClassVar[bool] = False
 
     def __len__(self) -> int:
         return self.categorical.shape[0] if self.rows is None else self.rows.numel()
@@ -30,7 +62,18 @@ class EncodedData:
         """A compact copy of the set's rows at positions `index` (0 ≤ index < len(self))."""
         if self.rows is not None:
             index = self.rows[index]
-        return EncodedData(self.categorical[index], self.numeric[index], self.labels[index])
+        return EncodedData(self.categorical[index], self.numeric[index], self.labels[index],
+                           groups=None if self.groups is None else self.groups[index])
+
+    def chunks(self) -> Iterator[EncodedData]:
+        for start in range(0, len(self), SCORE_ROWS):
+            end = min(start + SCORE_ROWS, len(self))
+            if self.rows is not None:
+                yield self.take(torch.arange(start, end))
+                continue
+            groups = None if self.groups is None else self.groups[start:end]
+            yield EncodedData(self.categorical[start:end], self.numeric[start:end], self.labels[start:end],
+                              groups=groups)
 
     def steps(self, batch_size: int, world_size: int = 1) -> int:
         """Steps per epoch: global batches of world_size × batch_size rows."""

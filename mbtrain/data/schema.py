@@ -22,6 +22,7 @@ import torch
 
 from mbtrain.data.coded import CodedFrame, chunk_views, codable
 from mbtrain.errors import MbtrainError
+from mbtrain.metrics import NULL_GROUP
 
 SMALL_INT_CARDINALITY = 32
 DUAL_INT_CARDINALITY = 1000
@@ -161,6 +162,17 @@ def label_tensor(frame: pl.DataFrame | CodedFrame, source: str, tasks: list[str]
         for start, values in chunk_views(_binary(column, source)):
             labels[start : start + len(values), j] = values
     return labels
+
+
+def group_keys(frame: pl.DataFrame | CodedFrame, source: str, column: str) -> torch.Tensor:
+    """int64 [rows] keys of the --group-by column's values (a 63-bit hash, the same for the same value in
+    every chunk of a file), NULL_GROUP where the value is null. Read as it is stored (read_coded's `plain`)."""
+    if column not in frame.columns:
+        raise MbtrainError(f"{source}: --group-by column {column!r} not found; columns are {_shown(frame.columns)}")
+    values = (frame.frame if isinstance(frame, CodedFrame) else frame).get_column(column)
+    keys = pl.select(pl.when(values.is_null()).then(pl.lit(NULL_GROUP, pl.Int64))
+                     .otherwise((values.hash(seed=0) // 2).cast(pl.Int64))).to_series()
+    return torch.from_numpy(keys.to_numpy().copy())
 
 
 def _binary(column: pl.Series, source: str) -> pl.Series:

@@ -48,10 +48,9 @@ from mbtrain.data.batches import EncodedData, row_order
 from mbtrain.data.coded import kind_of
 from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder, vocabulary_query
 from mbtrain.data.io import PARQUET_MAGIC, read_parquet, read_table
-from mbtrain.data.schema import Schema, infer_schema, label_tensor
+from mbtrain.data.schema import Schema, group_keys, infer_schema, label_tensor
 from mbtrain.distributed import ranks_on_this_node
 from mbtrain.errors import MbtrainError, first_line
-from mbtrain.models.scoring import predict_probabilities
 
 READ_ROWS = 131_072  # rows decoded and encoded at once: big enough to amortise polars' per-call cost
 VARIABLE_WIDTH = 16  # bytes a string takes in polars (its view), for the in-memory estimate
@@ -299,12 +298,16 @@ class StreamingBatches:
     Memory holds the shuffle buffer (at most `buffer_rows` + READ_ROWS rows, encoded), never the data; under
     torchrun each rank reads its own shard of the row groups (see the module doc)."""
 
-    def __init__(self, parts: Sequence[RowGroup], encoders: Encoders, tasks: list[str], buffer_rows: int) -> None:
+    streamed = True
+
+    def __init__(self, parts: Sequence[RowGroup], encoders: Encoders, tasks: list[str], buffer_rows: int,
+                 group_by: str | None = None) -> None:
         self.parts = list(parts)
         self.encoders = encoders
         self.tasks = list(tasks)
         self.buffer_rows = buffer_rows
-        names = [e.name for e in [*encoders.categorical, *encoders.numeric]] + self.tasks
+        self.group_by = group_by  # validation sets with --group-by: chunks() carry the group keys
+        names = [e.name for e in [*encoders.categorical, *encoders.numeric]] + self.tasks + [group_by] * bool(group_by)
         self.columns = list(dict.fromkeys(names))
 
     def __len__(self) -> int:
@@ -370,9 +373,15 @@ class StreamingBatches:
             total += label_tensor(frame, source, self.tasks).sum(dim=0, dtype=torch.float64)
         return (total / len(self)).float()
 
+    def chunks(self) -> Iterator[EncodedData]:
+        """Every row in file order, READ_ROWS at a time at most (scoring accepts any chunk size)."""
+        return self._chunks(self.parts)
+
     def _chunks(self, parts: Sequence[RowGroup]) -> Iterator[EncodedData]:
         for frame, source in _frames(parts, self.columns):
-            yield EncodedData(*self.encoders.encode(frame, source), label_tensor(frame, source, self.tasks))
+            groups = group_keys(frame, source, self.group_by) if self.group_by else None
+            yield EncodedData(*self.encoders.encode(frame, source), label_tensor(frame, source, self.tasks),
+                              groups=groups)
 
 
 def global_rows(shard_rows: Sequence[int], batch_size: int, step: int) -> int:
@@ -408,14 +417,3 @@ def _cut(buffer: EncodedData, batch_size: int, generator: torch.Generator | None
     for start in range(0, end, batch_size):
         yield buffer.take(order[start : min(start + batch_size, end)])
     return buffer.take(order[end:])
-
-
-def predict_stream(module: torch.nn.Module, data: StreamingBatches,
-                   batch_size: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities [rows, T], labels [rows, T]) of `data`'s rows in file order, batch by batch: only the
-    outputs and labels are kept, which is what the exact AUC needs."""
-    probabilities, labels = [], []
-    for batch, _ in data.batches(batch_size):
-        probabilities.append(predict_probabilities(module, batch.categorical, batch.numeric))
-        labels.append(batch.labels)
-    return torch.cat(probabilities), torch.cat(labels)

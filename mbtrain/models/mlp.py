@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 NORMS = ("none", "batch", "layer")
 
 
@@ -148,6 +147,6 @@ class StackedMLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer, norm in zip(self.layers, self.norms):
+        for layer, norm in zip(self.layers, self.norms):  # noqa: B905 (TorchScript's zip takes no strict=)
             x = self.dropout(torch.relu(norm(layer(x))))
         return x

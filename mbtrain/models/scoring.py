@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mbtrain.data.batches import Rows
 from mbtrain.data.encoders import Encoders, NumericEncoder
 from mbtrain.models import build_model
 from mbtrain.models.split import SplitForward
@@ -115,6 +116,18 @@ class Probabilities(nn.Module):
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.model(categorical, numeric))
+
+
+def score_rows(module: nn.Module, data: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(probabilities [rows, T], labels [rows, T], group keys [rows] or None) of every row of `data`, chunk by
+    chunk: only the outputs, labels and keys are kept, which is what the exact metrics need."""
+    probabilities, labels, groups = [], [], []
+    for chunk in data.chunks():
+        probabilities.append(predict_probabilities(module, chunk.categorical, chunk.numeric))
+        labels.append(chunk.labels)
+        if chunk.groups is not None:
+            groups.append(chunk.groups)
+    return torch.cat(probabilities), torch.cat(labels), torch.cat(groups) if groups else None
 
 
 def predict_probabilities(module: nn.Module, categorical: torch.Tensor, numeric: torch.Tensor,

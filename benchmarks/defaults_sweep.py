@@ -1,0 +1,235 @@
+"""Which training defaults (learning rate, schedule, hidden-layer norm, warm-up) to ship, by measurement.
+
+Every recipe (a set of overrides on the current defaults) trains MMoE (8 experts, hidden [64, 32], embed 8,
+towers [16]) with MetaBalance, one run per seed, on each data set and setting below; the best checkpoint
+(by main-task validation AUC on mbtrain's own 10% hold-out) is scored on a test part it never saw:
+
+- Adult (../shared/data/adult): seeded 80/20 split; `--epochs 3 --patience 0`, and the default epochs with
+  early stopping. Reports income_50k (main) and never_married test AUC.
+- the bundled sample funnel (sample_data/): funnel_train.parquet → funnel_test.csv; batch 1024 with the
+  default epochs and patience, and `make demo`'s setting (batch 128, 15 epochs). Reports purchase (main) and
+  click test AUC. Its test file has 19 purchases, so the purchase AUC is noisy.
+- a generated funnel (benchmarks/synthetic.py, generated from each seed), seeded 80/20 split, default epochs
+  and patience. Reports purchase (main) test AUC.
+
+The seed sets the split, the generated data, the initialisation and the row order, and is the same for
+every recipe, so recipes can also be compared seed by seed in the `--json` output. Prints one table per
+data set (mean ± sample std over seeds, mean best epoch, mean seconds per epoch including validation);
+asserts nothing. `--quick` is a smoke test (first seed, at most 2 epochs, 20k generated rows).
+
+Run one process with one thread, e.g.
+    POLARS_MAX_THREADS=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/defaults_sweep.py --json sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for synthetic.py when run as a script
+
+from synthetic import impressions  # noqa: E402
+
+from mbtrain.config import RunConfig  # noqa: E402
+from mbtrain.inference import evaluate  # noqa: E402
+from mbtrain.train import fit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ADULT = ROOT.parent / "shared" / "data" / "adult" / "adult.parquet"
+SAMPLE = ROOT / "sample_data"
+FUNNEL_TASKS = ["purchase", "cart", "click"]
+
+# The issue's model sizes, pinned here so that a later change of the model defaults does not move the sweep.
+MODEL = {"model": "mmoe", "experts": 8, "hidden": [64, 32], "embed_dim": 8, "tower": [16], "balance": "metabalance"}
+CURRENT = {"lr": 1e-3, "norm": "none", "schedule": "constant", "warmup": 0.0}  # the defaults before this sweep
+
+
+def recipe(**changes: Any) -> dict[str, Any]:
+    return {**CURRENT, **changes}
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "current (1e-3 none const)": recipe(),
+    "1e-2 none const": recipe(lr=1e-2),
+    "3e-3 none const": recipe(lr=3e-3),
+    "1e-2 none cos": recipe(lr=1e-2, schedule="cosine"),
+    "3e-3 none cos": recipe(lr=3e-3, schedule="cosine"),
+    "1e-3 batch const": recipe(norm="batch"),
+    "3e-3 batch cos": recipe(lr=3e-3, norm="batch", schedule="cosine"),
+    "1e-2 batch cos": recipe(lr=1e-2, norm="batch", schedule="cosine"),
+    "3e-3 layer cos": recipe(lr=3e-3, norm="layer", schedule="cosine"),
+    "1e-2 layer cos": recipe(lr=1e-2, norm="layer", schedule="cosine"),
+    "1e-2 batch cos warm1": recipe(lr=1e-2, norm="batch", schedule="cosine", warmup=1.0),
+    "5e-3 batch cos": recipe(lr=5e-3, norm="batch", schedule="cosine"),
+}
+
+
+@dataclass
+class Setting:
+    """One way of training and scoring on one data set."""
+
+    dataset: str
+    name: str
+    tasks: list[str]
+    reported: list[str]
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+SETTINGS = [
+    Setting("adult", "3 epochs", ["income_50k", "never_married"], ["income_50k", "never_married"],
+            {"epochs": 3, "patience": 0}),
+    Setting("adult", "early stop", ["income_50k", "never_married"], ["income_50k", "never_married"]),
+    Setting("sample funnel", "bs 1024", FUNNEL_TASKS, ["purchase", "click"], {"exclude": ["impression_id"]}),
+    Setting("sample funnel", "demo: bs 128, 15 ep", FUNNEL_TASKS, ["purchase", "click"],
+            {"exclude": ["impression_id"], "batch_size": 128, "epochs": 15}),
+    Setting("generated funnel", "early stop", FUNNEL_TASKS, ["purchase"]),
+]
+TITLES = {
+    "adult": "Adult, MMoE + MetaBalance, seeded 80/20 split: test AUC",
+    "sample funnel": "Sample funnel (sample_data), MMoE + MetaBalance: test AUC on funnel_test.csv",
+    "generated funnel": "Generated funnel (synthetic.py, {rows:,} rows), MMoE + MetaBalance, 80/20 split: test AUC",
+}
+CAPTIONS = {
+    "adult": "targets: income_50k ≥ 0.928 after 3 epochs, ≥ 0.932 with the default epochs and early stopping",
+    "sample funnel": "defaults' epochs and patience at batch 1024; the demo's setting (make demo) at batch 128",
+    "generated funnel": "default epochs and patience, batch 1024",
+}
+
+
+def split(frame: pl.DataFrame, seed: int, folder: Path) -> tuple[Path, Path]:
+    """A seeded 80/20 train / test split, as benchmarks/adult_quality.py makes it."""
+    order = torch.randperm(frame.height, generator=torch.Generator().manual_seed(seed)).numpy()
+    cut = int(frame.height * 0.8)
+    folder.mkdir(parents=True, exist_ok=True)
+    frame[order[:cut]].write_parquet(folder / "train.parquet")
+    frame[order[cut:]].write_parquet(folder / "test.parquet")
+    return folder / "train.parquet", folder / "test.parquet"
+
+
+def data_files(dataset: str, seed: int, root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    if dataset == "adult":
+        return split(pl.read_parquet(args.data), seed, root / f"adult-{seed}")
+    if dataset == "sample funnel":
+        return SAMPLE / "funnel_train.parquet", SAMPLE / "funnel_test.csv"
+    return split(impressions(rows=args.rows, seed=seed), seed, root / f"generated-{seed}")
+
+
+def run_one(setting: Setting, name: str, seed: int, train: Path, test: Path, out: Path,
+            args: argparse.Namespace) -> dict[str, Any]:
+    """Train one recipe on one setting and seed; the row of the --json output (with `error` if it failed)."""
+    overrides = {**MODEL, **RECIPES[name], **setting.overrides, "tasks": setting.tasks, "seed": seed,
+                 "threads": args.threads}
+    if args.quick:
+        overrides["epochs"] = min(overrides.get("epochs", RunConfig().train.epochs), 2)
+    row: dict[str, Any] = {"dataset": setting.dataset, "setting": setting.name, "recipe": name, "seed": seed,
+                           "overrides": overrides}
+    started = time.perf_counter()
+    try:
+        metrics = fit(RunConfig().updated(overrides), train, out, console=Console(quiet=True), overwrite=True)
+        test_tasks = evaluate(out, test)["tasks"]
+        history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+        row.update({
+            "test": {task: {"auc": m["auc"], "logloss": m["logloss"]} for task, m in test_tasks.items()},
+            "valid_main_auc": metrics["tasks"][setting.tasks[0]]["auc"],
+            "best_epoch": metrics["best_epoch"],
+            "epochs_run": metrics["epochs_run"],
+            "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),
+            "final_train_loss": history[-1].get("train_loss"),
+        })
+    except Exception as exc:  # one failed run is a result too: record it and go on
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    row["wall_seconds"] = round(time.perf_counter() - started, 2)
+    return row
+
+
+def summary(values: list[float | None], digits: int = 4) -> str:
+    """'mean ± std' of the finite values, with a note of how many runs gave none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return "—"
+    text = f"{statistics.fmean(finite):.{digits}f}"
+    if len(finite) > 1:
+        text += f" ± {statistics.stdev(finite):.{digits}f}"
+    missing = len(values) - len(finite)
+    return text + (f" ({missing} missing)" if missing else "")
+
+
+def table(dataset: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> Table:
+    settings = [s for s in SETTINGS if s.dataset == dataset]
+    result = Table(title=TITLES[dataset].format(rows=args.rows), caption=CAPTIONS[dataset])
+    result.add_column("recipe")
+    for s in settings:
+        for task in s.reported:
+            result.add_column(f"{task}\n{s.name}", justify="right")
+        result.add_column(f"best ep\n{s.name}", justify="right")
+        result.add_column(f"s/epoch\n{s.name}", justify="right")
+    for name in args.recipes:
+        cells = [name]
+        for s in settings:
+            runs = [r for r in rows if r["setting"] == s.name and r["dataset"] == dataset and r["recipe"] == name]
+            done = [r for r in runs if "error" not in r]
+            for task in s.reported:
+                cells.append(summary([r["test"][task]["auc"] for r in done] + [None] * (len(runs) - len(done))))
+            cells.append(summary([r["best_epoch"] for r in done], 1))
+            cells.append(summary([r["seconds_per_epoch"] for r in done], 2).split(" ±")[0])
+        result.add_row(*cells)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES), metavar="RECIPE",
+                        help=f"a subset of: {', '.join(repr(r) for r in RECIPES)}")
+    parser.add_argument("--datasets", nargs="+", default=list(TITLES), choices=list(TITLES), metavar="DATASET",
+                        help=f"a subset of: {', '.join(repr(d) for d in TITLES)}")
+    parser.add_argument("--rows", type=int, default=100_000, help="rows of the generated funnel")
+    parser.add_argument("--data", type=Path, default=ADULT, help="the Adult parquet file")
+    parser.add_argument("--json", type=Path, help="write every run's results here (rewritten after each run)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: first seed, ≤ 2 epochs, 20k rows")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.rows = args.seeds[:1], min(args.rows, 20_000)
+
+    console = Console(width=250)
+    log = Console(stderr=True, width=250)
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        for dataset in args.datasets:
+            for seed in args.seeds:
+                train, test = data_files(dataset, seed, root, args)
+                for setting in (s for s in SETTINGS if s.dataset == dataset):
+                    for name in args.recipes:
+                        row = run_one(setting, name, seed, train, test, root / "run", args)
+                        rows.append(row)
+                        if args.json:
+                            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+                        shown = row.get("error") or "  ".join(
+                            f"{task} {row['test'][task]['auc']}" for task in setting.reported)
+                        log.print(f"[{time.perf_counter() - started:7.0f}s] {dataset} / {setting.name} / {name} / "
+                                  f"seed {seed}: {shown}  best {row.get('best_epoch')}  {row['wall_seconds']}s",
+                                  soft_wrap=True, markup=False, highlight=False)
+    for dataset in args.datasets:
+        console.print(table(dataset, rows, args))
+    failed = [r for r in rows if "error" in r]
+    console.print(f"{len(rows)} runs, {len(failed)} failed, {time.perf_counter() - started:.0f} s wall")
+
+
+if __name__ == "__main__":
+    main()
