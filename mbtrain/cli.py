@@ -316,5 +316,26 @@ def export(
                   f"{result['checked_rows']} rows, max difference {result['max_abs_difference']:.1e})")
 
 
+@app.command()
+@reports_errors
+def compare(
+    runs: Annotated[list[str], typer.Argument(help="Run directories or globs, e.g. 'runs/*'.", show_default=False)],
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the comparison as JSON here.")] = None,
+) -> None:
+    """One table of runs side by side: the settings that differ, best-epoch metrics, seconds per epoch; runs
+    that differ only in --seed are one row (mean ± std over n seeds)."""
+    from mbtrain.checkpoint import check_writable, write_json
+    from mbtrain.compare import compare_runs, comparison_table
+
+    if json_path is not None:
+        check_writable(json_path, "--json")
+    comparison = compare_runs(runs)
+    for line in comparison.skipped:
+        sys.stderr.write(f"mbtrain: warning: {line}\n")
+    if json_path is not None:
+        write_json(comparison.to_dict(), json_path, "--json")
+    console.print(comparison_table(comparison))
+
+
 def main() -> None:
     app()

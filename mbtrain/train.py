@@ -58,6 +58,7 @@ from mbtrain.errors import MbtrainError
 from mbtrain.metrics import task_metrics
 from mbtrain.models.scoring import ModelSpec, Probabilities, score_rows
 from mbtrain.report import history_line, metrics_table
+from mbtrain.tensorboard_log import LOG_EVERY, RunLog, require_tensorboard
 
 SAMPLE_ROWS = 256  # validation rows kept in checkpoints so that export can check itself on real data
 PROGRESS_EVERY = 20  # steps between loss read-outs in the progress bar
@@ -240,6 +241,8 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = Fals
 
     A KeyboardInterrupt comes back with a message saying where the finished epochs are."""
     config.validate()
+    if config.train.tensorboard:
+        require_tensorboard()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     cluster = cluster_from_env(config.train.device)
@@ -306,6 +309,12 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
         if main and best is not None and best["epoch"] == state["epoch"]:  # an interruption may have beaten best.pt
             save_checkpoint({k: v for k, v in state.items() if k != "format"}, out / "checkpoints" / "best.pt")
 
+    steps = train.steps(config.train.batch_size, cluster.world_size)
+    log = None
+    if main and config.train.tensorboard:
+        names = {id(p): name for name, p in model.named_parameters()}
+        log = RunLog(work / "tensorboard", spec.tasks, [names[id(p)] for p in model.shared_parameters()],
+                     steps_done=(start_epoch - 1) * steps)
     if main:
         write_json(_config_record(config, data_path, prepared), work / "config.json")
     ranks = f", {cluster.world_size} ranks" if cluster.world_size > 1 else ""
@@ -325,7 +334,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
                     epoch -= 1
                     break
                 entry = train_epoch(model, optimizer, balancer, train, valid, spec.tasks, config, epoch, progress,
-                                    cluster)
+                                    cluster, log)
                 score = _score(entry["valid"][spec.main_task], config.train.monitor)
                 entry["best"] = best is None or score > best["score"]
                 if entry["best"]:
@@ -358,6 +367,9 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
                 console.print(history_line(entry, spec.main_task, config.train.monitor), soft_wrap=True)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_interrupted(out, work, staging)) from None
+    finally:
+        if log is not None:
+            log.close()
     stopped_early = bool(patience and bad_epochs >= patience and epoch < config.train.epochs)
     metrics = {
         "main_task": spec.main_task,
@@ -408,7 +420,8 @@ def _agreed(batches: Iterator[tuple[EncodedData, int]], cluster: Cluster) -> Ite
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Any,
                  train: Rows, valid: Rows, tasks: list[str],
-                 config: RunConfig, epoch: int, progress: Progress, cluster: Cluster | None = None) -> dict[str, Any]:
+                 config: RunConfig, epoch: int, progress: Progress, cluster: Cluster | None = None,
+                 log: RunLog | None = None) -> dict[str, Any]:
     """One pass over the training rows (shuffled unless --no-shuffle), then validation; returns the
     history.jsonl entry.
 
@@ -438,10 +451,13 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
         losses = losses.sum(dim=0) / global_rows
         optimizer.zero_grad(set_to_none=True)
         balancer.backward(list(losses.unbind()), split)
-        lr = learning_rate(config, steps, (epoch - 1) * steps + step - 1)
+        global_step = (epoch - 1) * steps + step - 1
+        lr = learning_rate(config, steps, global_step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
+        if log is not None and global_step % LOG_EVERY == 0:
+            log.step(global_step + 1, losses.detach() * global_rows / max(1, len(batch)), balancer.norm_ratios)
         loss_sum += losses.detach() * global_rows
         if balancer.grad_norm_ratio is not None:
             ratio_sum += balancer.grad_norm_ratio
@@ -460,6 +476,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     }
     if balancer.grad_norm_ratio is not None:
         entry["grad_norm_ratio"] = dict(zip(tasks, (ratio_sum / steps).tolist(), strict=True))
+    if log is not None:
+        log.epoch(epoch * steps, entry)
     return entry
 
 

@@ -276,18 +276,20 @@ def test_build_balancer() -> None:
         build_balancer("x", model.shared(), model.task())
 
 
+@pytest.mark.parametrize("norm", ["none", "batch", "layer"])
 @pytest.mark.parametrize("strategy", ["both", "reduce", "enlarge"])
 @pytest.mark.parametrize("name", ["mmoe", "shared-bottom"])
 @pytest.mark.parametrize(("cards", "batch"), [([5, 7, 3], 32), ([50, 70, 30], 8), ([500, 700, 300], 4)],
                          ids=["small-table", "big-table", "huge-table"])
-def test_split_forward_gives_the_same_gradients(name: str, strategy: str, cards: list[int], batch: int) -> None:
+def test_split_forward_gives_the_same_gradients(name: str, strategy: str, cards: list[int], batch: int,
+                                                norm: str) -> None:
     """The fast path (heads once, trunk per task, table rows per batch) equals the per-task full path,
     both when the table is coalesced whole (small) and on the batch's distinct rows, found by a mask (big)
-    or by sorting (huge)."""
+    or by sorting (huge); with every kind of hidden-layer norm (batch norm's affine parameters are shared)."""
     from mbtrain.models import build_model
 
     sizes = dict(cardinalities=cards, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6], experts=3,
-                 tower=[5], dropout=0.0)
+                 tower=[5], dropout=0.0, norm=norm)
     torch.manual_seed(0)
     full, fast = build_model(name, **sizes).double(), build_model(name, **sizes).double()
     fast.load_state_dict(full.state_dict())

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbtrain.models import MODELS, FusedEmbedding, MMoE, SharedBottom, Towers, build_model
+from mbtrain.models.mlp import hidden_norm
 
 CARDS = [5, 7, 3]
 NAMES = sorted(MODELS)
@@ -169,3 +170,56 @@ def test_fits_tiny_multitask_problem(name: str) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+@pytest.mark.parametrize("groups", [None, 3])
+def test_norms_equal_torch_batch_norm_and_layer_norm(groups: int | None) -> None:
+    """RowBatchNorm is G BatchNorm1d (training output, running statistics, eval output); FeatureLayerNorm
+    is LayerNorm; both with their affine parameters moved off 1 / 0."""
+    features, rows = 6, 17
+    shape = [rows, features] if groups is None else [groups, rows, features]
+    x = torch.randn(*shape) * 3 + 1
+    for kind, reference in (("batch", nn.BatchNorm1d), ("layer", nn.LayerNorm)):
+        ours = hidden_norm(kind, features, groups)
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5)
+            ours.bias.uniform_(-0.5, 0.5)
+        for g in range(groups or 1):
+            theirs = reference(features)
+            with torch.no_grad():
+                theirs.weight.copy_(ours.weight[g].reshape(-1) if groups else ours.weight)
+                theirs.bias.copy_(ours.bias[g].reshape(-1) if groups else ours.bias)
+            xg = x[g] if groups else x
+            trained = ours(x)
+            torch.testing.assert_close(trained[g] if groups else trained, theirs(xg))
+            if kind == "batch":
+                for name in ("running_mean", "running_var"):
+                    ours_stat = getattr(ours, name)
+                    torch.testing.assert_close((ours_stat[g] if groups else ours_stat).reshape(-1),
+                                               getattr(theirs, name))
+                ours.eval()
+                theirs.eval()
+                evaluated = ours(x)
+                torch.testing.assert_close(evaluated[g] if groups else evaluated, theirs(xg))
+                ours.train()
+                ours.running_mean.zero_()
+                ours.running_var.fill_(1.0)
+
+
+def test_batch_norm_trains_on_one_row_or_none_and_leaves_its_statistics() -> None:
+    norm = hidden_norm("batch", 4, groups=2)
+    for rows in (0, 1):
+        out = norm(torch.randn(2, rows, 4))
+        assert out.shape == (2, rows, 4) and torch.isfinite(out).all()
+    assert torch.equal(norm.running_mean, torch.zeros(2, 1, 4)) and torch.equal(norm.running_var, torch.ones(2, 1, 4))
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+@pytest.mark.parametrize("name", NAMES)
+def test_normed_models_script_like_eager(name: str, norm: str) -> None:
+    model = make(name, norm=norm)
+    model(*inputs(CARDS, 2, batch=32))  # one training step's statistics
+    model.eval()
+    scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(*inputs(CARDS, 2, seed=1)), model(*inputs(CARDS, 2, seed=1)))
+    assert not any("norm" in key for key in make(name).state_dict())  # none: checkpoints as before norms

@@ -77,6 +77,7 @@ class MetaBalance(Balancer):
         self.wants_split = self.task_params is not None
         self.moving_norms: torch.Tensor | None = None  # [T, P], created by the first backward
         self.grad_norm_ratio: torch.Tensor | None = None
+        self.norm_ratios: torch.Tensor | None = None
 
     def backward(self, losses: Sequence[torch.Tensor], split: SplitForward | None = None) -> None:
         """Balanced gradients; with `split` (from the model's split_forward) the same result, computed by
@@ -184,9 +185,10 @@ class MetaBalance(Balancer):
 
     def _record_ratio(self, raw_norms: list[torch.Tensor]) -> None:
         raw = torch.stack(raw_norms)
-        ratio = (raw / (raw[0] + self.eps)).mean(dim=1)
-        ratio[0] = 1.0
-        self.grad_norm_ratio = ratio
+        ratios = raw / (raw[0] + self.eps)
+        ratios[0] = 1.0
+        self.norm_ratios = ratios
+        self.grad_norm_ratio = ratios.mean(dim=1)
 
     def state_dict(self) -> dict:
         moving = None if self.moving_norms is None else self.moving_norms.detach().clone()

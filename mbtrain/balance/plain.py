@@ -14,12 +14,14 @@ class Balancer(ABC):
     """Turns per-task losses into gradients; the fit loop calls ``backward`` then ``optimizer.step``.
 
     ``grad_norm_ratio`` is ``None`` or, after each ``backward``, a detached tensor ``[T]`` the fit loop
-    averages per epoch for the history log (a tensor, so that reading it never forces a sync per step).
+    averages per epoch for the history log (a tensor, so that reading it never forces a sync per step);
+    ``norm_ratios`` likewise ``[T, P]``, per shared parameter tensor, for TensorBoard.
     ``wants_split`` says whether the fit loop should run the model's ``split_forward`` and hand the
     result to ``backward`` (models/split.py), which only pays off for balancers needing per-task gradients.
     """
 
     grad_norm_ratio: torch.Tensor | None = None
+    norm_ratios: torch.Tensor | None = None
     wants_split: bool = False
 
     @abstractmethod

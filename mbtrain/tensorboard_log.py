@@ -1,0 +1,60 @@
+"""TensorBoard event files for a run (`--tensorboard`, the optional `mbtrain[tensorboard]` extra).
+
+Every LOG_EVERY steps: each task's training loss and the balancer's per-task scales (MetaBalance: each
+auxiliary task's gradient-norm ratio to the main task, per shared tensor); every epoch: every validation
+metric of every task and the learning rate. The x axis counts the steps taken, so a resumed run appends
+where its last checkpoint ended (events an interrupted epoch wrote past it are purged).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mbtrain.errors import MbtrainError
+
+LOG_EVERY = 20  # steps between training scalars
+INSTALL = "pip install 'mbtrain[tensorboard]'"
+
+
+def require_tensorboard() -> None:
+    """Fail with one line, before any work, where the extra is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise MbtrainError(f"--tensorboard needs the tensorboard package: {INSTALL}") from None
+
+
+class RunLog:
+    """The run's TensorBoard writer; rank 0 alone makes one."""
+
+    def __init__(self, folder: Path, tasks: list[str], shared_names: list[str], steps_done: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tasks = tasks
+        self.shared_names = shared_names  # the shared parameter tensors, in the balancer's order
+        self.writer = SummaryWriter(str(folder), purge_step=steps_done + 1 if steps_done else None)
+
+    def step(self, step: int, losses: torch.Tensor, norm_ratios: torch.Tensor | None) -> None:
+        """Training scalars after `step` steps: losses [T] (this rank's batch means) and the balancer's
+        per-task, per-shared-tensor norm ratios [T, P] when it has them."""
+        for task, loss in zip(self.tasks, losses.tolist(), strict=True):
+            self.writer.add_scalar(f"train_loss/{task}", loss, step)
+        if norm_ratios is not None:
+            for task, ratios in zip(self.tasks[1:], norm_ratios[1:].tolist(), strict=True):
+                for name, ratio in zip(self.shared_names, ratios, strict=True):
+                    self.writer.add_scalar(f"grad_norm_ratio/{task}/{name}", ratio, step)
+
+    def epoch(self, step: int, entry: dict[str, Any]) -> None:
+        """After `step` steps, the epoch's validation metrics (every key of every task that has a value) and learning rate."""
+        for task, metrics in entry["valid"].items():
+            for name, value in metrics.items():
+                if value is not None and name not in ("positives", "rows"):
+                    self.writer.add_scalar(f"valid/{task}/{name}", value, step)
+        self.writer.add_scalar("lr", entry["lr"], step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
