@@ -162,20 +162,17 @@ def _nothing_to_compare(skipped: list[str]) -> str:
 
 
 def _row(runs: list[_Run]) -> Row:
-    tasks: dict[str, dict[str, list[Any]]] = {}
-    for run in runs:
-        for task, values in run.metrics["tasks"].items():
-            for metric in values:
-                tasks.setdefault(task, {}).setdefault(metric, [])
-    for task, metrics in tasks.items():  # an older run lacks newer metrics: None, as for an undefined one
-        for metric, values in metrics.items():
-            values.extend(run.metrics["tasks"].get(task, {}).get(metric) for run in runs)
+    tasks: dict[str, dict[str, Stats]] = {}
+    for task in dict.fromkeys(task for run in runs for task in run.metrics["tasks"]):
+        per_run = [run.metrics["tasks"].get(task, {}) for run in runs]
+        metrics = dict.fromkeys(metric for values in per_run for metric in values)  # older runs lack newer ones
+        tasks[task] = {metric: _stats([values.get(metric) for values in per_run]) for metric in metrics}
     return Row(
         runs=[run.path for run in runs],
         seeds=[run.seed for run in runs],
         settings=runs[0].settings,
         main_task=runs[0].metrics["main_task"],
-        tasks={task: {metric: _stats(values) for metric, values in metrics.items()} for task, metrics in tasks.items()},
+        tasks=tasks,
         best_epoch=_stats([run.metrics.get("best_epoch") for run in runs]),
         epochs_run=_stats([run.metrics.get("epochs_run") for run in runs]),
         seconds_per_epoch=_stats([run.seconds_per_epoch for run in runs]),

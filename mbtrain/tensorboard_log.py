@@ -48,7 +48,7 @@ class RunLog:
                     self.writer.add_scalar(f"grad_norm_ratio/{task}/{name}", ratio, step)
 
     def epoch(self, step: int, entry: dict[str, Any]) -> None:
-        """After `step` steps, the epoch's validation metrics (every key of every task that has a value) and learning rate."""
+        """After `step` steps: the epoch's validation metrics (each one that has a value) and learning rate."""
         for task, metrics in entry["valid"].items():
             for name, value in metrics.items():
                 if value is not None and name not in ("positives", "rows"):
