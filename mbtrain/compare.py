@@ -12,11 +12,13 @@ import glob
 import json
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from mbtrain.config import RunConfig
@@ -27,6 +29,7 @@ from mbtrain.report import METRIC_COLUMNS
 NOT_COMPARED = ("seed", "threads", "device", "memory_budget", "tensorboard")
 # the metrics the table shows for a main task (and its --monitor); other tasks show AUC only; --json holds all
 MAIN_METRICS = ("auc", "gauc", "logloss", "ne")
+SETTING_COLUMNS = 3  # differing settings shown a column each; beyond, one column lists them row by row
 Stats = dict[str, float | int | None]  # {"mean", "std", "n"} over the runs of a row
 
 
@@ -129,7 +132,7 @@ def _read(path: Path) -> _Run:
     main, tasks = metrics.get("main_task"), metrics.get("tasks")
     if not (isinstance(tasks, dict) and isinstance(main, str) and main in tasks
             and all(isinstance(values, dict) for values in tasks.values())):
-        raise MbtrainError(f"{path}: metrics.json holds no per-task metrics with the main task's among them")
+        raise MbtrainError(f"{path}: metrics.json is not an mbtrain metrics file (no metrics for its main task)")
     return _Run(str(path), flat["seed"], settings, metrics, _seconds_per_epoch(path / "history.jsonl"))
 
 
@@ -191,35 +194,43 @@ def _stats(values: list[Any]) -> Stats:
 
 def comparison_table(comparison: Comparison) -> Table:
     """A row per Row: its run directories, the settings that differ, n (where some row averages over more than
-    one run), AUC, GAUC, log loss and NE of every row's main task and AUC of the other tasks (by task name, '—'
-    where a row lacks one), best epoch and seconds per epoch."""
+    one run), then by task name the main task's AUC, GAUC, log loss, NE (and --monitor metric) and the other
+    tasks' AUC, '—' where a row lacks one; best epoch and seconds per epoch. The main task is that of most rows
+    (the first row's on a tie). Narrow: one space between columns, a std beneath its mean, and a cell too narrow
+    for the terminal folds rather than cut a number short."""
     rows = comparison.rows
-    main_tasks = list(dict.fromkeys(row.main_task for row in rows))
-    other_tasks = [task for task in dict.fromkeys(task for row in rows for task in row.tasks) if task not in main_tasks]
-    main_metrics = dict.fromkeys([*MAIN_METRICS, *(row.settings["monitor"] for row in rows)])
-    metric_columns = [(task, metric) for task in main_tasks for metric in main_metrics
-                      if metric == "auc" or any(metric in row.tasks.get(task, {}) for row in rows)]
-    metric_columns += [(task, "auc") for task in other_tasks]
+    main_task = Counter(row.main_task for row in rows).most_common(1)[0][0]
+    monitors = [row.settings["monitor"] for row in rows if row.main_task == main_task]
+    metric_columns = [(main_task, metric) for metric in dict.fromkeys([*MAIN_METRICS, *monitors])
+                      if metric == "auc" or any(metric in row.tasks.get(main_task, {}) for row in rows)]
+    metric_columns += [(task, "auc") for task in dict.fromkeys(task for row in rows for task in row.tasks)
+                       if task != main_task]
     repeated = any(len(row.runs) > 1 for row in rows)
     caption = "validation metrics at each run's best epoch"
     if repeated:
-        caption += "; runs that differ only in --seed are one row: mean ± std over n"
+        caption += "; runs that differ only in --seed are one row: mean and ±sample std over its n runs"
     runs = sum(len(row.runs) for row in rows)
     table = Table(title=f"{runs} run{'s' if runs > 1 else ''} compared", caption=caption, caption_justify="left",
-                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    table.add_column("run")
-    for key in comparison.columns:
-        table.add_column(key.replace("_", "-"))
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("run", overflow="fold")
+    separate = len(comparison.columns) <= SETTING_COLUMNS
+    for key in comparison.columns if separate else ["settings"] * bool(comparison.columns):
+        table.add_column(key.replace("_", "-"), overflow="fold")
     if repeated:
         table.add_column("n", justify="right")
     for task, metric in metric_columns:
-        table.add_column(f"{task} {METRIC_COLUMNS.get(metric, metric)}", justify="right")
-    table.add_column("best epoch", justify="right")
-    table.add_column("s/epoch", justify="right")
-    labels = _labels(rows)
-    for row, label in zip(rows, labels, strict=True):
+        table.add_column(f"{escape(task)}\n{METRIC_COLUMNS.get(metric, metric)}", justify="right", no_wrap=True,
+                         min_width=6)
+    table.add_column("best\nepoch", justify="right", no_wrap=True)
+    table.add_column("s/epoch", justify="right", no_wrap=True)
+    for row, label in zip(rows, _labels(rows), strict=True):
         n = len(row.runs)
-        cells = [label, *(_setting(row.settings[key]) for key in comparison.columns)]
+        settings = [_setting(key, row.settings[key]) for key in comparison.columns]
+        if separate:
+            cells = [label, *settings]
+        else:  # one column of 'flag value' lines keeps many differing settings readable
+            cells = [label, "\n".join(f"--{key.replace('_', '-')} {value}"
+                                      for key, value in zip(comparison.columns, settings, strict=True))]
         if repeated:
             cells.append(str(n))
         cells += [_cell(row.tasks.get(task, {}).get(metric), n, 4) for task, metric in metric_columns]
@@ -233,21 +244,25 @@ def _labels(rows: list[Row]) -> list[str]:
     names = [Path(row.runs[0]).name for row in rows]
     if len(set(names)) < len(names):
         names = [row.runs[0] for row in rows]
-    return [f"{name} +{len(row.runs) - 1}" if len(row.runs) > 1 else name
+    return [escape(f"{name} +{len(row.runs) - 1}" if len(row.runs) > 1 else name)
             for name, row in zip(names, rows, strict=True)]
 
 
-def _setting(value: Any) -> str:
+def _setting(key: str, value: Any) -> str:
+    """Lists comma-joined; data files under the working directory relative to it."""
     if value is None:
         return "—"
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    if key in ("data", "valid") and isinstance(value, str) and Path(value).is_relative_to(Path.cwd()):
+        value = str(Path(value).relative_to(Path.cwd()))
+    return escape(", ".join(map(str, value)) if isinstance(value, list) else str(value))
 
 
 def _cell(stats: Stats | None, n: int, digits: int) -> str:
-    """'0.9312 ± 0.0011'; one value as it is; '(n=k)' where only k of the row's n runs have the metric."""
+    """The mean, '±std' beneath it (a column as narrow as one number) and '(n=k)' where only k of the row's n
+    runs have the metric (it is null where undefined); one value as it is."""
     if stats is None or stats["mean"] is None:
         return "—"
     text = f"{stats['mean']:.{digits}f}"
     if stats["std"] is not None:
-        text += f" ± {stats['std']:.{digits}f}"
-    return text if stats["n"] == n else f"{text} (n={stats['n']})"
+        text += f"\n±{stats['std']:.{digits}f}"
+    return text if stats["n"] == n else f"{text}\n(n={stats['n']})"
