@@ -73,6 +73,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "3e-3 layer cos": recipe(lr=3e-3, norm="layer", schedule="cosine"),
     "1e-2 layer cos": recipe(lr=1e-2, norm="layer", schedule="cosine"),
     "1e-2 batch cos warm1": recipe(lr=1e-2, norm="batch", schedule="cosine", warmup=1.0),
+    "1e-2 none cos warm1": recipe(lr=1e-2, schedule="cosine", warmup=1.0),
     "5e-3 batch cos": recipe(lr=5e-3, norm="batch", schedule="cosine"),
 }
 
