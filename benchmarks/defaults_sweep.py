@@ -63,6 +63,7 @@ def recipe(**changes: Any) -> dict[str, Any]:
 
 RECIPES: dict[str, dict[str, Any]] = {
     "current (1e-3 none const)": recipe(),
+    "shipped (0.01 × batch/1024)": {"lr": None, "norm": "none", "schedule": "constant", "warmup": 0.0},
     "1e-2 none const": recipe(lr=1e-2),
     "3e-3 none const": recipe(lr=3e-3),
     "1e-2 none cos": recipe(lr=1e-2, schedule="cosine"),

@@ -137,7 +137,8 @@ def fit(
                                                         "norm"))] = None,
     epochs: Annotated[int | None, typer.Option(help=_help("Maximum epochs.", "epochs"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=_help("Rows per step.", "batch_size"))] = None,
-    lr: Annotated[float | None, typer.Option(help=_help("Adam learning rate (after warm-up).", "lr"))] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate after warm-up (default: 0.01, scaled down "
+                                                  "linearly for global batches under 1024 rows).")] = None,
     schedule: Annotated[str | None, typer.Option(help=_help("Learning rate after warm-up: constant | cosine "
                                                             "(down to 0 at the last epoch).", "schedule"))] = None,
     warmup: Annotated[float | None, typer.Option(help=_help("Epochs of linear learning-rate warm-up.",

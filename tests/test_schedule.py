@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mbtrain.config import RunConfig
+from mbtrain.config import RunConfig, peak_lr
 from mbtrain.train import learning_rate
 from tests.helpers import run_cli
 
@@ -21,8 +21,16 @@ def test_warmup_then_constant_or_cosine() -> None:
     assert rates[5] == pytest.approx(0.01)
     assert rates[5 + 25 // 2] == pytest.approx(0.005 * (1 + math.cos(math.pi * 12 / 25)))
     assert all(a >= b for a, b in zip(rates[4:], rates[5:], strict=False)) and rates[-1] < 1e-4
-    constant = RunConfig().updated({"lr": 0.01})
+    constant = RunConfig()
     assert {learning_rate(constant, steps, step) for step in range(30)} == {0.01}
+
+
+def test_the_default_rate_scales_down_with_the_global_batch_only() -> None:
+    assert peak_lr(RunConfig().train) == 0.01  # batch 1024
+    assert peak_lr(RunConfig().updated({"batch_size": 128}).train) == pytest.approx(0.00125)
+    assert peak_lr(RunConfig().updated({"batch_size": 64}).train, world_size=2) == pytest.approx(0.00125)
+    assert peak_lr(RunConfig().updated({"batch_size": 8192}).train) == 0.01  # never above
+    assert peak_lr(RunConfig().updated({"batch_size": 128, "lr": 0.05}).train) == 0.05
 
 
 def test_an_interrupted_run_resumes_on_the_same_schedule(data_dir: Path, tmp_path: Path,
@@ -47,4 +55,4 @@ def test_an_interrupted_run_resumes_on_the_same_schedule(data_dir: Path, tmp_pat
         return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
     assert [row["lr"] for row in history(whole)] == [row["lr"] for row in history(split)]
-    assert history(whole)[-1]["lr"] < 0.001 < history(whole)[0]["lr"]
+    assert history(whole)[-1]["lr"] < 0.001 < history(whole)[0]["lr"] == 0.01

@@ -35,7 +35,7 @@ def test_events_hold_losses_balancer_ratios_metrics_and_resume_appends(data_dir:
     for metric in ("auc", "logloss", "pr_auc", "calibration", "ne"):
         assert [step for step, _ in scalars[f"valid/purchase/{metric}"]] == [17, 34]
     history = [line for line in (out / "history.jsonl").read_text().splitlines() if line]
-    assert len(history) == 2 and scalars["lr"][0][1] == pytest.approx(1e-3)
+    assert len(history) == 2 and scalars["lr"][0][1] == pytest.approx(0.01 * 32 / 1024)  # the default, scaled to the batch
 
     result = run_cli("fit", "--resume", "--epochs", "3", *common)
     assert result.exit_code == 0, result.output
