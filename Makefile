@@ -7,7 +7,7 @@ DEMO := demo
 
 BENCH := .venv-bench
 
-.PHONY: install demo test lint bench bench-adult bench-scale clean
+.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults clean
 
 $(BIN)/mbtrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench-adult: install
 
 bench-scale: install
 	$(BIN)/python benchmarks/scale.py
+
+bench-defaults: install
+	POLARS_MAX_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/defaults_sweep.py
 
 # The benchmarks' own environment: the reference library torch-rechub runs beside us, never as our dependency.
 $(BENCH)/.installed: pyproject.toml

@@ -57,13 +57,19 @@ MODEL = {"model": "mmoe", "experts": 8, "hidden": [64, 32], "embed_dim": 8, "tow
 CURRENT = {"lr": 1e-3, "norm": "none", "schedule": "constant", "warmup": 0.0}  # the defaults before this sweep
 
 
+SHIPPED = {"lr": None, "norm": "none", "schedule": "constant", "warmup": 0.0}  # lr None: the batch-scaled default
+
+
 def recipe(**changes: Any) -> dict[str, Any]:
     return {**CURRENT, **changes}
 
 
 RECIPES: dict[str, dict[str, Any]] = {
     "current (1e-3 none const)": recipe(),
-    "shipped (0.01 × batch/1024)": {"lr": None, "norm": "none", "schedule": "constant", "warmup": 0.0},
+    "shipped (0.01 × batch/1024)": SHIPPED,
+    "shipped + dropout 0.1": {**SHIPPED, "dropout": 0.1},
+    "shipped + dropout 0.2": {**SHIPPED, "dropout": 0.2},
+    "shipped + weight decay 1e-5": {**SHIPPED, "weight_decay": 1e-5},
     "1e-2 none const": recipe(lr=1e-2),
     "3e-3 none const": recipe(lr=3e-3),
     "1e-2 none cos": recipe(lr=1e-2, schedule="cosine"),

@@ -20,8 +20,6 @@ from mbtrain.errors import MbtrainError
 from mbtrain.models import MODELS
 from mbtrain.models.mlp import NORMS
 
-__all__ = ["BALANCES", "MODELS", "MONITORS", "NORMS", "SCHEDULES", "STRATEGIES", "RunConfig"]
-
 SCHEDULES = ("constant", "cosine")
 MONITORS = ("auc", "gauc", "logloss", "ne")
 

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
+from mbtrain.data.schema import group_keys
+from mbtrain.errors import MbtrainError
+from mbtrain.metrics import NULL_GROUP
 from tests.helpers import make_frame, run_cli
 
 COMMON = ["--tasks", "purchase,click", "--batch-size", "64", "--threads", "1"]
@@ -101,3 +105,14 @@ def test_eval_group_by_missing_column_is_one_line(trained_run: Path, data_dir: P
     assert result.exit_code == 2
     assert result.stderr.strip() == (f"mbtrain: error: {data_dir / 'test.csv'}: --group-by column 'session' not "
                                      "found; columns are row_id, user, device, hour, price, rating, click, purchase")
+
+
+def test_group_keys_are_the_values_not_per_chunk_category_codes() -> None:
+    """A categorical column's codes differ between chunks read apart (streamed row groups): keys hash the text."""
+    first = pl.DataFrame({"user": pl.Series(["a", "b"], dtype=pl.Categorical)})
+    second = pl.DataFrame({"user": pl.Series(["b", "c", None], dtype=pl.Categorical)})
+    keys = torch.cat([group_keys(first, "f", "user"), group_keys(second, "f", "user")])
+    text = group_keys(pl.DataFrame({"user": ["a", "b", "b", "c", None]}), "f", "user")
+    assert torch.equal(keys, text) and keys[1] == keys[2] and keys[4] == NULL_GROUP
+    with pytest.raises(MbtrainError, match="--group-by column 'tags' holds List"):
+        group_keys(pl.DataFrame({"tags": [[1, 2], [3]]}), "f", "tags")

@@ -34,8 +34,7 @@ class Rows(Protocol):
         ...
 
     def chunks(self) -> Iterator[EncodedData]:
-        """Every row once, in order, in chunks of up to SCORE_ROWS rows (with group keys where the set has
-        them): what scoring reads."""
+        """Every row once, in order, in chunks (with group keys where the set has them): what scoring reads."""
         ...
 
 

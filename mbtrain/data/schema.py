@@ -166,10 +166,16 @@ def label_tensor(frame: pl.DataFrame | CodedFrame, source: str, tasks: list[str]
 
 def group_keys(frame: pl.DataFrame | CodedFrame, source: str, column: str) -> torch.Tensor:
     """int64 [rows] keys of the --group-by column's values (a 63-bit hash, the same for the same value in
-    every chunk of a file), NULL_GROUP where the value is null. Read as it is stored (read_coded's `plain`)."""
+    every chunk of a file), NULL_GROUP where the value is null. Read as it is stored (read_coded's `plain`);
+    categorical columns are hashed as their text, since their codes differ from chunk to chunk."""
     if column not in frame.columns:
         raise MbtrainError(f"{source}: --group-by column {column!r} not found; columns are {_shown(frame.columns)}")
     values = (frame.frame if isinstance(frame, CodedFrame) else frame).get_column(column)
+    if values.dtype.is_nested():
+        raise MbtrainError(f"{source}: --group-by column {column!r} holds {values.dtype}; give a column of scalar "
+                           "keys (user, session)")
+    if isinstance(values.dtype, pl.Categorical | pl.Enum):
+        values = values.cast(pl.String)
     keys = pl.select(pl.when(values.is_null()).then(pl.lit(NULL_GROUP, pl.Int64))
                      .otherwise((values.hash(seed=0) // 2).cast(pl.Int64))).to_series()
     return torch.from_numpy(keys.to_numpy().copy())
