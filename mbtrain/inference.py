@@ -31,30 +31,35 @@ def load_scorer(path: Path) -> tuple[torch.nn.Module, ModelSpec]:
     return Probabilities(model).eval(), spec
 
 
-def score(path: Path, data: Path) -> tuple[pl.DataFrame, torch.Tensor, ModelSpec]:
+def _read(path: Path, data: Path) -> tuple[torch.nn.Module, ModelSpec, pl.DataFrame]:
     module, spec = load_scorer(path)
-    frame = read_files(parquet_files(data))  # a file, or a directory / glob of Parquet files
-    categorical, numeric = spec.encoders.encode(frame, str(data))
-    return frame, predict_probabilities(module, categorical, numeric), spec
+    return module, spec, read_files(parquet_files(data))  # a file, or a directory / glob of Parquet files
+
+
+def _score(module: torch.nn.Module, spec: ModelSpec, frame: pl.DataFrame, data: Path) -> torch.Tensor:
+    return predict_probabilities(module, *spec.encoders.encode(frame, str(data)))
 
 
 def evaluate(path: Path, data: Path, group_by: str | None = None) -> dict[str, Any]:
-    """Every metric of every task on a labelled file (metrics.json shape); GAUC over `group_by`'s groups."""
-    frame, probabilities, spec = score(path, data)
+    """Every metric of every task on a labelled file (metrics.json shape); GAUC over `group_by`'s groups.
+    Labels and group keys are checked before the rows are scored."""
+    module, spec, frame = _read(path, data)
     labels = label_tensor(frame, str(data), spec.tasks)
     groups = group_keys(frame, str(data), group_by) if group_by else None
+    probabilities = _score(module, spec, frame, data)
     return {"main_task": spec.main_task, "tasks": task_metrics(probabilities, labels, spec.tasks, groups),
             "data": str(data), "model": str(path), **({"group_by": group_by} if group_by else {})}
 
 
 def predict(path: Path, data: Path, keep: list[str]) -> pl.DataFrame:
     """`keep` columns then one pred_<task> probability column per task, rows in input order."""
-    frame, probabilities, spec = score(path, data)
+    module, spec, frame = _read(path, data)
     keep = list(dict.fromkeys(keep))
     for name in keep:
         if name not in frame.columns:
             raise MbtrainError(f"{data}: column {name!r} (from --keep) not found")
         if name in {f"pred_{task}" for task in spec.tasks}:
             raise MbtrainError(f"--keep {name}: the output already has a column of that name")
+    probabilities = _score(module, spec, frame, data)
     predictions = pl.DataFrame({f"pred_{task}": probabilities[:, i].numpy() for i, task in enumerate(spec.tasks)})
     return pl.concat([frame.select(keep), predictions], how="horizontal")
