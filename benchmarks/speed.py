@@ -90,7 +90,7 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
     for variant in args.variants:
         torch.manual_seed(0)
         model = prepared.spec.build()
-        optimizer = build_optimizer(model, config)
+        optimizer = build_optimizer(model.parameters(), config)
         if variant == "naive":
             balancer: Balancer = NaiveMetaBalance(model.shared_parameters())
         else:

@@ -14,7 +14,17 @@ from rich.console import Console
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click since 0.29
 from typer.core import TyperGroup
 
-from mbtrain.config import BALANCES, MODELS, MONITORS, NORMS, STRATEGIES, RunConfig, parse_list, read_toml
+from mbtrain.config import (
+    BALANCES,
+    MODELS,
+    MONITORS,
+    NORMS,
+    STRATEGIES,
+    RunConfig,
+    parse_list,
+    parse_weights,
+    read_toml,
+)
 from mbtrain.errors import MbtrainError
 
 
@@ -98,6 +108,8 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     for key, value in flags.items():
         if key in lists and value is not None:
             value = parse_list(f"--{key.replace('_', '-')}", value, lists[key])
+        if key == "task_weights" and value is not None:
+            value = parse_weights("--task-weights", value)
         parsed[key] = value
     return parsed
 
@@ -126,6 +138,13 @@ def fit(
                                                           "beta"))] = None,
     strategy: Annotated[str | None, typer.Option(help=_help(f"MetaBalance: {' | '.join(STRATEGIES)}.",
                                                             "strategy"))] = None,
+    task_weights: Annotated[str | None, typer.Option(help="Static loss weights before any balancer, e.g. "
+                                                          "purchase=1,click=0.3 (default 1 each).")] = None,
+    temperature: Annotated[float | None, typer.Option(help=_help("DWA's temperature T.", "temperature"))] = None,
+    famo_lr: Annotated[float | None, typer.Option(help=_help("FAMO's learning rate for its task logits.",
+                                                             "famo_lr"))] = None,
+    famo_decay: Annotated[float | None, typer.Option(help=_help("FAMO's weight decay on its task logits.",
+                                                                "famo_decay"))] = None,
     embed_dim: Annotated[int | None, typer.Option(help=_help("Embedding size per categorical column.",
                                                              "embed_dim"))] = None,
     hidden: Annotated[str | None, typer.Option(help=_help("Shared bottom / each expert's layer sizes.",
@@ -183,7 +202,8 @@ def fit(
 
     flags = _overrides(
         tasks=tasks, main_task=main_task, model=model, balance=balance, relax_factor=relax_factor, beta=beta,
-        strategy=strategy, embed_dim=embed_dim, hidden=hidden, experts=experts, tower=tower, dropout=dropout,
+        strategy=strategy, task_weights=task_weights, temperature=temperature, famo_lr=famo_lr,
+        famo_decay=famo_decay, embed_dim=embed_dim, hidden=hidden, experts=experts, tower=tower, dropout=dropout,
         norm=norm, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup,
         weight_decay=weight_decay, seed=seed, shuffle=shuffle, valid=str(valid) if valid else None,
         valid_fraction=valid_fraction, patience=patience, monitor=monitor, group_by=group_by, tensorboard=tensorboard,

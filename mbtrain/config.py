@@ -8,6 +8,7 @@ across the sections so that the flat flag / TOML namespace maps onto them withou
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +53,13 @@ class ModelConfig:
 @dataclass
 class BalanceConfig:
     balance: str = "none"
+    task_weights: dict[str, float] = field(default_factory=dict)  # static loss multipliers; a task not named: 1
     relax_factor: float = 0.7
     beta: float = 0.9
     strategy: str = "both"
+    temperature: float = 2.0  # DWA's T
+    famo_lr: float = 0.025  # FAMO's learning rate for its task logits
+    famo_decay: float = 0.01  # FAMO's weight decay (gamma) on its task logits
 
 
 @dataclass
@@ -105,6 +110,11 @@ class RunConfig:
         return self.data.main_task or self.data.tasks[0]
 
     @property
+    def weight_vector(self) -> list[float]:
+        """--task-weights in ordered_tasks order, 1 for a task not named."""
+        return [float(self.balance.task_weights.get(task, 1.0)) for task in self.ordered_tasks]
+
+    @property
     def ordered_tasks(self) -> list[str]:
         """Tasks with the main task first: MetaBalance and the model's output order rely on it."""
         main = self.main_task
@@ -136,6 +146,16 @@ class RunConfig:
         _in_range("--relax-factor", b.relax_factor, 0.0, 1.0, "[0, 1)")
         _in_range("--beta", b.beta, 0.0, 1.0, "[0, 1)")
         _in_range("--dropout", m.dropout, 0.0, 1.0, "[0, 1)")
+        for task, weight in b.task_weights.items():
+            if task not in d.tasks:
+                raise MbtrainError(f"--task-weights names {task!r}, which is not one of --tasks ({', '.join(d.tasks)})")
+            if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+                raise MbtrainError(f"--task-weights {task}={weight}: a weight must be a finite number >= 0")
+        for flag, value in (("--temperature", b.temperature), ("--famo-lr", b.famo_lr)):
+            if not (math.isfinite(value) and value > 0):
+                raise MbtrainError(f"{flag} must be positive: got {value}")
+        if not (math.isfinite(b.famo_decay) and b.famo_decay >= 0):
+            raise MbtrainError(f"--famo-decay must be non-negative: got {b.famo_decay}")
         if not 0.0 < d.valid_fraction < 1.0:
             raise MbtrainError(f"--valid-fraction must be in (0, 1): got {d.valid_fraction}")
         for flag, value in (
@@ -218,6 +238,22 @@ def parse_list(flag: str, text: str | None, item: type = str) -> list | None:
         raise MbtrainError(f"{flag} expects a comma-separated list of {item.__name__}: got {text!r}") from None
 
 
+def parse_weights(flag: str, text: str) -> dict[str, float]:
+    """'purchase=1,click=0.3' -> {"purchase": 1.0, "click": 0.3}; the checks on tasks and ranges are validate's."""
+    weights: dict[str, float] = {}
+    for part in (part.strip() for part in text.split(",")):
+        if not part:
+            continue
+        task, equals, value = part.partition("=")
+        if not equals or not task.strip():
+            raise MbtrainError(f"{flag} expects task=weight pairs, e.g. purchase=1,click=0.3: got {part!r}")
+        try:
+            weights[task.strip()] = float(value)
+        except ValueError:
+            raise MbtrainError(f"{flag} {part}: {value.strip()!r} is not a number") from None
+    return weights
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """A `--config` TOML file as flat overrides (dashes or underscores, lists or comma strings)."""
     try:
@@ -234,6 +270,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         kind = FIELD_TYPES[name]
         if kind.startswith("list") and isinstance(value, str):
             value = parse_list(f"{path}: {key}", value, int if "int" in kind else str)
+        if kind.startswith("dict") and isinstance(value, str):
+            value = parse_weights(f"{path}: {key}", value)
         if not _matches(value, kind):
             raise MbtrainError(f"{path}: {key} should be {kind.replace(' | None', '')}: got {value!r}")
         overrides[name] = value
@@ -247,4 +285,7 @@ def _matches(value: Any, kind: str) -> bool:
     if kind.startswith("list["):
         inner = scalar[kind[5:-1]]
         return isinstance(value, list) and all(isinstance(v, inner) and not isinstance(v, bool) for v in value)
+    if kind == "dict[str, float]":
+        return isinstance(value, dict) and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                               for v in value.values())
     return isinstance(value, scalar[kind.replace(" | None", "")])

@@ -37,11 +37,15 @@ class RunLog:
         self.shared_names = shared_names  # the shared parameter tensors, in the balancer's order
         self.writer = SummaryWriter(str(folder), purge_step=steps_done + 1 if steps_done else None)
 
-    def step(self, step: int, losses: torch.Tensor, norm_ratios: torch.Tensor | None) -> None:
-        """Training scalars after `step` steps: losses [T] (this rank's batch means) and the balancer's
-        per-task, per-shared-tensor norm ratios [T, P] when it has them."""
+    def step(self, step: int, losses: torch.Tensor, norm_ratios: torch.Tensor | None,
+             task_weights: torch.Tensor | None = None) -> None:
+        """Training scalars after `step` steps: losses [T] (this rank's batch means) and what the balancer
+        has of per-task, per-shared-tensor norm ratios [T, P] and per-task loss weights [T]."""
         for task, loss in zip(self.tasks, losses.tolist(), strict=True):
             self.writer.add_scalar(f"train_loss/{task}", loss, step)
+        if task_weights is not None:
+            for task, weight in zip(self.tasks, task_weights.tolist(), strict=True):
+                self.writer.add_scalar(f"task_weight/{task}", weight, step)
         if norm_ratios is not None:
             for task, ratios in zip(self.tasks[1:], norm_ratios[1:].tolist(), strict=True):
                 for name, ratio in zip(self.shared_names, ratios, strict=True):

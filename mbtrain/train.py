@@ -11,7 +11,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,10 +203,10 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
     return Prepared(schema, spec, train, valid, valid_source, f"streamed, shuffle buffer {buffer:,} rows")
 
 
-def build_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[torch.Tensor], config: RunConfig) -> torch.optim.Optimizer:
     """Adam, fused: one kernel over every parameter instead of ~10 ops per tensor (CPU, MMoE with a 36k-row
     table: 0.19 vs 1.7 ms a step; the plain step took 7.4 ms). train_epoch sets the rate before every step."""
-    return torch.optim.Adam(model.parameters(), lr=peak_lr(config.train), weight_decay=config.train.weight_decay,
+    return torch.optim.Adam(params, lr=peak_lr(config.train), weight_decay=config.train.weight_decay,
                             fused=True)
 
 
@@ -290,13 +290,14 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
     if state is None:  # a resumed model's biases come from its checkpoint; rank 0 reads the labels once
         model.set_base_rates(from_main(train.positive_rates))
     model.to(cluster.device)
-    optimizer = build_optimizer(model, config)
     b = config.balance
     distributed = cluster.world_size > 1
     balancer = build_balancer(b.balance, model.shared_parameters(), model.task_parameters(),
-                              relax_factor=b.relax_factor, beta=b.beta, strategy=b.strategy,
-                              reduce=cluster.sum_ if distributed else None,
-                              gather=cluster.gather if distributed else None)
+                              num_tasks=len(spec.tasks), relax_factor=b.relax_factor, beta=b.beta,
+                              strategy=b.strategy, temperature=b.temperature, famo_lr=b.famo_lr,
+                              famo_decay=b.famo_decay, reduce=cluster.sum_ if distributed else None,
+                              gather=cluster.gather if distributed else None, world_size=cluster.world_size)
+    optimizer = build_optimizer([*model.parameters(), *balancer.parameters()], config)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     bad_epochs, start_epoch = 0, 1
@@ -446,6 +447,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     generator = torch.Generator().manual_seed(seed) if config.train.shuffle else None
     loss_sum = torch.zeros(len(tasks), device=device)
     ratio_sum = torch.zeros(len(tasks), device=device)
+    weights = torch.tensor(config.weight_vector, device=device)  # --task-weights, applied before any balancer
     model.train()
     batches = train.batches(batch_size, generator, cluster.rank, cluster.world_size)
     if train.streamed:  # reads (and can fail) as it goes; data in memory cannot
@@ -454,17 +456,22 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
         categorical, numeric = batch.categorical.to(device), batch.numeric.to(device)
         split = model.split_forward(categorical, numeric) if balancer.wants_split else None
         logits = split.logits if split is not None else model(categorical, numeric)
-        losses = F.binary_cross_entropy_with_logits(logits, batch.labels.to(device), reduction="none")
-        losses = losses.sum(dim=0) / global_rows
+        labels = batch.labels.to(device)
+        losses = _losses(logits, labels, global_rows)
         optimizer.zero_grad(set_to_none=True)
-        balancer.backward(list(losses.unbind()), split)
+        balancer.backward(list((losses * weights).unbind()), split)
         global_step = (epoch - 1) * steps + step - 1
         lr = learning_rate(config, steps, global_step, cluster.world_size)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
+        if balancer.wants_losses_after_step:  # the same rows under the stepped parameters (FAMO)
+            with torch.no_grad():
+                after = _losses(model(categorical, numeric), labels, global_rows) * weights
+            balancer.after_step(list(after.unbind()))
         if log is not None and global_step % LOG_EVERY == 0:
-            log.step(global_step + 1, losses.detach() * global_rows / max(1, len(batch)), balancer.norm_ratios)
+            log.step(global_step + 1, losses.detach() * global_rows / max(1, len(batch)), balancer.norm_ratios,
+                     balancer.task_weights)
         loss_sum += losses.detach() * global_rows
         if balancer.grad_norm_ratio is not None:
             ratio_sum += balancer.grad_norm_ratio
@@ -473,6 +480,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     train_seconds = time.perf_counter() - started
     progress.remove_task(bar)
     cluster.sum_([loss_sum])
+    balancer.epoch_end(loss_sum / len(train))
     entry: dict[str, Any] = {
         "epoch": epoch,
         "train_loss": dict(zip(tasks, (loss_sum / len(train)).tolist(), strict=True)),
@@ -483,9 +491,17 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     }
     if balancer.grad_norm_ratio is not None:
         entry["grad_norm_ratio"] = dict(zip(tasks, (ratio_sum / steps).tolist(), strict=True))
+    if balancer.task_weights is not None:  # the epoch's last step's
+        entry["balance_weights"] = dict(zip(tasks, balancer.task_weights.tolist(), strict=True))
     if log is not None:
         log.epoch(epoch * steps, entry)
     return entry
+
+
+def _losses(logits: torch.Tensor, labels: torch.Tensor, global_rows: int) -> torch.Tensor:
+    """[T] each task's summed log loss over this rank's rows, divided by the global batch's rows: summed across
+    ranks, one process's mean."""
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(dim=0) / global_rows
 
 
 def _score(main: dict[str, Any], monitor: str) -> float:

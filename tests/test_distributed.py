@@ -64,18 +64,25 @@ def batch_groups(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # MetaBalance gathers the ranks' embedding rows; at batch 8 the one process also works on the batch's
 # rows (the table's ~70 rows outnumber them), at 32 on the whole table
-@pytest.mark.parametrize(("balance", "batch"), [("none", 32), ("metabalance", 32), ("metabalance", 8)])
+@pytest.mark.parametrize(("balance", "batch"), [("none", 32), ("metabalance", 32), ("metabalance", 8),
+                                              ("uncertainty", 32), ("dwa", 32), ("famo", 32)])
 def test_two_ranks_match_one_process_with_twice_the_batch(balance: str, batch: int, data: Path,
                                                           tmp_path: Path) -> None:
-    torchrun(str(data), *SETTINGS, "--balance", balance, "--epochs", "2", "--batch-size", str(batch),
+    epochs = "4" if balance == "dwa" else "2"  # DWA's weights move from the third epoch on
+    torchrun(str(data), *SETTINGS, "--balance", balance, "--epochs", epochs, "--batch-size", str(batch),
              "--out", str(tmp_path / "two"))
-    result = run_cli("fit", str(data), *SETTINGS, "--balance", balance, "--epochs", "2", "--batch-size",
+    result = run_cli("fit", str(data), *SETTINGS, "--balance", balance, "--epochs", epochs, "--batch-size",
                      str(2 * batch), "--out", str(tmp_path / "one"))
     assert result.exit_code == 0, result.output
     two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
     assert_same_weights(two, one)
     if balance == "metabalance":
         torch.testing.assert_close(two["balancer"]["moving_norms"], one["balancer"]["moving_norms"])
+    if balance in ("uncertainty", "famo"):
+        key = "log_vars" if balance == "uncertainty" else "logits"
+        # FAMO's logits move by differences of log-losses that float sums in another order round apart
+        torch.testing.assert_close(two["balancer"][key], one["balancer"][key], rtol=1e-5, atol=1e-5)
+        assert two["balancer"][key].abs().sum() > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # rank 1 wrote nothing of its own
 
 
@@ -133,7 +140,7 @@ def test_a_failure_on_rank_0_while_it_fits_the_encoders_stops_every_rank(batch_g
 
 
 @pytest.mark.parametrize("model", ["mmoe", "shared-bottom"])
-@pytest.mark.parametrize("balance", ["none", "metabalance"])
+@pytest.mark.parametrize("balance", ["none", "metabalance", "uncertainty", "dwa", "famo"])
 def test_an_empty_local_batch_adds_zero_gradients(model: str, balance: str) -> None:
     """What a rank whose shard is exhausted computes: zero losses, zero gradients, no NaN in MetaBalance."""
     encoders = Encoders([CategoricalEncoder("user", "str", ["a", "b"]), CategoricalEncoder("device", "str", ["x"])],
@@ -142,7 +149,7 @@ def test_an_empty_local_batch_adds_zero_gradients(model: str, balance: str) -> N
                      {**vars(ModelConfig()), "model": model, "hidden": [8], "experts": 2, "tower": [4]})
     network = spec.build()
     balancer = build_balancer(balance, network.shared_parameters(), network.task_parameters(),  # no other rank:
-                              reduce=lambda tensors: None, gather=lambda tensors: [[t] for t in tensors])
+                              num_tasks=2, reduce=lambda tensors: None, gather=lambda tensors: [[t] for t in tensors])
     categorical, numeric = torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 1)
     split = network.split_forward(categorical, numeric) if balancer.wants_split else None
     logits = split.logits if split is not None else network(categorical, numeric)

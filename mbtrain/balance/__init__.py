@@ -6,12 +6,13 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from mbtrain.balance.loss_level import DWA, FAMO, Uncertainty
 from mbtrain.balance.metabalance import MetaBalance
 from mbtrain.balance.plain import Balancer, PlainSum
 
-BALANCERS = ("none", "metabalance")
+BALANCERS = ("none", "metabalance", "uncertainty", "dwa", "famo")
 
-__all__ = ["BALANCERS", "Balancer", "MetaBalance", "PlainSum", "build_balancer"]
+__all__ = ["BALANCERS", "DWA", "FAMO", "Balancer", "MetaBalance", "PlainSum", "Uncertainty", "build_balancer"]
 
 
 def build_balancer(
@@ -19,20 +20,35 @@ def build_balancer(
     shared_params: Iterable[torch.Tensor],
     task_params: Iterable[torch.Tensor] | None,
     *,
+    num_tasks: int | None = None,
     relax_factor: float = 0.7,
     beta: float = 0.9,
     strategy: str = "both",
+    temperature: float = 2.0,
+    famo_lr: float = 0.025,
+    famo_decay: float = 0.01,
     reduce: Callable[[list[torch.Tensor]], None] | None = None,
     gather: Callable[[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None,
+    world_size: int = 1,
 ) -> Balancer:
-    """The balancer called ``name`` (one of ``BALANCERS``) for a model's shared and task parameters; when
-    training is distributed, ``reduce`` sums gradients across ranks in place and ``gather`` returns some
-    tensors as every rank holds them (MetaBalance's embedding-table rows)."""
+    """The balancer called ``name`` (one of ``BALANCERS``) for a model's shared and task parameters and
+    ``num_tasks`` losses; when training is distributed, ``reduce`` sums tensors across ranks in place,
+    ``gather`` returns some tensors as every rank holds them (MetaBalance's embedding-table rows) and
+    ``world_size`` says how many ranks there are."""
     shared_params = list(shared_params)
     task_params = None if task_params is None else list(task_params)
-    if name == "none":
-        return PlainSum([*shared_params, *(task_params or [])], reduce=reduce)
+    everything = [*shared_params, *(task_params or [])]
     if name == "metabalance":
         return MetaBalance(shared_params, relax_factor=relax_factor, beta=beta, strategy=strategy,
                            task_params=task_params, reduce=reduce, gather=gather)
-    raise ValueError(f"unknown balance {name!r}: choose none or metabalance")
+    if name == "none":
+        return PlainSum(everything, reduce=reduce)
+    if num_tasks is None:
+        raise ValueError(f"the {name} balancer needs num_tasks")
+    if name == "uncertainty":
+        return Uncertainty(num_tasks, everything, reduce=reduce, world_size=world_size)
+    if name == "dwa":
+        return DWA(num_tasks, everything, reduce=reduce, temperature=temperature)
+    if name == "famo":
+        return FAMO(num_tasks, everything, reduce=reduce, lr=famo_lr, decay=famo_decay)
+    raise ValueError(f"unknown balance {name!r}: choose one of {', '.join(BALANCERS)}")

@@ -15,14 +15,31 @@ class Balancer(ABC):
 
     ``grad_norm_ratio`` is ``None`` or, after each ``backward``, a detached tensor ``[T]`` the fit loop
     averages per epoch for the history log (a tensor, so that reading it never forces a sync per step);
-    ``norm_ratios`` likewise ``[T, P]``, per shared parameter tensor, for TensorBoard.
+    ``norm_ratios`` likewise ``[T, P]``, per shared parameter tensor, for TensorBoard; ``task_weights``
+    likewise ``[T]``, the weight each task's loss got in the last step (loss-level balancers).
     ``wants_split`` says whether the fit loop should run the model's ``split_forward`` and hand the
-    result to ``backward`` (models/split.py), which only pays off for balancers needing per-task gradients.
+    result to ``backward`` (models/split.py), which only pays off for balancers needing per-task gradients;
+    ``wants_losses_after_step`` whether it should score the batch again after the optimizer's step and hand
+    the losses to ``after_step`` (FAMO).
     """
 
     grad_norm_ratio: torch.Tensor | None = None
     norm_ratios: torch.Tensor | None = None
+    task_weights: torch.Tensor | None = None
     wants_split: bool = False
+    wants_losses_after_step: bool = False
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Learnable tensors of the balancer's own that the model's optimizer trains (none by default)."""
+        return []
+
+    def epoch_end(self, mean_losses: torch.Tensor) -> None:
+        """Called after each epoch with its [T] mean training losses, the same on every rank (DWA)."""
+        return None
+
+    def after_step(self, losses: Sequence[torch.Tensor]) -> None:
+        """Called after the optimizer's step with the batch's losses under the new parameters, no graph."""
+        return None
 
     @abstractmethod
     def backward(self, losses: Sequence[torch.Tensor], split: SplitForward | None = None) -> None:
@@ -39,7 +56,8 @@ class Balancer(ABC):
 
 class PlainSum(Balancer):
     """No balancing: ``sum(losses).backward()``; with `reduce` (distributed training) the gradients of
-    `params` are then summed across ranks, so they must start at zero (or None) each step."""
+    `params` are then summed across ranks, so they must start at zero (or None) each step. Loss-level
+    balancers (balance/loss_level.py) are this with another ``total``."""
 
     def __init__(self, params: Iterable[torch.Tensor] = (), reduce: Callable[[list[torch.Tensor]], None] | None = None
                  ) -> None:
@@ -50,13 +68,18 @@ class PlainSum(Balancer):
         if not losses:
             raise ValueError("backward needs at least one loss")
         if split is not None:
-            raise ValueError("the plain sum needs the model's ordinary forward, not its split forward")
-        sum(losses).backward()
+            raise ValueError("a loss-level balancer needs the model's ordinary forward, not its split forward")
+        self.total(losses).backward()
         if self.reduce is not None:
-            for p in self.params:
+            params = [*self.params, *self.parameters()]
+            for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            self.reduce([p.grad for p in self.params])
+            self.reduce([p.grad for p in params])
+
+    def total(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The one loss to back-propagate."""
+        return sum(losses)
 
     def state_dict(self) -> dict:
         return {}

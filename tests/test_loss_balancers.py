@@ -1,0 +1,225 @@
+"""Loss-level balancers (uncertainty, DWA, FAMO) against straightforward implementations written here from the
+papers, over several optimizer steps; their state resumes exactly; static task weights; bad settings."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+from torch import nn
+
+from mbtrain.balance import DWA, FAMO, Uncertainty, build_balancer
+from tests.helpers import run_cli
+
+TASKS = 3
+
+
+class Tiny(nn.Module):
+    """A shared layer and one head per task, with losses of different scales."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(4, 5)
+        self.heads = nn.Linear(5, TASKS)
+
+    def losses(self, step: int) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(step)
+        x, y = torch.randn(32, 4, generator=generator), torch.randint(0, 2, (32, TASKS), generator=generator).float()
+        per_task = nn.functional.binary_cross_entropy_with_logits(self.heads(torch.tanh(self.trunk(x))), y,
+                                                                  reduction="none").mean(0)
+        return list((per_task * torch.tensor([1.0, 3.0, 0.3])).unbind())
+
+
+def _train(balancer_of, reference_step, steps: int = 5) -> None:
+    """Train one model with the balancer and a copy with the reference's loss; parameters must stay equal."""
+    ours, theirs = Tiny(), Tiny()
+    balancer = balancer_of(ours)
+    optimizer = torch.optim.Adam([*ours.parameters(), *balancer.parameters()], lr=0.05)
+    reference = reference_step(theirs)
+    for step in range(steps):
+        optimizer.zero_grad()
+        balancer.backward(ours.losses(step))
+        optimizer.step()
+        if balancer.wants_losses_after_step:
+            with torch.no_grad():
+                balancer.after_step(ours.losses(step))
+        reference(step)
+        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_uncertainty_is_the_learned_log_variance_sum() -> None:
+    log_vars = torch.zeros(TASKS, requires_grad=True)
+
+    def reference(model: Tiny):
+        optimizer = torch.optim.Adam([*model.parameters(), log_vars], lr=0.05)
+
+        def step(index: int) -> None:
+            optimizer.zero_grad()
+            sum(0.5 * torch.exp(-log_vars[k]) * loss + 0.5 * log_vars[k]
+                for k, loss in enumerate(model.losses(index))).backward()
+            optimizer.step()
+
+        return step
+
+    made: list[Uncertainty] = []
+    _train(lambda model: made.append(Uncertainty(TASKS, list(model.parameters()))) or made[0], reference)
+    torch.testing.assert_close(made[0].log_vars.detach(), log_vars.detach())
+    assert log_vars.abs().sum() > 0.1  # it learned something
+
+
+def test_dwa_weights_follow_the_last_two_epochs_loss_ratio() -> None:
+    balancer = DWA(TASKS, temperature=2.0)
+    losses = [torch.tensor(v, requires_grad=True) for v in (0.5, 0.2, 0.1)]
+    balancer.backward(losses)
+    assert [loss.grad.item() for loss in losses] == [1.0, 1.0, 1.0]  # no history: weight 1 each
+    balancer.epoch_end(torch.tensor([0.6, 0.3, 0.2]))
+    balancer.epoch_end(torch.tensor([0.3, 0.27, 0.2]))
+    ratios = [0.3 / 0.6, 0.27 / 0.3, 0.2 / 0.2]
+    expected = [TASKS * math.exp(r / 2) / sum(math.exp(q / 2) for q in ratios) for r in ratios]
+    losses = [torch.tensor(v, requires_grad=True) for v in (0.5, 0.2, 0.1)]
+    balancer.backward(losses)
+    assert [loss.grad.item() for loss in losses] == pytest.approx(expected, rel=1e-6)
+    balancer.epoch_end(torch.tensor([0.3, 0.3, 0.1]))  # only the last two epochs count
+    ratios = [0.3 / 0.3, 0.3 / 0.27, 0.1 / 0.2]
+    expected = [TASKS * math.exp(r / 2) / sum(math.exp(q / 2) for q in ratios) for r in ratios]
+    assert balancer.weights.tolist() == pytest.approx(expected, rel=1e-9)
+    resumed = DWA(TASKS, temperature=5.0)
+    resumed.load_state_dict(copy.deepcopy(balancer.state_dict()))
+    assert torch.equal(resumed.weights, balancer.weights) and resumed.temperature == 2.0
+
+
+class ReferenceFAMO:
+    """FAMO as the paper's Algorithm 1 and its authors' code: logits w, z = softmax(w); the loss
+    Σ z_k·log(ℓ_k + ε) / c with c = Σ z_k / (ℓ_k + ε); after the step, w.grad = ∂z/∂w ᵀ (log ℓ − log ℓ')."""
+
+    def __init__(self, lr: float, decay: float) -> None:
+        self.w = torch.zeros(TASKS, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.w], lr=lr, weight_decay=decay)
+
+    def loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(losses)
+        self.previous = stacked.detach()
+        z = torch.softmax(self.w, -1)
+        shifted = stacked + 1e-8
+        c = (z / shifted).sum().detach()
+        return (shifted.log() * z / c).sum()
+
+    def update(self, losses: list[torch.Tensor]) -> None:
+        delta = (self.previous + 1e-8).log() - (torch.stack(losses) + 1e-8).log()
+        with torch.enable_grad():
+            d = torch.autograd.grad(torch.softmax(self.w, -1), self.w, grad_outputs=delta.detach())[0]
+        self.optimizer.zero_grad()
+        self.w.grad = d
+        self.optimizer.step()
+
+
+@pytest.mark.parametrize(("lr", "decay"), [(0.025, 0.01), (0.2, 0.0)])
+def test_famo_matches_the_reference_algorithm(lr: float, decay: float) -> None:
+    def reference(model: Tiny):
+        famo = ReferenceFAMO(lr, decay)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+
+        def step(index: int) -> None:
+            optimizer.zero_grad()
+            famo.loss(model.losses(index)).backward()
+            optimizer.step()
+            with torch.no_grad():
+                famo.update(model.losses(index))
+            step.famo = famo
+
+        return step
+
+    made = []
+    _train(lambda model: made.append(FAMO(TASKS, list(model.parameters()), lr=lr, decay=decay)) or made[0],
+           reference, steps=6)
+    assert made[0].logits.abs().sum() > 0  # the logits moved
+
+
+@pytest.mark.parametrize("name", ["uncertainty", "dwa", "famo"])
+def test_state_round_trip_continues_identically(name: str) -> None:
+    def run(split_at: int | None) -> list[torch.Tensor]:
+        model = Tiny()
+        balancer = build_balancer(name, list(model.parameters()), [], num_tasks=TASKS)
+        optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
+        for step in range(6):
+            if step == split_at:  # a checkpoint: a new balancer and optimizer from the saved states
+                saved = copy.deepcopy((balancer.state_dict(), optimizer.state_dict()))
+                balancer = build_balancer(name, list(model.parameters()), [], num_tasks=TASKS)
+                optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
+                balancer.load_state_dict(saved[0])
+                optimizer.load_state_dict(saved[1])
+            optimizer.zero_grad()
+            balancer.backward(model.losses(step))
+            optimizer.step()
+            if balancer.wants_losses_after_step:
+                with torch.no_grad():
+                    balancer.after_step(model.losses(step))
+            if step % 2:
+                balancer.epoch_end(torch.stack(model.losses(step)).detach())
+        return [p.detach() for p in model.parameters()]
+
+    for a, b in zip(run(None), run(3), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("balance", ["uncertainty", "dwa", "famo"])
+def test_each_balancer_fits_from_toml_and_resumes_like_a_straight_run(balance: str, data_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(f'tasks = "purchase,click"\nbalance = "{balance}"\npatience = 0\nbatch_size = 64\n'
+                      'task_weights = {click = 0.5}\nthreads = 1\n')
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train = str(data_dir / "train.parquet")
+    assert run_cli("fit", train, "--config", str(config), "--epochs", "4", "--out", str(straight)).exit_code == 0
+    assert run_cli("fit", train, "--config", str(config), "--epochs", "2", "--out", str(split)).exit_code == 0
+    result = run_cli("fit", "--resume", "--out", str(split), "--epochs", "4")
+    assert result.exit_code == 0, result.output
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(tensor, b["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+    history = [json.loads(line) for line in (straight / "history.jsonl").read_text().splitlines()]
+    assert set(history[-1]["balance_weights"]) == {"purchase", "click"}
+    assert json.loads((straight / "config.json").read_text())["balance"]["task_weights"] == {"click": 0.5}
+
+
+def test_a_zero_task_weight_makes_the_run_blind_to_that_tasks_labels(data_dir: Path, tmp_path: Path) -> None:
+    frame = pl.read_parquet(data_dir / "train.parquet")
+    flipped = tmp_path / "flipped.parquet"
+    frame.with_columns((1 - pl.col("click")).alias("click")).write_parquet(flipped)
+    common = ["--tasks", "purchase,click", "--task-weights", "click=0", "--epochs", "2", "--batch-size", "64",
+              "--threads", "1", "--balance", "metabalance"]
+    for source, out in ((data_dir / "train.parquet", tmp_path / "a"), (flipped, tmp_path / "b")):
+        result = run_cli("fit", str(source), *common, "--out", str(out))
+        assert result.exit_code == 0, result.output
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    bias = "network.towers.out.bias"
+    assert not torch.equal(a[bias][1], b[bias][1])  # the click logit starts at its own base rate
+    a[bias][1], b[bias][1] = 0.0, 0.0
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--task-weights", "cart=1"], "--task-weights names 'cart', which is not one of --tasks"),
+    (["--task-weights", "click"], "--task-weights expects task=weight pairs"),
+    (["--task-weights", "click=abc"], "--task-weights click=abc: 'abc' is not a number"),
+    (["--task-weights", "click=-1"], "a weight must be a finite number >= 0"),
+    (["--task-weights", "click=inf"], "a weight must be a finite number >= 0"),
+    (["--balance", "dwa", "--temperature", "0"], "--temperature must be positive"),
+    (["--balance", "famo", "--famo-lr", "-1"], "--famo-lr must be positive"),
+])
+def test_bad_balance_settings_are_one_line(args: list[str], message: str, data_dir: Path, tmp_path: Path) -> None:
+    result = run_cli("fit", str(data_dir / "train.parquet"), "--tasks", "purchase,click", *args, "--out",
+                     str(tmp_path / "run"))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
