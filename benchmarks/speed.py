@@ -90,11 +90,12 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
     for variant in args.variants:
         torch.manual_seed(0)
         model = prepared.spec.build()
-        optimizer = build_optimizer(model.parameters(), config)
         if variant == "naive":
             balancer: Balancer = NaiveMetaBalance(model.shared_parameters())
         else:
-            balancer = build_balancer(variant, model.shared_parameters(), model.task_parameters())
+            balancer = build_balancer(variant, model.shared_parameters(), model.task_parameters(),
+                                      num_tasks=len(TASKS))
+        optimizer = build_optimizer([*model.parameters(), *balancer.parameters()], config)
         runs[variant] = (model, optimizer, balancer, [], [])
     steps = prepared.train.steps(config.train.batch_size)
     keep_freed_memory()  # as `mbtrain fit` does before its first step

@@ -145,6 +145,11 @@ def fit(
                                                              "famo_lr"))] = None,
     famo_decay: Annotated[float | None, typer.Option(help=_help("FAMO's weight decay on its task logits.",
                                                                 "famo_decay"))] = None,
+    famo_same_batch: Annotated[bool | None, typer.Option("--famo-same-batch/--famo-next-batch",
+                                                         help="FAMO's logit update from the batch scored again "
+                                                              "after the step (the reference code; one more "
+                                                              "forward) or from the next batch's losses "
+                                                              "(default).")] = None,
     embed_dim: Annotated[int | None, typer.Option(help=_help("Embedding size per categorical column.",
                                                              "embed_dim"))] = None,
     hidden: Annotated[str | None, typer.Option(help=_help("Shared bottom / each expert's layer sizes.",
@@ -203,7 +208,8 @@ def fit(
     flags = _overrides(
         tasks=tasks, main_task=main_task, model=model, balance=balance, relax_factor=relax_factor, beta=beta,
         strategy=strategy, task_weights=task_weights, temperature=temperature, famo_lr=famo_lr,
-        famo_decay=famo_decay, embed_dim=embed_dim, hidden=hidden, experts=experts, tower=tower, dropout=dropout,
+        famo_decay=famo_decay, famo_same_batch=famo_same_batch, embed_dim=embed_dim, hidden=hidden, experts=experts,
+        tower=tower, dropout=dropout,
         norm=norm, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup,
         weight_decay=weight_decay, seed=seed, shuffle=shuffle, valid=str(valid) if valid else None,
         valid_fraction=valid_fraction, patience=patience, monitor=monitor, group_by=group_by, tensorboard=tensorboard,

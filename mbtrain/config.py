@@ -60,6 +60,7 @@ class BalanceConfig:
     temperature: float = 2.0  # DWA's T
     famo_lr: float = 0.025  # FAMO's learning rate for its task logits
     famo_decay: float = 0.01  # FAMO's weight decay (gamma) on its task logits
+    famo_same_batch: bool = False  # FAMO's update from the same batch scored again (the reference code), not the next
 
 
 @dataclass

@@ -295,7 +295,8 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
     balancer = build_balancer(b.balance, model.shared_parameters(), model.task_parameters(),
                               num_tasks=len(spec.tasks), relax_factor=b.relax_factor, beta=b.beta,
                               strategy=b.strategy, temperature=b.temperature, famo_lr=b.famo_lr,
-                              famo_decay=b.famo_decay, reduce=cluster.sum_ if distributed else None,
+                              famo_decay=b.famo_decay, famo_same_batch=b.famo_same_batch,
+                              reduce=cluster.sum_ if distributed else None,
                               gather=cluster.gather if distributed else None, world_size=cluster.world_size)
     optimizer = build_optimizer([*model.parameters(), *balancer.parameters()], config)
     history: list[dict[str, Any]] = []

@@ -120,38 +120,48 @@ class ReferenceFAMO:
         self.optimizer.step()
 
 
+@pytest.mark.parametrize("same_batch", [True, False])
 @pytest.mark.parametrize(("lr", "decay"), [(0.025, 0.01), (0.2, 0.0)])
-def test_famo_matches_the_reference_algorithm(lr: float, decay: float) -> None:
+def test_famo_matches_the_reference_algorithm(lr: float, decay: float, same_batch: bool) -> None:
+    """same_batch: the authors' loop (score the batch again after the step); otherwise the update waits for the
+    next step's losses, on the next batch."""
+    famo = ReferenceFAMO(lr, decay)
+
     def reference(model: Tiny):
-        famo = ReferenceFAMO(lr, decay)
         optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
 
         def step(index: int) -> None:
+            losses = model.losses(index)
+            if not same_batch and index > 0:
+                famo.update([loss.detach() for loss in losses])
             optimizer.zero_grad()
-            famo.loss(model.losses(index)).backward()
+            famo.loss(losses).backward()
             optimizer.step()
-            with torch.no_grad():
-                famo.update(model.losses(index))
-            step.famo = famo
+            if same_batch:
+                with torch.no_grad():
+                    famo.update(model.losses(index))
 
         return step
 
-    made = []
-    _train(lambda model: made.append(FAMO(TASKS, list(model.parameters()), lr=lr, decay=decay)) or made[0],
-           reference, steps=6)
-    assert made[0].logits.abs().sum() > 0  # the logits moved
+    made: list[FAMO] = []
+    _train(lambda model: made.append(FAMO(TASKS, list(model.parameters()), lr=lr, decay=decay,
+                                          same_batch=same_batch)) or made[0], reference, steps=6)
+    torch.testing.assert_close(made[0].logits.detach(), famo.w.detach())
+    assert famo.w.abs().sum() > 0  # the logits moved
 
 
-@pytest.mark.parametrize("name", ["uncertainty", "dwa", "famo"])
-def test_state_round_trip_continues_identically(name: str) -> None:
+@pytest.mark.parametrize(("name", "same_batch"), [("uncertainty", False), ("dwa", False), ("famo", False),
+                                                  ("famo", True)])
+def test_state_round_trip_continues_identically(name: str, same_batch: bool) -> None:
     def run(split_at: int | None) -> list[torch.Tensor]:
         model = Tiny()
-        balancer = build_balancer(name, list(model.parameters()), [], num_tasks=TASKS)
+        balancer = build_balancer(name, list(model.parameters()), [], num_tasks=TASKS, famo_same_batch=same_batch)
         optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
         for step in range(6):
             if step == split_at:  # a checkpoint: a new balancer and optimizer from the saved states
                 saved = copy.deepcopy((balancer.state_dict(), optimizer.state_dict()))
-                balancer = build_balancer(name, list(model.parameters()), [], num_tasks=TASKS)
+                balancer = build_balancer(name, list(model.parameters()), [], num_tasks=TASKS,
+                                          famo_same_batch=same_batch)
                 optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
                 balancer.load_state_dict(saved[0])
                 optimizer.load_state_dict(saved[1])

@@ -27,6 +27,7 @@ def build_balancer(
     temperature: float = 2.0,
     famo_lr: float = 0.025,
     famo_decay: float = 0.01,
+    famo_same_batch: bool = False,
     reduce: Callable[[list[torch.Tensor]], None] | None = None,
     gather: Callable[[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None,
     world_size: int = 1,
@@ -50,5 +51,5 @@ def build_balancer(
     if name == "dwa":
         return DWA(num_tasks, everything, reduce=reduce, temperature=temperature)
     if name == "famo":
-        return FAMO(num_tasks, everything, reduce=reduce, lr=famo_lr, decay=famo_decay)
+        return FAMO(num_tasks, everything, reduce=reduce, lr=famo_lr, decay=famo_decay, same_batch=famo_same_batch)
     raise ValueError(f"unknown balance {name!r}: choose one of {', '.join(BALANCERS)}")
