@@ -38,9 +38,9 @@ class RunLog:
         self.writer = SummaryWriter(str(folder), purge_step=steps_done + 1 if steps_done else None)
 
     def step(self, step: int, losses: torch.Tensor, norm_ratios: torch.Tensor | None,
-             task_weights: torch.Tensor | None = None) -> None:
+             task_weights: torch.Tensor | None = None, ratio_names: list[str] | None = None) -> None:
         """Training scalars after `step` steps: losses [T] (this rank's batch means) and what the balancer
-        has of per-task, per-shared-tensor norm ratios [T, P] and per-task loss weights [T]."""
+        has of per-task norm ratios [T, P] (per shared tensor, or per `ratio_names`) and loss weights [T]."""
         for task, loss in zip(self.tasks, losses.tolist(), strict=True):
             self.writer.add_scalar(f"train_loss/{task}", loss, step)
         if task_weights is not None:
@@ -48,7 +48,7 @@ class RunLog:
                 self.writer.add_scalar(f"task_weight/{task}", weight, step)
         if norm_ratios is not None:
             for task, ratios in zip(self.tasks[1:], norm_ratios[1:].tolist(), strict=True):
-                for name, ratio in zip(self.shared_names, ratios, strict=True):
+                for name, ratio in zip(ratio_names or self.shared_names, ratios, strict=True):
                     self.writer.add_scalar(f"grad_norm_ratio/{task}/{name}", ratio, step)
 
     def epoch(self, step: int, entry: dict[str, Any]) -> None:

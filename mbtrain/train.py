@@ -472,7 +472,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
             balancer.after_step(list(after.unbind()))
         if log is not None and global_step % LOG_EVERY == 0:
             log.step(global_step + 1, losses.detach() * global_rows / max(1, len(batch)), balancer.norm_ratios,
-                     balancer.task_weights)
+                     balancer.task_weights, balancer.ratio_names)
         loss_sum += losses.detach() * global_rows
         if balancer.grad_norm_ratio is not None:
             ratio_sum += balancer.grad_norm_ratio

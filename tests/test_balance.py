@@ -258,7 +258,7 @@ def test_bad_inputs() -> None:
 
 
 def test_build_balancer() -> None:
-    assert BALANCERS == ("none", "metabalance", "uncertainty", "dwa", "famo")
+    assert BALANCERS == ("none", "metabalance", "multibalance", "uncertainty", "dwa", "famo")
     torch.manual_seed(4)
     model = TinyMultiTask(3)
     plain = copy.deepcopy(model)
@@ -272,7 +272,7 @@ def test_build_balancer() -> None:
     assert none.grad_norm_ratio is None
     mb = build_balancer("metabalance", model.shared(), model.task(), relax_factor=0.5, strategy="enlarge")
     assert isinstance(mb, MetaBalance) and (mb.relax_factor, mb.beta, mb.strategy) == (0.5, 0.9, "enlarge")
-    with pytest.raises(ValueError, match="unknown balance 'x': choose one of none, metabalance, uncertainty"):
+    with pytest.raises(ValueError, match="unknown balance 'x': choose one of none, metabalance, multibalance"):
         build_balancer("x", model.shared(), model.task(), num_tasks=3)
     with pytest.raises(ValueError, match="the dwa balancer needs num_tasks"):
         build_balancer("dwa", model.shared(), model.task())

@@ -65,7 +65,8 @@ def batch_groups(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # MetaBalance gathers the ranks' embedding rows; at batch 8 the one process also works on the batch's
 # rows (the table's ~70 rows outnumber them), at 32 on the whole table
 @pytest.mark.parametrize(("balance", "batch"), [("none", 32), ("metabalance", 32), ("metabalance", 8),
-                                              ("uncertainty", 32), ("dwa", 32), ("famo", 32)])
+                                              ("uncertainty", 32), ("dwa", 32), ("famo", 32),
+                                              ("multibalance", 32)])
 def test_two_ranks_match_one_process_with_twice_the_batch(balance: str, batch: int, data: Path,
                                                           tmp_path: Path) -> None:
     epochs = "4" if balance == "dwa" else "2"  # DWA's weights move from the third epoch on
@@ -76,7 +77,7 @@ def test_two_ranks_match_one_process_with_twice_the_batch(balance: str, batch: i
     assert result.exit_code == 0, result.output
     two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
     assert_same_weights(two, one)
-    if balance == "metabalance":
+    if balance in ("metabalance", "multibalance"):
         torch.testing.assert_close(two["balancer"]["moving_norms"], one["balancer"]["moving_norms"])
     if balance in ("uncertainty", "famo"):
         key = "log_vars" if balance == "uncertainty" else "logits"
@@ -140,7 +141,7 @@ def test_a_failure_on_rank_0_while_it_fits_the_encoders_stops_every_rank(batch_g
 
 
 @pytest.mark.parametrize("model", ["mmoe", "shared-bottom"])
-@pytest.mark.parametrize("balance", ["none", "metabalance", "uncertainty", "dwa", "famo"])
+@pytest.mark.parametrize("balance", ["none", "metabalance", "multibalance", "uncertainty", "dwa", "famo"])
 def test_an_empty_local_batch_adds_zero_gradients(model: str, balance: str) -> None:
     """What a rank whose shard is exhausted computes: zero losses, zero gradients, no NaN in MetaBalance."""
     encoders = Encoders([CategoricalEncoder("user", "str", ["a", "b"]), CategoricalEncoder("device", "str", ["x"])],
@@ -158,7 +159,7 @@ def test_an_empty_local_batch_adds_zero_gradients(model: str, balance: str) -> N
     assert torch.equal(losses, torch.zeros(2))
     for name, parameter in network.named_parameters():
         assert parameter.grad is not None and not parameter.grad.any(), name
-    if balance == "metabalance":
+    if balance in ("metabalance", "multibalance"):
         assert torch.isfinite(balancer.state_dict()["moving_norms"]).all()
 
 

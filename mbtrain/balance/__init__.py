@@ -8,11 +8,13 @@ import torch
 
 from mbtrain.balance.loss_level import DWA, FAMO, Uncertainty
 from mbtrain.balance.metabalance import MetaBalance
+from mbtrain.balance.multibalance import MultiBalance
 from mbtrain.balance.plain import Balancer, PlainSum
 
-BALANCERS = ("none", "metabalance", "uncertainty", "dwa", "famo")
+BALANCERS = ("none", "metabalance", "multibalance", "uncertainty", "dwa", "famo")
 
-__all__ = ["BALANCERS", "DWA", "FAMO", "Balancer", "MetaBalance", "PlainSum", "Uncertainty", "build_balancer"]
+__all__ = ["BALANCERS", "DWA", "FAMO", "Balancer", "MetaBalance", "MultiBalance", "PlainSum", "Uncertainty",
+           "build_balancer"]
 
 
 def build_balancer(
@@ -42,6 +44,9 @@ def build_balancer(
     if name == "metabalance":
         return MetaBalance(shared_params, relax_factor=relax_factor, beta=beta, strategy=strategy,
                            task_params=task_params, reduce=reduce, gather=gather)
+    if name == "multibalance":
+        return MultiBalance(everything, task_params or [], relax_factor=relax_factor, beta=beta, strategy=strategy,
+                            reduce=reduce)
     if name == "none":
         return PlainSum(everything, reduce=reduce)
     if num_tasks is None:

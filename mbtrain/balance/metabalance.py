@@ -100,7 +100,7 @@ class MetaBalance(Balancer):
             norms = self._norms(grads)
             raw_norms.append(norms)
             moving[k].mul_(self.beta).add_(norms, alpha=1 - self.beta)
-            _accumulate(self.shared, grads, None if k == 0 else self._scale(moving[0], moving[k]))
+            accumulate(self.shared, grads, None if k == 0 else self._scale(moving[0], moving[k]))
         if total is not None:
             self._plain_backward(total)
         self._record_ratio(raw_norms)
@@ -116,7 +116,7 @@ class MetaBalance(Balancer):
         # heads: one backward of the summed loss gives their plain gradient and each task's boundary gradient
         n_heads = len(self.task_params)
         grads = torch.autograd.grad(sum(losses), [*self.task_params, *split.per_task], allow_unused=True)
-        _accumulate(self.task_params, self._summed(self.task_params, grads[:n_heads]), None)
+        accumulate(self.task_params, self._summed(self.task_params, grads[:n_heads]), None)
         boundary_grads = grads[n_heads:]
         # trunk: once per task
         n_tasks = len(losses)
@@ -141,7 +141,7 @@ class MetaBalance(Balancer):
             norms = self._norms(task_grads)
             raw_norms.append(norms)
             moving[k].mul_(self.beta).add_(norms, alpha=1 - self.beta)
-            _accumulate(sinks, task_grads, None if k == 0 else self._scale(moving[0], moving[k]))
+            accumulate(sinks, task_grads, None if k == 0 else self._scale(moving[0], moving[k]))
         if row_sink.grad is not None:
             table = split.table
             if rows is None and table.grad is None:
@@ -237,13 +237,7 @@ class MetaBalance(Balancer):
         return torch.stack([zero if g is None else next(found) for g in grads])
 
     def _scale(self, main: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-        """``[P]`` factor s with r·g·m_0/(m_k+ε) + (1−r)·g = s·g, 1 where the strategy does not apply."""
-        scale = self.relax_factor * main / (aux + self.eps) + (1 - self.relax_factor)
-        if self.strategy == "reduce":
-            return torch.where(aux > main, scale, 1.0)
-        if self.strategy == "enlarge":
-            return torch.where(aux < main, scale, 1.0)
-        return scale
+        return balanced_scale(main, aux, self.relax_factor, self.strategy, self.eps)
 
     def _summed(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
                 ) -> Sequence[torch.Tensor | None]:
@@ -258,7 +252,7 @@ class MetaBalance(Balancer):
         """The summed loss's gradient for every non-shared parameter; frees the graph."""
         if self.task_params is not None:
             grads = torch.autograd.grad(total, self.task_params, allow_unused=True)
-            _accumulate(self.task_params, self._summed(self.task_params, grads), None)
+            accumulate(self.task_params, self._summed(self.task_params, grads), None)
             return
         kept = [p.grad for p in self.shared]
         for p in self.shared:
@@ -268,6 +262,18 @@ class MetaBalance(Balancer):
         finally:
             for p, g in zip(self.shared, kept, strict=True):
                 p.grad = g
+
+
+def balanced_scale(main: torch.Tensor, aux: torch.Tensor, relax_factor: float, strategy: str, eps: float
+                   ) -> torch.Tensor:
+    """The factor s with r·g·m_0/(m_k+ε) + (1−r)·g = s·g, elementwise over moving norms `main` (m_0) and `aux`
+    (m_k); 1 where the strategy does not apply."""
+    scale = relax_factor * main / (aux + eps) + (1 - relax_factor)
+    if strategy == "reduce":
+        return torch.where(aux > main, scale, 1.0)
+    if strategy == "enlarge":
+        return torch.where(aux < main, scale, 1.0)
+    return scale
 
 
 def _distinct(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,7 +298,7 @@ def _laid_out_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
 
 
-def _accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None], scale: torch.Tensor | None) -> None:
+def accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None], scale: torch.Tensor | None) -> None:
     """``sink.grad += scale·g`` (None: 1); never writes to autograd's outputs, they may alias each other.
     A new ``.grad`` of a parameter is laid out like it (_laid_out_like)."""
     factors = scale.unbind() if scale is not None else ()

@@ -25,6 +25,7 @@ class Balancer(ABC):
 
     grad_norm_ratio: torch.Tensor | None = None
     norm_ratios: torch.Tensor | None = None
+    ratio_names: list[str] | None = None  # what norm_ratios' columns are, where not the shared parameters
     task_weights: torch.Tensor | None = None
     wants_split: bool = False
     wants_losses_after_step: bool = False

@@ -75,7 +75,8 @@ class MMoE(nn.Module):
         x, rows, index = self.embedding.inputs(categorical, numeric)
         boundary = [x, self.experts(x)]
         per_task = task_views(boundary, self.num_tasks)
-        return SplitForward(self.heads(*per_task), boundary, per_task, self.embedding.table.weight, rows, index)
+        return SplitForward(self.heads(*per_task), boundary, per_task, self.embedding.table.weight, rows, index,
+                            names=["inputs", "experts"], per_expert=[False, True])
 
 
 class _ExpandedMixture(torch.autograd.Function):

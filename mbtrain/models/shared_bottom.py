@@ -51,4 +51,5 @@ class SharedBottom(nn.Module):
         x, rows, index = self.embedding.inputs(categorical, numeric)
         bottom = self.bottom(x)
         per_task = task_views([bottom], self.towers.num_tasks)
-        return SplitForward(self.towers(per_task[0]), [bottom], per_task, self.embedding.table.weight, rows, index)
+        return SplitForward(self.towers(per_task[0]), [bottom], per_task, self.embedding.table.weight, rows, index,
+                            names=["bottom"], per_expert=[False])

@@ -23,6 +23,8 @@ class SplitForward:
     table: torch.Tensor  # the embedding weight (a shared parameter)
     rows: torch.Tensor  # [B, C, D] rows gathered from `table`, in the trunk's graph
     index: torch.Tensor  # [B, C] row of `table` each gathered row came from
+    names: list[str]  # per boundary tensor, what it holds ("bottom", "experts", ...)
+    per_expert: list[bool]  # per boundary tensor, whether its first dim indexes experts ([E, B, H])
 
 
 def task_views(boundary: list[torch.Tensor], num_tasks: int) -> list[torch.Tensor]:

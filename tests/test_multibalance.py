@@ -1,0 +1,135 @@
+"""MultiBalance against a literal reference: per-task boundary gradients one task at a time, norms and moving
+averages in Python floats per representation tensor (per expert), MetaBalance's formula, one trunk backward."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mbtrain.balance import MultiBalance, build_balancer
+from mbtrain.models import build_model
+from tests.helpers import run_cli
+
+EPS = 1e-5
+CARDS = [5, 7, 3]
+
+
+class Reference:
+    def __init__(self, relax: float, beta: float, strategy: str) -> None:
+        self.relax, self.beta, self.strategy = relax, beta, strategy
+        self.moving: dict[tuple[int, int, int], float] = {}  # (task, boundary, expert) -> m
+
+    def backward(self, model: torch.nn.Module, losses: list[torch.Tensor], split) -> None:
+        task_params = model.task_parameters()
+        for p, g in zip(task_params, torch.autograd.grad(sum(losses), task_params, retain_graph=True,
+                                                         allow_unused=True), strict=True):
+            if g is not None:
+                p.grad = g.clone()
+        per_task = []
+        for k, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss, split.per_task, retain_graph=True, allow_unused=True)
+            per_task.append([None if g is None else g[k] for g in grads])
+        combined = []
+        for i, grouped in enumerate(split.per_expert):
+            experts = split.boundary[i].shape[0] if grouped else 1
+            total = torch.zeros_like(split.boundary[i])
+            for e in range(experts):
+                parts = []
+                for k in range(len(losses)):
+                    g = per_task[k][i]
+                    g = torch.zeros_like(split.boundary[i]) if g is None else g
+                    parts.append(g[e] if grouped else g)
+                    m = self.moving.get((k, i, e), 0.0)
+                    self.moving[k, i, e] = self.beta * m + (1 - self.beta) * parts[k].norm().item()
+                m0 = self.moving[0, i, e]
+                piece = parts[0].clone()
+                for k in range(1, len(losses)):
+                    mk = self.moving[k, i, e]
+                    applies = (self.strategy == "both" or (self.strategy == "reduce" and mk > m0)
+                               or (self.strategy == "enlarge" and mk < m0))
+                    scale = self.relax * m0 / (mk + EPS) + (1 - self.relax) if applies else 1.0
+                    piece = piece + scale * parts[k]
+                if grouped:
+                    total[e] = piece
+                else:
+                    total = piece
+            combined.append(total)
+        torch.autograd.backward(split.boundary, grad_tensors=combined)
+
+
+@pytest.mark.parametrize("strategy", ["both", "reduce", "enlarge"])
+@pytest.mark.parametrize("name", ["mmoe", "shared-bottom"])
+def test_matches_the_literal_reference_over_steps(name: str, strategy: str) -> None:
+    torch.manual_seed(0)
+    sizes = dict(cardinalities=CARDS, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6], experts=3,
+                 tower=[5], dropout=0.0)
+    ours, theirs = build_model(name, **sizes).double(), build_model(name, **sizes).double()
+    theirs.load_state_dict(ours.state_dict())
+    balancer = MultiBalance(list(ours.parameters()), ours.task_parameters(), relax_factor=0.6, beta=0.8,
+                            strategy=strategy)
+    reference = Reference(0.6, 0.8, strategy)
+    for step in range(4):
+        generator = torch.Generator().manual_seed(step)
+        categorical = torch.stack([torch.randint(0, c, (32,), generator=generator) for c in CARDS], 1)
+        numeric = torch.randn(32, 2, generator=generator, dtype=torch.double)
+        labels = (torch.rand(32, 3, generator=generator) < torch.tensor([0.1, 0.3, 0.6])).double()
+        for model in (ours, theirs):
+            model.zero_grad(set_to_none=True)
+            split = model.split_forward(categorical, numeric)
+            losses = F.binary_cross_entropy_with_logits(split.logits, labels, reduction="none").mean(0)
+            losses = losses * torch.tensor([1.0, 5.0, 0.3], dtype=torch.double)  # norms on both sides of main's
+            if model is ours:
+                balancer.backward(list(losses.unbind()), split)
+            else:
+                reference.backward(model, list(losses.unbind()), split)
+        for (label, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12, msg=label)
+        with torch.no_grad():
+            for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+                a.sub_(0.5 * a.grad)
+                b.sub_(0.5 * b.grad)
+    expected = sorted(reference.moving.values())
+    assert sorted(balancer.moving_norms.flatten().tolist()) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert balancer.ratio_names == (["bottom"] if name == "shared-bottom" else
+                                    ["inputs", "experts/0", "experts/1", "experts/2"])
+
+
+def test_state_round_trip_and_bad_use() -> None:
+    torch.manual_seed(1)
+    model = build_model("mmoe", cardinalities=CARDS, num_numeric=2, num_tasks=2, embed_dim=4, hidden=[6],
+                        experts=2, tower=[], dropout=0.0)
+    balancer = build_balancer("multibalance", model.shared_parameters(), model.task_parameters(), num_tasks=2)
+    categorical = torch.zeros(4, 3, dtype=torch.long)
+    split = model.split_forward(categorical, torch.zeros(4, 2))
+    balancer.backward(list(F.binary_cross_entropy_with_logits(split.logits, torch.ones(4, 2),
+                                                              reduction="none").mean(0).unbind()), split)
+    again = build_balancer("multibalance", model.shared_parameters(), model.task_parameters(), num_tasks=2,
+                           relax_factor=0.1)
+    again.load_state_dict(copy.deepcopy(balancer.state_dict()))
+    assert torch.equal(again.moving_norms, balancer.moving_norms) and again.relax_factor == 0.7
+    with pytest.raises(ValueError, match="needs the model's split forward"):
+        balancer.backward([torch.tensor(1.0), torch.tensor(2.0)])
+
+
+def test_fits_resumes_and_exports_from_the_cli(data_dir: Path, tmp_path: Path) -> None:
+    common = ["--tasks", "purchase,click", "--balance", "multibalance", "--batch-size", "64", "--patience", "0",
+              "--threads", "1"]
+    train = str(data_dir / "train.parquet")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_cli("fit", train, *common, "--epochs", "3", "--out", str(straight)).exit_code == 0
+    assert run_cli("fit", train, *common, "--epochs", "1", "--out", str(split)).exit_code == 0
+    result = run_cli("fit", "--resume", "--out", str(split), "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(tensor, b["model"][name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(a["balancer"]["moving_norms"], b["balancer"]["moving_norms"])
+    history = [json.loads(line) for line in (straight / "history.jsonl").read_text().splitlines()]
+    assert set(history[-1]["grad_norm_ratio"]) == {"purchase", "click"}
+    assert run_cli("export", str(straight), "--output", str(tmp_path / "model.pt")).exit_code == 0
