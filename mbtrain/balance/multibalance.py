@@ -60,8 +60,13 @@ class MultiBalance(Balancer):
         combined, start = [], 0
         for _, g, grouped in reached:
             width = g.shape[1] if grouped else 1
+            factors = scale[:, start : start + width]
             shape = (n_tasks, width, *[1] * (g.dim() - 2)) if grouped else (n_tasks, *[1] * (g.dim() - 1))
-            combined.append((scale[:, start : start + width].reshape(shape) * g).sum(dim=0))
+            factors = factors.reshape(shape)
+            total = g[0] * factors[0]  # Σ_k s_k·g_k task by task: no [T, ...] scaled copy of g
+            for k in range(1, n_tasks):
+                total.addcmul_(g[k], factors[k])
+            combined.append(total)
             start += width
         torch.autograd.backward([b for b, _, _ in reached], grad_tensors=combined)
         if self.reduce is not None:
@@ -102,4 +107,4 @@ class MultiBalance(Balancer):
 def _squared_norms(grad: torch.Tensor, per_expert: bool) -> torch.Tensor:
     """[T, groups] squared L2 norms of each task's gradient [T, ...] (per expert: [T, E, ...] → [T, E])."""
     flat = grad.reshape(grad.shape[0], grad.shape[1], -1) if per_expert else grad.reshape(grad.shape[0], 1, -1)
-    return flat.pow(2).sum(dim=2)
+    return torch.linalg.vector_norm(flat, dim=2).square()
