@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from mbtrain.balance.metabalance import _check_settings, accumulate, balanced_scale
+from mbtrain.balance.metabalance import _check_settings, balanced_scale
+from mbtrain.balance.per_task import accumulate
 from mbtrain.balance.plain import Balancer
 from mbtrain.models.split import SplitForward
 

@@ -1,0 +1,226 @@
+"""The machinery of balancers that need each task's own gradient of the shared parameters (MetaBalance,
+PCGrad): per-task gradients taken for the shared parameters only, exact under torchrun, then combined by the
+subclass. With the model's split forward (models/split.py) the heads are back-propagated once and only the
+trunk once per task, the embedding table's gradients kept to the batch's rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from mbtrain.balance.plain import Balancer
+from mbtrain.models.split import SplitForward
+
+BITMAP_ROWS = 32  # see _distinct
+Reduce = Callable[[list[torch.Tensor]], None]
+Gather = Callable[[list[torch.Tensor]], list[list[torch.Tensor]]]
+Sinks = list[Any]  # the shared parameters, the embedding table's stood in for by a _RowGradient on the split path
+
+
+class PerTaskGradients(Balancer):
+    """Each task's gradient of ``shared_params``, handed to ``combine``; every other parameter gets
+    ``sum(losses)``'s gradient.
+
+    With ``task_params`` (all non-shared trainable parameters) the plain part is one backward restricted to
+    them; without it, the summed loss is back-propagated through everything and the shared parameters'
+    ``.grad`` is set aside meanwhile, which is exact but also re-walks the shared part of the graph. Under
+    torchrun (`reduce`, `gather`) every task's shared gradients are summed across ranks before ``combine``.
+    """
+
+    name = "this balancer"
+
+    def __init__(self, shared_params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor] | None = None,
+                 reduce: Reduce | None = None, gather: Gather | None = None) -> None:
+        self.shared = list(shared_params)
+        if not self.shared:
+            raise ValueError(f"{self.name} needs at least one shared parameter")
+        if not all(p.requires_grad for p in self.shared):
+            raise ValueError("every shared parameter must require grad")
+        shared_ids = {id(p) for p in self.shared}
+        if len(shared_ids) != len(self.shared):
+            raise ValueError("the shared parameters contain the same tensor twice")
+        self.task_params = None if task_params is None else [p for p in task_params if p.requires_grad]
+        if self.task_params is not None and any(id(p) in shared_ids for p in self.task_params):
+            raise ValueError("a parameter cannot be both shared and task-specific")
+        if reduce is not None and self.task_params is None:
+            raise ValueError(f"{self.name} needs task_params to sum gradients across ranks")
+        if (reduce is None) != (gather is None):
+            raise ValueError(f"distributed {self.name} needs both reduce and gather")
+        self.reduce = reduce  # sums a list of gradients across ranks in place (distributed training)
+        self.gather = gather  # each of a list of tensors from every rank, in rank order (distributed training)
+        self.wants_split = self.task_params is not None
+
+    def backward(self, losses: Sequence[torch.Tensor], split: SplitForward | None = None) -> None:
+        """The combined gradients; with `split` (from the model's split_forward) the same result, computed by
+        back-propagating the heads once and only the trunk once per task (see models/split.py)."""
+        n_tasks = len(losses)
+        if n_tasks < 2:
+            raise ValueError(f"{self.name} needs at least two losses (main task first), got {n_tasks}")
+        if split is not None:
+            self._split_backward(losses, split)
+            return
+        plain_rest = self.task_params is None or bool(self.task_params)
+        total = sum(losses) if plain_rest else None
+        task_grads = [
+            list(self._summed(self.shared, torch.autograd.grad(
+                loss, self.shared, retain_graph=plain_rest or k < n_tasks - 1, allow_unused=True)))
+            for k, loss in enumerate(losses)
+        ]
+        self.combine(self.shared, task_grads)
+        if total is not None:
+            self._plain_backward(total)
+
+    def combine(self, sinks: Sinks, task_grads: list[list[torch.Tensor | None]]) -> None:
+        """Add the combination of the tasks' gradients (task_grads[k][i]: task k's of sink i, None where the
+        task does not reach it) into each sink's ``.grad`` (accumulate)."""
+        raise NotImplementedError
+
+    def _split_backward(self, losses: Sequence[torch.Tensor], split: SplitForward) -> None:
+        if self.task_params is None:
+            raise ValueError(f"{self.name} needs task_params to use the model's split forward")
+        positions = [i for i, p in enumerate(self.shared) if p is split.table]
+        if len(positions) != 1:
+            raise ValueError("the split forward's embedding table is not one of the shared parameters")
+        table_at = positions[0]
+        dense = [p for i, p in enumerate(self.shared) if i != table_at]
+        # heads: one backward of the summed loss gives their plain gradient and each task's boundary gradient
+        n_heads = len(self.task_params)
+        grads = torch.autograd.grad(sum(losses), [*self.task_params, *split.per_task], allow_unused=True)
+        accumulate(self.task_params, self._summed(self.task_params, grads[:n_heads]), None)
+        boundary_grads = grads[n_heads:]
+        # trunk: once per task
+        n_tasks = len(losses)
+        dense_grads, row_grads = [], []
+        for k in range(n_tasks):
+            *task_dense, row_grad = torch.autograd.grad(
+                split.boundary, [*dense, split.rows], grad_outputs=[g[k] for g in boundary_grads],
+                retain_graph=k < n_tasks - 1, allow_unused=True,
+            )
+            dense_grads.append(task_dense)
+            row_grads.append(row_grad)
+        if self.reduce is not None:  # every task's dense gradients summed across ranks in one all-reduce
+            summed = self._summed(dense * n_tasks, [g for task in dense_grads for g in task])
+            dense_grads = [summed[k * len(dense) : (k + 1) * len(dense)] for k in range(n_tasks)]
+        rows, table_grads = self._table_gradients(split, row_grads)
+        row_sink = _RowGradient()
+        sinks = [*dense[:table_at], row_sink, *dense[table_at:]]
+        self.combine(sinks, [[*dense_grads[k][:table_at], table_grads[k], *dense_grads[k][table_at:]]
+                             for k in range(n_tasks)])
+        if row_sink.grad is not None:
+            table = split.table
+            if rows is None and table.grad is None:
+                table.grad = _laid_out_like(row_sink.grad, table)
+            elif rows is None:
+                table.grad.add_(row_sink.grad)
+            else:
+                if table.grad is None:
+                    table.grad = torch.zeros_like(table)
+                table.grad.index_add_(0, rows, row_sink.grad)
+
+    def _table_gradients(self, split: SplitForward, row_grads: list[torch.Tensor | None]
+                         ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """(rows, each task's gradient of the embedding table on those rows), every task's gathered rows
+        coalesced side by side in one index_add. In one process, a table no bigger than the batch: rows None,
+        gradients of the whole table; a bigger one: only the batch's distinct rows (_distinct), so no
+        table-sized gradient per task. Across ranks always the latter, with every rank's rows and their
+        gradients gathered and coalesced alike on every rank: the exchange grows with the batch, not with the
+        table, and no rank's choice can differ from another's (their batches may differ in size)."""
+        if any(g is None for g in row_grads):  # no categorical feature reaches the trunk
+            return None, [None] * len(row_grads)
+        dim = split.rows.shape[-1]
+        flat = split.index.reshape(-1)
+        side_by_side = torch.stack([g.reshape(-1, dim) for g in row_grads], dim=1)  # [B·C, T, D]
+        table_rows = split.table.shape[0]
+        if self.gather is None and table_rows <= flat.numel():
+            grads = side_by_side.new_zeros(table_rows, len(row_grads), dim).index_add_(0, flat, side_by_side)
+            return None, list(grads.unbind(1))
+        rows, inverse = _distinct(flat, table_rows)
+        grads = side_by_side.new_zeros(rows.numel(), len(row_grads), dim).index_add_(0, inverse, side_by_side)
+        if self.gather is not None:
+            every_rows, every_grads = self.gather([rows, grads])
+            rows, inverse = _distinct(torch.cat(every_rows), table_rows)
+            grads = grads.new_zeros(rows.numel(), len(row_grads), dim)
+            # rank by rank: a rank's rows are distinct, so no index_add adds twice into one row and every rank
+            # sums in the same order, even where index_add is not deterministic (CUDA): the ranks stay equal
+            for at, part in zip(inverse.split([r.numel() for r in every_rows]), every_grads, strict=True):
+                grads.index_add_(0, at, part)
+        return rows, list(grads.unbind(1))
+
+    def _summed(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+                ) -> Sequence[torch.Tensor | None]:
+        """Gradients summed across ranks (zeros where a rank's batch did not reach a parameter)."""
+        if self.reduce is None:
+            return grads
+        filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        self.reduce(filled)
+        return filled
+
+    def _plain_backward(self, total: torch.Tensor) -> None:
+        """The summed loss's gradient for every non-shared parameter; frees the graph."""
+        if self.task_params is not None:
+            grads = torch.autograd.grad(total, self.task_params, allow_unused=True)
+            accumulate(self.task_params, self._summed(self.task_params, grads), None)
+            return
+        kept = [p.grad for p in self.shared]
+        for p in self.shared:
+            p.grad = None
+        try:
+            total.backward()
+        finally:
+            for p, g in zip(self.shared, kept, strict=True):
+                p.grad = g
+
+
+def _distinct(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(index, return_inverse=True): the sorted distinct rows and each entry's position among them.
+    Up to BITMAP_ROWS table rows per entry, marking the rows in a table-sized mask beats sorting the entries
+    (batch 1024 × 15 columns on CPU: 0.18 against 0.69 ms for a 33k-row table, 0.29 for 200k, 0.81 against
+    0.65 for 1.3M)."""
+    if table_rows > BITMAP_ROWS * index.numel():
+        return torch.unique(index, return_inverse=True)
+    seen = torch.zeros(table_rows, dtype=torch.bool, device=index.device)
+    seen[index] = True
+    rows = seen.nonzero().squeeze(1)
+    position = torch.empty(table_rows, dtype=torch.long, device=index.device)
+    position[rows] = torch.arange(rows.numel(), device=index.device)
+    return rows, position[index]
+
+
+def _laid_out_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`grad` with `param`'s strides, as autograd's own accumulation lays out a .grad (autograd.grad hands back
+    whatever strides the backward made): fused Adam reads a gradient in its parameter's memory order, and
+    silently misreads one with other strides (torch 2.13, CPU)."""
+    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
+
+
+def accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None], scale: torch.Tensor | None) -> None:
+    """``sink.grad += scale·g`` (None: 1); never writes to autograd's outputs, they may alias each other.
+    A new ``.grad`` of a parameter is laid out like it (_laid_out_like)."""
+    factors = scale.unbind() if scale is not None else ()
+    reached = [i for i, g in enumerate(grads) if g is not None]
+    into = [i for i in reached if sinks[i].grad is not None]
+    fresh = [i for i in reached if sinks[i].grad is None]
+    if into:
+        targets = [sinks[i].grad for i in into]
+        sources = [grads[i] for i in into]
+        if scale is None:
+            torch._foreach_add_(targets, sources)
+        else:
+            torch._foreach_addcmul_(targets, sources, [factors[i] for i in into])
+    if fresh:
+        sources = [grads[i] for i in fresh]
+        if scale is None:
+            made = torch._foreach_clone(sources)
+        else:
+            made = torch._foreach_mul(sources, [factors[i] for i in fresh])
+        for i, g in zip(fresh, made, strict=True):
+            sinks[i].grad = _laid_out_like(g, sinks[i]) if isinstance(sinks[i], torch.Tensor) else g
+
+
+class _RowGradient:
+    """Holds the embedding table's balanced gradient on the batch's distinct rows until it is scattered."""
+
+    grad: torch.Tensor | None = None
