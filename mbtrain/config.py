@@ -142,7 +142,7 @@ class RunConfig:
             raise MbtrainError("--monitor gauc needs --group-by, the column whose groups GAUC averages over")
         if not 0 <= t.warmup <= t.epochs:
             raise MbtrainError(f"--warmup must be in [0, --epochs], in epochs: got {t.warmup}")
-        if b.balance in ("metabalance", "multibalance") and len(d.tasks) < 2:
+        if b.balance in ("metabalance", "multibalance", "pcgrad") and len(d.tasks) < 2:
             raise MbtrainError(f"--balance {b.balance} needs at least two tasks in --tasks")
         _in_range("--relax-factor", b.relax_factor, 0.0, 1.0, "[0, 1)")
         _in_range("--beta", b.beta, 0.0, 1.0, "[0, 1)")

@@ -297,7 +297,8 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
                               strategy=b.strategy, temperature=b.temperature, famo_lr=b.famo_lr,
                               famo_decay=b.famo_decay, famo_same_batch=b.famo_same_batch,
                               reduce=cluster.sum_ if distributed else None,
-                              gather=cluster.gather if distributed else None, world_size=cluster.world_size)
+                              gather=cluster.gather if distributed else None, world_size=cluster.world_size,
+                              seed=config.train.seed)
     optimizer = build_optimizer([*model.parameters(), *balancer.parameters()], config)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None

@@ -66,7 +66,7 @@ def batch_groups(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # rows (the table's ~70 rows outnumber them), at 32 on the whole table
 @pytest.mark.parametrize(("balance", "batch"), [("none", 32), ("metabalance", 32), ("metabalance", 8),
                                               ("uncertainty", 32), ("dwa", 32), ("famo", 32),
-                                              ("multibalance", 32)])
+                                              ("multibalance", 32), ("pcgrad", 32), ("pcgrad", 8)])
 def test_two_ranks_match_one_process_with_twice_the_batch(balance: str, batch: int, data: Path,
                                                           tmp_path: Path) -> None:
     epochs = "4" if balance == "dwa" else "2"  # DWA's weights move from the third epoch on
@@ -141,7 +141,7 @@ def test_a_failure_on_rank_0_while_it_fits_the_encoders_stops_every_rank(batch_g
 
 
 @pytest.mark.parametrize("model", ["mmoe", "shared-bottom"])
-@pytest.mark.parametrize("balance", ["none", "metabalance", "multibalance", "uncertainty", "dwa", "famo"])
+@pytest.mark.parametrize("balance", ["none", "metabalance", "multibalance", "pcgrad", "uncertainty", "dwa", "famo"])
 def test_an_empty_local_batch_adds_zero_gradients(model: str, balance: str) -> None:
     """What a rank whose shard is exhausted computes: zero losses, zero gradients, no NaN in MetaBalance."""
     encoders = Encoders([CategoricalEncoder("user", "str", ["a", "b"]), CategoricalEncoder("device", "str", ["x"])],

@@ -9,12 +9,13 @@ import torch
 from mbtrain.balance.loss_level import DWA, FAMO, Uncertainty
 from mbtrain.balance.metabalance import MetaBalance
 from mbtrain.balance.multibalance import MultiBalance
+from mbtrain.balance.pcgrad import PCGrad
 from mbtrain.balance.plain import Balancer, PlainSum
 
-BALANCERS = ("none", "metabalance", "multibalance", "uncertainty", "dwa", "famo")
+BALANCERS = ("none", "metabalance", "multibalance", "pcgrad", "uncertainty", "dwa", "famo")
 
-__all__ = ["BALANCERS", "DWA", "FAMO", "Balancer", "MetaBalance", "MultiBalance", "PlainSum", "Uncertainty",
-           "build_balancer"]
+__all__ = ["BALANCERS", "DWA", "FAMO", "Balancer", "MetaBalance", "MultiBalance", "PCGrad", "PlainSum",
+           "Uncertainty", "build_balancer"]
 
 
 def build_balancer(
@@ -33,17 +34,20 @@ def build_balancer(
     reduce: Callable[[list[torch.Tensor]], None] | None = None,
     gather: Callable[[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None,
     world_size: int = 1,
+    seed: int = 0,
 ) -> Balancer:
     """The balancer called ``name`` (one of ``BALANCERS``) for a model's shared and task parameters and
     ``num_tasks`` losses; when training is distributed, ``reduce`` sums tensors across ranks in place,
     ``gather`` returns some tensors as every rank holds them (MetaBalance's embedding-table rows) and
-    ``world_size`` says how many ranks there are."""
+    ``world_size`` says how many ranks there are; ``seed`` seeds PCGrad's task orders."""
     shared_params = list(shared_params)
     task_params = None if task_params is None else list(task_params)
     everything = [*shared_params, *(task_params or [])]
     if name == "metabalance":
         return MetaBalance(shared_params, relax_factor=relax_factor, beta=beta, strategy=strategy,
                            task_params=task_params, reduce=reduce, gather=gather)
+    if name == "pcgrad":
+        return PCGrad(shared_params, task_params, seed=seed, reduce=reduce, gather=gather)
     if name == "multibalance":
         return MultiBalance(everything, task_params or [], relax_factor=relax_factor, beta=beta, strategy=strategy,
                             reduce=reduce)
