@@ -145,6 +145,8 @@ def fit(
                                                              "famo_lr"))] = None,
     famo_decay: Annotated[float | None, typer.Option(help=_help("FAMO's weight decay on its task logits.",
                                                                 "famo_decay"))] = None,
+    gradnorm_alpha: Annotated[float | None, typer.Option(help=_help("GradNorm's asymmetry α.",
+                                                                    "gradnorm_alpha"))] = None,
     famo_same_batch: Annotated[bool | None, typer.Option("--famo-same-batch/--famo-next-batch",
                                                          help="FAMO's logit update from the batch scored again "
                                                               "after the step (the reference code; one more "
@@ -205,17 +207,9 @@ def fit(
     """Train a multi-task model and write a run directory (checkpoints, history, metrics)."""
     from mbtrain.train import fit as fit_run
 
-    flags = _overrides(
-        tasks=tasks, main_task=main_task, model=model, balance=balance, relax_factor=relax_factor, beta=beta,
-        strategy=strategy, task_weights=task_weights, temperature=temperature, famo_lr=famo_lr,
-        famo_decay=famo_decay, famo_same_batch=famo_same_batch, embed_dim=embed_dim, hidden=hidden, experts=experts,
-        tower=tower, dropout=dropout,
-        norm=norm, epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, warmup=warmup,
-        weight_decay=weight_decay, seed=seed, shuffle=shuffle, valid=str(valid) if valid else None,
-        valid_fraction=valid_fraction, patience=patience, monitor=monitor, group_by=group_by, tensorboard=tensorboard,
-        categorical=categorical, numeric=numeric, exclude=exclude, min_frequency=min_frequency, threads=threads,
-        device=device, memory_budget=memory_budget,
-    )
+    settings = {key: value for key, value in locals().items() if key in DEFAULTS}  # every setting's flag
+    settings["valid"] = str(valid) if valid else None
+    flags = _overrides(**settings)
     if resume and overwrite:
         raise MbtrainError("--resume and --overwrite contradict each other: pick one")
     if resume:

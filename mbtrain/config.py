@@ -61,6 +61,7 @@ class BalanceConfig:
     famo_lr: float = 0.025  # FAMO's learning rate for its task logits
     famo_decay: float = 0.01  # FAMO's weight decay (gamma) on its task logits
     famo_same_batch: bool = False  # FAMO's update from the same batch scored again (the reference code), not the next
+    gradnorm_alpha: float = 1.5  # GradNorm's asymmetry α
 
 
 @dataclass
@@ -142,7 +143,7 @@ class RunConfig:
             raise MbtrainError("--monitor gauc needs --group-by, the column whose groups GAUC averages over")
         if not 0 <= t.warmup <= t.epochs:
             raise MbtrainError(f"--warmup must be in [0, --epochs], in epochs: got {t.warmup}")
-        if b.balance in ("metabalance", "multibalance", "pcgrad") and len(d.tasks) < 2:
+        if b.balance in ("metabalance", "multibalance", "pcgrad", "gradnorm") and len(d.tasks) < 2:
             raise MbtrainError(f"--balance {b.balance} needs at least two tasks in --tasks")
         _in_range("--relax-factor", b.relax_factor, 0.0, 1.0, "[0, 1)")
         _in_range("--beta", b.beta, 0.0, 1.0, "[0, 1)")
@@ -152,7 +153,8 @@ class RunConfig:
                 raise MbtrainError(f"--task-weights names {task!r}, which is not one of --tasks ({', '.join(d.tasks)})")
             if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
                 raise MbtrainError(f"--task-weights {task}={weight}: a weight must be a finite number >= 0")
-        for flag, value in (("--temperature", b.temperature), ("--famo-lr", b.famo_lr)):
+        for flag, value in (("--temperature", b.temperature), ("--famo-lr", b.famo_lr),
+                            ("--gradnorm-alpha", b.gradnorm_alpha)):
             if not (math.isfinite(value) and value > 0):
                 raise MbtrainError(f"{flag} must be positive: got {value}")
         if not (math.isfinite(b.famo_decay) and b.famo_decay >= 0):

@@ -296,6 +296,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
                               num_tasks=len(spec.tasks), relax_factor=b.relax_factor, beta=b.beta,
                               strategy=b.strategy, temperature=b.temperature, famo_lr=b.famo_lr,
                               famo_decay=b.famo_decay, famo_same_batch=b.famo_same_batch,
+                              gradnorm_alpha=b.gradnorm_alpha,
                               reduce=cluster.sum_ if distributed else None,
                               gather=cluster.gather if distributed else None, world_size=cluster.world_size,
                               seed=config.train.seed)

@@ -258,7 +258,7 @@ def test_bad_inputs() -> None:
 
 
 def test_build_balancer() -> None:
-    assert BALANCERS == ("none", "metabalance", "multibalance", "pcgrad", "uncertainty", "dwa", "famo")
+    assert BALANCERS == ("none", "metabalance", "multibalance", "pcgrad", "gradnorm", "uncertainty", "dwa", "famo")
     torch.manual_seed(4)
     model = TinyMultiTask(3)
     plain = copy.deepcopy(model)

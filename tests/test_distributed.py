@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mbtrain.balance import build_balancer
+from mbtrain.balance import BALANCERS, build_balancer
 from mbtrain.config import ModelConfig
 from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder
 from mbtrain.data.stream import row_groups, split_row_groups
@@ -66,7 +66,8 @@ def batch_groups(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # rows (the table's ~70 rows outnumber them), at 32 on the whole table
 @pytest.mark.parametrize(("balance", "batch"), [("none", 32), ("metabalance", 32), ("metabalance", 8),
                                               ("uncertainty", 32), ("dwa", 32), ("famo", 32),
-                                              ("multibalance", 32), ("pcgrad", 32), ("pcgrad", 8)])
+                                              ("multibalance", 32), ("pcgrad", 32), ("pcgrad", 8),
+                                              ("gradnorm", 32)])
 def test_two_ranks_match_one_process_with_twice_the_batch(balance: str, batch: int, data: Path,
                                                           tmp_path: Path) -> None:
     epochs = "4" if balance == "dwa" else "2"  # DWA's weights move from the third epoch on
@@ -79,8 +80,8 @@ def test_two_ranks_match_one_process_with_twice_the_batch(balance: str, batch: i
     assert_same_weights(two, one)
     if balance in ("metabalance", "multibalance"):
         torch.testing.assert_close(two["balancer"]["moving_norms"], one["balancer"]["moving_norms"])
-    if balance in ("uncertainty", "famo"):
-        key = "log_vars" if balance == "uncertainty" else "logits"
+    if balance in ("uncertainty", "famo", "gradnorm"):
+        key = {"uncertainty": "log_vars", "famo": "logits", "gradnorm": "weights"}[balance]
         # FAMO's logits move by differences of log-losses that float sums in another order round apart
         torch.testing.assert_close(two["balancer"][key], one["balancer"][key], rtol=1e-5, atol=1e-5)
         assert two["balancer"][key].abs().sum() > 0
@@ -141,7 +142,7 @@ def test_a_failure_on_rank_0_while_it_fits_the_encoders_stops_every_rank(batch_g
 
 
 @pytest.mark.parametrize("model", ["mmoe", "shared-bottom"])
-@pytest.mark.parametrize("balance", ["none", "metabalance", "multibalance", "pcgrad", "uncertainty", "dwa", "famo"])
+@pytest.mark.parametrize("balance", BALANCERS)
 def test_an_empty_local_batch_adds_zero_gradients(model: str, balance: str) -> None:
     """What a rank whose shard is exhausted computes: zero losses, zero gradients, no NaN in MetaBalance."""
     encoders = Encoders([CategoricalEncoder("user", "str", ["a", "b"]), CategoricalEncoder("device", "str", ["x"])],
@@ -161,6 +162,7 @@ def test_an_empty_local_batch_adds_zero_gradients(model: str, balance: str) -> N
         assert parameter.grad is not None and not parameter.grad.any(), name
     if balance in ("metabalance", "multibalance"):
         assert torch.isfinite(balancer.state_dict()["moving_norms"]).all()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in balancer.parameters())
 
 
 def test_a_data_error_in_one_ranks_shard_stops_every_rank_with_one_line(tmp_path: Path) -> None:

@@ -6,16 +6,17 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from mbtrain.balance.gradnorm import GradNorm
 from mbtrain.balance.loss_level import DWA, FAMO, Uncertainty
 from mbtrain.balance.metabalance import MetaBalance
 from mbtrain.balance.multibalance import MultiBalance
 from mbtrain.balance.pcgrad import PCGrad
 from mbtrain.balance.plain import Balancer, PlainSum
 
-BALANCERS = ("none", "metabalance", "multibalance", "pcgrad", "uncertainty", "dwa", "famo")
+BALANCERS = ("none", "metabalance", "multibalance", "pcgrad", "gradnorm", "uncertainty", "dwa", "famo")
 
-__all__ = ["BALANCERS", "DWA", "FAMO", "Balancer", "MetaBalance", "MultiBalance", "PCGrad", "PlainSum",
-           "Uncertainty", "build_balancer"]
+__all__ = ["BALANCERS", "DWA", "FAMO", "Balancer", "GradNorm", "MetaBalance", "MultiBalance", "PCGrad",
+           "PlainSum", "Uncertainty", "build_balancer"]
 
 
 def build_balancer(
@@ -31,6 +32,7 @@ def build_balancer(
     famo_lr: float = 0.025,
     famo_decay: float = 0.01,
     famo_same_batch: bool = False,
+    gradnorm_alpha: float = 1.5,
     reduce: Callable[[list[torch.Tensor]], None] | None = None,
     gather: Callable[[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None,
     world_size: int = 1,
@@ -55,6 +57,8 @@ def build_balancer(
         return PlainSum(everything, reduce=reduce)
     if num_tasks is None:
         raise ValueError(f"the {name} balancer needs num_tasks")
+    if name == "gradnorm":
+        return GradNorm(num_tasks, everything, task_params or [], alpha=gradnorm_alpha, reduce=reduce)
     if name == "uncertainty":
         return Uncertainty(num_tasks, everything, reduce=reduce, world_size=world_size)
     if name == "dwa":

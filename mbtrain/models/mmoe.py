@@ -76,7 +76,8 @@ class MMoE(nn.Module):
         boundary = [x, self.experts(x)]
         per_task = task_views(boundary, self.num_tasks)
         return SplitForward(self.heads(*per_task), boundary, per_task, self.embedding.table.weight, rows, index,
-                            names=["inputs", "experts"], per_expert=[False, True])
+                            names=["inputs", "experts"], per_expert=[False, True],
+                            last_shared=self.experts.layers[-1].weight)
 
 
 class _ExpandedMixture(torch.autograd.Function):

@@ -52,4 +52,8 @@ class SharedBottom(nn.Module):
         bottom = self.bottom(x)
         per_task = task_views([bottom], self.towers.num_tasks)
         return SplitForward(self.towers(per_task[0]), [bottom], per_task, self.embedding.table.weight, rows, index,
-                            names=["bottom"], per_expert=[False])
+                            names=["bottom"], per_expert=[False], last_shared=self._last_weight())
+
+    def _last_weight(self) -> torch.Tensor | None:
+        linears = [layer for layer in self.bottom if isinstance(layer, nn.Linear)]
+        return linears[-1].weight if linears else None

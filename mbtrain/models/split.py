@@ -25,6 +25,7 @@ class SplitForward:
     index: torch.Tensor  # [B, C] row of `table` each gathered row came from
     names: list[str]  # per boundary tensor, what it holds ("bottom", "experts", ...)
     per_expert: list[bool]  # per boundary tensor, whether its first dim indexes experts ([E, B, H])
+    last_shared: torch.Tensor | None  # the weight of the trunk's last layer (GradNorm's W); None without one
 
 
 def task_views(boundary: list[torch.Tensor], num_tasks: int) -> list[torch.Tensor]:

@@ -1,0 +1,90 @@
+"""GradNorm (Chen et al., ICML 2018): learned task weights that equalise the tasks' training rates through the
+norms of their gradients at the last shared layer.
+
+The model trains on Σ_k w_k·L_k. With G_k = ‖∇_W w_k·L_k‖ at the trunk's last layer W, Ḡ their mean and
+r_k = (L_k / L_k(0)) / mean_j (L_j / L_j(0)) each task's relative inverse training rate, the weights get the
+gradient of Σ_k |G_k − Ḡ·r_k^α| with the target Ḡ·r_k^α held constant, which is sign(G_k − Ḡ·r_k^α)·‖∇_W L_k‖,
+and are renormalised to sum to the number of tasks before each step. L_k(0) are the first step's losses.
+The model's optimizer trains the weights. One backward through the heads, one per task through W's layer
+only, one through the trunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from mbtrain.balance.per_task import accumulate
+from mbtrain.balance.plain import Balancer
+from mbtrain.models.split import SplitForward
+
+Reduce = Callable[[list[torch.Tensor]], None]
+
+
+class GradNorm(Balancer):
+    wants_split = True
+
+    def __init__(self, num_tasks: int, params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor],
+                 alpha: float = 1.5, reduce: Reduce | None = None) -> None:
+        self.params = list(params)  # every model parameter: what `reduce` sums
+        self.task_params = [p for p in task_params if p.requires_grad]
+        like = self.params[0] if self.params else torch.empty(0)
+        self.weights = torch.nn.Parameter(like.new_ones(num_tasks))
+        self.alpha = alpha
+        self.reduce = reduce
+        self.initial: torch.Tensor | None = None  # L_k(0), summed across ranks
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.weights]
+
+    def backward(self, losses: Sequence[torch.Tensor], split: SplitForward | None = None) -> None:
+        if split is None or split.last_shared is None:
+            raise ValueError("GradNorm needs the model's split forward and a shared hidden layer")
+        n_tasks, n_heads = len(losses), len(self.task_params)
+        with torch.no_grad():  # after the optimizer's step: back to Σ w = T
+            self.weights.mul_(n_tasks / self.weights.sum())
+        w = self.weights.detach().clone()
+        stacked = torch.stack(list(losses))
+        grads = torch.autograd.grad((w * stacked).sum(), [*self.task_params, *split.per_task], allow_unused=True)
+        accumulate(self.task_params, grads[:n_heads], None)
+        reached = [(b, g) for b, g in zip(split.boundary, grads[n_heads:], strict=True) if g is not None]
+        outputs = [b for b, _ in reached]
+        layer = split.last_shared
+        layer_grads = []
+        for k in range(n_tasks):  # ∇_W w_k·L_k: back through W's layer only
+            (grad,) = torch.autograd.grad(outputs, [layer], grad_outputs=[g[k] for _, g in reached],
+                                          retain_graph=True, allow_unused=True)
+            layer_grads.append(torch.zeros_like(layer) if grad is None else grad)
+        stacked_grads, values = torch.stack(layer_grads), stacked.detach().clone()
+        if self.reduce is not None:
+            self.reduce([stacked_grads, values])
+        norms = torch.linalg.vector_norm(stacked_grads.reshape(n_tasks, -1), dim=1)
+        if self.initial is None:
+            self.initial = values.clone()
+        tiny = torch.finfo(values.dtype).tiny
+        rate = values / self.initial.clamp(min=tiny)
+        target = norms.mean() * (rate / rate.mean().clamp(min=tiny)).pow(self.alpha)
+        unweighted = norms / w.clamp(min=torch.finfo(w.dtype).tiny)  # ‖∇_W L_k‖
+        self.weights.grad = torch.sign(norms - target) * unweighted
+        torch.autograd.backward(outputs, grad_tensors=[g.sum(dim=0) for _, g in reached])
+        if self.reduce is not None:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.reduce([p.grad for p in self.params])
+        self.task_weights = w
+        self.grad_norm_ratio = norms / norms[0].clamp(min=torch.finfo(norms.dtype).tiny)
+
+    def state_dict(self) -> dict:
+        initial = None if self.initial is None else self.initial.clone()
+        return {"weights": self.weights.detach().clone(), "initial": initial, "alpha": self.alpha}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["weights"].shape != self.weights.shape:
+            raise ValueError(f"GradNorm state holds {tuple(state['weights'].shape)} weights, expected "
+                             f"{tuple(self.weights.shape)}")
+        with torch.no_grad():
+            self.weights.copy_(state["weights"])
+        self.initial = None if state["initial"] is None else state["initial"].to(self.weights.device)
+        self.alpha = float(state["alpha"])
