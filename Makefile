@@ -7,7 +7,7 @@ DEMO := demo
 
 BENCH := .venv-bench
 
-.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults clean
+.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults bench-balancers clean
 
 $(BIN)/mbtrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-scale: install
 
 bench-defaults: install
 	POLARS_MAX_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/defaults_sweep.py
+
+bench-balancers: install
+	POLARS_MAX_THREADS=2 $(BIN)/python benchmarks/balancers.py --threads 2
 
 # The benchmarks' own environment: the reference library torch-rechub runs beside us, never as our dependency.
 $(BENCH)/.installed: pyproject.toml

@@ -94,7 +94,7 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
             balancer: Balancer = NaiveMetaBalance(model.shared_parameters())
         else:
             balancer = build_balancer(variant, model.shared_parameters(), model.task_parameters(),
-                                      num_tasks=len(TASKS))
+                                      num_tasks=len(TASKS), segments=model.shared_segments())
         optimizer = build_optimizer([*model.parameters(), *balancer.parameters()], config)
         runs[variant] = (model, optimizer, balancer, [], [])
     steps = prepared.train.steps(config.train.batch_size)

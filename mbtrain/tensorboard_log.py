@@ -1,7 +1,8 @@
 """TensorBoard event files for a run (`--tensorboard`, the optional `mbtrain[tensorboard]` extra).
 
-Every LOG_EVERY steps: each task's training loss and the balancer's per-task scales (MetaBalance: each
-auxiliary task's gradient-norm ratio to the main task, per shared tensor); every epoch: every validation
+Every LOG_EVERY steps: each task's training loss and the balancer's per-task weights or scales (MetaBalance:
+each auxiliary task's gradient-norm ratio to the main task per logical shared tensor; MultiBalance: per
+representation tensor and expert); every epoch: every validation
 metric of every task and the learning rate. The x axis counts the steps taken, so a resumed run appends
 where its last checkpoint ended (events an interrupted epoch wrote past it are purged).
 """
@@ -30,17 +31,16 @@ def require_tensorboard() -> None:
 class RunLog:
     """The run's TensorBoard writer; rank 0 alone makes one."""
 
-    def __init__(self, folder: Path, tasks: list[str], shared_names: list[str], steps_done: int) -> None:
+    def __init__(self, folder: Path, tasks: list[str], steps_done: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tasks = tasks
-        self.shared_names = shared_names  # the shared parameter tensors, in the balancer's order
         self.writer = SummaryWriter(str(folder), purge_step=steps_done + 1 if steps_done else None)
 
     def step(self, step: int, losses: torch.Tensor, norm_ratios: torch.Tensor | None,
              task_weights: torch.Tensor | None = None, ratio_names: list[str] | None = None) -> None:
         """Training scalars after `step` steps: losses [T] (this rank's batch means) and what the balancer
-        has of per-task norm ratios [T, P] (per shared tensor, or per `ratio_names`) and loss weights [T]."""
+        has of per-task norm ratios [T, G] (G named by `ratio_names`) and loss weights [T]."""
         for task, loss in zip(self.tasks, losses.tolist(), strict=True):
             self.writer.add_scalar(f"train_loss/{task}", loss, step)
         if task_weights is not None:
@@ -48,7 +48,7 @@ class RunLog:
                 self.writer.add_scalar(f"task_weight/{task}", weight, step)
         if norm_ratios is not None:
             for task, ratios in zip(self.tasks[1:], norm_ratios[1:].tolist(), strict=True):
-                for name, ratio in zip(ratio_names or self.shared_names, ratios, strict=True):
+                for name, ratio in zip(ratio_names or map(str, range(len(ratios))), ratios, strict=True):
                     self.writer.add_scalar(f"grad_norm_ratio/{task}/{name}", ratio, step)
 
     def epoch(self, step: int, entry: dict[str, Any]) -> None:

@@ -292,6 +292,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
     model.to(cluster.device)
     b = config.balance
     distributed = cluster.world_size > 1
+    names = {id(p): name for name, p in model.named_parameters()}
     balancer = build_balancer(b.balance, model.shared_parameters(), model.task_parameters(),
                               num_tasks=len(spec.tasks), relax_factor=b.relax_factor, beta=b.beta,
                               strategy=b.strategy, temperature=b.temperature, famo_lr=b.famo_lr,
@@ -299,7 +300,8 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
                               gradnorm_alpha=b.gradnorm_alpha,
                               reduce=cluster.sum_ if distributed else None,
                               gather=cluster.gather if distributed else None, world_size=cluster.world_size,
-                              seed=config.train.seed)
+                              seed=config.train.seed, segments=model.shared_segments(),
+                              shared_names=[names[id(p)] for p in model.shared_parameters()])
     optimizer = build_optimizer([*model.parameters(), *balancer.parameters()], config)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
@@ -322,9 +324,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
     steps = train.steps(config.train.batch_size, cluster.world_size)
     log = None
     if main and config.train.tensorboard:
-        names = {id(p): name for name, p in model.named_parameters()}
-        log = RunLog(work / "tensorboard", spec.tasks, [names[id(p)] for p in model.shared_parameters()],
-                     steps_done=(start_epoch - 1) * steps)
+        log = RunLog(work / "tensorboard", spec.tasks, steps_done=(start_epoch - 1) * steps)
     if main:
         write_json(_config_record(config, data_path, prepared), work / "config.json")
     ranks = f", {cluster.world_size} ranks" if cluster.world_size > 1 else ""

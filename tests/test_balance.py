@@ -319,3 +319,86 @@ def test_plain_sum_refuses_a_split_forward() -> None:
     split = model.split_forward(torch.zeros(4, 1, dtype=torch.long), torch.zeros(4, 1))
     with pytest.raises(ValueError, match="split"):
         PlainSum().backward(list(split.logits.sum(0).unbind()), split)
+
+
+class LogicalReference:
+    """MetaBalance over the model's logical tensors, literally: each task's full gradient of every shared
+    parameter cut into the pieces an unfused model holds (each column's rows of the table, each expert's slice),
+    norms and moving averages in Python floats per piece."""
+
+    def __init__(self, pieces: list[tuple[int, object]], relax: float, beta: float, strategy: str) -> None:
+        self.pieces, self.relax, self.beta, self.strategy = pieces, relax, beta, strategy
+        self.m: dict[tuple[int, int], float] = {}
+
+    def backward(self, model: nn.Module, losses: list[torch.Tensor]) -> None:
+        shared = model.shared_parameters()
+        per_task = [[torch.zeros_like(p) if g is None else g for g, p in zip(
+            torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True), shared, strict=True)]
+            for loss in losses]
+        totals = [torch.zeros_like(p) for p in shared]
+        for n, (i, where) in enumerate(self.pieces):
+            for k in range(len(losses)):
+                norm = per_task[k][i][where].norm().item()
+                self.m[k, n] = self.beta * self.m.get((k, n), 0.0) + (1 - self.beta) * norm
+            m0 = self.m[0, n]
+            totals[i][where] += per_task[0][i][where]
+            for k in range(1, len(losses)):
+                mk, g = self.m[k, n], per_task[k][i][where]
+                applies = (self.strategy == "both" or (self.strategy == "reduce" and mk > m0)
+                           or (self.strategy == "enlarge" and mk < m0))
+                totals[i][where] += (self.relax * m0 / (mk + EPS) + (1 - self.relax)) * g if applies else g
+        for p, total in zip(shared, totals, strict=True):
+            p.grad = total
+        task = model.task_parameters()
+        for p, g in zip(task, torch.autograd.grad(sum(losses), task, allow_unused=True), strict=True):
+            p.grad = g
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split-forward", "full-backward"])
+@pytest.mark.parametrize("strategy", ["both", "reduce", "enlarge"])
+@pytest.mark.parametrize(("name", "cards", "batch"), [("mmoe", [5, 7, 3], 32), ("mmoe", [500, 700, 300], 4),
+                                                      ("shared-bottom", [5, 7, 3], 32)])
+def test_norms_are_per_logical_tensor_as_in_the_unfused_model(name: str, cards: list[int], batch: int,
+                                                              strategy: str, split: bool) -> None:
+    """Each column's rows of the fused table and each expert's slice of the stacked weights are the separate
+    tables and expert MLPs of the paper's model (tests/test_models.py checks fused == unfused): MetaBalance's
+    norms and moving averages are theirs, from the batch's rows (split path) or the whole table."""
+    from mbtrain.models import build_model
+
+    sizes = dict(cardinalities=cards, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6], experts=3,
+                 tower=[5], dropout=0.0)
+    torch.manual_seed(0)
+    ours, theirs = build_model(name, **sizes).double(), build_model(name, **sizes).double()
+    theirs.load_state_dict(ours.state_dict())
+    offsets = [0, *torch.tensor(cards).cumsum(0).tolist()]
+    pieces: list[tuple[int, object]] = [(0, slice(offsets[j], offsets[j + 1])) for j in range(len(cards))]
+    for i, (p, seg) in enumerate(zip(ours.shared_parameters(), ours.shared_segments(), strict=True)):
+        if i > 0:
+            pieces += [(i, e) for e in range(p.shape[0])] if seg is not None else [(i, slice(None))]
+    balancer = MetaBalance(ours.shared_parameters(), relax_factor=0.6, beta=0.8, strategy=strategy,
+                           task_params=ours.task_parameters() if split else None, segments=ours.shared_segments())
+    reference = LogicalReference(pieces, 0.6, 0.8, strategy)
+    for step in range(3):
+        generator = torch.Generator().manual_seed(step)
+        categorical = torch.stack([torch.randint(0, c, (batch,), generator=generator) for c in cards], 1)
+        numeric = torch.randn(batch, 2, generator=generator, dtype=torch.double)
+        labels = (torch.rand(batch, 3, generator=generator) < torch.tensor([0.2, 0.5, 0.7])).double()
+        weights = torch.tensor([1.0, 6.0, 0.2], dtype=torch.double)
+        for model in (ours, theirs):
+            model.zero_grad(set_to_none=True)
+            forward = model.split_forward(categorical, numeric) if model is ours and split else None
+            logits = forward.logits if forward is not None else model(categorical, numeric)
+            losses = list((F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
+                           * weights).unbind())
+            if model is ours:
+                balancer.backward(losses, forward)
+            else:
+                reference.backward(model, losses)
+        for (label, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12, msg=label)
+        with torch.no_grad():
+            for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+                a.sub_(0.3 * a.grad)
+                b.sub_(0.3 * b.grad)
+    assert balancer.moving_norms.shape == (3, len(pieces))
+    assert sorted(balancer.moving_norms.flatten().tolist()) == pytest.approx(sorted(reference.m.values()), rel=1e-9)

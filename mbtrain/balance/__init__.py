@@ -37,17 +37,21 @@ def build_balancer(
     gather: Callable[[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None,
     world_size: int = 1,
     seed: int = 0,
+    segments: list[torch.Tensor | None] | None = None,
+    shared_names: list[str] | None = None,
 ) -> Balancer:
     """The balancer called ``name`` (one of ``BALANCERS``) for a model's shared and task parameters and
     ``num_tasks`` losses; when training is distributed, ``reduce`` sums tensors across ranks in place,
     ``gather`` returns some tensors as every rank holds them (MetaBalance's embedding-table rows) and
-    ``world_size`` says how many ranks there are; ``seed`` seeds PCGrad's task orders."""
+    ``world_size`` says how many ranks there are; ``seed`` seeds PCGrad's task orders; ``segments`` (the
+    model's shared_segments()) makes MetaBalance's norms per logical tensor, named after ``shared_names``."""
     shared_params = list(shared_params)
     task_params = None if task_params is None else list(task_params)
     everything = [*shared_params, *(task_params or [])]
     if name == "metabalance":
         return MetaBalance(shared_params, relax_factor=relax_factor, beta=beta, strategy=strategy,
-                           task_params=task_params, reduce=reduce, gather=gather)
+                           task_params=task_params, reduce=reduce, gather=gather, segments=segments,
+                           names=shared_names)
     if name == "pcgrad":
         return PCGrad(shared_params, task_params, seed=seed, reduce=reduce, gather=gather)
     if name == "multibalance":

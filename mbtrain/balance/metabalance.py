@@ -43,11 +43,29 @@ class MetaBalance(PerTaskGradients):
         task_params: Iterable[torch.Tensor] | None = None,
         reduce: Reduce | None = None,
         gather: Gather | None = None,
+        segments: Sequence[torch.Tensor | None] | None = None,
+        names: Sequence[str] | None = None,
     ) -> None:
         _check_settings(relax_factor, beta, strategy)
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}")
         super().__init__(shared_params, task_params, reduce, gather)
+        # per shared tensor: which logical tensor each index of its first dim belongs to (the model's
+        # shared_segments(): a feature's rows of the fused table, an expert's slice), None for one tensor
+        self.segments = list(segments) if segments is not None else [None] * len(self.shared)
+        if len(self.segments) != len(self.shared):
+            raise ValueError(f"{len(self.segments)} segment maps for {len(self.shared)} shared parameters")
+        for p, seg in zip(self.shared, self.segments, strict=True):
+            if seg is not None and (seg.dim() != 1 or seg.numel() != p.shape[0] or seg.dtype != torch.long):
+                raise ValueError(f"a segment map must be int64 [{p.shape[0]}] for a parameter of shape "
+                                 f"{tuple(p.shape)}")
+        # a table without rows (no categorical column) holds no logical tensor
+        self.segment_counts = [1 if seg is None else int(seg.max()) + 1 if seg.numel() else 0
+                               for seg in self.segments]
+        self.starts = [sum(self.segment_counts[:i]) for i in range(len(self.segments))]
+        names = list(names) if names is not None else [f"shared_{i}" for i in range(len(self.shared))]
+        self.ratio_names = [name if count == 1 else f"{name}/{j}"
+                            for name, count in zip(names, self.segment_counts, strict=True) for j in range(count)]
         self.relax_factor = relax_factor
         self.beta = beta
         self.strategy = strategy
@@ -57,15 +75,38 @@ class MetaBalance(PerTaskGradients):
         self.norm_ratios: torch.Tensor | None = None
 
     def combine(self, sinks: Sinks, task_grads: list[list[torch.Tensor | None]]) -> None:
-        """Per shared tensor: update each task's moving norm, then add the main task's gradient and each
-        auxiliary task's rescaled one (DESIGN.md)."""
+        """Per logical shared tensor: update each task's moving norm, then add the main task's gradient and
+        each auxiliary task's rescaled one (DESIGN.md)."""
         moving = self._moving_norms(len(task_grads))
-        raw_norms = [self._norms(grads) for grads in task_grads]
+        segment_ids = [self._segment_ids(i, sink) for i, sink in enumerate(sinks)]
+        raw_norms = [self._norms(grads, segment_ids) for grads in task_grads]
         for k, norms in enumerate(raw_norms):
             moving[k].mul_(self.beta).add_(norms, alpha=1 - self.beta)
         for k, grads in enumerate(task_grads):
-            accumulate(sinks, grads, None if k == 0 else self._scale(moving[0], moving[k]))
+            scale = None if k == 0 else self._factors(self._scale(moving[0], moving[k]), grads, segment_ids)
+            accumulate(sinks, grads, scale)
         self._record_ratio(raw_norms)
+
+    def _segment_ids(self, i: int, sink: object) -> torch.Tensor | None:
+        """The logical tensor of each index of sink i's gradient's first dim (on the split path the embedding
+        table's gradient holds only the batch's rows: `sink.rows`)."""
+        seg = self.segments[i]
+        if seg is None:
+            return None
+        seg = seg.to(self.shared[i].device)
+        rows = getattr(sink, "rows", None)
+        return seg if rows is None else seg[rows]
+
+    def _factors(self, scale: torch.Tensor, grads: Sequence[torch.Tensor | None],
+                 segment_ids: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Each gradient's factor: a scalar for one logical tensor, else one per index of its first dim."""
+        factors = []
+        for i, (g, seg) in enumerate(zip(grads, segment_ids, strict=True)):
+            if seg is None or g is None:
+                factors.append(scale[self.starts[i]])
+            else:
+                factors.append(scale[self.starts[i] + seg].view(-1, *[1] * (g.dim() - 1)))
+        return factors
 
     def _record_ratio(self, raw_norms: list[torch.Tensor]) -> None:
         raw = torch.stack(raw_norms)
@@ -88,11 +129,11 @@ class MetaBalance(PerTaskGradients):
         _check_settings(state["relax_factor"], state["beta"], state["strategy"])
         moving = state["moving_norms"]
         if moving is not None:
-            n_shared = len(self.shared)
-            if moving.dim() != 2 or moving.shape[0] < 2 or moving.shape[1] != n_shared:
+            logical = sum(self.segment_counts)
+            if moving.dim() != 2 or moving.shape[0] < 2 or moving.shape[1] != logical:
                 raise ValueError(
                     f"MetaBalance state has moving norms of shape {tuple(moving.shape)}, "
-                    f"expected [tasks >= 2, {n_shared}] for {n_shared} shared parameters"
+                    f"expected [tasks >= 2, {logical}] for {logical} logical shared tensors"
                 )
             p0 = self.shared[0]
             moving = moving.detach().to(device=p0.device, dtype=p0.dtype, copy=True)
@@ -104,21 +145,29 @@ class MetaBalance(PerTaskGradients):
     def _moving_norms(self, n_tasks: int) -> torch.Tensor:
         p0 = self.shared[0]
         if self.moving_norms is None:
-            self.moving_norms = torch.zeros(n_tasks, len(self.shared), device=p0.device, dtype=p0.dtype)
+            self.moving_norms = torch.zeros(n_tasks, sum(self.segment_counts), device=p0.device, dtype=p0.dtype)
         elif self.moving_norms.shape[0] != n_tasks:
             raise ValueError(f"MetaBalance state is for {self.moving_norms.shape[0]} losses, got {n_tasks}")
         elif self.moving_norms.device != p0.device:  # the model moved after the state was made
             self.moving_norms = self.moving_norms.to(p0.device)
         return self.moving_norms
 
-    def _norms(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """``[P]`` L2 norms; a parameter the task does not reach has a zero gradient, hence norm 0."""
-        present = [g for g in grads if g is not None]
-        if len(present) == len(grads):
-            return torch.stack(torch._foreach_norm(present))
-        zero = self.shared[0].new_zeros(())
-        found = iter(torch._foreach_norm(present) if present else ())
-        return torch.stack([zero if g is None else next(found) for g in grads])
+    def _norms(self, grads: Sequence[torch.Tensor | None], segment_ids: list[torch.Tensor | None]) -> torch.Tensor:
+        """``[L]`` L2 norms of the logical tensors: whole parameters in one _foreach_norm, segmented ones by a
+        segment sum of their first dim's squared norms; a task that does not reach one has norm 0."""
+        whole = [g for g, seg in zip(grads, segment_ids, strict=True) if g is not None and seg is None]
+        found = iter(torch._foreach_norm(whole) if whole else ())
+        zero = self.shared[0].new_zeros(1)
+        parts = []
+        for i, (g, seg) in enumerate(zip(grads, segment_ids, strict=True)):
+            if g is None or not self.segment_counts[i]:
+                parts.append(zero.expand(self.segment_counts[i]))
+            elif seg is None:
+                parts.append(next(found).reshape(1))
+            else:
+                squared = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).square()
+                parts.append(g.new_zeros(self.segment_counts[i]).index_add_(0, seg, squared).sqrt())
+        return torch.cat(parts)
 
     def _scale(self, main: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         return balanced_scale(main, aux, self.relax_factor, self.strategy, self.eps)

@@ -105,7 +105,7 @@ class PerTaskGradients(Balancer):
             summed = self._summed(dense * n_tasks, [g for task in dense_grads for g in task])
             dense_grads = [summed[k * len(dense) : (k + 1) * len(dense)] for k in range(n_tasks)]
         rows, table_grads = self._table_gradients(split, row_grads)
-        row_sink = _RowGradient()
+        row_sink = _RowGradient(rows)
         sinks = [*dense[:table_at], row_sink, *dense[table_at:]]
         self.combine(sinks, [[*dense_grads[k][:table_at], table_grads[k], *dense_grads[k][table_at:]]
                              for k in range(n_tasks)])
@@ -196,10 +196,11 @@ def _laid_out_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
 
 
-def accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None], scale: torch.Tensor | None) -> None:
-    """``sink.grad += scale·g`` (None: 1); never writes to autograd's outputs, they may alias each other.
-    A new ``.grad`` of a parameter is laid out like it (_laid_out_like)."""
-    factors = scale.unbind() if scale is not None else ()
+def accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None],
+               scale: Sequence[torch.Tensor] | None) -> None:
+    """``sink.grad += scale[i]·g`` (None: 1; a factor broadcasts over its gradient); never writes to autograd's
+    outputs, they may alias each other. A new ``.grad`` of a parameter is laid out like it (_laid_out_like)."""
+    factors = scale if scale is not None else ()
     reached = [i for i, g in enumerate(grads) if g is not None]
     into = [i for i in reached if sinks[i].grad is not None]
     fresh = [i for i in reached if sinks[i].grad is None]
@@ -221,6 +222,9 @@ def accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None], scale
 
 
 class _RowGradient:
-    """Holds the embedding table's balanced gradient on the batch's distinct rows until it is scattered."""
+    """Holds the embedding table's balanced gradient on the batch's distinct rows (`rows`; None: the whole
+    table) until it is scattered."""
 
-    grad: torch.Tensor | None = None
+    def __init__(self, rows: torch.Tensor | None) -> None:
+        self.rows = rows
+        self.grad: torch.Tensor | None = None

@@ -30,6 +30,12 @@ class FusedEmbedding(nn.Module):
         starts = [0, *accumulate(cardinalities)][: self.num_features]
         self.register_buffer("offsets", torch.tensor(starts, dtype=torch.long))
 
+    def row_features(self) -> torch.Tensor:
+        """int64 [rows of the table]: the column each row belongs to (MetaBalance's logical tensors)."""
+        ends = torch.cat([self.offsets[1:], self.offsets.new_tensor([self.table.num_embeddings])])
+        return torch.repeat_interleave(torch.arange(self.num_features, device=self.offsets.device),
+                                       ends - self.offsets)
+
     def lookup(self, categorical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, C, dim] gathered rows, [B, C] their row numbers in the table)."""
         index = categorical + self.offsets

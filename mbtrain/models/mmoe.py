@@ -52,6 +52,12 @@ class MMoE(nn.Module):
         """Embedding table and experts: the parameters every task's loss reaches."""
         return [*self.embedding.parameters(), *self.experts.parameters()]
 
+    def shared_segments(self) -> list[torch.Tensor | None]:
+        """Per shared parameter, the logical tensor of each index of its first dim: each column's rows of the
+        table, each expert's slice of the stacked expert weights."""
+        experts = torch.arange(self.num_experts, device=self.embedding.offsets.device)
+        return [self.embedding.row_features(), *(experts for _ in self.experts.parameters())]
+
     def task_parameters(self) -> list[nn.Parameter]:
         """Gates and towers: each slice of them is reached by one task's loss only."""
         return [*self.gates.parameters(), *self.towers.parameters()]

@@ -62,6 +62,9 @@ class ScoringModel(nn.Module):
     def task_parameters(self) -> list[nn.Parameter]:
         return self.network.task_parameters()
 
+    def shared_segments(self) -> list[torch.Tensor | None]:
+        return self.network.shared_segments()
+
 
 @dataclass
 class ModelSpec:

@@ -38,6 +38,11 @@ class SharedBottom(nn.Module):
         """Embedding table and shared MLP: the parameters every task's loss reaches."""
         return [*self.embedding.parameters(), *self.bottom.parameters()]
 
+    def shared_segments(self) -> list[torch.Tensor | None]:
+        """Per shared parameter, the logical tensor of each index of its first dim: each column's rows of the
+        table; each bottom layer's weight and bias are one tensor each."""
+        return [self.embedding.row_features(), *(None for _ in self.bottom.parameters())]
+
     def task_parameters(self) -> list[nn.Parameter]:
         """The towers."""
         return list(self.towers.parameters())
