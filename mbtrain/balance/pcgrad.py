@@ -26,24 +26,30 @@ class PCGrad(PerTaskGradients):
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU, the same draws on every device
 
     def combine(self, sinks: Sinks, task_grads: list[list[torch.Tensor | None]]) -> None:
+        """Every g_i' stays in the span of the task gradients, g_i' = Σ_j c_ij·g_j: the projections run on the
+        [T, T] coefficients and Gram matrix of dot products, and the sinks get Σ_j (Σ_i c_ij)·g_j, one
+        weighted pass per task as MetaBalance's. No flattened copy of the gradients, no host sync."""
         n_tasks = len(task_grads)
-        reached = [i for i in range(len(sinks)) if any(grads[i] is not None for grads in task_grads)]
-        shapes = [next(grads[i] for grads in task_grads if grads[i] is not None) for i in reached]
-        flat = torch.stack([torch.cat([like.new_zeros(like.numel()) if grads[i] is None else grads[i].reshape(-1)
-                                       for i, like in zip(reached, shapes, strict=True)])
-                            for grads in task_grads])
-        squared = (flat * flat).sum(dim=1).clamp(min=torch.finfo(flat.dtype).tiny)  # [T]; 0·g_j where g_j = 0
-        projected = flat.clone()
+        like = next(g for grads in task_grads for g in grads if g is not None)
+        gram = like.new_zeros(n_tasks, n_tasks)
+        for i in range(len(sinks)):
+            for a in range(n_tasks):
+                for b in range(a, n_tasks):
+                    g_a, g_b = task_grads[a][i], task_grads[b][i]
+                    if g_a is not None and g_b is not None:
+                        dot = torch.dot(g_a.reshape(-1), g_b.reshape(-1))
+                        gram[a, b] += dot
+                        if a != b:
+                            gram[b, a] += dot
+        squared = gram.diagonal().clamp(min=torch.finfo(gram.dtype).tiny)  # 0·g_j where g_j = 0
+        coefficients = torch.eye(n_tasks, dtype=gram.dtype, device=gram.device)
         for i in range(n_tasks):
-            g = projected[i]
             for j in torch.randperm(n_tasks, generator=self.generator).tolist():
-                g -= (g @ flat[j]).clamp(max=0) / squared[j] * flat[j]  # no host sync: clamp, not an if
-        total = projected.sum(dim=0)
-        pieces, start = [], 0
-        for like in shapes:
-            pieces.append(total[start : start + like.numel()].view_as(like))
-            start += like.numel()
-        accumulate([sinks[i] for i in reached], pieces, None)
+                dot = coefficients[i] @ gram[:, j]  # g_i'·g_j
+                coefficients[i, j] -= dot.clamp(max=0) / squared[j]  # clamp, not an if: no host sync
+        weights = coefficients.sum(dim=0)
+        for k, grads in enumerate(task_grads):
+            accumulate(sinks, grads, [weights[k]] * len(sinks))
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
