@@ -400,10 +400,11 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
         if staging:
             _swap(work, out)
     note = f"stopped early after epoch {epoch}; " if stopped_early else ""
+    weighted = f" · task weights {_weights_text(b.task_weights)}" if b.task_weights else ""
     console.print(metrics_table(
         metrics, f"validation metrics, best epoch {best['epoch']} of {epoch}",
-        f"{note}{spec.model['model']} · balance {b.balance} · {len(train):,} train / {len(valid):,} valid rows "
-        f"· run saved in {out}",
+        f"{note}{spec.model['model']} · balance {b.balance}{weighted} · {len(train):,} train / {len(valid):,} "
+        f"valid rows · run saved in {out}",
     ))
     return metrics
 
@@ -494,11 +495,17 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     }
     if balancer.grad_norm_ratio is not None:
         entry["grad_norm_ratio"] = dict(zip(tasks, (ratio_sum / steps).tolist(), strict=True))
+    if config.balance.task_weights:
+        entry["task_weights"] = dict(zip(tasks, config.weight_vector, strict=True))
     if balancer.task_weights is not None:  # the epoch's last step's
         entry["balance_weights"] = dict(zip(tasks, balancer.task_weights.tolist(), strict=True))
     if log is not None:
         log.epoch(epoch * steps, entry)
     return entry
+
+
+def _weights_text(weights: dict[str, float]) -> str:
+    return ",".join(f"{task}={weight:g}" for task, weight in weights.items())
 
 
 def _losses(logits: torch.Tensor, labels: torch.Tensor, global_rows: int) -> torch.Tensor:

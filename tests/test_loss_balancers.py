@@ -198,6 +198,7 @@ def test_each_balancer_fits_from_toml_and_resumes_like_a_straight_run(balance: s
     history = [json.loads(line) for line in (straight / "history.jsonl").read_text().splitlines()]
     assert set(history[-1]["balance_weights"]) == {"purchase", "click"}
     assert json.loads((straight / "config.json").read_text())["balance"]["task_weights"] == {"click": 0.5}
+    assert history[-1]["task_weights"] == {"purchase": 1.0, "click": 0.5}
 
 
 def test_a_zero_task_weight_makes_the_run_blind_to_that_tasks_labels(data_dir: Path, tmp_path: Path) -> None:
@@ -226,6 +227,9 @@ def test_a_zero_task_weight_makes_the_run_blind_to_that_tasks_labels(data_dir: P
     (["--task-weights", "click=inf"], "a weight must be a finite number >= 0"),
     (["--balance", "dwa", "--temperature", "0"], "--temperature must be positive"),
     (["--balance", "famo", "--famo-lr", "-1"], "--famo-lr must be positive"),
+    (["--balance", "famo", "--famo-decay", "-0.1"], "--famo-decay must be non-negative"),
+    (["--balance", "gradnorm", "--gradnorm-alpha", "0"], "--gradnorm-alpha must be positive"),
+    (["--tasks", "click", "--balance", "pcgrad"], "--balance pcgrad needs at least two tasks"),
 ])
 def test_bad_balance_settings_are_one_line(args: list[str], message: str, data_dir: Path, tmp_path: Path) -> None:
     result = run_cli("fit", str(data_dir / "train.parquet"), "--tasks", "purchase,click", *args, "--out",
