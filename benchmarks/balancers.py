@@ -36,14 +36,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for defaults_sweep.py and synthetic.py as a script
 
-from defaults_sweep import ADULT, FUNNEL_TASKS, SAMPLE, split, summary  # noqa: E402
-from synthetic import impressions  # noqa: E402
+from defaults_sweep import ADULT, FUNNEL_TASKS, data_files, summary  # noqa: E402
 
 from mbtrain.balance import BALANCERS  # noqa: E402
 from mbtrain.config import RunConfig, peak_lr  # noqa: E402
@@ -63,14 +61,6 @@ TITLES = {
     "sample funnel": "Sample funnel (sample_data): test AUC on funnel_test.csv per balancer",
     "generated funnel": "Generated funnel (synthetic.py, {rows:,} rows), seeded 80/20 split: test AUC per balancer",
 }
-
-
-def data_files(dataset: str, seed: int, root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    if dataset == "adult":
-        return split(pl.read_parquet(args.data), seed, root / f"adult-{seed}")
-    if dataset == "sample funnel":
-        return SAMPLE / "funnel_train.parquet", SAMPLE / "funnel_test.csv"
-    return split(impressions(rows=args.rows, seed=seed), seed, root / f"generated-{seed}")
 
 
 def run_one(dataset: str, balance: str, seed: int, train: Path, test: Path, out: Path,

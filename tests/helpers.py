@@ -6,9 +6,11 @@ import math
 import random
 
 import polars as pl
+import torch
 from typer.testing import CliRunner, Result
 
 from mbtrain.cli import app
+from mbtrain.models import build_model
 
 
 def make_frame(rows: int = 600, seed: int = 0) -> pl.DataFrame:
@@ -42,3 +44,33 @@ def make_frame(rows: int = 600, seed: int = 0) -> pl.DataFrame:
 def run_cli(*args: str) -> Result:
     """Invoke the mbtrain CLI in-process; stdout and stderr stay separate on the result."""
     return CliRunner().invoke(app, list(args))
+
+
+def twin_models(name: str, cardinalities: list[int]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Two identical small 3-task models in float64: one for a balancer, one for its reference."""
+    torch.manual_seed(0)
+    sizes = dict(cardinalities=cardinalities, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6], experts=3,
+                 tower=[5], dropout=0.0)
+    ours, theirs = build_model(name, **sizes).double(), build_model(name, **sizes).double()
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def seeded_batch(step: int, cardinalities: list[int], rows: int = 32,
+                 rates: tuple[float, ...] = (0.1, 0.5, 0.8)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(categorical, numeric float64, labels float64) of a step, the same for every caller."""
+    generator = torch.Generator().manual_seed(step)
+    categorical = torch.stack([torch.randint(0, c, (rows,), generator=generator) for c in cardinalities], 1)
+    numeric = torch.randn(rows, 2, generator=generator, dtype=torch.double)
+    labels = (torch.rand(rows, len(rates), generator=generator) < torch.tensor(rates)).double()
+    return categorical, numeric, labels
+
+
+def assert_same_grads_then_step(ours: torch.nn.Module, theirs: torch.nn.Module, rate: float = 0.3) -> None:
+    """The two models' gradients agree; then both take the same plain gradient step."""
+    for (label, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12, msg=label)
+    with torch.no_grad():
+        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+            a.sub_(rate * a.grad)
+            b.sub_(rate * b.grad)

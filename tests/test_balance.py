@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbtrain.balance import BALANCERS, MetaBalance, PlainSum, build_balancer
+from tests.helpers import assert_same_grads_then_step, seeded_batch, twin_models
 
 EPS = 1e-5
 
@@ -363,13 +364,7 @@ def test_norms_are_per_logical_tensor_as_in_the_unfused_model(name: str, cards: 
     """Each column's rows of the fused table and each expert's slice of the stacked weights are the separate
     tables and expert MLPs of the paper's model (tests/test_models.py checks fused == unfused): MetaBalance's
     norms and moving averages are theirs, from the batch's rows (split path) or the whole table."""
-    from mbtrain.models import build_model
-
-    sizes = dict(cardinalities=cards, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6], experts=3,
-                 tower=[5], dropout=0.0)
-    torch.manual_seed(0)
-    ours, theirs = build_model(name, **sizes).double(), build_model(name, **sizes).double()
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = twin_models(name, cards)
     offsets = [0, *torch.tensor(cards).cumsum(0).tolist()]
     pieces: list[tuple[int, object]] = [(0, slice(offsets[j], offsets[j + 1])) for j in range(len(cards))]
     for i, (p, seg) in enumerate(zip(ours.shared_parameters(), ours.shared_segments(), strict=True)):
@@ -379,10 +374,7 @@ def test_norms_are_per_logical_tensor_as_in_the_unfused_model(name: str, cards: 
                            task_params=ours.task_parameters() if split else None, segments=ours.shared_segments())
     reference = LogicalReference(pieces, 0.6, 0.8, strategy)
     for step in range(3):
-        generator = torch.Generator().manual_seed(step)
-        categorical = torch.stack([torch.randint(0, c, (batch,), generator=generator) for c in cards], 1)
-        numeric = torch.randn(batch, 2, generator=generator, dtype=torch.double)
-        labels = (torch.rand(batch, 3, generator=generator) < torch.tensor([0.2, 0.5, 0.7])).double()
+        categorical, numeric, labels = seeded_batch(step, cards, batch, (0.2, 0.5, 0.7))
         weights = torch.tensor([1.0, 6.0, 0.2], dtype=torch.double)
         for model in (ours, theirs):
             model.zero_grad(set_to_none=True)
@@ -394,11 +386,6 @@ def test_norms_are_per_logical_tensor_as_in_the_unfused_model(name: str, cards: 
                 balancer.backward(losses, forward)
             else:
                 reference.backward(model, losses)
-        for (label, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12, msg=label)
-        with torch.no_grad():
-            for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
-                a.sub_(0.3 * a.grad)
-                b.sub_(0.3 * b.grad)
+        assert_same_grads_then_step(ours, theirs)
     assert balancer.moving_norms.shape == (3, len(pieces))
     assert sorted(balancer.moving_norms.flatten().tolist()) == pytest.approx(sorted(reference.m.values()), rel=1e-9)

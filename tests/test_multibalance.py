@@ -4,8 +4,6 @@ averages in Python floats per representation tensor (per expert), MetaBalance's 
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +11,10 @@ import torch.nn.functional as F
 
 from mbtrain.balance import MultiBalance, build_balancer
 from mbtrain.models import build_model
-from tests.helpers import run_cli
+from tests.helpers import assert_same_grads_then_step, seeded_batch, twin_models
 
 EPS = 1e-5
+
 CARDS = [5, 7, 3]
 
 
@@ -65,19 +64,12 @@ class Reference:
 @pytest.mark.parametrize("strategy", ["both", "reduce", "enlarge"])
 @pytest.mark.parametrize("name", ["mmoe", "shared-bottom"])
 def test_matches_the_literal_reference_over_steps(name: str, strategy: str) -> None:
-    torch.manual_seed(0)
-    sizes = dict(cardinalities=CARDS, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6], experts=3,
-                 tower=[5], dropout=0.0)
-    ours, theirs = build_model(name, **sizes).double(), build_model(name, **sizes).double()
-    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = twin_models(name, CARDS)
     balancer = MultiBalance(list(ours.parameters()), ours.task_parameters(), relax_factor=0.6, beta=0.8,
                             strategy=strategy)
     reference = Reference(0.6, 0.8, strategy)
     for step in range(4):
-        generator = torch.Generator().manual_seed(step)
-        categorical = torch.stack([torch.randint(0, c, (32,), generator=generator) for c in CARDS], 1)
-        numeric = torch.randn(32, 2, generator=generator, dtype=torch.double)
-        labels = (torch.rand(32, 3, generator=generator) < torch.tensor([0.1, 0.3, 0.6])).double()
+        categorical, numeric, labels = seeded_batch(step, CARDS, rates=(0.1, 0.3, 0.6))
         for model in (ours, theirs):
             model.zero_grad(set_to_none=True)
             split = model.split_forward(categorical, numeric)
@@ -87,12 +79,7 @@ def test_matches_the_literal_reference_over_steps(name: str, strategy: str) -> N
                 balancer.backward(list(losses.unbind()), split)
             else:
                 reference.backward(model, list(losses.unbind()), split)
-        for (label, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12, msg=label)
-        with torch.no_grad():
-            for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
-                a.sub_(0.5 * a.grad)
-                b.sub_(0.5 * b.grad)
+        assert_same_grads_then_step(ours, theirs, 0.5)
     expected = sorted(reference.moving.values())
     assert sorted(balancer.moving_norms.flatten().tolist()) == pytest.approx(expected, rel=1e-9, abs=1e-15)
     assert balancer.ratio_names == (["bottom"] if name == "shared-bottom" else
@@ -114,22 +101,3 @@ def test_state_round_trip_and_bad_use() -> None:
     assert torch.equal(again.moving_norms, balancer.moving_norms) and again.relax_factor == 0.7
     with pytest.raises(ValueError, match="needs the model's split forward"):
         balancer.backward([torch.tensor(1.0), torch.tensor(2.0)])
-
-
-def test_fits_resumes_and_exports_from_the_cli(data_dir: Path, tmp_path: Path) -> None:
-    common = ["--tasks", "purchase,click", "--balance", "multibalance", "--batch-size", "64", "--patience", "0",
-              "--threads", "1"]
-    train = str(data_dir / "train.parquet")
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_cli("fit", train, *common, "--epochs", "3", "--out", str(straight)).exit_code == 0
-    assert run_cli("fit", train, *common, "--epochs", "1", "--out", str(split)).exit_code == 0
-    result = run_cli("fit", "--resume", "--out", str(split), "--epochs", "3")
-    assert result.exit_code == 0, result.output
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
-    for name, tensor in a["model"].items():
-        torch.testing.assert_close(tensor, b["model"][name], rtol=1e-5, atol=1e-6, msg=name)
-    torch.testing.assert_close(a["balancer"]["moving_norms"], b["balancer"]["moving_norms"])
-    history = [json.loads(line) for line in (straight / "history.jsonl").read_text().splitlines()]
-    assert set(history[-1]["grad_norm_ratio"]) == {"purchase", "click"}
-    assert run_cli("export", str(straight), "--output", str(tmp_path / "model.pt")).exit_code == 0
