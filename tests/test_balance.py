@@ -389,3 +389,85 @@ def test_norms_are_per_logical_tensor_as_in_the_unfused_model(name: str, cards: 
         assert_same_grads_then_step(ours, theirs)
     assert balancer.moving_norms.shape == (3, len(pieces))
     assert sorted(balancer.moving_norms.flatten().tolist()) == pytest.approx(sorted(reference.m.values()), rel=1e-9)
+
+
+class UnfusedMMoE(nn.Module):
+    """The paper's layout of a fused MMoE: one table per column, one MLP per expert, as separate tensors (copied
+    from the fused model); gates and towers as they are. Its forward equals the fused one (test_models.py)."""
+
+    def __init__(self, fused: nn.Module, cards: list[int]) -> None:
+        super().__init__()
+        starts = [0, *torch.tensor(cards).cumsum(0).tolist()]
+        table = fused.embedding.table.weight.detach()
+        self.tables = nn.ParameterList(nn.Parameter(table[a:b].clone())
+                                       for a, b in zip(starts, starts[1:], strict=False))
+        self.experts = nn.ParameterList(  # expert by expert, layer by layer: weight, bias
+            nn.Parameter(tensor[e].detach().clone()) for e in range(fused.num_experts)
+            for layer in fused.experts.layers for tensor in (layer.weight, layer.bias))
+        self.layers = len(fused.experts.layers)
+        self.num_experts = fused.num_experts
+        self.gates = copy.deepcopy(fused.gates)
+        self.towers = copy.deepcopy(fused.towers)
+
+    def shared(self) -> list[nn.Parameter]:
+        return [*self.tables, *self.experts]
+
+    def task(self) -> list[nn.Parameter]:
+        return [*self.gates.parameters(), *self.towers.parameters()]
+
+    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([*(table[categorical[:, j]] for j, table in enumerate(self.tables)), numeric], dim=1)
+        outputs = []
+        for e in range(self.num_experts):
+            h = x
+            for layer in range(self.layers):
+                at = 2 * (e * self.layers + layer)
+                h = torch.relu(h @ self.experts[at] + self.experts[at + 1][0])
+            outputs.append(h)
+        gate = self.gates(x).softmax(dim=2)  # [T, B, E]
+        mixed = torch.stack([sum(gate[t, :, e : e + 1] * outputs[e] for e in range(self.num_experts))
+                             for t in range(gate.shape[0])])
+        return self.towers(mixed)
+
+    def fused_grads(self) -> list[torch.Tensor]:
+        """The gradients laid out as the fused model's shared parameters: the table, then each expert layer's
+        stacked weight and bias."""
+        grads = [torch.cat([table.grad for table in self.tables])]
+        for layer in range(self.layers):
+            for which in (0, 1):
+                grads.append(torch.stack([self.experts[2 * (e * self.layers + layer) + which].grad
+                                          for e in range(self.num_experts)]))
+        return grads
+
+
+@pytest.mark.parametrize("strategy", ["both", "reduce", "enlarge"])
+def test_fused_metabalance_equals_the_literal_one_on_the_unfused_model(strategy: str) -> None:
+    """MetaBalance on the fused MMoE with the model's segments (split path) gives the gradients that the literal
+    reference gives on the paper's unfused model, step after step."""
+    cards = [5, 7, 3]
+    fused, _ = twin_models("mmoe", cards)
+    unfused = UnfusedMMoE(fused, cards)
+    balancer = MetaBalance(fused.shared_parameters(), relax_factor=0.6, beta=0.8, strategy=strategy,
+                           task_params=fused.task_parameters(), segments=fused.shared_segments())
+    reference = Reference(3, len(unfused.shared()), 0.6, 0.8, strategy)
+    for step in range(3):
+        categorical, numeric, labels = seeded_batch(step, cards, rates=(0.2, 0.5, 0.7))
+        weights = torch.tensor([1.0, 6.0, 0.2], dtype=torch.double)
+        fused.zero_grad(set_to_none=True)
+        split = fused.split_forward(categorical, numeric)
+        losses = F.binary_cross_entropy_with_logits(split.logits, labels, reduction="none").mean(0) * weights
+        balancer.backward(list(losses.unbind()), split)
+        unfused.zero_grad(set_to_none=True)
+        losses = F.binary_cross_entropy_with_logits(unfused(categorical, numeric), labels, reduction="none").mean(0)
+        losses = list((losses * weights).unbind())
+        for p, g in zip(unfused.shared(), reference.shared_grads(losses, unfused.shared()), strict=True):
+            p.grad = g
+        for p, g in zip(unfused.task(), torch.autograd.grad(sum(losses), unfused.task()), strict=True):
+            p.grad = g
+        for p, expected in zip(fused.shared_parameters(), unfused.fused_grads(), strict=True):
+            torch.testing.assert_close(p.grad, expected, rtol=1e-9, atol=1e-12)
+        for p, q in zip(fused.task_parameters(), unfused.task(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+        with torch.no_grad():
+            for p in [*fused.parameters(), *unfused.parameters()]:
+                p.sub_(0.3 * p.grad)
