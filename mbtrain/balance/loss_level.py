@@ -134,10 +134,8 @@ class FAMO(PlainSum):
     def _update(self, after: torch.Tensor) -> None:
         delta = self.before.log() - after.log()
         self.before = None
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(torch.softmax(self.logits, dim=0), self.logits, grad_outputs=delta)
-        self.logit_optimizer.zero_grad()
-        self.logits.grad = grad
+        z = torch.softmax(self.logits.detach(), dim=0)
+        self.logits.grad = z * (delta - (z * delta).sum())  # J_softmax(ξ)ᵀ δ, without autograd
         self.logit_optimizer.step()
 
     def state_dict(self) -> dict:
