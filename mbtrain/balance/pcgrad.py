@@ -31,16 +31,13 @@ class PCGrad(PerTaskGradients):
         weighted pass per task as MetaBalance's. No flattened copy of the gradients, no host sync."""
         n_tasks = len(task_grads)
         like = next(g for grads in task_grads for g in grads if g is not None)
-        gram = like.new_zeros(n_tasks, n_tasks)
-        for i in range(len(sinks)):
-            for a in range(n_tasks):
-                for b in range(a, n_tasks):
-                    g_a, g_b = task_grads[a][i], task_grads[b][i]
-                    if g_a is not None and g_b is not None:
-                        dot = torch.dot(g_a.reshape(-1), g_b.reshape(-1))
-                        gram[a, b] += dot
-                        if a != b:
-                            gram[b, a] += dot
+        pairs = [(a, b) for a in range(n_tasks) for b in range(a, n_tasks)]
+        dots = [sum((torch.dot(g_a.reshape(-1), g_b.reshape(-1))
+                     for g_a, g_b in zip(task_grads[a], task_grads[b], strict=True)
+                     if g_a is not None and g_b is not None), like.new_zeros(())) for a, b in pairs]
+        rows, columns = (torch.tensor(index, device=like.device) for index in zip(*pairs, strict=True))
+        gram = like.new_zeros(n_tasks, n_tasks).index_put_((rows, columns), torch.stack(dots))
+        gram = gram + gram.triu(1).T
         squared = gram.diagonal().clamp(min=torch.finfo(gram.dtype).tiny)  # 0·g_j where g_j = 0
         coefficients = torch.eye(n_tasks, dtype=gram.dtype, device=gram.device)
         for i in range(n_tasks):
