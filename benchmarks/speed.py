@@ -95,7 +95,7 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
         else:
             balancer = build_balancer(variant, model.shared_parameters(), model.task_parameters(),
                                       num_tasks=len(TASKS), segments=model.shared_segments())
-        optimizer = build_optimizer([*model.parameters(), *balancer.parameters()], config)
+        optimizer = build_optimizer(model.parameters(), config, balancer.parameters())
         runs[variant] = (model, optimizer, balancer, [], [])
     steps = prepared.train.steps(config.train.batch_size)
     keep_freed_memory()  # as `mbtrain fit` does before its first step

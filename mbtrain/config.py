@@ -153,6 +153,9 @@ class RunConfig:
                 raise MbtrainError(f"--task-weights names {task!r}, which is not one of --tasks ({', '.join(d.tasks)})")
             if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
                 raise MbtrainError(f"--task-weights {task}={weight}: a weight must be a finite number >= 0")
+            if weight == 0 and b.balance in ("famo", "uncertainty"):  # log(0) / an unbounded log-variance
+                raise MbtrainError(f"--task-weights {task}=0: --balance {b.balance} needs every weight positive; "
+                                   f"drop {task} from --tasks instead")
         for flag, value in (("--temperature", b.temperature), ("--famo-lr", b.famo_lr),
                             ("--gradnorm-alpha", b.gradnorm_alpha)):
             if not (math.isfinite(value) and value > 0):

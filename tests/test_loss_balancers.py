@@ -238,6 +238,8 @@ def test_a_zero_task_weight_makes_the_run_blind_to_that_tasks_labels(data_dir: P
     (["--balance", "famo", "--famo-lr", "-1"], "--famo-lr must be positive"),
     (["--balance", "famo", "--famo-decay", "-0.1"], "--famo-decay must be non-negative"),
     (["--balance", "gradnorm", "--gradnorm-alpha", "0"], "--gradnorm-alpha must be positive"),
+    (["--balance", "famo", "--task-weights", "click=0"], "--balance famo needs every weight positive"),
+    (["--balance", "uncertainty", "--task-weights", "click=0"], "--balance uncertainty needs every weight positive"),
     (["--tasks", "click", "--balance", "pcgrad"], "--balance pcgrad needs at least two tasks"),
 ])
 def test_bad_balance_settings_are_one_line(args: list[str], message: str, data_dir: Path, tmp_path: Path) -> None:

@@ -4,22 +4,23 @@ norms of their gradients at the last shared layer.
 The model trains on Σ_k w_k·L_k. With G_k = ‖∇_W w_k·L_k‖ at the trunk's last layer W, Ḡ their mean and
 r_k = (L_k / L_k(0)) / mean_j (L_j / L_j(0)) each task's relative inverse training rate, the weights get the
 gradient of Σ_k |G_k − Ḡ·r_k^α| with the target Ḡ·r_k^α held constant, which is sign(G_k − Ḡ·r_k^α)·‖∇_W L_k‖,
-and are renormalised to sum to the number of tasks before each step. L_k(0) are the first step's losses.
+and are renormalised to sum to the number of tasks before each step (floored at 1e-3 first). L_k(0) are the
+first step's losses.
 The model's optimizer trains the weights. One backward through the heads, one per task through W's layer
 only, one through the trunk.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from mbtrain.balance.per_task import accumulate
-from mbtrain.balance.plain import Balancer
+from mbtrain.balance.plain import Balancer, Reduce, reduce_grads
 from mbtrain.models.split import SplitForward
 
-Reduce = Callable[[list[torch.Tensor]], None]
+WEIGHT_FLOOR = 1e-3  # a weight Adam pushed to 0 would never move again (its gradient is w-proportional)
 
 
 class GradNorm(Balancer):
@@ -42,8 +43,8 @@ class GradNorm(Balancer):
         if split is None or split.last_shared is None:
             raise ValueError("GradNorm needs the model's split forward and a shared hidden layer")
         n_tasks, n_heads = len(losses), len(self.task_params)
-        with torch.no_grad():  # after the optimizer's step: back to Σ w = T
-            self.weights.mul_(n_tasks / self.weights.sum())
+        with torch.no_grad():  # after the optimizer's step: back to Σ w = T, no weight at or below 0
+            self.weights.clamp_(min=WEIGHT_FLOOR).mul_(n_tasks / self.weights.sum())
         w = self.weights.detach().clone()
         stacked = torch.stack(list(losses))
         grads = torch.autograd.grad((w * stacked).sum(), [*self.task_params, *split.per_task], allow_unused=True)
@@ -65,14 +66,11 @@ class GradNorm(Balancer):
         tiny = torch.finfo(values.dtype).tiny
         rate = values / self.initial.clamp(min=tiny)
         target = norms.mean() * (rate / rate.mean().clamp(min=tiny)).pow(self.alpha)
-        unweighted = norms / w.clamp(min=torch.finfo(w.dtype).tiny)  # ‖∇_W L_k‖
+        unweighted = norms / w  # ‖∇_W L_k‖
         self.weights.grad = torch.sign(norms - target) * unweighted
         torch.autograd.backward(outputs, grad_tensors=[g.sum(dim=0) for _, g in reached])
         if self.reduce is not None:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            self.reduce([p.grad for p in self.params])
+            reduce_grads(self.params, self.reduce)
         self.task_weights = w
         self.grad_norm_ratio = norms / norms[0].clamp(min=torch.finfo(norms.dtype).tiny)
 

@@ -7,13 +7,11 @@ split between the ranks, so N ranks at batch B take one process's step at batch 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from mbtrain.balance.plain import PlainSum
-
-Reduce = Callable[[list[torch.Tensor]], None]
+from mbtrain.balance.plain import PlainSum, Reduce
 
 
 class Uncertainty(PlainSum):
@@ -57,8 +55,9 @@ class DWA(PlainSum):
         super().__init__(params, reduce)
         self.num_tasks = num_tasks
         self.temperature = temperature
+        self.device = self.params[0].device if self.params else None
         self.history: list[torch.Tensor] = []  # the last two epochs' mean losses [T], oldest first
-        self.weights = torch.ones(num_tasks, dtype=torch.float64)
+        self._set_weights()
 
     def epoch_end(self, mean_losses: torch.Tensor) -> None:
         self.history = [*self.history, mean_losses.detach().to("cpu", torch.float64)][-2:]
@@ -66,14 +65,15 @@ class DWA(PlainSum):
 
     def _set_weights(self) -> None:
         if len(self.history) < 2:
-            self.weights = torch.ones(self.num_tasks, dtype=torch.float64)
-            return
-        ratio = self.history[1] / self.history[0].clamp(min=1e-12)
-        self.weights = self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)
+            weights = torch.ones(self.num_tasks, dtype=torch.float64)
+        else:
+            ratio = self.history[1] / self.history[0].clamp(min=1e-12)
+            weights = self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)
+        self.weights = weights.to(self.device)  # once an epoch, not a copy to the device each step
 
     def total(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
         stacked = torch.stack(list(losses))
-        self.task_weights = self.weights.to(stacked.device, stacked.dtype)
+        self.task_weights = self.weights.to(stacked.dtype)
         return (self.task_weights * stacked).sum()
 
     def state_dict(self) -> dict:
@@ -94,8 +94,9 @@ class FAMO(PlainSum):
     c = Σ_k z_k / ℓ_k (the gradient of Σ_k z_k·log ℓ_k / c: each task's log-loss, so no task's scale
     dominates). The losses ℓ' after the optimizer's step move ξ by Adam (lr `lr`, weight decay `decay`) along
     d = J_softmax(ξ)ᵀ (log ℓ − log ℓ'), which favours the tasks whose loss fell least. The reference code
-    scores the same batch again for ℓ' (`same_batch`: one more forward, 1.3× the plain step on MMoE); by
-    default ℓ' is the next step's losses, on the next batch, which costs nothing. As the reference code:
+    scores the same batch again for ℓ' (`same_batch`: one more forward, 1.3× the plain step on MMoE, in training
+    mode as there: dropout draws anew and batch norm's statistics move twice); by default ℓ' is the next step's
+    losses, on the next batch, which costs nothing but adds that batch's noise to log ℓ − log ℓ'. As the reference code:
     losses offset by 1e-8, their minima taken as 0."""
 
     EPS = 1e-8
@@ -111,7 +112,7 @@ class FAMO(PlainSum):
 
     def _global(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
         """The losses summed across ranks (each rank's is its share of the global batch's mean), plus EPS."""
-        values = torch.stack([loss.detach() for loss in losses]).clone()
+        values = torch.stack([loss.detach() for loss in losses])
         if self.reduce is not None:
             self.reduce([values])
         return values + self.EPS

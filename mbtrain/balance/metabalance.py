@@ -13,12 +13,12 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from mbtrain.balance.per_task import Gather, PerTaskGradients, Reduce, Sinks, accumulate
+from mbtrain.balance.per_task import Gather, PerTaskGradients, Reduce, RowGradient, Sinks, accumulate
 
 STRATEGIES = ("both", "reduce", "enlarge")
 
 
-def _check_settings(relax_factor: float, beta: float, strategy: str) -> None:
+def check_settings(relax_factor: float, beta: float, strategy: str) -> None:
     if not 0 <= relax_factor < 1:
         raise ValueError(f"relax_factor must be in [0, 1), got {relax_factor}")
     if not 0 <= beta < 1:
@@ -46,7 +46,7 @@ class MetaBalance(PerTaskGradients):
         segments: Sequence[torch.Tensor | None] | None = None,
         names: Sequence[str] | None = None,
     ) -> None:
-        _check_settings(relax_factor, beta, strategy)
+        check_settings(relax_factor, beta, strategy)
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}")
         super().__init__(shared_params, task_params, reduce, gather)
@@ -94,8 +94,7 @@ class MetaBalance(PerTaskGradients):
         if seg is None:
             return None
         seg = seg.to(self.shared[i].device)
-        rows = getattr(sink, "rows", None)
-        return seg if rows is None else seg[rows]
+        return seg[sink.rows] if isinstance(sink, RowGradient) and sink.rows is not None else seg
 
     def _factors(self, scale: torch.Tensor, grads: Sequence[torch.Tensor | None],
                  segment_ids: list[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -126,7 +125,7 @@ class MetaBalance(PerTaskGradients):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the moving averages and, as ``torch.optim`` does, the settings they were made with."""
-        _check_settings(state["relax_factor"], state["beta"], state["strategy"])
+        check_settings(state["relax_factor"], state["beta"], state["strategy"])
         moving = state["moving_norms"]
         if moving is not None:
             logical = sum(self.segment_counts)

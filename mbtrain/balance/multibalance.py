@@ -9,16 +9,14 @@ trunk, where MetaBalance takes one trunk backward per task.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from mbtrain.balance.metabalance import _check_settings, balanced_scale
+from mbtrain.balance.metabalance import balanced_scale, check_settings
 from mbtrain.balance.per_task import accumulate
-from mbtrain.balance.plain import Balancer
+from mbtrain.balance.plain import Balancer, Reduce, reduce_grads
 from mbtrain.models.split import SplitForward
-
-Reduce = Callable[[list[torch.Tensor]], None]
 
 
 class MultiBalance(Balancer):
@@ -32,7 +30,7 @@ class MultiBalance(Balancer):
     def __init__(self, params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor],
                  relax_factor: float = 0.7, beta: float = 0.9, strategy: str = "both", eps: float = 1e-5,
                  reduce: Reduce | None = None) -> None:
-        _check_settings(relax_factor, beta, strategy)
+        check_settings(relax_factor, beta, strategy)
         self.params = list(params)  # every trainable parameter: what `reduce` sums
         self.task_params = [p for p in task_params if p.requires_grad]
         self.relax_factor, self.beta, self.strategy, self.eps = relax_factor, beta, strategy, eps
@@ -71,10 +69,7 @@ class MultiBalance(Balancer):
             start += width
         torch.autograd.backward([b for b, _, _ in reached], grad_tensors=combined)
         if self.reduce is not None:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            self.reduce([p.grad for p in self.params])
+            reduce_grads(self.params, self.reduce)
         ratios = norms / (norms[0] + self.eps)
         ratios[0] = 1.0
         self.norm_ratios, self.grad_norm_ratio = ratios, ratios.mean(dim=1)
@@ -98,7 +93,7 @@ class MultiBalance(Balancer):
                 "strategy": self.strategy}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_settings(state["relax_factor"], state["beta"], state["strategy"])
+        check_settings(state["relax_factor"], state["beta"], state["strategy"])
         self.relax_factor, self.beta, self.strategy = state["relax_factor"], state["beta"], state["strategy"]
         moving = state["moving_norms"]
         device = self.params[0].device if self.params else None

@@ -31,12 +31,12 @@ class PCGrad(PerTaskGradients):
         weighted pass per task as MetaBalance's. No flattened copy of the gradients, no host sync."""
         n_tasks = len(task_grads)
         like = next(g for grads in task_grads for g in grads if g is not None)
-        pairs = [(a, b) for a in range(n_tasks) for b in range(a, n_tasks)]
+        upper = torch.triu_indices(n_tasks, n_tasks, device=like.device)  # made on the device: no copy to it
         dots = [sum((torch.dot(g_a.reshape(-1), g_b.reshape(-1))
                      for g_a, g_b in zip(task_grads[a], task_grads[b], strict=True)
-                     if g_a is not None and g_b is not None), like.new_zeros(())) for a, b in pairs]
-        rows, columns = (torch.tensor(index, device=like.device) for index in zip(*pairs, strict=True))
-        gram = like.new_zeros(n_tasks, n_tasks).index_put_((rows, columns), torch.stack(dots))
+                     if g_a is not None and g_b is not None), like.new_zeros(()))
+                for a in range(n_tasks) for b in range(a, n_tasks)]  # triu_indices' order
+        gram = like.new_zeros(n_tasks, n_tasks).index_put_((upper[0], upper[1]), torch.stack(dots))
         gram = gram + gram.triu(1).T
         squared = gram.diagonal().clamp(min=torch.finfo(gram.dtype).tiny)  # 0·g_j where g_j = 0
         coefficients = torch.eye(n_tasks, dtype=gram.dtype, device=gram.device)

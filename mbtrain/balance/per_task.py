@@ -11,13 +11,12 @@ from typing import Any
 
 import torch
 
-from mbtrain.balance.plain import Balancer
+from mbtrain.balance.plain import Balancer, Reduce
 from mbtrain.models.split import SplitForward
 
 BITMAP_ROWS = 32  # see _distinct
-Reduce = Callable[[list[torch.Tensor]], None]
 Gather = Callable[[list[torch.Tensor]], list[list[torch.Tensor]]]
-Sinks = list[Any]  # the shared parameters, the embedding table's stood in for by a _RowGradient on the split path
+Sinks = list[Any]  # the shared parameters, the embedding table's stood in for by a RowGradient on the split path
 
 
 class PerTaskGradients(Balancer):
@@ -105,7 +104,7 @@ class PerTaskGradients(Balancer):
             summed = self._summed(dense * n_tasks, [g for task in dense_grads for g in task])
             dense_grads = [summed[k * len(dense) : (k + 1) * len(dense)] for k in range(n_tasks)]
         rows, table_grads = self._table_gradients(split, row_grads)
-        row_sink = _RowGradient(rows)
+        row_sink = RowGradient(rows)
         sinks = [*dense[:table_at], row_sink, *dense[table_at:]]
         self.combine(sinks, [[*dense_grads[k][:table_at], table_grads[k], *dense_grads[k][table_at:]]
                              for k in range(n_tasks)])
@@ -221,7 +220,7 @@ def accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None],
             sinks[i].grad = _laid_out_like(g, sinks[i]) if isinstance(sinks[i], torch.Tensor) else g
 
 
-class _RowGradient:
+class RowGradient:
     """Holds the embedding table's balanced gradient on the batch's distinct rows (`rows`; None: the whole
     table) until it is scattered."""
 

@@ -9,13 +9,23 @@ import torch
 
 from mbtrain.models.split import SplitForward
 
+Reduce = Callable[[list[torch.Tensor]], None]  # sums a list of tensors across ranks in place
+
+
+def reduce_grads(params: Sequence[torch.Tensor], reduce: Reduce) -> None:
+    """Sum the parameters' gradients across ranks (zeros where a rank's batch did not reach one)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    reduce([p.grad for p in params])
+
 
 class Balancer(ABC):
     """Turns per-task losses into gradients; the fit loop calls ``backward`` then ``optimizer.step``.
 
     ``grad_norm_ratio`` is ``None`` or, after each ``backward``, a detached tensor ``[T]`` the fit loop
     averages per epoch for the history log (a tensor, so that reading it never forces a sync per step);
-    ``norm_ratios`` likewise ``[T, P]``, per shared parameter tensor, for TensorBoard; ``task_weights``
+    ``norm_ratios`` likewise ``[T, G]`` over groups named by ``ratio_names``, for TensorBoard; ``task_weights``
     likewise ``[T]``, the weight each task's loss got in the last step (loss-level balancers).
     ``wants_split`` says whether the fit loop should run the model's ``split_forward`` and hand the
     result to ``backward`` (models/split.py), which only pays off for balancers needing per-task gradients;
@@ -60,8 +70,7 @@ class PlainSum(Balancer):
     `params` are then summed across ranks, so they must start at zero (or None) each step. Loss-level
     balancers (balance/loss_level.py) are this with another ``total``."""
 
-    def __init__(self, params: Iterable[torch.Tensor] = (), reduce: Callable[[list[torch.Tensor]], None] | None = None
-                 ) -> None:
+    def __init__(self, params: Iterable[torch.Tensor] = (), reduce: Reduce | None = None) -> None:
         self.params = list(params)
         self.reduce = reduce
 
@@ -72,11 +81,7 @@ class PlainSum(Balancer):
             raise ValueError("a loss-level balancer needs the model's ordinary forward, not its split forward")
         self.total(losses).backward()
         if self.reduce is not None:
-            params = [*self.params, *self.parameters()]
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            self.reduce([p.grad for p in params])
+            reduce_grads([*self.params, *self.parameters()], self.reduce)
 
     def total(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
         """The one loss to back-propagate."""
