@@ -70,7 +70,7 @@ class MetaBalance(PerTaskGradients):
         self.beta = beta
         self.strategy = strategy
         self.eps = eps
-        self.moving_norms: torch.Tensor | None = None  # [T, P], created by the first backward
+        self.moving_norms: torch.Tensor | None = None  # [T, L] over the logical tensors, made by the first backward
         self.grad_norm_ratio: torch.Tensor | None = None
         self.norm_ratios: torch.Tensor | None = None
 
