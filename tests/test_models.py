@@ -189,9 +189,19 @@ def test_norms_equal_torch_batch_norm_and_layer_norm(groups: int | None) -> None
             with torch.no_grad():
                 theirs.weight.copy_(ours.weight[g].reshape(-1) if groups else ours.weight)
                 theirs.bias.copy_(ours.bias[g].reshape(-1) if groups else ours.bias)
-            xg = x[g] if groups else x
-            trained = ours(x)
-            torch.testing.assert_close(trained[g] if groups else trained, theirs(xg))
+            xg = (x[g] if groups else x).detach().requires_grad_()
+            inputs = x.detach().requires_grad_()
+            trained = ours(inputs)
+            expected = theirs(xg)
+            torch.testing.assert_close(trained[g] if groups else trained, expected)
+            upstream = torch.randn_like(expected)  # gradients of input, weight and bias, as autograd's
+            (ours_x,) = torch.autograd.grad(trained[g] if groups else trained, inputs, upstream, retain_graph=True)
+            torch.testing.assert_close(ours_x[g] if groups else ours_x, torch.autograd.grad(expected, xg, upstream,
+                                                                                           retain_graph=True)[0])
+            ours_w, ours_b = torch.autograd.grad(trained[g] if groups else trained, [ours.weight, ours.bias], upstream)
+            theirs_w, theirs_b = torch.autograd.grad(expected, [theirs.weight, theirs.bias], upstream)
+            torch.testing.assert_close((ours_w[g] if groups else ours_w).reshape(-1), theirs_w)
+            torch.testing.assert_close((ours_b[g] if groups else ours_b).reshape(-1), theirs_b)
             if kind == "batch":
                 for name in ("running_mean", "running_var"):
                     ours_stat = getattr(ours, name)
