@@ -177,11 +177,11 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
 
     def roles_and_encoders() -> tuple[Schema, Encoders]:
         schema = infer_schema_streaming(parts, source, tasks, d.categorical, d.numeric, d.exclude)
-        grouped = [valid_files[0]] if d.valid else [parts[0].path]
-        if d.group_by and is_parquet(grouped[0]) and d.group_by not in pq.read_schema(grouped[0]).names:
-            raise MbtrainError(f"{grouped[0]}: --group-by column {d.group_by!r} not found")
+        validation_file = valid_files[0] if d.valid else parts[0].path  # one footer read for both checks
+        present = set(pq.read_schema(validation_file).names) if is_parquet(validation_file) else None
+        if d.group_by and present is not None and d.group_by not in present:
+            raise MbtrainError(f"{validation_file}: --group-by column {d.group_by!r} not found")
         if d.valid and valid_parts:  # a Parquet --valid file
-            present = set(pq.read_schema(valid_files[0]).names)
             missing = [c for c in schema.columns if c.role != "excluded" and c.name not in present]
             if missing:
                 raise MbtrainError(f"{valid_files[0]}: lacks column {missing[0].name!r} that the training data has")
