@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mbtrain.data.batches import Rows
+from mbtrain.data.batches import SCORE_ROWS, Rows
 from mbtrain.data.encoders import Encoders, NumericEncoder
 from mbtrain.models import build_model
 from mbtrain.models.split import SplitForward
@@ -134,7 +134,7 @@ def score_rows(module: nn.Module, data: Rows) -> tuple[torch.Tensor, torch.Tenso
 
 
 def predict_probabilities(module: nn.Module, categorical: torch.Tensor, numeric: torch.Tensor,
-                          batch_size: int = 65536) -> torch.Tensor:
+                          batch_size: int = SCORE_ROWS) -> torch.Tensor:
     """[rows, T] outputs of a Probabilities-like module, in eval mode, in large batches without autograd."""
     was_training = module.training
     module.eval()
