@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from mbtrain.balance.per_task import accumulate
-from mbtrain.balance.plain import Balancer, Reduce, reduce_grads
+from mbtrain.balance.plain import Balancer, Reduce, reduce_grads, restore
 from mbtrain.models.split import SplitForward
 
 WEIGHT_FLOOR = 1e-3  # a weight Adam pushed to 0 would never move again (its gradient is w-proportional)
@@ -79,10 +79,6 @@ class GradNorm(Balancer):
         return {"weights": self.weights.detach().clone(), "initial": initial, "alpha": self.alpha}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["weights"].shape != self.weights.shape:
-            raise ValueError(f"GradNorm state holds {tuple(state['weights'].shape)} weights, expected "
-                             f"{tuple(self.weights.shape)}")
-        with torch.no_grad():
-            self.weights.copy_(state["weights"])
+        restore(self.weights, state["weights"], "GradNorm's weights")
         self.initial = None if state["initial"] is None else state["initial"].to(self.weights.device)
         self.alpha = float(state["alpha"])

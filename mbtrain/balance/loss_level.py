@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from mbtrain.balance.plain import PlainSum, Reduce
+from mbtrain.balance.plain import PlainSum, Reduce, restore
 
 
 class Uncertainty(PlainSum):
@@ -38,12 +38,7 @@ class Uncertainty(PlainSum):
         return {"log_vars": self.log_vars.detach().clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        values = state["log_vars"]
-        if values.shape != self.log_vars.shape:
-            raise ValueError(f"uncertainty state holds {tuple(values.shape)} log-variances, expected "
-                             f"{tuple(self.log_vars.shape)}")
-        with torch.no_grad():
-            self.log_vars.copy_(values)
+        restore(self.log_vars, state["log_vars"], "uncertainty's log-variances")
 
 
 class DWA(PlainSum):
@@ -145,10 +140,6 @@ class FAMO(PlainSum):
                 "before": before}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["logits"].shape != self.logits.shape:
-            raise ValueError(f"FAMO state holds {tuple(state['logits'].shape)} task logits, expected "
-                             f"{tuple(self.logits.shape)}")
-        with torch.no_grad():
-            self.logits.copy_(state["logits"])
+        restore(self.logits, state["logits"], "FAMO's task logits")
         self.logit_optimizer.load_state_dict(state["optimizer"])
         self.before = None if state["before"] is None else state["before"].to(self.logits.device)

@@ -108,11 +108,7 @@ class MetaBalance(PerTaskGradients):
         return factors
 
     def _record_ratio(self, raw_norms: list[torch.Tensor]) -> None:
-        raw = torch.stack(raw_norms)
-        ratios = raw / (raw[0] + self.eps)
-        ratios[0] = 1.0
-        self.norm_ratios = ratios
-        self.grad_norm_ratio = ratios.mean(dim=1)
+        self.norm_ratios, self.grad_norm_ratio = norm_ratios(torch.stack(raw_norms), self.eps)
 
     def state_dict(self) -> dict:
         moving = None if self.moving_norms is None else self.moving_norms.detach().clone()
@@ -170,6 +166,14 @@ class MetaBalance(PerTaskGradients):
 
     def _scale(self, main: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         return balanced_scale(main, aux, self.relax_factor, self.strategy, self.eps)
+
+def norm_ratios(norms: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """([T, G] each task's gradient norm over the main task's, per group; [T] their mean over the groups), the
+    main task's row 1: what the history and TensorBoard show of MetaBalance and MultiBalance."""
+    ratios = norms / (norms[0] + eps)
+    ratios[0] = 1.0
+    return ratios, ratios.mean(dim=1)
+
 
 def balanced_scale(main: torch.Tensor, aux: torch.Tensor, relax_factor: float, strategy: str, eps: float
                    ) -> torch.Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from mbtrain.balance.metabalance import balanced_scale, check_settings
+from mbtrain.balance.metabalance import balanced_scale, check_settings, norm_ratios
 from mbtrain.balance.per_task import accumulate
 from mbtrain.balance.plain import Balancer, Reduce, reduce_grads
 from mbtrain.models.split import SplitForward
@@ -70,9 +70,7 @@ class MultiBalance(Balancer):
         torch.autograd.backward([b for b, _, _ in reached], grad_tensors=combined)
         if self.reduce is not None:
             reduce_grads(self.params, self.reduce)
-        ratios = norms / (norms[0] + self.eps)
-        ratios[0] = 1.0
-        self.norm_ratios, self.grad_norm_ratio = ratios, ratios.mean(dim=1)
+        self.norm_ratios, self.grad_norm_ratio = norm_ratios(norms, self.eps)
         if self.ratio_names is None:
             self.ratio_names = [name if not grouped else f"{name}/{e}"
                                 for name, g, grouped in zip(split.names, grads[n_heads:], split.per_expert,

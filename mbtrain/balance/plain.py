@@ -12,6 +12,14 @@ from mbtrain.models.split import SplitForward
 Reduce = Callable[[list[torch.Tensor]], None]  # sums a list of tensors across ranks in place
 
 
+def restore(tensor: torch.Tensor, values: torch.Tensor, what: str) -> None:
+    """Copy a checkpoint's `values` into a balancer's own learned tensor, refusing another shape."""
+    if values.shape != tensor.shape:
+        raise ValueError(f"the state holds {what} of shape {tuple(values.shape)}, expected {tuple(tensor.shape)}")
+    with torch.no_grad():
+        tensor.copy_(values)
+
+
 def reduce_grads(params: Sequence[torch.Tensor], reduce: Reduce) -> None:
     """Sum the parameters' gradients across ranks (zeros where a rank's batch did not reach one)."""
     for p in params:
