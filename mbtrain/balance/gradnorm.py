@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from mbtrain.balance.per_task import accumulate
+from mbtrain.balance.per_task import accumulate, heads_backward
 from mbtrain.balance.plain import Balancer, Reduce, reduce_grads, restore
 from mbtrain.models.split import SplitForward
 
@@ -42,14 +42,14 @@ class GradNorm(Balancer):
     def backward(self, losses: Sequence[torch.Tensor], split: SplitForward | None = None) -> None:
         if split is None or split.last_shared is None:
             raise ValueError("GradNorm needs the model's split forward and a shared hidden layer")
-        n_tasks, n_heads = len(losses), len(self.task_params)
+        n_tasks = len(losses)
         with torch.no_grad():  # after the optimizer's step: back to Σ w = T, no weight at or below 0
             self.weights.clamp_(min=WEIGHT_FLOOR).mul_(n_tasks / self.weights.sum())
         w = self.weights.detach().clone()
         stacked = torch.stack(list(losses))
-        grads = torch.autograd.grad((w * stacked).sum(), [*self.task_params, *split.per_task], allow_unused=True)
-        accumulate(self.task_params, grads[:n_heads], None)
-        reached = [(b, g) for b, g in zip(split.boundary, grads[n_heads:], strict=True) if g is not None]
+        head_grads, boundary_grads = heads_backward((w * stacked).sum(), self.task_params, split)
+        accumulate(self.task_params, head_grads, None)
+        reached = [(b, g) for b, g in zip(split.boundary, boundary_grads, strict=True) if g is not None]
         outputs = [b for b, _ in reached]
         layer = split.last_shared
         layer_grads = []

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from mbtrain.balance.metabalance import balanced_scale, check_settings, norm_ratios
-from mbtrain.balance.per_task import accumulate
+from mbtrain.balance.per_task import accumulate, heads_backward
 from mbtrain.balance.plain import Balancer, Reduce, reduce_grads
 from mbtrain.models.split import SplitForward
 
@@ -41,12 +41,12 @@ class MultiBalance(Balancer):
     def backward(self, losses: Sequence[torch.Tensor], split: SplitForward | None = None) -> None:
         if split is None:
             raise ValueError("MultiBalance needs the model's split forward")
-        n_tasks, n_heads = len(losses), len(self.task_params)
+        n_tasks = len(losses)
         if n_tasks < 2:
             raise ValueError(f"MultiBalance needs at least two losses (main task first), got {n_tasks}")
-        grads = torch.autograd.grad(sum(losses), [*self.task_params, *split.per_task], allow_unused=True)
-        accumulate(self.task_params, grads[:n_heads], None)
-        reached = [(b, g, grouped) for b, g, grouped in zip(split.boundary, grads[n_heads:], split.per_expert,
+        head_grads, boundary_grads = heads_backward(sum(losses), self.task_params, split)
+        accumulate(self.task_params, head_grads, None)
+        reached = [(b, g, grouped) for b, g, grouped in zip(split.boundary, boundary_grads, split.per_expert,
                                                              strict=True) if g is not None]
         squared = torch.cat([_squared_norms(g, grouped) for _, g, grouped in reached], dim=1)  # [T, G]
         if self.reduce is not None:
@@ -73,7 +73,7 @@ class MultiBalance(Balancer):
         self.norm_ratios, self.grad_norm_ratio = norm_ratios(norms, self.eps)
         if self.ratio_names is None:
             self.ratio_names = [name if not grouped else f"{name}/{e}"
-                                for name, g, grouped in zip(split.names, grads[n_heads:], split.per_expert,
+                                for name, g, grouped in zip(split.names, boundary_grads, split.per_expert,
                                                             strict=True) if g is not None
                                 for e in range(g.shape[1] if grouped else 1)]
 

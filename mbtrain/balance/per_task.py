@@ -86,10 +86,8 @@ class PerTaskGradients(Balancer):
         table_at = positions[0]
         dense = [p for i, p in enumerate(self.shared) if i != table_at]
         # heads: one backward of the summed loss gives their plain gradient and each task's boundary gradient
-        n_heads = len(self.task_params)
-        grads = torch.autograd.grad(sum(losses), [*self.task_params, *split.per_task], allow_unused=True)
-        accumulate(self.task_params, self._summed(self.task_params, grads[:n_heads]), None)
-        boundary_grads = grads[n_heads:]
+        head_grads, boundary_grads = heads_backward(sum(losses), self.task_params, split)
+        accumulate(self.task_params, self._summed(self.task_params, head_grads), None)
         # trunk: once per task
         n_tasks = len(losses)
         dense_grads, row_grads = [], []
@@ -186,6 +184,14 @@ def _distinct(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch
     position = torch.empty(table_rows, dtype=torch.long, device=index.device)
     position[rows] = torch.arange(rows.numel(), device=index.device)
     return rows, position[index]
+
+
+def heads_backward(total: torch.Tensor, task_params: Sequence[torch.Tensor], split: SplitForward
+                   ) -> tuple[Sequence[torch.Tensor | None], Sequence[torch.Tensor | None]]:
+    """One backward of `total` through the heads (models/split.py): (the task parameters' gradients, each
+    boundary tensor's per-task gradient [T, ...]), None where the loss does not reach one."""
+    grads = torch.autograd.grad(total, [*task_params, *split.per_task], allow_unused=True)
+    return grads[: len(task_params)], grads[len(task_params) :]
 
 
 def _laid_out_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
