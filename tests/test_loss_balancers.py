@@ -37,6 +37,16 @@ class Tiny(nn.Module):
         return list((per_task * torch.tensor([1.0, 3.0, 0.3])).unbind())
 
 
+def _step(model: Tiny, balancer, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """One training step as the fit loop takes it: backward, optimizer step, then FAMO's same-batch update."""
+    optimizer.zero_grad()
+    balancer.backward(model.losses(step))
+    optimizer.step()
+    if balancer.wants_losses_after_step:
+        with torch.no_grad():
+            balancer.after_step(model.losses(step))
+
+
 def _train(balancer_of, reference_step, steps: int = 5) -> None:
     """Train one model with the balancer and a copy with the reference's loss; parameters must stay equal."""
     ours, theirs = Tiny(), Tiny()
@@ -44,12 +54,7 @@ def _train(balancer_of, reference_step, steps: int = 5) -> None:
     optimizer = torch.optim.Adam([*ours.parameters(), *balancer.parameters()], lr=0.05)
     reference = reference_step(theirs)
     for step in range(steps):
-        optimizer.zero_grad()
-        balancer.backward(ours.losses(step))
-        optimizer.step()
-        if balancer.wants_losses_after_step:
-            with torch.no_grad():
-                balancer.after_step(ours.losses(step))
+        _step(ours, balancer, optimizer, step)
         reference(step)
         for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -166,12 +171,7 @@ def test_state_round_trip_continues_identically(name: str, same_batch: bool) -> 
                 optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
                 balancer.load_state_dict(saved[0])
                 optimizer.load_state_dict(saved[1])
-            optimizer.zero_grad()
-            balancer.backward(model.losses(step))
-            optimizer.step()
-            if balancer.wants_losses_after_step:
-                with torch.no_grad():
-                    balancer.after_step(model.losses(step))
+            _step(model, balancer, optimizer, step)
             if step % 2:
                 balancer.epoch_end(torch.stack(model.losses(step)).detach())
         return [p.detach() for p in model.parameters()]
