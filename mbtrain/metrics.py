@@ -8,6 +8,7 @@ holding both classes and `gauc_rows` = those groups' share of the rows. Undefine
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -86,8 +87,7 @@ def _entropy(rate: float) -> float | None:
     """Entropy (nats) of a Bernoulli(rate) label: the log loss of always predicting the base rate."""
     if rate <= 0.0 or rate >= 1.0:
         return None
-    return -(rate * torch.log(torch.tensor(rate, dtype=torch.float64))
-             + (1 - rate) * torch.log1p(torch.tensor(-rate, dtype=torch.float64))).item()
+    return -(rate * math.log(rate) + (1 - rate) * math.log1p(-rate))
 
 
 def task_metrics(probabilities: torch.Tensor, labels: torch.Tensor, tasks: list[str],
