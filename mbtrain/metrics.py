@@ -19,26 +19,33 @@ NULL_GROUP = -1  # group key of a row whose group column is null: such rows belo
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
     """Area under the ROC curve via the rank-sum statistic with average ranks for ties; None for one class."""
-    return grouped_auc(scores, labels, torch.zeros(scores.numel(), dtype=torch.long))[0]
+    return grouped_auc(scores, labels, None)[0]
 
 
-def grouped_auc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> tuple[float | None, float]:
+def grouped_auc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None
+                ) -> tuple[float | None, float]:
     """(the row-weighted mean of each group's AUC over the groups holding both classes, or None where none
-    does; those groups' share of all rows). Rows whose group is NULL_GROUP belong to no group.
+    does; those groups' share of all rows). Rows whose group is NULL_GROUP belong to no group; without
+    `groups` every row is in one (the plain AUC: one sort, not two).
 
     One sort by (group, score) gives every row its rank within its group, ties averaged; per-group rank sums
     of the positives then give each group's Mann-Whitney AUC at once."""
     total = scores.numel()
-    keep = groups != NULL_GROUP
-    scores, labels, groups = scores[keep].to(torch.float64), labels[keep].to(torch.float64), groups[keep]
+    if groups is not None:
+        keep = groups != NULL_GROUP
+        scores, labels, groups = scores[keep], labels[keep], groups[keep]
+    scores, labels = scores.to(torch.float64), labels.to(torch.float64)
     rows = scores.numel()
     if rows == 0:
         return None, 0.0
-    by_score = torch.argsort(scores, stable=True)
-    order = by_score[torch.argsort(groups[by_score], stable=True)]
-    scores, labels, groups = scores[order], labels[order], groups[order]
-    new_group = torch.ones(rows, dtype=torch.bool)
-    new_group[1:] = groups[1:] != groups[:-1]
+    order = torch.argsort(scores, stable=True)
+    new_group = torch.zeros(rows, dtype=torch.bool)
+    new_group[0] = True
+    if groups is not None:
+        order = order[torch.argsort(groups[order], stable=True)]
+        groups = groups[order]
+        new_group[1:] = groups[1:] != groups[:-1]
+    scores, labels = scores[order], labels[order]
     new_tie = new_group.clone()
     new_tie[1:] |= scores[1:] != scores[:-1]
     position = torch.arange(rows, dtype=torch.float64)
