@@ -41,7 +41,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for defaults_sweep.py and synthetic.py as a script
 
-from defaults_sweep import ADULT, FUNNEL_TASKS, data_files, summary  # noqa: E402
+from defaults_sweep import FUNNEL_TASKS, data_files, run_arguments, summary  # noqa: E402
 
 from mbtrain.balance import BALANCERS  # noqa: E402
 from mbtrain.config import RunConfig, peak_lr  # noqa: E402
@@ -165,20 +165,12 @@ def caption(dataset: str, args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--threads", type=int, default=2)
+    parser = run_arguments(__doc__, list(TITLES), seeds=[0, 1, 2, 3, 4], threads=2, rows=50_000, quick_rows=10_000)
     parser.add_argument("--balancers", nargs="+", choices=BALANCERS, default=list(BALANCERS), metavar="BALANCER",
                         help=f"a subset of: {', '.join(BALANCERS)} (none, the baseline, is always run)")
-    parser.add_argument("--datasets", nargs="+", default=list(TITLES), choices=list(TITLES), metavar="DATASET",
-                        help=f"a subset of: {', '.join(repr(d) for d in TITLES)}")
-    parser.add_argument("--rows", type=int, default=50_000, help="rows of the generated funnel")
-    parser.add_argument("--data", type=Path, default=ADULT, help="the Adult parquet file")
-    parser.add_argument("--json", type=Path, help="write every run's results here (rewritten after each run)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: first seed, ≤ 2 epochs, 10k rows")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.rows = args.seeds[:1], min(args.rows, 10_000)
+        args.seeds, args.rows = args.seeds[:1], min(args.rows, args.quick_rows)
     args.balancers = [BASELINE] + [b for b in dict.fromkeys(args.balancers) if b != BASELINE]
 
     console = Console(width=150)

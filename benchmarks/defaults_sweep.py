@@ -197,21 +197,30 @@ def table(dataset: str, rows: list[dict[str, Any]], args: argparse.Namespace) ->
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES), metavar="RECIPE",
-                        help=f"a subset of: {', '.join(repr(r) for r in RECIPES)}")
-    parser.add_argument("--datasets", nargs="+", default=list(TITLES), choices=list(TITLES), metavar="DATASET",
-                        help=f"a subset of: {', '.join(repr(d) for d in TITLES)}")
-    parser.add_argument("--rows", type=int, default=100_000, help="rows of the generated funnel")
+def run_arguments(description: str, datasets: list[str], *, seeds: list[int], threads: int, rows: int,
+                  quick_rows: int) -> argparse.ArgumentParser:
+    """The flags a quality benchmark over seeds and data sets takes (this one and balancers.py)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--datasets", nargs="+", default=datasets, choices=datasets, metavar="DATASET",
+                        help=f"a subset of: {', '.join(repr(d) for d in datasets)}")
+    parser.add_argument("--rows", type=int, default=rows, help="rows of the generated funnel")
     parser.add_argument("--data", type=Path, default=ADULT, help="the Adult parquet file")
     parser.add_argument("--json", type=Path, help="write every run's results here (rewritten after each run)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: first seed, ≤ 2 epochs, 20k rows")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: first seed, ≤ 2 epochs, {quick_rows:,} generated rows")
+    parser.set_defaults(quick_rows=quick_rows)
+    return parser
+
+
+def main() -> None:
+    parser = run_arguments(__doc__, list(TITLES), seeds=[0, 1, 2], threads=1, rows=100_000, quick_rows=20_000)
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES), metavar="RECIPE",
+                        help=f"a subset of: {', '.join(repr(r) for r in RECIPES)}")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.rows = args.seeds[:1], min(args.rows, 20_000)
+        args.seeds, args.rows = args.seeds[:1], min(args.rows, args.quick_rows)
 
     console = Console(width=250)
     log = Console(stderr=True, width=250)
