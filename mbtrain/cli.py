@@ -156,7 +156,16 @@ def fit(
                                                              "embed_dim"))] = None,
     hidden: Annotated[str | None, typer.Option(help=_help("Shared bottom / each expert's layer sizes.",
                                                           "hidden"))] = None,
-    experts: Annotated[int | None, typer.Option(help=_help("Number of MMoE experts.", "experts"))] = None,
+    experts: Annotated[int | None, typer.Option(help=_help("MMoE's experts; PLE's shared experts per level.",
+                                                           "experts"))] = None,
+    task_experts: Annotated[int | None, typer.Option(help=_help("PLE's experts per task per level.",
+                                                                "task_experts"))] = None,
+    levels: Annotated[int | None, typer.Option(help=_help("PLE's extraction levels.", "levels"))] = None,
+    funnel: Annotated[bool | None, typer.Option("--funnel/--no-funnel",
+                                                help="ESMM's entire-space funnel: --tasks in order are stages (each "
+                                                     "implies the one before), each tower predicts its stage given "
+                                                     "the one before and each task's probability is the product "
+                                                     "down the funnel (always on for --model esmm).")] = None,
     tower: Annotated[str | None, typer.Option(help=_help("Tower hidden sizes (empty for none).", "tower"))] = None,
     dropout: Annotated[float | None, typer.Option(help=_help("Dropout in [0, 1).", "dropout"))] = None,
     norm: Annotated[str | None, typer.Option(help=_help(f"Hidden-layer normalisation: {' | '.join(NORMS)}.",
@@ -311,13 +320,15 @@ def predict(
     data: Annotated[Path, typer.Argument(help="CSV or Parquet file to score.", show_default=False)],
     output: Annotated[Path, typer.Option(help="Where to write predictions (.csv or .parquet).")],
     keep: Annotated[str | None, typer.Option(help="Input columns to copy beside the predictions.")] = None,
+    conditional: Annotated[bool, typer.Option(help="Funnel models: also a cond_<task> column per task, its "
+                                                   "probability given the funnel stage before it.")] = False,
 ) -> None:
     """Write one pred_<task> probability column per task, rows in input order."""
     from mbtrain.data.io import check_table_output, write_table
     from mbtrain.inference import predict as predict_file
 
     check_table_output(output)
-    predictions = predict_file(model, data, parse_list("--keep", keep) or [])
+    predictions = predict_file(model, data, parse_list("--keep", keep) or [], conditional)
     write_table(predictions, output)
     console.print(f"wrote {predictions.height:,} rows × {predictions.width} columns to {output}")
 

@@ -44,10 +44,13 @@ class ModelConfig:
     model: str = "mmoe"
     embed_dim: int = 8
     hidden: list[int] = field(default_factory=lambda: [64, 32])
-    experts: int = 8
+    experts: int = 8  # MMoE's experts; PLE's shared experts per level
+    task_experts: int = 1  # PLE's experts per task per level
+    levels: int = 2  # PLE's extraction levels
     tower: list[int] = field(default_factory=lambda: [16])
     dropout: float = 0.0
     norm: str = "none"  # over each hidden layer: none, batch or layer
+    funnel: bool = False  # ESMM's entire-space funnel over --tasks in their order (always on for --model esmm)
 
 
 @dataclass
@@ -117,6 +120,11 @@ class RunConfig:
         return [float(self.balance.task_weights.get(task, 1.0)) for task in self.ordered_tasks]
 
     @property
+    def funnel_tasks(self) -> list[str] | None:
+        """The funnel, first stage first (--tasks as given), when the model predicts one."""
+        return list(self.data.tasks) if self.model.funnel or self.model.model == "esmm" else None
+
+    @property
     def ordered_tasks(self) -> list[str]:
         """Tasks with the main task first: MetaBalance and the model's output order rely on it."""
         main = self.main_task
@@ -143,6 +151,10 @@ class RunConfig:
             raise MbtrainError("--monitor gauc needs --group-by, the column whose groups GAUC averages over")
         if not 0 <= t.warmup <= t.epochs:
             raise MbtrainError(f"--warmup must be in [0, --epochs], in epochs: got {t.warmup}")
+        if self.funnel_tasks is not None and len(d.tasks) < 2:
+            why = "--model esmm" if m.model == "esmm" else "--funnel"
+            raise MbtrainError(f"{why} needs at least two tasks in --tasks, the funnel's stages in order (e.g. "
+                               "click,cart,purchase)")
         if b.balance in ("metabalance", "multibalance", "pcgrad", "gradnorm") and len(d.tasks) < 2:
             raise MbtrainError(f"--balance {b.balance} needs at least two tasks in --tasks")
         _in_range("--relax-factor", b.relax_factor, 0.0, 1.0, "[0, 1)")
@@ -167,6 +179,8 @@ class RunConfig:
         for flag, value in (
             ("--embed-dim", m.embed_dim),
             ("--experts", m.experts),
+            ("--task-experts", m.task_experts),
+            ("--levels", m.levels),
             ("--epochs", t.epochs),
             ("--batch-size", t.batch_size),
             ("--min-frequency", d.min_frequency),

@@ -9,11 +9,12 @@ import polars as pl
 import torch
 
 from mbtrain.checkpoint import is_export, load_checkpoint, run_checkpoint
-from mbtrain.data.schema import group_keys, label_tensor
+from mbtrain.data.schema import check_funnel, group_keys, label_tensor
 from mbtrain.data.stream import parquet_files, read_files
 from mbtrain.errors import MbtrainError
 from mbtrain.export import load_torchscript, model_from_checkpoint
 from mbtrain.metrics import task_metrics
+from mbtrain.models.funnel import conditional_probabilities
 from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities
 
 
@@ -45,21 +46,30 @@ def evaluate(path: Path, data: Path, group_by: str | None = None) -> dict[str, A
     Labels and group keys are checked before the rows are scored."""
     module, spec, frame = _read(path, data)
     labels = label_tensor(frame, str(data), spec.tasks)
+    check_funnel(labels, spec.tasks, spec.funnel, str(data))
     groups = group_keys(frame, str(data), group_by) if group_by else None
     probabilities = _score(module, spec, frame, data)
-    return {"main_task": spec.main_task, "tasks": task_metrics(probabilities, labels, spec.tasks, groups),
+    return {"main_task": spec.main_task,
+            "tasks": task_metrics(probabilities, labels, spec.tasks, groups, spec.funnel),
             "data": str(data), "model": str(path), **({"group_by": group_by} if group_by else {})}
 
 
-def predict(path: Path, data: Path, keep: list[str]) -> pl.DataFrame:
-    """`keep` columns then one pred_<task> probability column per task, rows in input order."""
+def predict(path: Path, data: Path, keep: list[str], conditional: bool = False) -> pl.DataFrame:
+    """`keep` columns then one pred_<task> probability column per task, rows in input order; with `conditional`
+    (funnel models) then one cond_<task> column per task: its probability given the funnel stage before it."""
     module, spec, frame = _read(path, data)
+    if conditional and spec.funnel_order is None:
+        raise MbtrainError(f"--conditional: {path} has no funnel (fit with --funnel or --model esmm)")
     keep = list(dict.fromkeys(keep))
+    made = {f"{prefix}_{task}" for task in spec.tasks for prefix in ("pred", "cond")[: 1 + conditional]}
     for name in keep:
         if name not in frame.columns:
             raise MbtrainError(f"{data}: column {name!r} (from --keep) not found")
-        if name in {f"pred_{task}" for task in spec.tasks}:
+        if name in made:
             raise MbtrainError(f"--keep {name}: the output already has a column of that name")
     probabilities = _score(module, spec, frame, data)
-    predictions = pl.DataFrame({f"pred_{task}": probabilities[:, i].numpy() for i, task in enumerate(spec.tasks)})
-    return pl.concat([frame.select(keep), predictions], how="horizontal")
+    columns = {f"pred_{task}": probabilities[:, i].numpy() for i, task in enumerate(spec.tasks)}
+    if conditional:
+        given = conditional_probabilities(probabilities, spec.funnel_order)
+        columns |= {f"cond_{task}": given[:, i].numpy() for i, task in enumerate(spec.tasks)}
+    return pl.concat([frame.select(keep), pl.DataFrame(columns)], how="horizontal")

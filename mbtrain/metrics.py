@@ -3,7 +3,9 @@
 Definitions (README, "Metrics"): `auc` with ties counted one half; `pr_auc` = average precision, as
 sklearn's `average_precision_score`; `logloss`; `calibration` = Σ predicted / Σ actual; `ne` = log loss over
 the entropy of the rows' positive rate; with groups, `gauc` = the row-weighted mean AUC of the groups
-holding both classes and `gauc_rows` = those groups' share of the rows. Undefined values are None.
+holding both classes and `gauc_rows` = those groups' share of the rows; with a funnel, a later stage's
+`conditional_auc` = the AUC of its conditional probability on the `conditional_rows` rows where the stage
+before it (`conditional_on`) is positive. Undefined values are None.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import math
 from typing import Any
 
 import torch
+
+from mbtrain.models.funnel import conditional_probabilities
 
 LOG_EPS = 1e-7
 NULL_GROUP = -1  # group key of a row whose group column is null: such rows belong to no group
@@ -98,11 +102,14 @@ def _entropy(rate: float) -> float | None:
 
 
 def task_metrics(probabilities: torch.Tensor, labels: torch.Tensor, tasks: list[str],
-                 groups: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
+                 groups: torch.Tensor | None = None, funnel: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """{task: {"auc", "logloss", "pr_auc", "calibration", "ne", "positives", "rows"[, "gauc", "gauc_rows"]}}
-    for [rows, T] probabilities and labels; `groups` (int64 [rows], NULL_GROUP for none) adds GAUC."""
+    for [rows, T] probabilities and labels; `groups` (int64 [rows], NULL_GROUP for none) adds GAUC; `funnel`
+    (the tasks, first stage first) adds each later stage's conditional_auc, conditional_on, conditional_rows."""
     metrics = {}
     rows = int(labels.shape[0])
+    conditional = None if funnel is None else conditional_probabilities(
+        probabilities, [tasks.index(task) for task in funnel])
     for i, task in enumerate(tasks):
         p, y = probabilities[:, i], labels[:, i]
         positives = int(y.sum())
@@ -119,5 +126,11 @@ def task_metrics(probabilities: torch.Tensor, labels: torch.Tensor, tasks: list[
         }
         if groups is not None:
             values["gauc"], values["gauc_rows"] = grouped_auc(p, y, groups)
+        if conditional is not None and task != funnel[0]:  # ESMM's CVR AUC: on the rows that passed the stage before
+            before = funnel[funnel.index(task) - 1]
+            passed = labels[:, tasks.index(before)] == 1
+            values["conditional_auc"] = auc(conditional[passed, i], y[passed])
+            values["conditional_on"] = before
+            values["conditional_rows"] = int(passed.sum())
         metrics[task] = values
     return metrics

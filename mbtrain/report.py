@@ -15,18 +15,25 @@ def _number(value: float | None, digits: int = 4) -> str:
 
 
 METRIC_COLUMNS = {"auc": "AUC", "gauc": "GAUC", "pr_auc": "PR AUC", "logloss": "log loss", "ne": "NE",
-                  "calibration": "calib."}
+                  "calibration": "calib.", "conditional_auc": "cond. AUC"}
 
 
 def metrics_table(metrics: dict[str, Any], title: str, caption: str | None = None) -> Table:
     """One row per task (main task first and marked) from a metrics.json-shaped dict, GAUC where the metrics
     have it; narrow enough for an 80-column terminal."""
     first = next(iter(metrics["tasks"].values()))
-    shown = [key for key in METRIC_COLUMNS if key in first]
+    shown = [key for key in METRIC_COLUMNS if key in first and key != "conditional_auc"]
+    staged = {task: values for task, values in metrics["tasks"].items() if "conditional_auc" in values}
     notes = [caption] if caption else []
     if "gauc" in shown:
         shares = ", ".join(f"{task} {_share(values['gauc_rows'])}" for task, values in metrics["tasks"].items())
         notes.append(f"GAUC covers the rows in groups holding both classes: {shares}")
+    if staged:
+        shown.append("conditional_auc")
+        stages = ", ".join(f"{task} | {values['conditional_on']} on {values['conditional_rows']:,} rows"
+                           for task, values in staged.items())
+        notes.append(f"cond. AUC: a stage's probability given the stage before, on the rows where that one is 1: "
+                     f"{stages}")
     table = Table(title=f"{title} · {first['rows']:,} rows", caption="\n".join(notes) or None,
                   caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("task")
@@ -36,8 +43,21 @@ def metrics_table(metrics: dict[str, Any], title: str, caption: str | None = Non
     for task, values in metrics["tasks"].items():
         name = f"{task} (main)" if task == metrics["main_task"] else task
         share = values["positives"] / values["rows"] if values["rows"] else 0.0
-        table.add_row(name, *(_number(values[key]) for key in shown), f"{values['positives']:,} ({share:.1%})")
+        table.add_row(name, *(_number(values.get(key)) for key in shown), f"{values['positives']:,} ({share:.1%})")
     return table
+
+
+def model_text(model: dict[str, Any], funnel: list[str] | None) -> str:
+    """The model as the summary names it, e.g. "ple (2 levels, 8 shared + 1 per task experts)", "esmm (funnel
+    click → cart → purchase)", "mmoe with funnel click → cart → purchase"."""
+    name = model["model"]
+    if name == "ple":
+        name += (f" ({model['levels']} level{'s' * (model['levels'] > 1)}, {model['experts']} shared + "
+                 f"{model['task_experts']} per task experts)")
+    if funnel is None:
+        return name
+    stages = " → ".join(funnel)
+    return f"esmm (funnel {stages})" if name == "esmm" else f"{name} with funnel {stages}"
 
 
 def _share(value: float) -> str:

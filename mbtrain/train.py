@@ -38,7 +38,7 @@ from mbtrain.data.batches import EncodedData, Rows, split_rows
 from mbtrain.data.coded import CodedFrame
 from mbtrain.data.encoders import Encoders
 from mbtrain.data.io import read_coded
-from mbtrain.data.schema import Schema, group_keys, infer_schema, label_tensor
+from mbtrain.data.schema import Schema, check_funnel, group_keys, infer_schema, label_tensor
 from mbtrain.data.stream import (
     StreamingBatches,
     buffer_rows_for,
@@ -57,7 +57,7 @@ from mbtrain.distributed import Cluster, any_rank, cluster_from_env, from_main
 from mbtrain.errors import MbtrainError, first_line
 from mbtrain.metrics import task_metrics
 from mbtrain.models.scoring import ModelSpec, Probabilities, score_rows
-from mbtrain.report import history_line, metrics_table
+from mbtrain.report import history_line, metrics_table, model_text
 from mbtrain.tensorboard_log import LOG_EVERY, RunLog, require_tensorboard
 
 SAMPLE_ROWS = 256  # validation rows kept in checkpoints so that export can check itself on real data
@@ -123,6 +123,10 @@ def _read_coded(files: list[Path], tasks: list[str]) -> CodedFrame:
     return read_coded(files, plain=tasks)
 
 
+def _new_spec(config: RunConfig, encoders: Encoders) -> ModelSpec:
+    return ModelSpec(config.ordered_tasks, encoders, dict(vars(config.model)), config.funnel_tasks)
+
+
 def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, spec: ModelSpec | None) -> Prepared:
     """Roles, encoders and the encoded tensors all from each column's codes, made once (data/coded.py)."""
     valid_path = Path(config.data.valid) if config.data.valid else None
@@ -130,14 +134,16 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, spec: 
     d = config.data
     schema = infer_schema(frame, source, tasks, d.categorical, d.numeric, d.exclude)
     labels = label_tensor(frame, source, tasks)
+    check_funnel(labels, tasks, config.funnel_tasks, source)
     if valid_path is not None:
         valid_frame = _read_coded(parquet_files(valid_path), _plain(config, validation=True))
         valid_source = str(valid_path)
         valid_labels = label_tensor(valid_frame, valid_source, tasks)  # bad labels fail before any fitting
+        check_funnel(valid_labels, tasks, config.funnel_tasks, valid_source)
         valid_groups = group_keys(valid_frame, valid_source, d.group_by) if d.group_by else None
         if spec is None:
-            spec = ModelSpec(tasks, Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency,
-                                                 source=source), dict(vars(config.model)))
+            spec = _new_spec(config, Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency,
+                                                  source=source))
         train = EncodedData(*spec.encoders.encode(frame, source), labels)
         valid = EncodedData(*spec.encoders.encode(valid_frame, valid_source), valid_labels, groups=valid_groups)
     else:
@@ -149,7 +155,7 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, spec: 
         if spec is None:  # fitted on the training rows only, without copying them out of the frame
             encoders = Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency, rows=train_rows,
                                     source=source)
-            spec = ModelSpec(tasks, encoders, dict(vars(config.model)))
+            spec = _new_spec(config, encoders)
         everything = EncodedData(*spec.encoders.encode(frame, source), labels, groups=groups)
         train = EncodedData(everything.categorical, everything.numeric, labels, rows=train_rows)
         valid = everything.take(valid_rows)
@@ -191,7 +197,7 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
                                               d.min_frequency)
 
     schema, encoders = from_main(roles_and_encoders)
-    spec = spec or ModelSpec(tasks, encoders, dict(vars(config.model)))
+    spec = spec or _new_spec(config, encoders)
     buffer = buffer_rows_for(budget, spec.encoders, tasks)
     train = StreamingBatches(train_parts, spec.encoders, tasks, buffer)
     if valid_parts:
@@ -200,6 +206,16 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
         frame = read_files(valid_files)
         valid = EncodedData(*spec.encoders.encode(frame, d.valid), label_tensor(frame, d.valid, tasks),
                             groups=group_keys(frame, d.valid, d.group_by) if d.group_by else None)
+    funnel = config.funnel_tasks
+    if funnel is not None:  # one pass over the label columns, on rank 0
+        def check() -> None:
+            StreamingBatches(parts, spec.encoders, tasks, buffer).check_funnel(funnel, source)
+            if valid_parts:
+                valid.check_funnel(funnel, d.valid)
+            elif d.valid:
+                check_funnel(valid.labels, tasks, funnel, d.valid)
+
+        from_main(check)
     return Prepared(schema, spec, train, valid, valid_source, f"streamed, shuffle buffer {buffer:,} rows")
 
 
@@ -232,10 +248,11 @@ def learning_rate(config: RunConfig, steps_per_epoch: int, step: int, world_size
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
 
 
-def validate(model: torch.nn.Module, valid: Rows, tasks: list[str]) -> dict[str, dict[str, Any]]:
+def validate(model: torch.nn.Module, valid: Rows, tasks: list[str], funnel: list[str] | None = None
+             ) -> dict[str, dict[str, Any]]:
     """Every metric of every task on the validation rows (metrics.py)."""
     probabilities, labels, groups = score_rows(Probabilities(model), valid)
-    return task_metrics(probabilities, labels, tasks, groups)
+    return task_metrics(probabilities, labels, tasks, groups, funnel)
 
 
 def _sample(valid: Rows) -> dict[str, torch.Tensor]:
@@ -339,7 +356,7 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
         write_json(_config_record(config, data_path, prepared), work / "config.json")
     ranks = f", {cluster.world_size} ranks" if cluster.world_size > 1 else ""
     console.print(f"[bold]mbtrain fit[/] {data_path}: {len(train):,} training rows, {len(valid):,} validation "
-                  f"rows; {spec.model['model']}, balance {b.balance}; tasks {', '.join(spec.tasks)} "
+                  f"rows; {model_text(spec.model, spec.funnel)}, balance {b.balance}; tasks {', '.join(spec.tasks)} "
                   f"(main {spec.main_task}); data {prepared.path}; {cluster.device}{ranks}; run {out}",
                   soft_wrap=True)
     sample = _sample(valid) if main else None
@@ -413,8 +430,8 @@ def _fit(config: RunConfig, data_path: Path, out: Path, overwrite: bool, resume:
     weighted = f" · task weights {_weights_text(b.task_weights)}" if b.task_weights else ""
     console.print(metrics_table(
         metrics, f"validation metrics, best epoch {best['epoch']} of {epoch}",
-        f"{note}{spec.model['model']} · balance {b.balance}{weighted} · {len(train):,} train / {len(valid):,} "
-        f"valid rows · run saved in {out}",
+        f"{note}{model_text(spec.model, spec.funnel)} · balance {b.balance}{weighted} · {len(train):,} train / "
+        f"{len(valid):,} valid rows · run saved in {out}",
     ))
     return metrics
 
@@ -498,7 +515,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     entry: dict[str, Any] = {
         "epoch": epoch,
         "train_loss": dict(zip(tasks, (loss_sum / len(train)).tolist(), strict=True)),
-        "valid": from_main(lambda: validate(model, valid, tasks)),
+        "valid": from_main(lambda: validate(model, valid, tasks, config.funnel_tasks)),
         "seconds": round(time.perf_counter() - started, 4),
         "rows_per_second": round(len(train) / train_seconds, 1),
         "lr": lr,

@@ -281,7 +281,7 @@ def test_build_balancer() -> None:
 
 @pytest.mark.parametrize("norm", ["none", "batch", "layer"])
 @pytest.mark.parametrize("strategy", ["both", "reduce", "enlarge"])
-@pytest.mark.parametrize("name", ["mmoe", "shared-bottom"])
+@pytest.mark.parametrize("name", ["mmoe", "shared-bottom", "ple"])
 @pytest.mark.parametrize(("cards", "batch"), [([5, 7, 3], 32), ([50, 70, 30], 8), ([500, 700, 300], 4)],
                          ids=["small-table", "big-table", "huge-table"])
 def test_split_forward_gives_the_same_gradients(name: str, strategy: str, cards: list[int], batch: int,
@@ -358,7 +358,8 @@ class LogicalReference:
 @pytest.mark.parametrize("split", [True, False], ids=["split-forward", "full-backward"])
 @pytest.mark.parametrize("strategy", ["both", "reduce", "enlarge"])
 @pytest.mark.parametrize(("name", "cards", "batch"), [("mmoe", [5, 7, 3], 32), ("mmoe", [500, 700, 300], 4),
-                                                      ("shared-bottom", [5, 7, 3], 32)])
+                                                      ("shared-bottom", [5, 7, 3], 32), ("ple", [5, 7, 3], 32),
+                                                      ("ple", [500, 700, 300], 4)])
 def test_norms_are_per_logical_tensor_as_in_the_unfused_model(name: str, cards: list[int], batch: int,
                                                               strategy: str, split: bool) -> None:
     """Each column's rows of the fused table and each expert's slice of the stacked weights are the separate

@@ -69,7 +69,7 @@ def test_build_model() -> None:
     assert isinstance(make("mmoe"), MMoE)
     assert isinstance(make("shared-bottom", experts=99), SharedBottom)
     assert make("mmoe", experts=6).experts.layers[0].weight.shape[0] == 6
-    with pytest.raises(ValueError, match="unknown model 'x': choose shared-bottom or mmoe"):
+    with pytest.raises(ValueError, match="unknown model 'x': choose shared-bottom, mmoe, ple, esmm"):
         make("x")
 
 

@@ -44,7 +44,7 @@ class MultiBalance(Balancer):
         n_tasks = len(losses)
         if n_tasks < 2:
             raise ValueError(f"MultiBalance needs at least two losses (main task first), got {n_tasks}")
-        head_grads, boundary_grads = heads_backward(sum(losses), self.task_params, split)
+        head_grads, boundary_grads = heads_backward(losses, self.task_params, split)
         accumulate(self.task_params, head_grads, None)
         reached = [(b, g, grouped) for b, g, grouped in zip(split.boundary, boundary_grads, split.per_expert,
                                                              strict=True) if g is not None]

@@ -86,7 +86,7 @@ class PerTaskGradients(Balancer):
         table_at = positions[0]
         dense = [p for i, p in enumerate(self.shared) if i != table_at]
         # heads: one backward of the summed loss gives their plain gradient and each task's boundary gradient
-        head_grads, boundary_grads = heads_backward(sum(losses), self.task_params, split)
+        head_grads, boundary_grads = heads_backward(losses, self.task_params, split)
         accumulate(self.task_params, self._summed(self.task_params, head_grads), None)
         # trunk: once per task
         n_tasks = len(losses)
@@ -186,12 +186,28 @@ def _distinct(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch
     return rows, position[index]
 
 
-def heads_backward(total: torch.Tensor, task_params: Sequence[torch.Tensor], split: SplitForward
+def heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.Tensor], split: SplitForward
                    ) -> tuple[Sequence[torch.Tensor | None], Sequence[torch.Tensor | None]]:
-    """One backward of `total` through the heads (models/split.py): (the task parameters' gradients, each
-    boundary tensor's per-task gradient [T, ...]), None where the loss does not reach one."""
-    grads = torch.autograd.grad(total, [*task_params, *split.per_task], allow_unused=True)
-    return grads[: len(task_params)], grads[len(task_params) :]
+    """The backward of the losses through the heads (models/split.py): (the task parameters' gradients of their
+    sum, each boundary tensor's per-task gradient [T, ...]), None where no loss reaches one. One backward of the
+    sum where each task's loss reads its own heads only; task by task where the heads are coupled (the funnel:
+    a stage's loss reads the towers before it, each on its own task's view), task k's gradient at the boundary
+    then being the sum over the views of its loss's gradient."""
+    if not split.coupled:
+        grads = torch.autograd.grad(sum(losses), [*task_params, *split.per_task], allow_unused=True)
+        return grads[: len(task_params)], grads[len(task_params) :]
+    head_grads: list[list[torch.Tensor]] = [[] for _ in task_params]
+    boundary_grads: list[list[torch.Tensor]] = [[] for _ in split.per_task]
+    for k, loss in enumerate(losses):
+        grads = torch.autograd.grad(loss, [*task_params, *split.per_task], retain_graph=k < len(losses) - 1,
+                                    allow_unused=True)
+        for found, g in zip(head_grads, grads[: len(task_params)], strict=True):
+            if g is not None:
+                found.append(g)
+        for found, view, g in zip(boundary_grads, split.per_task, grads[len(task_params) :], strict=True):
+            found.append(view.new_zeros(view.shape[1:]) if g is None else g.sum(dim=0))
+    return ([torch.stack(found).sum(dim=0) if found else None for found in head_grads],
+            [torch.stack(found) for found in boundary_grads])
 
 
 def _laid_out_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

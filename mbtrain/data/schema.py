@@ -164,6 +164,30 @@ def label_tensor(frame: pl.DataFrame | CodedFrame, source: str, tasks: list[str]
     return labels
 
 
+def check_funnel(labels: torch.Tensor, tasks: list[str], funnel: list[str] | None, source: str) -> None:
+    """Refuse labels [rows, T] (columns in `tasks` order) where a funnel stage is 1 and the stage before it 0."""
+    if funnel is None:
+        return
+    count, first = funnel_breaks(labels, tasks, funnel)
+    if count:
+        raise funnel_error(source, count, f"row index {first}", labels[first], tasks, funnel)
+
+
+def funnel_breaks(labels: torch.Tensor, tasks: list[str], funnel: list[str]) -> tuple[int, int | None]:
+    """(rows where a funnel stage is 1 and the stage before it 0, the first of them)."""
+    staged = labels[:, [tasks.index(task) for task in funnel]]
+    broken = (staged[:, 1:] > staged[:, :-1]).any(dim=1)
+    count = int(broken.sum())
+    return count, int(broken.nonzero()[0, 0]) if count else None
+
+
+def funnel_error(source: str, count: int, where: str, row: torch.Tensor, tasks: list[str],
+                 funnel: list[str]) -> MbtrainError:
+    values = ", ".join(f"{task}={int(row[tasks.index(task)])}" for task in funnel)
+    return MbtrainError(f"{source}: {count:,} row(s) break the funnel {' → '.join(funnel)} (a stage is 1 where the "
+                        f"stage before it is 0); the first is {where}: {values}")
+
+
 def group_keys(frame: pl.DataFrame | CodedFrame, source: str, column: str) -> torch.Tensor:
     """int64 [rows] keys of the --group-by column's values (a 63-bit hash, the same for the same value in
     every chunk of a file), NULL_GROUP where the value is null. Read as it is stored (read_coded's `plain`);

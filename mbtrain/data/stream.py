@@ -48,7 +48,7 @@ from mbtrain.data.batches import EncodedData, row_order
 from mbtrain.data.coded import kind_of
 from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder, vocabulary_query
 from mbtrain.data.io import PARQUET_MAGIC, read_parquet, read_table
-from mbtrain.data.schema import Schema, group_keys, infer_schema, label_tensor
+from mbtrain.data.schema import Schema, funnel_breaks, funnel_error, group_keys, infer_schema, label_tensor
 from mbtrain.distributed import ranks_on_this_node
 from mbtrain.errors import MbtrainError, first_line
 
@@ -372,6 +372,20 @@ class StreamingBatches:
         for frame, source in _frames(self.parts, self.tasks):
             total += label_tensor(frame, source, self.tasks).sum(dim=0, dtype=torch.float64)
         return (total / len(self)).float()
+
+    def check_funnel(self, funnel: list[str], source: str) -> None:
+        """Refuse rows where a funnel stage is 1 and the stage before it 0 (schema.check_funnel), reading the
+        label columns only, and counting them all before saying where the first is."""
+        count, first, offset, previous = 0, None, 0, None
+        for frame, source in _frames(self.parts, self.tasks):
+            offset = 0 if source != previous else offset
+            labels = label_tensor(frame, source, self.tasks)
+            broken, at = funnel_breaks(labels, self.tasks, funnel)
+            if broken and first is None:
+                first = (f"row index {offset + at} of {source}", labels[at])
+            count, offset, previous = count + broken, offset + frame.height, source
+        if first is not None:
+            raise funnel_error(source, count, *first, self.tasks, funnel)
 
     def chunks(self) -> Iterator[EncodedData]:
         """Every row in file order, READ_ROWS at a time at most (scoring accepts any chunk size)."""

@@ -69,12 +69,7 @@ class MMoE(nn.Module):
     def heads(self, x: torch.Tensor, expert_out: torch.Tensor) -> torch.Tensor:
         """Gates, mixture and towers, from shared inputs (x [B, in], experts [E, B, H]) or split_forward's
         per-task views of them, expanded from those ([T, B, in], [T, E, B, H])."""
-        gate = self.gates(x).softmax(dim=2)  # [T, B, E]
-        if not torch.jit.is_scripting() and expert_out.dim() == 4:  # per-task views (split_forward)
-            mixed = _ExpandedMixture.apply(gate, expert_out)
-        else:
-            mixed = torch.einsum("tbe,ebh->tbh", gate, expert_out)  # one batched matmul
-        return self.towers(mixed)  # [B, T] logits
+        return self.towers(mixture(self.gates(x).softmax(dim=2), expert_out))  # [B, T] logits
 
     def split_forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> SplitForward:
         """Trunk = embedding + experts; heads = gates, mixture, towers (see models/split.py)."""
@@ -84,6 +79,14 @@ class MMoE(nn.Module):
         return SplitForward(self.heads(*per_task), boundary, per_task, self.embedding.table.weight, rows, index,
                             names=["inputs", "experts"], per_expert=[False, True],
                             last_shared=self.experts.layers[-1].weight)
+
+
+def mixture(gate: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """[T, B, H] each task's gate-weighted sum of the experts: gate [T, B, E] over experts [E, B, H], or over
+    split_forward's per-task views of them, [T, E, B, H] expanded from those."""
+    if not torch.jit.is_scripting() and experts.dim() == 4:
+        return _ExpandedMixture.apply(gate, experts)
+    return torch.einsum("tbe,ebh->tbh", gate, experts)  # one batched matmul
 
 
 class _ExpandedMixture(torch.autograd.Function):

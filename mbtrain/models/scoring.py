@@ -14,6 +14,7 @@ from torch import nn
 from mbtrain.data.batches import SCORE_ROWS, Rows
 from mbtrain.data.encoders import Encoders, NumericEncoder
 from mbtrain.models import build_model
+from mbtrain.models.funnel import Funnel, conditional_probabilities
 from mbtrain.models.split import SplitForward
 
 SPEC_FORMAT = "mbtrain/1"
@@ -21,6 +22,12 @@ INPUTS_DOC = (
     "categorical: int64 [B, C], the index of each value in that column's 'values' list plus 1 "
     "(0 for null or unseen); numeric: float32 [B, N], raw values in the order of 'numeric', NaN for null "
     "(the model applies log1p / mean / std itself); output: float32 [B, T] probabilities in 'tasks' order"
+)
+
+FUNNEL_DOC = (
+    "'funnel' lists the tasks as stages, first stage first: each output is its stage's probability over every "
+    "impression, the product of the conditional probabilities down the funnel, never above the output of the "
+    "stage before it; a stage's conditional probability is its output divided by that earlier output"
 )
 
 
@@ -40,20 +47,30 @@ class NumericNormalizer(nn.Module):
 
 
 class ScoringModel(nn.Module):
-    """A multi-task network behind its numeric normaliser: raw inputs in, one logit per task out."""
+    """A multi-task network behind its numeric normaliser, and under its funnel where it has one: raw inputs in,
+    one logit per task out (with a funnel, of the entire-space probability)."""
 
-    def __init__(self, normalizer: NumericNormalizer, network: nn.Module) -> None:
+    def __init__(self, normalizer: NumericNormalizer, network: nn.Module, funnel: list[int] | None = None) -> None:
         super().__init__()
         self.normalizer = normalizer
         self.network = network
+        self.funnel_order = funnel
+        self.funnel = Funnel(funnel) if funnel is not None else nn.Identity()
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
-        return self.network(categorical, self.normalizer(numeric))
+        return self.funnel(self.network(categorical, self.normalizer(numeric)))
 
     def split_forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> SplitForward:
-        return self.network.split_forward(categorical, self.normalizer(numeric))
+        split = self.network.split_forward(categorical, self.normalizer(numeric))
+        if self.funnel_order is not None:  # a stage's probability multiplies the towers of the stages before it
+            split.logits, split.coupled = self.funnel(split.logits), True
+        return split
 
     def set_base_rates(self, rates: torch.Tensor) -> None:
+        """Start every tower at its task's share of positives: with a funnel, the share among the rows where
+        the stage before it is positive."""
+        if self.funnel_order is not None:
+            rates = conditional_probabilities(rates, self.funnel_order)
         self.network.towers.set_base_rates(rates)
 
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -73,10 +90,16 @@ class ModelSpec:
     tasks: list[str]  # main task first: the model's output columns
     encoders: Encoders
     model: dict[str, Any]  # ModelConfig fields
+    funnel: list[str] | None = None  # the tasks first stage first, for a model with the entire-space funnel
 
     @property
     def main_task(self) -> str:
         return self.tasks[0]
+
+    @property
+    def funnel_order(self) -> list[int] | None:
+        """The output columns first funnel stage first (None without a funnel)."""
+        return None if self.funnel is None else [self.tasks.index(task) for task in self.funnel]
 
     def build(self) -> ScoringModel:
         network = build_model(
@@ -90,8 +113,10 @@ class ModelSpec:
             tower=self.model["tower"],
             dropout=self.model["dropout"],
             norm=self.model.get("norm", "none"),  # runs from before --norm had none
+            task_experts=self.model.get("task_experts", 1),  # and from before PLE
+            levels=self.model.get("levels", 2),
         )
-        return ScoringModel(NumericNormalizer(self.encoders.numeric), network)
+        return ScoringModel(NumericNormalizer(self.encoders.numeric), network, self.funnel_order)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +124,7 @@ class ModelSpec:
             "tasks": self.tasks,
             "main_task": self.main_task,
             "inputs": INPUTS_DOC,
+            **({"funnel": self.funnel, "outputs": FUNNEL_DOC} if self.funnel is not None else {}),
             **self.encoders.to_dict(),
             "model": self.model,
         }
@@ -107,7 +133,9 @@ class ModelSpec:
     def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:
         if raw.get("format") != SPEC_FORMAT:
             raise ValueError(f"unknown model spec format {raw.get('format')!r}")
-        return cls(list(raw["tasks"]), Encoders.from_dict(raw), dict(raw["model"]))
+        funnel = raw.get("funnel")
+        return cls(list(raw["tasks"]), Encoders.from_dict(raw), dict(raw["model"]),
+                   None if funnel is None else list(funnel))
 
 
 class Probabilities(nn.Module):

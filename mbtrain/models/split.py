@@ -26,6 +26,7 @@ class SplitForward:
     names: list[str]  # per boundary tensor, what it holds ("bottom", "experts", ...)
     per_expert: list[bool]  # per boundary tensor, whether its first dim indexes experts ([E, B, H])
     last_shared: torch.Tensor | None  # the weight of the trunk's last layer (GradNorm's W); None without one
+    coupled: bool = False  # a task's loss reads other tasks' heads too (the funnel): heads_backward goes task by task
 
 
 def task_views(boundary: list[torch.Tensor], num_tasks: int) -> list[torch.Tensor]:
