@@ -275,18 +275,32 @@ def inspect(
     exclude: ExcludeOpt = None,
     config: ConfigOpt = None,
     memory_budget: Annotated[str | None, typer.Option(help="As for fit: bigger Parquet data is streamed.")] = None,
+    funnel: Annotated[bool | None, typer.Option("--funnel/--no-funnel",
+                                                help="As for fit: --tasks in order are a funnel; also shows each "
+                                                     "stage's rate given the one before, and rows that break "
+                                                     "it.")] = None,
 ) -> None:
     """Show the role fit would give every column (label, categorical, numeric, excluded); no training."""
+    from mbtrain.models.funnel import conditional_probabilities
     from mbtrain.report import schema_table
     from mbtrain.train import describe
 
     run_config = _resolve(config, _overrides(tasks=tasks, main_task=main_task, categorical=categorical,
-                                             numeric=numeric, exclude=exclude, memory_budget=memory_budget))
+                                             numeric=numeric, exclude=exclude, memory_budget=memory_budget,
+                                             funnel=funnel))
     run_config.validate()
-    schema, rows, rates = describe(run_config, data)
+    schema, rows, rates, broken = describe(run_config, data)
     console.print(schema_table(schema, f"{data}: {rows:,} rows, {len(schema.columns)} columns"))
     shares = ", ".join(f"{task} {rate:.2%}" for task, rate in zip(schema.tasks, rates.tolist(), strict=True))
     console.print(f"positive rates: {shares}")
+    stages = run_config.funnel_tasks
+    if stages is not None and broken is None:
+        given = conditional_probabilities(rates, [schema.tasks.index(task) for task in stages])
+        steps = ", ".join(f"{task} | {before} {float(given[schema.tasks.index(task)]):.2%}"
+                          for before, task in zip(stages, stages[1:], strict=False))
+        console.print(f"funnel {' → '.join(stages)}: {steps}", soft_wrap=True)
+    if broken is not None:
+        sys.stderr.write(f"mbtrain: warning: {broken}; fit refuses them\n")
 
 
 @app.command(name="eval")

@@ -94,18 +94,31 @@ def _plain(config: RunConfig, validation: bool = False) -> list[str]:
     return config.ordered_tasks + ([config.data.group_by] if grouped else [])
 
 
-def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Tensor]:
-    """(column roles, rows, positive rate per task) as `fit` would see the data, streamed where fit streams."""
+def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Tensor, str | None]:
+    """(column roles, rows, positive rate per task, what breaks the funnel if one is set and rows break it) as
+    `fit` would see the data, streamed where fit streams."""
     files, _, fits = _locate(config, data_path)
-    tasks, d = config.ordered_tasks, config.data
+    tasks, d, funnel = config.ordered_tasks, config.data, config.funnel_tasks
+    broken = None
     if not fits:
         parts = row_groups(files)
         schema = infer_schema_streaming(parts, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
-        rates = StreamingBatches(parts, Encoders([], []), tasks, buffer_rows=1).positive_rates()
-        return schema, sum(part.rows for part in parts), rates
+        labels = StreamingBatches(parts, Encoders([], []), tasks, buffer_rows=1)
+        rates = labels.positive_rates()
+        if funnel is not None:
+            try:
+                labels.check_funnel(funnel, str(data_path))
+            except MbtrainError as exc:
+                broken = str(exc)
+        return schema, sum(part.rows for part in parts), rates, broken
     coded = _read_coded(files, tasks)
     schema = infer_schema(coded, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
-    return schema, coded.height, label_tensor(coded, str(data_path), tasks).mean(dim=0)
+    labels = label_tensor(coded, str(data_path), tasks)
+    try:
+        check_funnel(labels, tasks, funnel, str(data_path))
+    except MbtrainError as exc:
+        broken = str(exc)
+    return schema, coded.height, labels.mean(dim=0), broken
 
 
 def _locate(config: RunConfig, data_path: Path) -> tuple[list[Path], int, bool]:

@@ -88,6 +88,19 @@ def test_two_ranks_match_one_process_with_twice_the_batch(balance: str, batch: i
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # rank 1 wrote nothing of its own
 
 
+@pytest.mark.parametrize("model", [["--model", "ple"], ["--model", "esmm"], ["--model", "mmoe", "--funnel"]])
+def test_two_ranks_match_one_process_on_the_new_models(model: list[str], data: Path, tmp_path: Path) -> None:
+    """PLE's split and the funnel's task-by-task heads under torchrun, with MetaBalance."""
+    settings = [*(a if a != "purchase,click" else "click,purchase" for a in SETTINGS), "--main-task", "purchase",
+                *model, "--balance", "metabalance", "--epochs", "2"]
+    torchrun(str(data), *settings, "--batch-size", "16", "--out", str(tmp_path / "two"))
+    result = run_cli("fit", str(data), *settings, "--batch-size", "32", "--out", str(tmp_path / "one"))
+    assert result.exit_code == 0, result.output
+    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    assert_same_weights(two, one)
+    torch.testing.assert_close(two["balancer"]["moving_norms"], one["balancer"]["moving_norms"])
+
+
 def test_a_distributed_run_resumes(data: Path, tmp_path: Path) -> None:
     common = [*SETTINGS, "--balance", "metabalance", "--batch-size", "32"]
     torchrun(str(data), *common, "--epochs", "2", "--out", str(tmp_path / "straight"))
@@ -141,7 +154,7 @@ def test_a_failure_on_rank_0_while_it_fits_the_encoders_stops_every_rank(batch_g
     assert "gloo" not in result.stderr  # rank 1 raised rank 0's error, not a broken connection's
 
 
-@pytest.mark.parametrize("model", ["mmoe", "shared-bottom"])
+@pytest.mark.parametrize("model", ["mmoe", "shared-bottom", "ple", "esmm"])
 @pytest.mark.parametrize("balance", BALANCERS)
 def test_an_empty_local_batch_adds_zero_gradients(model: str, balance: str) -> None:
     """What a rank whose shard is exhausted computes: zero losses, zero gradients, no NaN in MetaBalance."""

@@ -14,13 +14,18 @@ CARDS = [5, 7, 3]
 
 
 def last_shared(model: torch.nn.Module) -> torch.Tensor:
+    """The paper's W: the last shared layer's weight (ESMM shares its embedding table only)."""
+    if hasattr(model, "levels"):
+        return model.levels[-1].shared_experts.layers[-1].weight
     if hasattr(model, "experts"):
         return model.experts.layers[-1].weight
-    return [layer for layer in model.bottom if isinstance(layer, torch.nn.Linear)][-1].weight
+    if hasattr(model, "bottom"):
+        return [layer for layer in model.bottom if isinstance(layer, torch.nn.Linear)][-1].weight
+    return model.embedding.table.weight
 
 
 @pytest.mark.parametrize("alpha", [1.5, 0.5])
-@pytest.mark.parametrize("name", ["mmoe", "shared-bottom"])
+@pytest.mark.parametrize("name", ["mmoe", "shared-bottom", "ple", "esmm"])
 def test_matches_the_papers_procedure_over_steps(name: str, alpha: float) -> None:
     ours, theirs = twin_models(name, CARDS)
     balancer = GradNorm(3, list(ours.parameters()), ours.task_parameters(), alpha=alpha)

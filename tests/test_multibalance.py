@@ -62,7 +62,7 @@ class Reference:
 
 
 @pytest.mark.parametrize("strategy", ["both", "reduce", "enlarge"])
-@pytest.mark.parametrize("name", ["mmoe", "shared-bottom"])
+@pytest.mark.parametrize("name", ["mmoe", "shared-bottom", "ple", "esmm"])
 def test_matches_the_literal_reference_over_steps(name: str, strategy: str) -> None:
     ours, theirs = twin_models(name, CARDS)
     balancer = MultiBalance(list(ours.parameters()), ours.task_parameters(), relax_factor=0.6, beta=0.8,
@@ -82,8 +82,11 @@ def test_matches_the_literal_reference_over_steps(name: str, strategy: str) -> N
         assert_same_grads_then_step(ours, theirs, 0.5)
     expected = sorted(reference.moving.values())
     assert sorted(balancer.moving_norms.flatten().tolist()) == pytest.approx(expected, rel=1e-9, abs=1e-15)
-    assert balancer.ratio_names == (["bottom"] if name == "shared-bottom" else
-                                    ["inputs", "experts/0", "experts/1", "experts/2"])
+    experts = [f"{group}/{e}" for group in ("level0.task_experts", "level0.shared_experts", "level1.shared_experts")
+               for e in range(3)]
+    assert balancer.ratio_names == {"shared-bottom": ["bottom"], "mmoe": ["inputs", "experts/0", "experts/1",
+                                                                          "experts/2"],
+                                    "esmm": ["inputs"], "ple": ["inputs", *experts]}[name]
 
 
 def test_state_round_trip_and_bad_use() -> None:

@@ -44,7 +44,7 @@ def reference_backward(model: torch.nn.Module, losses: list[torch.Tensor], gener
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["split-forward", "full-backward"])
-@pytest.mark.parametrize("name", ["mmoe", "shared-bottom"])
+@pytest.mark.parametrize("name", ["mmoe", "shared-bottom", "ple", "esmm"])
 def test_matches_the_reference_over_steps(name: str, split: bool) -> None:
     ours, theirs = twin_models(name, CARDS)
     balancer = PCGrad(ours.shared_parameters(), ours.task_parameters() if split else None, seed=7)
