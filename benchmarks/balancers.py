@@ -64,10 +64,11 @@ TITLES = {
 
 
 def run_one(dataset: str, balance: str, seed: int, train: Path, test: Path, out: Path,
-            args: argparse.Namespace) -> dict[str, Any]:
-    """Train one balancer on one data set and seed; the row of the --json output (with `error` if it failed)."""
+            args: argparse.Namespace, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one balancer on one data set and seed (with `settings` on top: another model, the tasks in funnel
+    order); the row of the --json output (with `error` if it failed)."""
     overrides: dict[str, Any] = {**OVERRIDES.get(dataset, {}), "tasks": TASKS[dataset], "balance": balance,
-                                 "seed": seed, "threads": args.threads}
+                                 "seed": seed, "threads": args.threads, **(settings or {})}
     if args.quick:
         overrides["epochs"] = min(RunConfig().train.epochs, 2)
     row: dict[str, Any] = {"dataset": dataset, "balance": balance, "seed": seed, "overrides": overrides}
@@ -78,7 +79,7 @@ def run_one(dataset: str, balance: str, seed: int, train: Path, test: Path, out:
         history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
         row.update({
             "test": {task: {"auc": m["auc"], "logloss": m["logloss"]} for task, m in test_tasks.items()},
-            "valid_main_auc": metrics["tasks"][TASKS[dataset][0]]["auc"],
+            "valid_main_auc": metrics["tasks"][metrics["main_task"]]["auc"],
             "best_epoch": metrics["best_epoch"],
             "epochs_run": metrics["epochs_run"],
             "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),

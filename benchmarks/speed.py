@@ -2,8 +2,9 @@
 
 Training: one generated impression log (default 200k rows, ~20k users, 3 tasks, MMoE 8 experts [64,32]),
 encoded once; the variants `none`, `metabalance` (ours) and `naive` (the widely copied per-task full
-backward with a Python loop over parameters, written here as a baseline) each train epochs in turn,
-interleaved, so machine noise hits all of them alike. Seconds per epoch are training plus validation,
+backward with a Python loop over parameters, written here as a baseline), or any balancers, on each of
+`--models` (MMoE by default; `ple`, `esmm`, `mmoe+funnel`, ...) train epochs in turn, interleaved, so machine
+noise hits all of them alike. Seconds per epoch are training plus validation,
 as in history.jsonl; ratios are against `none` within the same round.
 
 Encoding: a generated Parquet file (default 2M rows, 30 feature columns of strings, ints, floats and
@@ -35,6 +36,7 @@ from synthetic import TASKS, impressions  # noqa: E402
 from mbtrain.allocator import keep_freed_memory  # noqa: E402
 from mbtrain.balance import Balancer, build_balancer  # noqa: E402
 from mbtrain.config import RunConfig  # noqa: E402
+from mbtrain.models.scoring import ModelSpec  # noqa: E402
 from mbtrain.train import build_optimizer, prepare, train_epoch  # noqa: E402
 
 
@@ -87,16 +89,18 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
                       f"{sum(prepared.spec.encoders.cardinalities):,} embedding rows, encoded in "
                       f"{time.perf_counter() - started:.1f}s")
     runs = {}
-    for variant in args.variants:
-        torch.manual_seed(0)
-        model = prepared.spec.build()
-        if variant == "naive":
-            balancer: Balancer = NaiveMetaBalance(model.shared_parameters())
-        else:
-            balancer = build_balancer(variant, model.shared_parameters(), model.task_parameters(),
-                                      num_tasks=len(TASKS), segments=model.shared_segments())
-        optimizer = build_optimizer(model.parameters(), config, balancer.parameters())
-        runs[variant] = (model, optimizer, balancer, [], [])
+    for architecture in args.models:
+        spec = _with_model(prepared.spec, architecture)
+        for variant in args.variants:
+            torch.manual_seed(0)
+            model = spec.build()
+            if variant == "naive":
+                balancer: Balancer = NaiveMetaBalance(model.shared_parameters())
+            else:
+                balancer = build_balancer(variant, model.shared_parameters(), model.task_parameters(),
+                                          num_tasks=len(TASKS), segments=model.shared_segments())
+            optimizer = build_optimizer(model.parameters(), config, balancer.parameters())
+            runs[architecture, variant] = (model, optimizer, balancer, [], [])
     steps = prepared.train.steps(config.train.batch_size)
     keep_freed_memory()  # as `mbtrain fit` does before its first step
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
@@ -107,20 +111,31 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
                 if round_:
                     epochs.append(entry["seconds"])
                     trains.append(len(prepared.train) / entry["rows_per_second"])
-    table = Table(title=f"seconds per epoch, {args.rows:,} rows, {args.users:,} users, MMoE, 3 tasks, "
-                        f"{args.threads} threads, median of {args.rounds} interleaved rounds")
-    for column in ("balance", "epoch s (train+valid)", "train s", "ms/step", "× none (epoch)", "× none (train)",
-                   "per-round × none"):
+    first = args.models[0]
+    table = Table(title=f"seconds per epoch, {args.rows:,} rows, {args.users:,} users, 3 tasks, "
+                        f"{args.threads} threads, median of {args.rounds} interleaved rounds; × none: against the "
+                        f"same model's plain sum; × {first}: against {first}'s, the epoch's training part")
+    for column in ("model", "balance", "epoch s (train+valid)", "train s", "ms/step", "× none (epoch)",
+                   "× none (train)", "per-round × none", f"× {first} none (train)"):
         table.add_column(column, justify="right")
-    base_epochs, base_trains = runs["none"][3], runs["none"][4]
-    for variant, (_, _, _, epochs, trains) in runs.items():
+    for (architecture, variant), (_, _, _, epochs, trains) in runs.items():
+        base_epochs, base_trains = runs[architecture, "none"][3:5] if "none" in args.variants else (epochs, trains)
         ratios = [e / b for e, b in zip(epochs, base_epochs, strict=True)]
-        table.add_row(variant, f"{statistics.median(epochs):.2f}", f"{statistics.median(trains):.2f}",
+        first_trains = runs[first, "none"][4] if "none" in args.variants else trains
+        table.add_row(architecture, variant, f"{statistics.median(epochs):.2f}", f"{statistics.median(trains):.2f}",
                       f"{1000 * statistics.median(trains) / steps:.1f}",
                       f"{statistics.median(epochs) / statistics.median(base_epochs):.2f}",
                       f"{statistics.median(trains) / statistics.median(base_trains):.2f}",
-                      " ".join(f"{r:.2f}" for r in ratios))
+                      " ".join(f"{r:.2f}" for r in ratios),
+                      f"{statistics.median(trains) / statistics.median(first_trains):.2f}")
     console.print(table)
+
+
+def _with_model(spec: ModelSpec, architecture: str) -> ModelSpec:
+    """The spec with another model; "esmm" and "NAME+funnel" predict the click → cart → purchase funnel."""
+    name, _, funnel = architecture.partition("+")
+    stages = list(reversed(TASKS)) if funnel or name == "esmm" else None
+    return ModelSpec(spec.tasks, spec.encoders, {**spec.model, "model": name}, stages)
 
 
 def _stage(stage: str, path: Path) -> None:
@@ -188,6 +203,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=["none", "metabalance", "naive"])
+    parser.add_argument("--models", nargs="+", default=["mmoe"],
+                        help="models to time each variant on: shared-bottom, mmoe, ple, esmm, or NAME+funnel")
     parser.add_argument("--encode-rows", type=int, default=2_000_000)
     parser.add_argument("--encode-repeats", type=int, default=5)
     parser.add_argument("--skip", nargs="*", default=[], choices=["training", "encoding"])

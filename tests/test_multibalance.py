@@ -82,8 +82,7 @@ def test_matches_the_literal_reference_over_steps(name: str, strategy: str) -> N
         assert_same_grads_then_step(ours, theirs, 0.5)
     expected = sorted(reference.moving.values())
     assert sorted(balancer.moving_norms.flatten().tolist()) == pytest.approx(expected, rel=1e-9, abs=1e-15)
-    experts = [f"{group}/{e}" for group in ("level0.task_experts", "level0.shared_experts", "level1.shared_experts")
-               for e in range(3)]
+    experts = [f"level0.experts/{e}" for e in range(6)] + [f"level1.shared_experts/{e}" for e in range(3)]
     assert balancer.ratio_names == {"shared-bottom": ["bottom"], "mmoe": ["inputs", "experts/0", "experts/1",
                                                                           "experts/2"],
                                     "esmm": ["inputs"], "ple": ["inputs", *experts]}[name]

@@ -33,9 +33,13 @@ def literal_forward(model: PLE, categorical: torch.Tensor, numeric: torch.Tensor
     tasks = model.num_tasks
     task_in, shared_in = [x] * tasks, x
     for level in model.levels:
-        each = level.task_experts_each
-        shared = [expert(shared_in, level.shared_experts, e) for e in range(level.shared_experts.layers[0].groups)]
-        own = [[expert(task_in[t], level.task_experts, t * each + j) for j in range(each)] for t in range(tasks)]
+        each, count = level.own, level.shared_count
+        if level.experts is not None:  # one stack: each task's own experts, task by task, then the shared ones
+            shared = [expert(shared_in, level.experts, tasks * each + e) for e in range(count)]
+            own = [[expert(task_in[t], level.experts, t * each + j) for j in range(each)] for t in range(tasks)]
+        else:
+            shared = [expert(shared_in, level.shared_experts, e) for e in range(count)]
+            own = [[expert(task_in[t], level.task_experts, t * each + j) for j in range(each)] for t in range(tasks)]
         next_in = []
         for t in range(tasks):
             seen = own[t] + shared  # its own experts first, then the shared ones
@@ -64,8 +68,9 @@ def reached(model: PLE, losses: list[torch.Tensor]) -> dict[tuple[int, int], set
     """{(parameter, slice): the tasks whose loss gives it a non-zero gradient}; a slice is an index of the first
     dim of stacked parameters (experts, task gates, towers) and of the embedding table, 0 for the rest."""
     params = list(model.parameters())
-    stacked = {id(p) for level in model.levels for module in (level.shared_experts, level.task_experts,
-                                                              level.task_gates) for p in module.parameters()}
+    stacked = {id(p) for level in model.levels for module in (level.experts, level.shared_experts, level.task_experts,
+                                                              level.task_gates) if module is not None
+               for p in module.parameters()}
     stacked |= {id(p) for p in model.towers.parameters()} | {id(model.embedding.table.weight)}
     found: dict[tuple[int, int], set[int]] = {}
     for k, loss in enumerate(losses):

@@ -28,46 +28,64 @@ from mbtrain.models.towers import Towers
 
 
 class ExtractionLevel(nn.Module):
-    """One PLE level: shared and per-task experts (StackedMLPs of `hidden`), the tasks' gates (one StackedLinear
-    [T, in, own + shared experts]) and, unless it is the last level, the shared gate over all experts (a Linear)."""
+    """One PLE level: its experts (StackedMLPs of `hidden`), the tasks' gates (one StackedLinear [T, in, own +
+    shared experts]) and, unless it is the last level, the shared gate over all experts (a Linear).
+
+    A level with a shared gate holds all its experts in one stack, each task's own experts task by task, then the
+    shared ones (the shared gate's order): all of them are shared parameters, and on level 0, where every expert
+    reads the same input, the first layer is one matmul. The last level keeps its shared experts and its task
+    experts (task parameters) in two stacks."""
 
     def __init__(self, in_dim: int, hidden: list[int], experts: int, task_experts: int, num_tasks: int,
-                 shared_gate: bool, dropout: float, norm: str) -> None:
+                 last: bool, dropout: float, norm: str) -> None:
         super().__init__()
         self.num_tasks = num_tasks
-        self.task_experts_each = task_experts
-        self.shared_experts = StackedMLP(experts, in_dim, hidden, dropout, norm)
-        self.task_experts = StackedMLP(num_tasks * task_experts, in_dim, hidden, dropout, norm)  # task by task
+        self.own = task_experts
+        self.shared_count = experts
         self.task_gates = StackedLinear(num_tasks, in_dim, task_experts + experts)
-        self.shared_gate = nn.Linear(in_dim, num_tasks * task_experts + experts) if shared_gate else None
+        if last:
+            self.experts = None
+            self.shared_gate = None
+            self.shared_experts = StackedMLP(experts, in_dim, hidden, dropout, norm)
+            self.task_experts = StackedMLP(num_tasks * task_experts, in_dim, hidden, dropout, norm)
+        else:
+            self.experts = StackedMLP(num_tasks * task_experts + experts, in_dim, hidden, dropout, norm)
+            self.shared_gate = nn.Linear(in_dim, num_tasks * task_experts + experts)
+            self.shared_experts = None
+            self.task_experts = None
 
-    def run_task_experts(self, task_in: torch.Tensor) -> torch.Tensor:
-        """[T·own, B, H] the task experts on their task's input: one input [B, in] for all (level 0), or
-        [T, B, in], each task's repeated for its experts (a view where the input is one expanded tensor)."""
-        if task_in.dim() == 2 or self.task_experts_each == 1:
-            return self.task_experts(task_in)
+    def per_expert(self, task_in: torch.Tensor) -> torch.Tensor:
+        """Each task's input [T, B, in] repeated for its own experts: [T·own, B, in] (a view where the input is
+        one expanded tensor, or where each task has one expert); level 0's one input [B, in] as it is."""
+        if self.own == 1 or task_in.dim() == 2:
+            return task_in
         tasks, rows, width = task_in.shape
-        each = self.task_experts_each
-        return self.task_experts(task_in.unsqueeze(1).expand(tasks, each, rows, width).reshape(-1, rows, width))
+        return task_in.unsqueeze(1).expand(tasks, self.own, rows, width).reshape(-1, rows, width)
+
+    def stacked_inputs(self, task_in: torch.Tensor, shared_in: torch.Tensor) -> torch.Tensor:
+        """The input of each expert of the stack: on level 0 the one input [B, in] of all; above, [T·own + E,
+        B, in] from the task inputs [T, B, in] and the shared input [B, in]."""
+        if task_in.dim() == 2:
+            return task_in
+        shared = shared_in.unsqueeze(0).expand(self.shared_count, shared_in.shape[0], shared_in.shape[1])
+        return torch.cat([self.per_expert(task_in), shared])
 
     def task_mix(self, task_in: torch.Tensor, own: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         """[T, B, H] each task's gate over its own experts (own [T, own, B, H]) and the shared ones (shared
         [E, B, H], or split_forward's per-task views [T, E, B, H])."""
         gate = self.task_gates(task_in).softmax(dim=2)  # [T, B, own + E]
-        each = self.task_experts_each
-        mixed_own = torch.einsum("tbe,tebh->tbh", gate[:, :, :each], own)
-        return mixed_own + mixture(gate[:, :, each:], shared)
+        mixed_own = torch.einsum("tbe,tebh->tbh", gate[:, :, : self.own], own)
+        return mixed_own + mixture(gate[:, :, self.own :], shared)
 
-    def shared_mix(self, shared_in: torch.Tensor, task_out: torch.Tensor, shared_out: torch.Tensor) -> torch.Tensor:
-        """[B, H] the shared gate's mixture of every expert of the level (task experts first)."""
+    def shared_mix(self, shared_in: torch.Tensor, every: torch.Tensor) -> torch.Tensor:
+        """[B, H] the shared gate's mixture of every expert of the stack (every [T·own + E, B, H]): products
+        and a sum, which on CPU take a third of the batched matmul's time here (G·B matmuls of one row)."""
         weights = self.shared_gate(shared_in).softmax(dim=1)  # [B, T·own + E]; only levels with one call this
-        split = task_out.shape[0]
-        return (torch.einsum("be,ebh->bh", weights[:, :split], task_out)
-                + torch.einsum("be,ebh->bh", weights[:, split:], shared_out))
+        return (weights.T.unsqueeze(-1) * every).sum(dim=0)
 
     def own_experts(self, task_out: torch.Tensor) -> torch.Tensor:
-        """[T, own, B, H]: each task's own experts, from their output [T·own, B, H]."""
-        return task_out.view(self.num_tasks, self.task_experts_each, task_out.shape[1], task_out.shape[2])
+        """[T, own, B, H]: each task's own experts, from their outputs [T·own, B, H] (task by task)."""
+        return task_out.view(self.num_tasks, self.own, task_out.shape[1], task_out.shape[2])
 
 
 class PLE(nn.Module):
@@ -101,19 +119,23 @@ class PLE(nn.Module):
         self.levels = nn.ModuleList()
         for level in range(levels):
             self.levels.append(ExtractionLevel(in_dim, hidden, experts, task_experts, num_tasks,
-                                               shared_gate=level < levels - 1, dropout=dropout, norm=norm))
+                                               last=level == levels - 1, dropout=dropout, norm=norm))
             in_dim = hidden[-1]
         self.towers = Towers(hidden[-1], tower, num_tasks, dropout, norm)
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         x, _, _ = self.embedding.inputs(categorical, numeric)
         task_in, shared_in = x, x
+        tasks = self.num_tasks
         for level in self.levels:
-            task_out = level.run_task_experts(task_in)
-            shared_out = level.shared_experts(shared_in)
-            if level.shared_gate is not None:
-                shared_in = level.shared_mix(shared_in, task_out, shared_out)
-            task_in = level.task_mix(task_in, level.own_experts(task_out), shared_out)
+            if level.experts is not None:  # every expert in one stack, task experts first
+                every = level.experts(level.stacked_inputs(task_in, shared_in))
+                own, shared_out = level.own_experts(every[: tasks * level.own]), every[tasks * level.own :]
+                shared_in = level.shared_mix(shared_in, every)
+            else:
+                own = level.own_experts(level.task_experts(level.per_expert(task_in)))
+                shared_out = level.shared_experts(shared_in)
+            task_in = level.task_mix(task_in, own, shared_out)
         return self.towers(task_in)
 
     def _shared(self) -> list[tuple[nn.Parameter, torch.Tensor | None]]:
@@ -124,9 +146,10 @@ class PLE(nn.Module):
                                                                   self.embedding.row_features())]
         count = len(self.levels)
         for at, level in enumerate(self.levels):
-            groups = [(level.shared_experts, True)]
-            if at < count - 1:  # the shared gate passes this level's task experts on to every task
-                groups += [(level.task_experts, True), (level.shared_gate, False)]
+            if at == count - 1:
+                groups = [(level.shared_experts, True)]
+            else:  # the shared gate passes this level's task experts on to every task
+                groups = [(level.experts, True), (level.shared_gate, False)]
             if at < count - 2:  # this level's task gates feed the next level's task experts, passed on likewise
                 groups.append((level.task_gates, True))
             for module, stacked in groups:
@@ -151,40 +174,39 @@ class PLE(nn.Module):
     def split_forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> SplitForward:
         """Trunk = everything shared, up to the last two levels' task gates; heads = those gates, the last level's
         task experts and the towers (see models/split.py). The boundary is what the heads read: the tasks'
-        input to the last-but-one level, that level's task and shared experts' outputs, and the last level's
-        shared experts' output (with one level: the inputs and its shared experts' output)."""
+        input to the last-but-one level, that level's experts' outputs, and the last level's shared experts'
+        output (with one level: the inputs and its shared experts' output)."""
         x, rows, index = self.embedding.inputs(categorical, numeric)
         task_in, shared_in = x, x
-        count = len(self.levels)
+        tasks, count = self.num_tasks, len(self.levels)
         for level in list(self.levels)[: max(0, count - 2)]:  # whole levels inside the trunk
-            task_out = level.run_task_experts(task_in)
-            shared_out = level.shared_experts(shared_in)
-            shared_in = level.shared_mix(shared_in, task_out, shared_out)
-            task_in = level.task_mix(task_in, level.own_experts(task_out), shared_out)
+            every = level.experts(level.stacked_inputs(task_in, shared_in))
+            own, shared_out = level.own_experts(every[: tasks * level.own]), every[tasks * level.own :]
+            shared_in = level.shared_mix(shared_in, every)
+            task_in = level.task_mix(task_in, own, shared_out)
         last = self.levels[count - 1]
         if count == 1:
             boundary = [x, last.shared_experts(x)]
             names, per_expert = ["inputs", "level0.shared_experts"], [False, True]
-            views = task_views(boundary, self.num_tasks)
+            views = task_views(boundary, tasks)
             last_in, last_shared = views
+            last_in_per_expert = last.per_expert(last_in)
         else:
             cut = self.levels[count - 2]
-            task_out = cut.run_task_experts(task_in)
-            shared_out = cut.shared_experts(shared_in)
-            next_shared = last.shared_experts(cut.shared_mix(shared_in, task_out, shared_out))
-            boundary = [task_in, task_out, shared_out, next_shared]
-            at, above = count - 2, count - 1
-            names = ["inputs" if count == 2 else f"level{at}.task_inputs", f"level{at}.task_experts",
-                     f"level{at}.shared_experts", f"level{above}.shared_experts"]
-            per_expert = [False, True, True, True]
-            views = task_views(boundary, self.num_tasks)
+            every = cut.experts(cut.stacked_inputs(task_in, shared_in))
+            boundary = [task_in, every, last.shared_experts(cut.shared_mix(shared_in, every))]
+            names = ["inputs" if count == 2 else f"level{count - 2}.task_inputs", f"level{count - 2}.experts",
+                     f"level{count - 1}.shared_experts"]
+            per_expert = [False, True, True]
+            views = task_views(boundary, tasks)
             # each task's gate reads its own view, and of a [T, ...] tensor only its own task's slice
             cut_in = views[0] if task_in.dim() == 2 else _own_slices(views[0], 1)[:, 0]
-            own = _own_slices(views[1], cut.task_experts_each)
-            last_in = cut.task_mix(cut_in, own, views[2])
-            last_shared = views[3]
-        task_out = last.run_task_experts(last_in)
-        logits = self.towers(last.task_mix(last_in, last.own_experts(task_out), last_shared))
+            split_at = tasks * cut.own
+            last_in = cut.task_mix(cut_in, _own_slices(views[1][:, :split_at], cut.own), views[1][:, split_at:])
+            last_shared = views[2]
+            last_in_per_expert = last.per_expert(last_in)
+        own = last.own_experts(last.task_experts(last_in_per_expert))
+        logits = self.towers(last.task_mix(last_in, own, last_shared))
         return SplitForward(logits, boundary, views, self.embedding.table.weight, rows, index, names=names,
                             per_expert=per_expert, last_shared=last.shared_experts.layers[-1].weight)
 
