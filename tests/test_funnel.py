@@ -215,3 +215,20 @@ def test_inspect_shows_the_funnel_and_warns_of_rows_that_break_it(funnel_data: P
     broken(tmp_path)
     result = run_cli("inspect", str(tmp_path / "broken.parquet"), "--tasks", "click,purchase", "--funnel")
     assert result.exit_code == 0 and "3 row(s) break the funnel" in result.stderr and "fit refuses" in result.stderr
+
+
+def test_a_toml_config_streams_a_ple_funnel(funnel_data: Path, tmp_path: Path) -> None:
+    """The new settings from a --config file, on the streamed path (a budget nothing fits in)."""
+    data = tmp_path / "groups.parquet"
+    make_frame(600, seed=3).write_parquet(data, row_group_size=100)
+    config = tmp_path / "run.toml"
+    config.write_text('tasks = "click,purchase"\nmain-task = "purchase"\nmodel = "ple"\nlevels = 3\n'
+                      'task_experts = 2\nfunnel = true\nbalance = "pcgrad"\nepochs = 1\nmemory-budget = "1K"\n'
+                      'exclude = "row_id"\n')
+    out = tmp_path / "run"
+    result = run_cli("fit", str(data), "--config", str(config), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "streamed" in result.stdout and "ple (3 levels, 8 shared + 2 per task experts) with funnel" in result.stdout
+    saved = json.loads((out / "config.json").read_text())["model"]
+    assert (saved["model"], saved["levels"], saved["task_experts"], saved["funnel"]) == ("ple", 3, 2, True)
+    assert "conditional_auc" in json.loads((out / "metrics.json").read_text())["tasks"]["purchase"]

@@ -83,6 +83,20 @@ class ExtractionLevel(nn.Module):
         weights = self.shared_gate(shared_in).softmax(dim=1)  # [B, T·own + E]; only levels with one call this
         return (weights.T.unsqueeze(-1) * every).sum(dim=0)
 
+    def forward(self, task_in: torch.Tensor, shared_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the tasks' inputs [T, B, H] to the next level, its shared input [B, H]; the last level passes on
+        `shared_in`) from this level's (level 0: the one input [B, in] as both)."""
+        if self.experts is not None:
+            every = self.experts(self.stacked_inputs(task_in, shared_in))
+            split = self.num_tasks * self.own
+            return (self.task_mix(task_in, self.own_experts(every[:split]), every[split:]),
+                    self.shared_mix(shared_in, every))
+        return self.task_mix(task_in, self.own_task_experts(task_in), self.shared_experts(shared_in)), shared_in
+
+    def own_task_experts(self, task_in: torch.Tensor) -> torch.Tensor:
+        """[T, own, B, H] the last level's task experts on their task's input."""
+        return self.own_experts(self.task_experts(self.per_expert(task_in)))
+
     def own_experts(self, task_out: torch.Tensor) -> torch.Tensor:
         """[T, own, B, H]: each task's own experts, from their outputs [T·own, B, H] (task by task)."""
         return task_out.view(self.num_tasks, self.own, task_out.shape[1], task_out.shape[2])
@@ -126,16 +140,8 @@ class PLE(nn.Module):
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         x, _, _ = self.embedding.inputs(categorical, numeric)
         task_in, shared_in = x, x
-        tasks = self.num_tasks
         for level in self.levels:
-            if level.experts is not None:  # every expert in one stack, task experts first
-                every = level.experts(level.stacked_inputs(task_in, shared_in))
-                own, shared_out = level.own_experts(every[: tasks * level.own]), every[tasks * level.own :]
-                shared_in = level.shared_mix(shared_in, every)
-            else:
-                own = level.own_experts(level.task_experts(level.per_expert(task_in)))
-                shared_out = level.shared_experts(shared_in)
-            task_in = level.task_mix(task_in, own, shared_out)
+            task_in, shared_in = level(task_in, shared_in)
         return self.towers(task_in)
 
     def _shared(self) -> list[tuple[nn.Parameter, torch.Tensor | None]]:
@@ -180,17 +186,13 @@ class PLE(nn.Module):
         task_in, shared_in = x, x
         tasks, count = self.num_tasks, len(self.levels)
         for level in list(self.levels)[: max(0, count - 2)]:  # whole levels inside the trunk
-            every = level.experts(level.stacked_inputs(task_in, shared_in))
-            own, shared_out = level.own_experts(every[: tasks * level.own]), every[tasks * level.own :]
-            shared_in = level.shared_mix(shared_in, every)
-            task_in = level.task_mix(task_in, own, shared_out)
+            task_in, shared_in = level(task_in, shared_in)
         last = self.levels[count - 1]
         if count == 1:
             boundary = [x, last.shared_experts(x)]
             names, per_expert = ["inputs", "level0.shared_experts"], [False, True]
             views = task_views(boundary, tasks)
             last_in, last_shared = views
-            last_in_per_expert = last.per_expert(last_in)
         else:
             cut = self.levels[count - 2]
             every = cut.experts(cut.stacked_inputs(task_in, shared_in))
@@ -204,9 +206,7 @@ class PLE(nn.Module):
             split_at = tasks * cut.own
             last_in = cut.task_mix(cut_in, _own_slices(views[1][:, :split_at], cut.own), views[1][:, split_at:])
             last_shared = views[2]
-            last_in_per_expert = last.per_expert(last_in)
-        own = last.own_experts(last.task_experts(last_in_per_expert))
-        logits = self.towers(last.task_mix(last_in, own, last_shared))
+        logits = self.towers(last.task_mix(last_in, last.own_task_experts(last_in), last_shared))
         return SplitForward(logits, boundary, views, self.embedding.table.weight, rows, index, names=names,
                             per_expert=per_expert, last_shared=last.shared_experts.layers[-1].weight)
 
