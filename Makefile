@@ -7,7 +7,7 @@ DEMO := demo
 
 BENCH := .venv-bench
 
-.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults bench-balancers clean
+.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults bench-balancers bench-architectures clean
 
 $(BIN)/mbtrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-defaults: install
 
 bench-balancers: install
 	POLARS_MAX_THREADS=2 $(BIN)/python benchmarks/balancers.py --threads 2
+
+bench-architectures: install
+	POLARS_MAX_THREADS=2 $(BIN)/python benchmarks/architectures.py --threads 2
 
 # The benchmarks' own environment: the reference library torch-rechub runs beside us, never as our dependency.
 $(BENCH)/.installed: pyproject.toml
