@@ -220,10 +220,10 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
         valid = EncodedData(*spec.encoders.encode(frame, d.valid), label_tensor(frame, d.valid, tasks),
                             groups=group_keys(frame, d.valid, d.group_by) if d.group_by else None)
     funnel = config.funnel_tasks
-    if funnel is not None:  # one pass over the label columns, on rank 0
+    if funnel is not None:  # one pass over the label columns (held-out row groups included), on rank 0
         def check() -> None:
             StreamingBatches(parts, spec.encoders, tasks, buffer).check_funnel(funnel, source)
-            if valid_parts:
+            if d.valid and valid_parts:
                 valid.check_funnel(funnel, d.valid)
             elif d.valid:
                 check_funnel(valid.labels, tasks, funnel, d.valid)

@@ -25,6 +25,7 @@ ORDER = [2, 0, 1]  # output column 2 is the first stage, then 0 (the main task),
 def test_funnel_probabilities_are_the_products_down_the_funnel() -> None:
     conditional = torch.randn(50, 3, dtype=torch.double) * 6
     conditional[0] = torch.tensor([40.0, 40.0, 40.0])  # every stage all but certain: 1 − p below float32's eps
+    conditional[1] = torch.tensor([3.0, -1.0, 120.0])  # a first stage past float32's log(tiny) passes as it is
     probabilities = torch.sigmoid(Funnel(ORDER).double()(conditional))
     given = torch.sigmoid(conditional)
     expected = torch.empty_like(given)
@@ -34,6 +35,7 @@ def test_funnel_probabilities_are_the_products_down_the_funnel() -> None:
     torch.testing.assert_close(probabilities, expected, rtol=1e-9, atol=1e-12)
     assert (probabilities[:, 0] <= probabilities[:, 2]).all() and (probabilities[:, 1] <= probabilities[:, 0]).all()
     torch.testing.assert_close(conditional_probabilities(probabilities, ORDER), given, rtol=1e-9, atol=1e-12)
+    assert Funnel(ORDER)(conditional.float())[1, 2] == 120.0
 
 
 def funnel_model(name: str) -> ScoringModel:
@@ -175,9 +177,10 @@ def test_new_models_resume_exactly(model: list[str], funnel_data: Path, tmp_path
 
 def broken(folder: Path) -> pl.DataFrame:
     frame = make_frame(300, seed=2)
-    frame = frame.with_columns(pl.when(pl.col("row_id").is_in([7, 40, 41])).then(1).otherwise(pl.col("purchase"))
+    rows = [150, 240, 241]  # row groups 1 and 2
+    frame = frame.with_columns(pl.when(pl.col("row_id").is_in(rows)).then(1).otherwise(pl.col("purchase"))
                                .alias("purchase"),
-                               pl.when(pl.col("row_id").is_in([7, 40, 41])).then(0).otherwise(pl.col("click"))
+                               pl.when(pl.col("row_id").is_in(rows)).then(0).otherwise(pl.col("click"))
                                .alias("click"))
     frame.write_parquet(folder / "broken.parquet", row_group_size=100)
     return frame
@@ -190,8 +193,9 @@ def test_rows_that_break_the_funnel_are_one_clear_error(streamed: bool, tmp_path
     result = run_cli("fit", str(tmp_path / "broken.parquet"), *FIT, "--funnel", *budget, "--out", str(tmp_path / "r"))
     assert result.exit_code == 2
     line = result.stderr.strip()
-    assert "\n" not in line and "3 row(s) break the funnel click → purchase" in line
-    assert "row index 7" in line and "click=0, purchase=1" in line
+    data = str(tmp_path / "broken.parquet")
+    assert "\n" not in line and line.startswith(f"mbtrain: error: {data}: 3 row(s) break the funnel click → purchase")
+    assert "the first is row index 150" in line and "click=0, purchase=1" in line
     assert not (tmp_path / "r").exists()
     plain = run_cli("fit", str(tmp_path / "broken.parquet"), *FIT, "--epochs", "1", "--out", str(tmp_path / "ok"))
     assert plain.exit_code == 0, plain.output  # without a funnel the same rows are fine

@@ -85,7 +85,7 @@ class PerTaskGradients(Balancer):
             raise ValueError("the split forward's embedding table is not one of the shared parameters")
         table_at = positions[0]
         dense = [p for i, p in enumerate(self.shared) if i != table_at]
-        # heads: one backward of the summed loss gives their plain gradient and each task's boundary gradient
+        # heads: their plain gradient and each task's boundary gradient (heads_backward)
         head_grads, boundary_grads = heads_backward(losses, self.task_params, split)
         accumulate(self.task_params, self._summed(self.task_params, head_grads), None)
         # trunk: once per task
@@ -197,17 +197,25 @@ def heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.T
         grads = torch.autograd.grad(sum(losses), [*task_params, *split.per_task], allow_unused=True)
         return grads[: len(task_params)], grads[len(task_params) :]
     head_grads: list[list[torch.Tensor]] = [[] for _ in task_params]
-    boundary_grads: list[list[torch.Tensor]] = [[] for _ in split.per_task]
+    boundary_grads: list[list[torch.Tensor | None]] = [[] for _ in split.per_task]
     for k, loss in enumerate(losses):
         grads = torch.autograd.grad(loss, [*task_params, *split.per_task], retain_graph=k < len(losses) - 1,
                                     allow_unused=True)
         for found, g in zip(head_grads, grads[: len(task_params)], strict=True):
             if g is not None:
                 found.append(g)
-        for found, view, g in zip(boundary_grads, split.per_task, grads[len(task_params) :], strict=True):
-            found.append(view.new_zeros(view.shape[1:]) if g is None else g.sum(dim=0))
+        for found, g in zip(boundary_grads, grads[len(task_params) :], strict=True):
+            found.append(None if g is None else g.sum(dim=0))
     return ([torch.stack(found).sum(dim=0) if found else None for found in head_grads],
-            [torch.stack(found) for found in boundary_grads])
+            [_stacked(found, view) for found, view in zip(boundary_grads, split.per_task, strict=True)])
+
+
+def _stacked(grads: list[torch.Tensor | None], view: torch.Tensor) -> torch.Tensor | None:
+    """[T, ...] the tasks' gradients of one boundary tensor (zeros for a task that does not reach it), None where
+    no task does."""
+    if all(g is None for g in grads):
+        return None
+    return torch.stack([view.new_zeros(view.shape[1:]) if g is None else g for g in grads])
 
 
 def _laid_out_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

@@ -376,14 +376,15 @@ class StreamingBatches:
     def check_funnel(self, funnel: list[str], source: str) -> None:
         """Refuse rows where a funnel stage is 1 and the stage before it 0 (schema.check_funnel), reading the
         label columns only, and counting them all before saying where the first is."""
-        count, first, offset, previous = 0, None, 0, None
-        for frame, source in _frames(self.parts, self.tasks):
-            offset = 0 if source != previous else offset
-            labels = label_tensor(frame, source, self.tasks)
-            broken, at = funnel_breaks(labels, self.tasks, funnel)
-            if broken and first is None:
-                first = (f"row index {offset + at} of {source}", labels[at])
-            count, offset, previous = count + broken, offset + frame.height, source
+        count, first = 0, None
+        for part in self.parts:
+            row = part.offset  # of the part's next frame, within its file
+            for frame, where in _frames([part], self.tasks):
+                labels = label_tensor(frame, where, self.tasks)
+                broken, at = funnel_breaks(labels, self.tasks, funnel)
+                if broken and first is None:
+                    first = (f"row index {row + at} of {part.path}", labels[at])
+                count, row = count + broken, row + frame.height
         if first is not None:
             raise funnel_error(source, count, *first, self.tasks, funnel)
 

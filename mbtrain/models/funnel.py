@@ -18,7 +18,8 @@ TINY = 1.1754943508222875e-38  # float32's smallest normal number: 1 − p never
 class Funnel(nn.Module):
     """Conditional logits [B, T] → the logits of the entire-space probabilities [B, T], columns in the same
     (model output) order; `order` lists the output columns first funnel stage first. Sums of log-sigmoids, so a
-    rare last stage loses no precision; the first stage's logit comes back as it went in (up to rounding)."""
+    rare last stage loses no precision; the first stage's logit passes through as it is, a later stage's is at
+    most 87 (where 1 − p would underflow float32, i.e. every stage up to it has a logit above 87)."""
 
     def __init__(self, order: list[int]) -> None:
         super().__init__()
@@ -29,9 +30,10 @@ class Funnel(nn.Module):
         self.register_buffer("inverse", torch.argsort(torch.tensor(order)), persistent=False)
 
     def forward(self, conditional: torch.Tensor) -> torch.Tensor:
-        log_p = torch.cumsum(F.logsigmoid(conditional.index_select(1, self.order)), dim=1)
-        log_not = torch.log((-torch.expm1(log_p)).clamp(min=self.tiny))  # log(1 − p)
-        return (log_p - log_not).index_select(1, self.inverse)
+        staged = conditional.index_select(1, self.order)
+        log_p = torch.cumsum(F.logsigmoid(staged), dim=1)
+        log_not = torch.log((-torch.expm1(log_p[:, 1:])).clamp(min=self.tiny))  # log(1 − p)
+        return torch.cat([staged[:, :1], log_p[:, 1:] - log_not], dim=1).index_select(1, self.inverse)
 
 
 def conditional_probabilities(probabilities: torch.Tensor, order: list[int]) -> torch.Tensor:

@@ -3,7 +3,8 @@
 A model is a shared trunk followed by task heads. `split_forward` runs the heads on per-task
 views of the trunk's outputs, cut off from the trunk's graph: one backward of the summed loss then
 gives the heads' parameters their plain gradient *and* each task's gradient at the trunk boundary,
-so only the trunk is back-propagated once per task, never the heads. The embedding table enters as
+so only the trunk is back-propagated once per task, not the heads (under the funnel, where a stage's loss
+reads other tasks' heads too, the heads once per task: `coupled`). The embedding table enters as
 the rows the batch gathered (`rows`, at `index`), so per-task table gradients stay batch-sized
 instead of table-sized.
 """
