@@ -23,10 +23,8 @@ Run it alone on the machine, e.g.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,8 +34,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for the sibling benchmarks as a script
 
-from balancers import auc, run_one  # noqa: E402
-from defaults_sweep import data_files, run_arguments, summary  # noqa: E402
+from balancers import run_one  # noqa: E402
+from defaults_sweep import auc, keep, run_arguments, splits, summary  # noqa: E402
 
 TASKS = {"adult": ["income_50k", "never_married"], "generated funnel": ["click", "cart", "purchase"]}
 MAIN = {"adult": "income_50k", "generated funnel": "purchase"}
@@ -102,25 +100,13 @@ def main() -> None:
     console, log = Console(width=170), Console(stderr=True, width=250)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        for dataset in args.datasets:
-            for seed in args.seeds:
-                train, test = data_files(dataset, seed, root, args)
-                for model, settings in MODELS.items():
-                    for balance in BALANCES:
-                        chosen = {**settings, "tasks": TASKS[dataset], "main_task": MAIN[dataset]}
-                        row = run_one(dataset, balance, seed, train, test, root / "run", args, chosen)
-                        row["variant"] = model
-                        rows.append(row)
-                        if args.json:
-                            args.json.write_text(json.dumps(rows, indent=1) + "\n")
-                        shown = row.get("error") or "  ".join(
-                            f"{task} {auc(row, task) or float('nan'):.4f}" for task in TASKS[dataset])
-                        log.print(f"[{time.perf_counter() - started:6.0f}s] {dataset} / seed {seed} / {model} / "
-                                  f"{balance}: {shown}  best {row.get('best_epoch')}/{row.get('epochs_run')}  "
-                                  f"{row.get('seconds_per_epoch', 0):.2f} s/epoch", soft_wrap=True, markup=False,
-                                  highlight=False)
+    for dataset, seed, train, test, out in splits(args):
+        for model, settings in MODELS.items():
+            for balance in BALANCES:
+                chosen = {**settings, "tasks": TASKS[dataset], "main_task": MAIN[dataset]}
+                row = run_one(dataset, balance, seed, train, test, out, args, chosen)
+                row["variant"] = model
+                keep(row, rows, args, log, f"{dataset} / seed {seed} / {model} / {balance}", TASKS[dataset], started)
     for dataset in args.datasets:
         console.print(table(dataset, rows, args))
     console.print(f"{len(rows)} runs, {sum('error' in r for r in rows)} failed, "

@@ -27,11 +27,8 @@ Run it alone on the machine, e.g.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,12 +38,10 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for defaults_sweep.py and synthetic.py as a script
 
-from defaults_sweep import FUNNEL_TASKS, data_files, run_arguments, summary  # noqa: E402
+from defaults_sweep import FUNNEL_TASKS, auc, keep, run_arguments, splits, summary, train_and_score  # noqa: E402
 
 from mbtrain.balance import BALANCERS  # noqa: E402
 from mbtrain.config import RunConfig, peak_lr  # noqa: E402
-from mbtrain.inference import evaluate  # noqa: E402
-from mbtrain.train import fit  # noqa: E402
 
 BASELINE = "none"
 MODEL_NAMES = {"mmoe": "MMoE", "shared-bottom": "shared-bottom"}
@@ -71,31 +66,7 @@ def run_one(dataset: str, balance: str, seed: int, train: Path, test: Path, out:
                                  "seed": seed, "threads": args.threads, **(settings or {})}
     if args.quick:
         overrides["epochs"] = min(RunConfig().train.epochs, 2)
-    row: dict[str, Any] = {"dataset": dataset, "balance": balance, "seed": seed, "overrides": overrides}
-    started = time.perf_counter()
-    try:
-        metrics = fit(RunConfig().updated(overrides), train, out, console=Console(quiet=True), overwrite=True)
-        test_tasks = evaluate(out, test)["tasks"]
-        history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-        row.update({
-            "test": {task: {"auc": m["auc"], "logloss": m["logloss"]} for task, m in test_tasks.items()},
-            "valid_main_auc": metrics["tasks"][metrics["main_task"]]["auc"],
-            "best_epoch": metrics["best_epoch"],
-            "epochs_run": metrics["epochs_run"],
-            "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),
-        })
-    except Exception as exc:  # one failed run is a result too: record it and go on
-        row["error"] = f"{type(exc).__name__}: {exc}"
-    row["wall_seconds"] = round(time.perf_counter() - started, 2)
-    return row
-
-
-def auc(row: dict[str, Any] | None, task: str) -> float | None:
-    """The row's finite test AUC for `task`, or None (failed run, or no AUC: one class only)."""
-    if row is None or "error" in row:
-        return None
-    value = row["test"].get(task, {}).get("auc")
-    return value if value is not None and math.isfinite(value) else None
+    return train_and_score({"dataset": dataset, "balance": balance, "seed": seed}, overrides, train, test, out)
 
 
 def paired(dataset: str, balance: str, rows: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
@@ -178,22 +149,10 @@ def main() -> None:
     log = Console(stderr=True, width=250)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        for dataset in args.datasets:
-            for seed in args.seeds:
-                train, test = data_files(dataset, seed, root, args)
-                for balance in args.balancers:
-                    row = run_one(dataset, balance, seed, train, test, root / "run", args)
-                    rows.append(row)
-                    if args.json:
-                        args.json.write_text(json.dumps(rows, indent=1) + "\n")
-                    shown = row.get("error") or "  ".join(
-                        f"{task} {auc(row, task) or float('nan'):.4f}" for task in TASKS[dataset])
-                    log.print(f"[{time.perf_counter() - started:6.0f}s] {dataset} / seed {seed} / {balance}: "
-                              f"{shown}  best {row.get('best_epoch')}/{row.get('epochs_run')}  "
-                              f"{row.get('seconds_per_epoch', 0):.2f} s/epoch  {row['wall_seconds']}s",
-                              soft_wrap=True, markup=False, highlight=False)
+    for dataset, seed, train, test, out in splits(args):
+        for balance in args.balancers:
+            row = run_one(dataset, balance, seed, train, test, out, args)
+            keep(row, rows, args, log, f"{dataset} / seed {seed} / {balance}", TASKS[dataset], started)
     for dataset in args.datasets:
         console.print(table(dataset, rows, args))
     failed = [r for r in rows if "error" in r]

@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,8 +143,15 @@ def run_one(setting: Setting, name: str, seed: int, train: Path, test: Path, out
                  "threads": args.threads}
     if args.quick:
         overrides["epochs"] = min(overrides.get("epochs", RunConfig().train.epochs), 2)
-    row: dict[str, Any] = {"dataset": setting.dataset, "setting": setting.name, "recipe": name, "seed": seed,
-                           "overrides": overrides}
+    row: dict[str, Any] = {"dataset": setting.dataset, "setting": setting.name, "recipe": name, "seed": seed}
+    return train_and_score(row, overrides, train, test, out)
+
+
+def train_and_score(row: dict[str, Any], overrides: dict[str, Any], train: Path, test: Path, out: Path
+                    ) -> dict[str, Any]:
+    """Fit with `overrides` on `train` into `out` and score the best checkpoint on `test`: `row` (of the --json
+    output) with the settings and results added, or `error` where the run failed (a result too)."""
+    row["overrides"] = overrides
     started = time.perf_counter()
     try:
         metrics = fit(RunConfig().updated(overrides), train, out, console=Console(quiet=True), overwrite=True)
@@ -151,7 +159,7 @@ def run_one(setting: Setting, name: str, seed: int, train: Path, test: Path, out
         history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
         row.update({
             "test": {task: {"auc": m["auc"], "logloss": m["logloss"]} for task, m in test_tasks.items()},
-            "valid_main_auc": metrics["tasks"][setting.tasks[0]]["auc"],
+            "valid_main_auc": metrics["tasks"][metrics["main_task"]]["auc"],
             "best_epoch": metrics["best_epoch"],
             "epochs_run": metrics["epochs_run"],
             "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history),
@@ -161,6 +169,36 @@ def run_one(setting: Setting, name: str, seed: int, train: Path, test: Path, out
         row["error"] = f"{type(exc).__name__}: {exc}"
     row["wall_seconds"] = round(time.perf_counter() - started, 2)
     return row
+
+
+def splits(args: argparse.Namespace) -> Iterator[tuple[str, int, Path, Path, Path]]:
+    """(data set, seed, training file, test file, the run directory to reuse) for each of --datasets × --seeds,
+    in a temporary folder that goes at the end."""
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        for dataset in args.datasets:
+            for seed in args.seeds:
+                yield dataset, seed, *data_files(dataset, seed, root, args), root / "run"
+
+
+def auc(row: dict[str, Any] | None, task: str) -> float | None:
+    """The row's finite test AUC for `task`, or None (failed run, or no AUC: one class only)."""
+    if row is None or "error" in row:
+        return None
+    value = row["test"].get(task, {}).get("auc")
+    return value if value is not None and math.isfinite(value) else None
+
+
+def keep(row: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Namespace, log: Console, label: str,
+         tasks: list[str], started: float) -> None:
+    """Add a finished run's row to `rows` (rewriting --json) and log one line about it."""
+    rows.append(row)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    shown = row.get("error") or "  ".join(f"{task} {auc(row, task) or float('nan'):.4f}" for task in tasks)
+    log.print(f"[{time.perf_counter() - started:6.0f}s] {label}: {shown}  best {row.get('best_epoch')}/"
+              f"{row.get('epochs_run')}  {row.get('seconds_per_epoch', 0):.2f} s/epoch  {row['wall_seconds']}s",
+              soft_wrap=True, markup=False, highlight=False)
 
 
 def summary(values: list[float | None], digits: int = 4) -> str:
@@ -226,22 +264,12 @@ def main() -> None:
     log = Console(stderr=True, width=250)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        for dataset in args.datasets:
-            for seed in args.seeds:
-                train, test = data_files(dataset, seed, root, args)
-                for setting in (s for s in SETTINGS if s.dataset == dataset):
-                    for name in args.recipes:
-                        row = run_one(setting, name, seed, train, test, root / "run", args)
-                        rows.append(row)
-                        if args.json:
-                            args.json.write_text(json.dumps(rows, indent=1) + "\n")
-                        shown = row.get("error") or "  ".join(
-                            f"{task} {row['test'][task]['auc']}" for task in setting.reported)
-                        log.print(f"[{time.perf_counter() - started:7.0f}s] {dataset} / {setting.name} / {name} / "
-                                  f"seed {seed}: {shown}  best {row.get('best_epoch')}  {row['wall_seconds']}s",
-                                  soft_wrap=True, markup=False, highlight=False)
+    for dataset, seed, train, test, out in splits(args):
+        for setting in (s for s in SETTINGS if s.dataset == dataset):
+            for name in args.recipes:
+                row = run_one(setting, name, seed, train, test, out, args)
+                keep(row, rows, args, log, f"{dataset} / {setting.name} / {name} / seed {seed}", setting.reported,
+                     started)
     for dataset in args.datasets:
         console.print(table(dataset, rows, args))
     failed = [r for r in rows if "error" in r]

@@ -7,8 +7,10 @@ import random
 
 import polars as pl
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner, Result
 
+from mbtrain.balance import MetaBalance
 from mbtrain.cli import app
 from mbtrain.models import build_model
 
@@ -74,3 +76,24 @@ def assert_same_grads_then_step(ours: torch.nn.Module, theirs: torch.nn.Module, 
         for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
             a.sub_(rate * a.grad)
             b.sub_(rate * b.grad)
+
+
+
+def assert_split_metabalance_equals_full(full: torch.nn.Module, fast: torch.nn.Module,
+                                         batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                                         **settings: object) -> list[MetaBalance]:
+    """MetaBalance (with `settings`) through `fast`'s split forward and through `full`'s per-task full backward,
+    batch after batch: the logits and every gradient agree; then both take the same plain step. The two
+    balancers come back (full's first)."""
+    balancers = [MetaBalance(m.shared_parameters(), task_params=m.task_parameters(), **settings) for m in (full, fast)]
+    for categorical, numeric, labels in batches:
+        logits = []
+        for model, balancer in zip((full, fast), balancers, strict=True):
+            model.zero_grad(set_to_none=True)
+            split = model.split_forward(categorical, numeric) if model is fast else None
+            logits.append(split.logits if split is not None else model(categorical, numeric))
+            losses = F.binary_cross_entropy_with_logits(logits[-1], labels, reduction="none").mean(0)
+            balancer.backward(list(losses.unbind()), split)
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-12, atol=1e-12)
+        assert_same_grads_then_step(full, fast)
+    return balancers

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbtrain.balance import BALANCERS, MetaBalance, PlainSum, build_balancer
-from tests.helpers import assert_same_grads_then_step, seeded_batch, twin_models
+from tests.helpers import (
+    assert_same_grads_then_step,
+    assert_split_metabalance_equals_full,
+    seeded_batch,
+    twin_models,
+)
 
 EPS = 1e-5
 
@@ -296,20 +301,9 @@ def test_split_forward_gives_the_same_gradients(name: str, strategy: str, cards:
     torch.manual_seed(0)
     full, fast = build_model(name, **sizes).double(), build_model(name, **sizes).double()
     fast.load_state_dict(full.state_dict())
-    balancers = [MetaBalance(m.shared_parameters(), strategy=strategy, task_params=m.task_parameters())
-                 for m in (full, fast)]
-    for _ in range(3):
-        categorical = torch.stack([torch.randint(0, c, (batch,)) for c in cards], 1)
-        numeric, labels = torch.randn(batch, 2, dtype=torch.double), (torch.rand(batch, 3) < 0.3).double()
-        for model, balancer in zip((full, fast), balancers, strict=True):
-            model.zero_grad(set_to_none=True)
-            split = model.split_forward(categorical, numeric) if model is fast else None
-            logits = split.logits if split is not None else model(categorical, numeric)
-            losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
-            balancer.backward(list(losses.unbind()), split)
-        for (label, a), b in zip(full.named_parameters(), fast.parameters(), strict=True):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=label)
-        torch.testing.assert_close(balancers[0].moving_norms, balancers[1].moving_norms)
+    batches = [seeded_batch(step, cards, batch, (0.3, 0.3, 0.3)) for step in range(3)]
+    balancers = assert_split_metabalance_equals_full(full, fast, batches, strategy=strategy)
+    torch.testing.assert_close(balancers[0].moving_norms, balancers[1].moving_norms)
 
 
 def test_plain_sum_refuses_a_split_forward() -> None:

@@ -11,12 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mbtrain.balance import MetaBalance
 from mbtrain.balance.per_task import heads_backward
 from mbtrain.models import build_model
 from mbtrain.models.funnel import Funnel, conditional_probabilities
 from mbtrain.models.scoring import NumericNormalizer, ScoringModel
-from tests.helpers import make_frame, run_cli, seeded_batch
+from tests.helpers import assert_split_metabalance_equals_full, make_frame, run_cli, seeded_batch
 
 CARDS = [5, 7, 3]
 ORDER = [2, 0, 1]  # output column 2 is the first stage, then 0 (the main task), then 1
@@ -84,24 +83,9 @@ def test_heads_give_each_task_its_own_gradient_at_the_boundary(name: str) -> Non
 @pytest.mark.parametrize("name", ["mmoe", "shared-bottom", "ple", "esmm"])
 def test_metabalance_on_a_funnel_equals_the_straightforward_one(name: str) -> None:
     """The split forward (heads task by task, trunk per task) against per-task autograd of the whole model."""
+    batches = [(*seeded_batch(step, CARDS, rows=24)[:2], funnel_labels(step, 24)) for step in range(3)]
     full, fast = funnel_model(name), funnel_model(name)
-    balancers = [MetaBalance(m.shared_parameters(), task_params=m.task_parameters(), segments=m.shared_segments())
-                 for m in (full, fast)]
-    for step in range(3):
-        categorical, numeric, _ = seeded_batch(step, CARDS, rows=24)
-        labels = funnel_labels(step, 24)
-        for model, balancer in zip((full, fast), balancers, strict=True):
-            model.zero_grad(set_to_none=True)
-            split = model.split_forward(categorical, numeric) if model is fast else None
-            logits = split.logits if split is not None else model(categorical, numeric)
-            losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
-            balancer.backward(list(losses.unbind()), split)
-        for (label, a), b in zip(full.named_parameters(), fast.parameters(), strict=True):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=label)
-        with torch.no_grad():
-            for a, b in zip(full.parameters(), fast.parameters(), strict=True):
-                a.sub_(0.3 * a.grad)
-                b.sub_(0.3 * b.grad)
+    assert_split_metabalance_equals_full(full, fast, batches, segments=full.shared_segments())
 
 
 def test_esmm_shares_only_the_embedding() -> None:
@@ -111,24 +95,16 @@ def test_esmm_shares_only_the_embedding() -> None:
     assert [layer.weight.shape for layer in model.towers.hidden.layers] == [(3, 14, 8), (3, 8, 6), (3, 6, 5)]
 
 
-@pytest.fixture(scope="module")
-def funnel_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("funnel")
-    make_frame(600, seed=0).write_parquet(folder / "train.parquet")
-    make_frame(200, seed=1).write_csv(folder / "test.csv")
-    return folder
-
-
 FIT = ["--tasks", "click,purchase", "--main-task", "purchase", "--epochs", "2", "--batch-size", "64",
        "--threads", "1", "--patience", "0"]
 
 
 @pytest.mark.parametrize(("model", "balance"), [("esmm", "metabalance"), ("mmoe --funnel", "gradnorm"),
                                                 ("ple --funnel", "multibalance")])
-def test_funnel_runs_end_to_end(model: str, balance: str, funnel_data: Path, tmp_path: Path) -> None:
+def test_funnel_runs_end_to_end(model: str, balance: str, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     name, *flags = model.split()
-    result = run_cli("fit", str(funnel_data / "train.parquet"), *FIT, "--model", name, *flags, "--balance", balance,
+    result = run_cli("fit", str(data_dir / "train.parquet"), *FIT, "--model", name, *flags, "--balance", balance,
                      "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "funnel click → purchase" in result.output
@@ -137,7 +113,7 @@ def test_funnel_runs_end_to_end(model: str, balance: str, funnel_data: Path, tmp
     assert metrics["purchase"]["conditional_rows"] == metrics["click"]["positives"]
     assert 0 <= metrics["purchase"]["conditional_auc"] <= 1 and "conditional_auc" not in metrics["click"]
     predictions = tmp_path / "p.parquet"
-    result = run_cli("predict", str(out), str(funnel_data / "test.csv"), "--output", str(predictions),
+    result = run_cli("predict", str(out), str(data_dir / "test.csv"), "--output", str(predictions),
                      "--conditional", "--keep", "click")
     assert result.exit_code == 0, result.output
     frame = pl.read_parquet(predictions)
@@ -149,19 +125,19 @@ def test_funnel_runs_end_to_end(model: str, balance: str, funnel_data: Path, tmp
     exported = tmp_path / "model.pt"
     assert run_cli("export", str(out), "--output", str(exported)).exit_code == 0
     again = tmp_path / "again.parquet"
-    assert run_cli("predict", str(exported), str(funnel_data / "test.csv"), "--output", str(again),
+    assert run_cli("predict", str(exported), str(data_dir / "test.csv"), "--output", str(again),
                    "--conditional").exit_code == 0
     torch.testing.assert_close(torch.tensor(pl.read_parquet(again).to_numpy()),
                                torch.tensor(frame.drop("click").to_numpy()), rtol=1e-5, atol=1e-7)
     evaluated = tmp_path / "eval.json"
-    assert run_cli("eval", str(exported), str(funnel_data / "test.csv"), "--json", str(evaluated)).exit_code == 0
+    assert run_cli("eval", str(exported), str(data_dir / "test.csv"), "--json", str(evaluated)).exit_code == 0
     assert "conditional_auc" in json.loads(evaluated.read_text())["tasks"]["purchase"]
 
 
 @pytest.mark.parametrize("model", [["--model", "ple", "--task-experts", "2", "--levels", "3"],
                                    ["--model", "esmm"], ["--model", "shared-bottom", "--funnel"]])
-def test_new_models_resume_exactly(model: list[str], funnel_data: Path, tmp_path: Path) -> None:
-    train = str(funnel_data / "train.parquet")
+def test_new_models_resume_exactly(model: list[str], data_dir: Path, tmp_path: Path) -> None:
+    train = str(data_dir / "train.parquet")
     common = ["--tasks", "click,purchase", "--main-task", "purchase", "--batch-size", "64", "--patience", "0",
               "--dropout", "0.1", *model, "--balance", "metabalance"]
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -201,19 +177,19 @@ def test_rows_that_break_the_funnel_are_one_clear_error(streamed: bool, tmp_path
     assert plain.exit_code == 0, plain.output  # without a funnel the same rows are fine
 
 
-def test_conditional_needs_a_funnel_model(funnel_data: Path, tmp_path: Path) -> None:
+def test_conditional_needs_a_funnel_model(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert run_cli("fit", str(funnel_data / "train.parquet"), *FIT, "--epochs", "1", "--out", str(out)).exit_code == 0
-    result = run_cli("predict", str(out), str(funnel_data / "test.csv"), "--output", str(tmp_path / "p.csv"),
+    assert run_cli("fit", str(data_dir / "train.parquet"), *FIT, "--epochs", "1", "--out", str(out)).exit_code == 0
+    result = run_cli("predict", str(out), str(data_dir / "test.csv"), "--output", str(tmp_path / "p.csv"),
                      "--conditional")
     assert result.exit_code == 2 and "has no funnel" in result.stderr
-    one = run_cli("fit", str(funnel_data / "train.parquet"), "--tasks", "click", "--model", "esmm", "--out",
+    one = run_cli("fit", str(data_dir / "train.parquet"), "--tasks", "click", "--model", "esmm", "--out",
                   str(tmp_path / "one"))
     assert one.exit_code == 2 and "--model esmm needs at least two tasks" in one.stderr
 
 
-def test_inspect_shows_the_funnel_and_warns_of_rows_that_break_it(funnel_data: Path, tmp_path: Path) -> None:
-    result = run_cli("inspect", str(funnel_data / "train.parquet"), "--tasks", "click,purchase", "--funnel")
+def test_inspect_shows_the_funnel_and_warns_of_rows_that_break_it(data_dir: Path, tmp_path: Path) -> None:
+    result = run_cli("inspect", str(data_dir / "train.parquet"), "--tasks", "click,purchase", "--funnel")
     assert result.exit_code == 0, result.output
     assert "funnel click → purchase: purchase | click" in result.stdout and not result.stderr
     broken(tmp_path)
@@ -221,7 +197,7 @@ def test_inspect_shows_the_funnel_and_warns_of_rows_that_break_it(funnel_data: P
     assert result.exit_code == 0 and "3 row(s) break the funnel" in result.stderr and "fit refuses" in result.stderr
 
 
-def test_a_toml_config_streams_a_ple_funnel(funnel_data: Path, tmp_path: Path) -> None:
+def test_a_toml_config_streams_a_ple_funnel(data_dir: Path, tmp_path: Path) -> None:
     """The new settings from a --config file, on the streamed path (a budget nothing fits in)."""
     data = tmp_path / "groups.parquet"
     make_frame(600, seed=3).write_parquet(data, row_group_size=100)

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mbtrain.balance import MetaBalance
 from mbtrain.models import PLE
-from tests.helpers import seeded_batch
+from tests.helpers import assert_split_metabalance_equals_full, seeded_batch
 
 CARDS = [5, 7, 3]
 SHAPES = [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2)]  # (levels, experts per task)
@@ -117,22 +116,5 @@ def test_split_forward_metabalance_equals_the_full_backward(levels: int, each: i
     """MetaBalance through the split forward (heads once, trunk per task) equals its per-task full backward on
     the plain forward, over three steps, for every depth and number of task experts."""
     full, fast = make(levels, each, norm=norm), make(levels, each, norm=norm)
-    fast.load_state_dict(full.state_dict())
-    balancers = [MetaBalance(m.shared_parameters(), task_params=m.task_parameters(), segments=m.shared_segments())
-                 for m in (full, fast)]
-    for step in range(3):
-        categorical, numeric, labels = seeded_batch(step, CARDS, rows=24, rates=(0.2, 0.5, 0.8))
-        for model, balancer in zip((full, fast), balancers, strict=True):
-            model.zero_grad(set_to_none=True)
-            split = model.split_forward(categorical, numeric) if model is fast else None
-            logits = split.logits if split is not None else model(categorical, numeric)
-            if split is not None:
-                torch.testing.assert_close(logits, full(categorical, numeric), rtol=1e-12, atol=1e-12)
-            losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
-            balancer.backward(list(losses.unbind()), split)
-        for (label, a), b in zip(full.named_parameters(), fast.parameters(), strict=True):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=label)
-        with torch.no_grad():
-            for a, b in zip(full.parameters(), fast.parameters(), strict=True):
-                a.sub_(0.3 * a.grad)
-                b.sub_(0.3 * b.grad)
+    batches = [seeded_batch(step, CARDS, rows=24, rates=(0.2, 0.5, 0.8)) for step in range(3)]
+    assert_split_metabalance_equals_full(full, fast, batches, segments=full.shared_segments())
