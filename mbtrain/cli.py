@@ -98,6 +98,8 @@ NumericOpt = Annotated[str | None, typer.Option(help="Columns to treat as numeri
 ExcludeOpt = Annotated[str | None, typer.Option(help="Columns to ignore (comma-separated).")]
 GroupByOpt = Annotated[str | None, typer.Option(help="Column of the group (user, session) that GAUC averages "
                                                     "AUC over, e.g. user_id.")]
+MaxVocabOpt = Annotated[int | None, typer.Option(help="Each categorical column keeps its N most frequent values "
+                                                    "(ties by value); the rest map to 'unknown' (default: no cap).")]
 ConfigOpt = Annotated[Path | None, typer.Option(help="TOML file with the same keys as the flags; flags win.")]
 
 
@@ -202,6 +204,7 @@ def fit(
     exclude: ExcludeOpt = None,
     min_frequency: Annotated[int | None, typer.Option(help=_help("Categories seen fewer times in training map "
                                                                  "to 'unknown'.", "min_frequency"))] = None,
+    max_vocab: MaxVocabOpt = None,
     memory_budget: Annotated[str | None, typer.Option(help=_help("Memory for the data (e.g. 8G); bigger Parquet "
                                                                  "data is streamed. auto = half of RAM.",
                                                                  "memory_budget"))] = None,
@@ -279,6 +282,8 @@ def inspect(
                                                 help="As for fit: --tasks in order are a funnel; also shows each "
                                                      "stage's rate given the one before, and rows that break "
                                                      "it.")] = None,
+    max_vocab: MaxVocabOpt = None,
+    min_frequency: Annotated[int | None, typer.Option(help="As for fit, with --max-vocab.")] = None,
 ) -> None:
     """Show the role fit would give every column (label, categorical, numeric, excluded); no training."""
     from mbtrain.models.funnel import conditional_probabilities
@@ -287,20 +292,25 @@ def inspect(
 
     run_config = _resolve(config, _overrides(tasks=tasks, main_task=main_task, categorical=categorical,
                                              numeric=numeric, exclude=exclude, memory_budget=memory_budget,
-                                             funnel=funnel))
+                                             funnel=funnel, max_vocab=max_vocab, min_frequency=min_frequency))
     run_config.validate()
-    schema, rows, rates, broken = describe(run_config, data)
-    console.print(schema_table(schema, f"{data}: {rows:,} rows, {len(schema.columns)} columns"))
-    shares = ", ".join(f"{task} {rate:.2%}" for task, rate in zip(schema.tasks, rates.tolist(), strict=True))
+    seen = describe(run_config, data)
+    schema = seen.schema
+    console.print(schema_table(schema, f"{data}: {seen.rows:,} rows, {len(schema.columns)} columns"))
+    shares = ", ".join(f"{task} {rate:.2%}" for task, rate in zip(schema.tasks, seen.rates.tolist(), strict=True))
     console.print(f"positive rates: {shares}")
     stages = run_config.funnel_tasks
-    if stages is not None and broken is None:
-        given = conditional_probabilities(rates, [schema.tasks.index(task) for task in stages])
+    if stages is not None and seen.broken is None:
+        given = conditional_probabilities(seen.rates, [schema.tasks.index(task) for task in stages])
         steps = ", ".join(f"{task} | {before} {float(given[schema.tasks.index(task)]):.2%}"
                           for before, task in zip(stages, stages[1:], strict=False))
         console.print(f"funnel {' → '.join(stages)}: {steps}", soft_wrap=True)
-    if broken is not None:
-        sys.stderr.write(f"mbtrain: warning: {broken}; fit refuses them\n")
+    for name, (values, rows) in seen.capped.items():
+        if values:
+            console.print(f"--max-vocab {run_config.data.max_vocab:,}: {name} drops {values:,} values, whose "
+                          f"{rows:,} rows ({rows / seen.rows:.1%}) map to unknown", soft_wrap=True)
+    if seen.broken is not None:
+        sys.stderr.write(f"mbtrain: warning: {seen.broken}; fit refuses them\n")
 
 
 @app.command(name="eval")

@@ -35,6 +35,7 @@ class DataConfig:
     valid: str | None = None
     valid_fraction: float = 0.1
     min_frequency: int = 2
+    max_vocab: int | None = None  # each categorical column keeps at most this many values, the most frequent
     memory_budget: str = "auto"  # beyond it, Parquet data is streamed; "auto" = half the physical memory
     group_by: str | None = None  # the column whose groups (users, sessions) validation's GAUC averages over
 
@@ -200,6 +201,8 @@ class RunConfig:
             raise MbtrainError(f"--patience must be non-negative (0 turns early stopping off): got {t.patience}")
         if not 0 <= t.seed < 2**32:
             raise MbtrainError(f"--seed must be in [0, 2^32): got {t.seed}")
+        if d.max_vocab is not None and d.max_vocab < 1:
+            raise MbtrainError(f"--max-vocab must be at least 1: got {d.max_vocab}")
         if t.threads is not None and t.threads < 1:
             raise MbtrainError(f"--threads must be at least 1: got {t.threads}")
         overlap = (set(d.categorical) & set(d.numeric)) | (set(d.exclude) & (set(d.categorical) | set(d.numeric)))

@@ -36,7 +36,7 @@ from mbtrain.checkpoint import load_checkpoint, save_checkpoint, write_json, wri
 from mbtrain.config import RunConfig, peak_lr
 from mbtrain.data.batches import EncodedData, Rows, split_rows
 from mbtrain.data.coded import CodedFrame
-from mbtrain.data.encoders import Encoders
+from mbtrain.data.encoders import Encoders, capped_rows
 from mbtrain.data.io import read_coded
 from mbtrain.data.schema import Schema, check_funnel, group_keys, infer_schema, label_tensor
 from mbtrain.data.stream import (
@@ -52,6 +52,7 @@ from mbtrain.data.stream import (
     scan_row_groups,
     should_stream,
     split_row_groups,
+    value_counts_streaming,
 )
 from mbtrain.distributed import Cluster, any_rank, cluster_from_env, from_main
 from mbtrain.errors import MbtrainError, first_line
@@ -94,31 +95,46 @@ def _plain(config: RunConfig, validation: bool = False) -> list[str]:
     return config.ordered_tasks + ([config.data.group_by] if grouped else [])
 
 
-def describe(config: RunConfig, data_path: Path) -> tuple[Schema, int, torch.Tensor, str | None]:
-    """(column roles, rows, positive rate per task, what breaks the funnel if one is set and rows break it) as
-    `fit` would see the data, streamed where fit streams."""
+@dataclass
+class Description:
+    """What `inspect` shows of the data, as `fit` would see it."""
+
+    schema: Schema
+    rows: int
+    rates: torch.Tensor  # [T] positive rate per task
+    broken: str | None  # with a funnel: what breaks it, where rows do
+    capped: dict[str, tuple[int, int]]  # with --max-vocab: per categorical column, (values dropped, their rows)
+
+
+def describe(config: RunConfig, data_path: Path) -> Description:
+    """The data as `fit` would see it (over all its rows), streamed where fit streams."""
     files, _, fits = _locate(config, data_path)
     tasks, d, funnel = config.ordered_tasks, config.data, config.funnel_tasks
-    broken = None
+    source = str(data_path)
     if not fits:
         parts = row_groups(files)
-        schema = infer_schema_streaming(parts, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
-        labels = StreamingBatches(parts, Encoders([], []), tasks, buffer_rows=1)
-        rates = labels.positive_rates()
-        if funnel is not None:
-            try:
-                labels.check_funnel(funnel, str(data_path))
-            except MbtrainError as exc:
-                broken = str(exc)
-        return schema, sum(part.rows for part in parts), rates, broken
-    coded = _read_coded(files, tasks)
-    schema = infer_schema(coded, str(data_path), tasks, d.categorical, d.numeric, d.exclude)
-    labels = label_tensor(coded, str(data_path), tasks)
+        schema = infer_schema_streaming(parts, source, tasks, d.categorical, d.numeric, d.exclude)
+        labels: Any = StreamingBatches(parts, Encoders([], []), tasks, buffer_rows=1)
+        rates, rows = labels.positive_rates(), sum(part.rows for part in parts)
+        counts = {name: lambda name=name: value_counts_streaming(scan_row_groups(parts), name)
+                  for name in schema.categorical}
+    else:
+        coded = _read_coded(files, tasks)
+        schema = infer_schema(coded, source, tasks, d.categorical, d.numeric, d.exclude)
+        labels = label_tensor(coded, source, tasks)
+        rates, rows = labels.mean(dim=0), coded.height
+        counts = {name: lambda name=name: coded.column(name, source).totals[:-1] for name in schema.categorical}
+    broken = None
     try:
-        check_funnel(labels, tasks, funnel, str(data_path))
+        if funnel is not None and not fits:
+            labels.check_funnel(funnel, source)
+        elif funnel is not None:
+            check_funnel(labels, tasks, funnel, source)
     except MbtrainError as exc:
         broken = str(exc)
-    return schema, coded.height, labels.mean(dim=0), broken
+    capped = {} if d.max_vocab is None else {
+        name: capped_rows(count(), d.min_frequency, d.max_vocab) for name, count in counts.items()}
+    return Description(schema, rows, rates, broken, capped)
 
 
 def _locate(config: RunConfig, data_path: Path) -> tuple[list[Path], int, bool]:
@@ -156,7 +172,7 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, spec: 
         valid_groups = group_keys(valid_frame, valid_source, d.group_by) if d.group_by else None
         if spec is None:
             spec = _new_spec(config, Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency,
-                                                  source=source))
+                                                  source=source, max_vocab=d.max_vocab))
         train = EncodedData(*spec.encoders.encode(frame, source), labels)
         valid = EncodedData(*spec.encoders.encode(valid_frame, valid_source), valid_labels, groups=valid_groups)
     else:
@@ -167,7 +183,7 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, spec: 
         valid_source = f"{source} (held-out {d.valid_fraction:.0%})"
         if spec is None:  # fitted on the training rows only, without copying them out of the frame
             encoders = Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency, rows=train_rows,
-                                    source=source)
+                                    source=source, max_vocab=d.max_vocab)
             spec = _new_spec(config, encoders)
         everything = EncodedData(*spec.encoders.encode(frame, source), labels, groups=groups)
         train = EncodedData(everything.categorical, everything.numeric, labels, rows=train_rows)
@@ -207,7 +223,7 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
         if spec is not None:
             return schema, spec.encoders
         return schema, fit_encoders_streaming(scan_row_groups(train_parts), schema.categorical, schema.numeric,
-                                              d.min_frequency)
+                                              d.min_frequency, d.max_vocab)
 
     schema, encoders = from_main(roles_and_encoders)
     spec = spec or _new_spec(config, encoders)

@@ -216,3 +216,20 @@ def test_file_names_with_glob_characters_and_resume_from_elsewhere(data_dir: Pat
     result = run_cli("fit", "--resume", "--out", str(out), "--epochs", "2")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "metrics.json").read_text())["evaluated_on"] == str(tmp_path / "valid.csv")
+
+
+@pytest.mark.parametrize("budget", [[], ["--memory-budget", "1K"]], ids=["in-memory", "streamed"])
+def test_max_vocab_caps_every_vocabulary_and_inspect_counts_what_it_drops(budget: list[str], data_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    train = str(tmp_path / "groups.parquet")
+    pl.read_parquet(data_dir / "train.parquet").write_parquet(train, row_group_size=100)
+    shown = run_cli("inspect", train, "--tasks", "purchase,click", "--max-vocab", "3", *budget)
+    assert shown.exit_code == 0, shown.output
+    assert "--max-vocab 3: user drops 37 values, whose" in shown.stdout and "map to unknown" in shown.stdout
+    out = tmp_path / "run"
+    result = run_cli("fit", train, "--tasks", "purchase,click", "--max-vocab", "3", "--epochs", "1", "--exclude",
+                     "row_id", "--out", str(out), *budget)
+    assert result.exit_code == 0, result.output
+    spec = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["spec"]
+    assert max(len(column["values"]) for column in spec["categorical"]) == 3
+    assert run_cli("fit", train, "--tasks", "purchase", "--max-vocab", "0", "--out", str(tmp_path / "x")).exit_code == 2

@@ -13,7 +13,7 @@ import torch
 
 from mbtrain.data.batches import EncodedData
 from mbtrain.data.coded import CodedFrame
-from mbtrain.data.encoders import Encoders
+from mbtrain.data.encoders import Encoders, capped_rows
 from mbtrain.data.io import read_coded
 from mbtrain.data.schema import infer_schema, label_tensor
 from mbtrain.errors import MbtrainError
@@ -184,6 +184,21 @@ def test_vocabulary_orders_by_count_then_value_whatever_the_row_order() -> None:
         fitted = Encoders.fit(pl.DataFrame({"x": order, "n": range(10)}), ["x", "n"], [], min_frequency=1)
         assert fitted.categorical[0].values == ["d", "a", "b", "c"]  # 3, then ties of 2 by value
         assert fitted.categorical[1].values == list(range(10))
+
+
+def test_max_vocab_keeps_the_most_frequent_values_ties_by_value() -> None:
+    values = ["b", "a", "c", "a", "c", "b", "d", None, "d", "d", "e"]
+    for order in (values, values[::-1]):
+        frame = pl.DataFrame({"x": order})
+        assert Encoders.fit(frame, ["x"], [], min_frequency=1, max_vocab=2).categorical[0].values == ["d", "a"]
+        assert Encoders.fit(frame, ["x"], [], min_frequency=1, max_vocab=9).categorical[0].values == \
+            ["d", "a", "b", "c", "e"]
+        capped = Encoders.fit(frame, ["x"], [], min_frequency=1, max_vocab=2)
+        codes, _ = capped.encode(frame, "f")
+        assert (codes[:, 0] == 0).sum() == 6  # b, b, c, c, e and the null
+    counts = CodedFrame(pl.DataFrame({"x": values})).column("x", "f").totals[:-1]
+    assert capped_rows(counts, min_frequency=1, max_vocab=2) == (3, 5)  # b, c, e: 2 + 2 + 1 rows
+    assert capped_rows(counts, min_frequency=2, max_vocab=2) == (2, 4)  # e is under --min-frequency anyway
 
 
 def test_batches_without_a_generator_take_the_rows_in_order_and_split_them_across_ranks() -> None:

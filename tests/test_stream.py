@@ -127,6 +127,9 @@ def test_streaming_schema_and_encoders_equal_the_in_memory_ones(dataset: tuple[P
     rows = pl.concat([frame.slice(sum(SIZES[: int(p.path.stem[-1])]) + p.offset, p.rows) for p in train])
     _assert_same_encoders(fit_encoders_streaming(scan_row_groups(train), schema.categorical, schema.numeric, 3),
                           Encoders.fit(rows, schema.categorical, schema.numeric, 3))
+    capped = fit_encoders_streaming(scan_row_groups(parts), schema.categorical, schema.numeric, 1, max_vocab=3)
+    _assert_same_encoders(capped, Encoders.fit(frame, schema.categorical, schema.numeric, 1, max_vocab=3))
+    assert max(len(e.values) for e in capped.categorical) == 3
 
 
 def test_unshuffled_batches_and_losses_equal_the_in_memory_path(dataset: tuple[Path, pl.DataFrame]) -> None:

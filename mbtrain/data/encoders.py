@@ -115,10 +115,12 @@ class Encoders:
 
     @classmethod
     def fit(cls, frame: pl.DataFrame | CodedFrame, categorical: list[str], numeric: list[str], min_frequency: int,
-            rows: torch.Tensor | None = None, source: str = "training data") -> Encoders:
+            rows: torch.Tensor | None = None, source: str = "training data", max_vocab: int | None = None
+            ) -> Encoders:
         """Fitted on `rows` of `frame` (all rows when None) without copying the training rows out: a value's
         training count is its count in the whole frame (which role inference has already taken) less its count
-        in the held-out rest; the numeric statistics read the training rows of the numeric columns only."""
+        in the held-out rest; the numeric statistics read the training rows of the numeric columns only. With
+        `max_vocab`, each vocabulary keeps its most frequent values up to that many."""
         coded = frame if isinstance(frame, CodedFrame) else CodedFrame(frame)
         held = None
         if rows is not None:
@@ -135,7 +137,8 @@ class Encoders:
                 raise MbtrainError(f"{source}: column {name!r} has values that are not {KINDS[kind]} "
                                    f"({first_line(exc)}); --exclude it, or store it as text") from None
             counts = column.totals if held is None else column.totals - column.counts(held)
-            vocabularies.append(CategoricalEncoder(name, kind, _vocabulary(values, counts[:-1], min_frequency)))
+            vocabularies.append(CategoricalEncoder(name, kind, _vocabulary(values, counts[:-1], min_frequency,
+                                                                           max_vocab)))
         training = None if held is None else pl.lit(pl.Series(~mask.numpy()))
         row: dict[str, Any] = {}
         for start in range(0, len(numeric), COLUMNS_AT_ONCE):  # a few columns' training rows at a time
@@ -209,22 +212,35 @@ def _counts(frame: pl.LazyFrame, schema: pl.Schema, name: str) -> pl.LazyFrame:
     return frame.select(pl.col(name).cast(KINDS[kind_of(schema[name])])).drop_nulls().group_by(name).len("count")
 
 
-def _vocabulary(values: pl.Series, counts: torch.Tensor, min_frequency: int) -> list[Any]:
+def _vocabulary(values: pl.Series, counts: torch.Tensor, min_frequency: int, max_vocab: int | None = None
+                ) -> list[Any]:
     """Values seen at least `min_frequency` times (and at least once), most frequent first, ties broken by
-    value so that the vocabulary does not depend on row order: a sort by value, then a stable sort by count."""
+    value so that the vocabulary does not depend on row order: a sort by value, then a stable sort by count;
+    the first `max_vocab` of them where that is set."""
     kept = (counts >= max(min_frequency, 1)).nonzero().squeeze(1)
     order = kept[torch.from_numpy(values.gather(kept.numpy()).arg_sort().cast(pl.Int64).to_numpy())]
-    order = order[torch.sort(counts[order], descending=True, stable=True).indices]
+    order = order[torch.sort(counts[order], descending=True, stable=True).indices][:max_vocab]
     return values.gather(order.numpy()).to_list()
 
 
-def vocabulary_query(frame: pl.LazyFrame, schema: pl.Schema, name: str, min_frequency: int) -> pl.LazyFrame:
-    """The vocabulary of one column as a query (for the streaming engine), ordered as `_vocabulary` orders it."""
-    return (
+def vocabulary_query(frame: pl.LazyFrame, schema: pl.Schema, name: str, min_frequency: int,
+                     max_vocab: int | None = None) -> pl.LazyFrame:
+    """The vocabulary of one column as a query (for the streaming engine), ordered as `_vocabulary` orders it,
+    with the counts (column "count")."""
+    query = (
         _counts(frame, schema, name)
-        .filter(pl.col("count") >= min_frequency)
+        .filter(pl.col("count") >= max(min_frequency, 1))
         .sort(["count", name], descending=[True, False])
     )
+    return query if max_vocab is None else query.head(max_vocab)
+
+
+def capped_rows(counts: torch.Tensor, min_frequency: int, max_vocab: int) -> tuple[int, int]:
+    """(values that --max-vocab drops from a vocabulary, the rows holding them, which map to unknown) from a
+    column's value counts (no null count)."""
+    kept = counts[counts >= max(min_frequency, 1)]
+    dropped = torch.sort(kept, descending=True).values[max_vocab:]
+    return int(dropped.numel()), int(dropped.sum())
 
 
 def _numeric_matrix(frame: pl.DataFrame, names: list[str]) -> torch.Tensor:

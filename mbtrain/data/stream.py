@@ -268,7 +268,7 @@ def infer_schema_streaming(parts: Sequence[RowGroup], source: str, tasks: list[s
 
 
 def fit_encoders_streaming(scan: pl.LazyFrame, categorical: list[str], numeric: list[str],
-                           min_frequency: int) -> Encoders:
+                           min_frequency: int, max_vocab: int | None = None) -> Encoders:
     """Encoders.fit's result for the rows of `scan` (e.g. `scan_row_groups(train_parts)`), from polars'
     streaming engine one column at a time (see _collect_by_column): a group-by count per categorical column,
     moments per numeric one."""
@@ -278,11 +278,17 @@ def fit_encoders_streaming(scan: pl.LazyFrame, categorical: list[str], numeric: 
                                                   + NumericEncoder.log_moments(name))])
     return Encoders(
         [CategoricalEncoder(name, kind_of(schema[name]),
-                            _collect(vocabulary_query(scan, schema, name, min_frequency))
+                            _collect(vocabulary_query(scan, schema, name, min_frequency, max_vocab))
                             .get_column(name).to_list())
          for name in categorical],
         [NumericEncoder.from_moments(name, moments) for name in numeric],
     )
+
+
+def value_counts_streaming(scan: pl.LazyFrame, name: str) -> torch.Tensor:
+    """The counts of one column's non-null values, from the streaming engine."""
+    counts = _collect(vocabulary_query(scan, scan.collect_schema(), name, 1)).get_column("count")
+    return torch.from_numpy(counts.cast(pl.Int64).to_numpy().copy())
 
 
 def buffer_rows_for(memory_budget_bytes: int, encoders: Encoders, tasks: list[str]) -> int:
