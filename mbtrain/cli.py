@@ -100,6 +100,8 @@ GroupByOpt = Annotated[str | None, typer.Option(help="Column of the group (user,
                                                     "AUC over, e.g. user_id.")]
 MaxVocabOpt = Annotated[int | None, typer.Option(help="Each categorical column keeps its N most frequent values "
                                                     "(ties by value); the rest map to 'unknown' (default: no cap).")]
+MaxBagOpt = Annotated[int | None, typer.Option(help="Bags (list columns) keep each row's last N elements "
+                                                  "(default: 50).")]
 ConfigOpt = Annotated[Path | None, typer.Option(help="TOML file with the same keys as the flags; flags win.")]
 
 
@@ -172,6 +174,8 @@ def fit(
     dropout: Annotated[float | None, typer.Option(help=_help("Dropout in [0, 1).", "dropout"))] = None,
     norm: Annotated[str | None, typer.Option(help=_help(f"Hidden-layer normalisation: {' | '.join(NORMS)}.",
                                                         "norm"))] = None,
+    pooling: Annotated[str | None, typer.Option(help=_help("How a bag's (list column's) element embeddings "
+                                                           "become one: mean | sum.", "pooling"))] = None,
     epochs: Annotated[int | None, typer.Option(help=_help("Maximum epochs.", "epochs"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=_help("Rows per step.", "batch_size"))] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate after warm-up (default: 0.01, scaled down "
@@ -205,6 +209,7 @@ def fit(
     min_frequency: Annotated[int | None, typer.Option(help=_help("Categories seen fewer times in training map "
                                                                  "to 'unknown'.", "min_frequency"))] = None,
     max_vocab: MaxVocabOpt = None,
+    max_bag: MaxBagOpt = None,
     memory_budget: Annotated[str | None, typer.Option(help=_help("Memory for the data (e.g. 8G); bigger Parquet "
                                                                  "data is streamed. auto = half of RAM.",
                                                                  "memory_budget"))] = None,
@@ -284,19 +289,23 @@ def inspect(
                                                      "it.")] = None,
     max_vocab: MaxVocabOpt = None,
     min_frequency: Annotated[int | None, typer.Option(help="As for fit, with --max-vocab.")] = None,
+    max_bag: MaxBagOpt = None,
 ) -> None:
     """Show the role fit would give every column (label, categorical, numeric, excluded); no training."""
     from mbtrain.models.funnel import conditional_probabilities
-    from mbtrain.report import schema_table
+    from mbtrain.report import bag_lines, schema_table
     from mbtrain.train import describe
 
     run_config = _resolve(config, _overrides(tasks=tasks, main_task=main_task, categorical=categorical,
                                              numeric=numeric, exclude=exclude, memory_budget=memory_budget,
-                                             funnel=funnel, max_vocab=max_vocab, min_frequency=min_frequency))
+                                             funnel=funnel, max_vocab=max_vocab, min_frequency=min_frequency,
+                                             max_bag=max_bag))
     run_config.validate()
     seen = describe(run_config, data)
     schema = seen.schema
     console.print(schema_table(schema, f"{data}: {seen.rows:,} rows, {len(schema.columns)} columns"))
+    for line in bag_lines(schema, run_config.data.max_bag):
+        console.print(line, soft_wrap=True)
     shares = ", ".join(f"{task} {rate:.2%}" for task, rate in zip(schema.tasks, seen.rates.tolist(), strict=True))
     console.print(f"positive rates: {shares}")
     stages = run_config.funnel_tasks

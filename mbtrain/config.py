@@ -19,6 +19,7 @@ from mbtrain.balance.metabalance import STRATEGIES
 from mbtrain.distributed import DEVICES
 from mbtrain.errors import MbtrainError
 from mbtrain.models import MODELS
+from mbtrain.models.embedding import POOLINGS
 from mbtrain.models.mlp import NORMS
 
 SCHEDULES = ("constant", "cosine")
@@ -36,6 +37,7 @@ class DataConfig:
     valid_fraction: float = 0.1
     min_frequency: int = 2
     max_vocab: int | None = None  # each categorical column keeps at most this many values, the most frequent
+    max_bag: int = 50  # a bag (list) column keeps each row's last this many elements
     memory_budget: str = "auto"  # beyond it, Parquet data is streamed; "auto" = half the physical memory
     group_by: str | None = None  # the column whose groups (users, sessions) validation's GAUC averages over
 
@@ -51,6 +53,7 @@ class ModelConfig:
     tower: list[int] = field(default_factory=lambda: [16])
     dropout: float = 0.0
     norm: str = "none"  # over each hidden layer: none, batch or layer
+    pooling: str = "mean"  # how a bag's elements' embeddings become one: mean or sum
     funnel: bool = False  # ESMM's entire-space funnel over --tasks in their order (always on for --model esmm)
 
 
@@ -146,6 +149,7 @@ class RunConfig:
         _choice("--strategy", b.strategy, STRATEGIES)
         _choice("--device", t.device, DEVICES)
         _choice("--norm", m.norm, NORMS)
+        _choice("--pooling", m.pooling, POOLINGS)
         _choice("--schedule", t.schedule, SCHEDULES)
         _choice("--monitor", t.monitor, MONITORS)
         if t.monitor == "gauc" and not d.group_by:
@@ -185,6 +189,7 @@ class RunConfig:
             ("--epochs", t.epochs),
             ("--batch-size", t.batch_size),
             ("--min-frequency", d.min_frequency),
+            ("--max-bag", d.max_bag),
         ):
             if value < 1:
                 raise MbtrainError(f"{flag} must be at least 1: got {value}")

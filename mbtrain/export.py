@@ -52,7 +52,8 @@ def _torchscript(module: Probabilities, spec: ModelSpec, sample: dict[str, torch
             scripted = torch.jit.script(module)
             torch.jit.save(scripted, str(temporary), _extra_files={SPEC_FILE: json.dumps(spec.to_dict())})
         reloaded, _ = load_torchscript(temporary)
-        exported = predict_probabilities(reloaded, sample["categorical"], sample["numeric"])
+        with torch.inference_mode():  # through the exported contract: bags as their own tensor
+            exported = reloaded(*contract_inputs(spec, sample["categorical"], sample["numeric"]))
         check["difference"] = float((eager - exported).abs().max()) if eager.numel() else 0.0
         if not check["difference"] <= TOLERANCE:
             raise MbtrainError(f"--output {output}: exported model disagrees with the trained one "
@@ -61,6 +62,16 @@ def _torchscript(module: Probabilities, spec: ModelSpec, sample: dict[str, torch
     write_atomic(output, write_checked, "--output")
     return {"format": "torchscript", "output": str(output), "checked_rows": int(eager.shape[0]),
             "max_abs_difference": check["difference"], "tasks": spec.tasks}
+
+
+def contract_inputs(spec: ModelSpec, categorical: torch.Tensor, numeric: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The exported model's inputs (scoring.INPUTS_DOC) from mbtrain's encoded ones: the bags' slots that follow
+    the categorical columns as their own [B, K, L] tensor."""
+    bags = len(spec.encoders.bags)
+    if not bags:
+        return categorical, numeric
+    columns = len(spec.encoders.categorical)
+    return categorical[:, :columns], numeric, categorical[:, columns:].reshape(categorical.shape[0], bags, -1)
 
 
 def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, ModelSpec]:

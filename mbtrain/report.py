@@ -65,17 +65,31 @@ def _share(value: float) -> str:
 
 
 def schema_table(schema: Schema, title: str) -> Table:
+    """Every column's role, type, distinct values (a bag's: its elements'), null share and why."""
     table = Table(title=title)
     for heading, justify in (("column", "left"), ("type", "left"), ("role", "left"), ("distinct", "right"),
                              ("null share", "right"), ("why", "left")):
         table.add_column(heading, justify=justify)
     styles = {"label": "bold magenta", "categorical": "cyan", "numeric": "green",
-              "categorical+numeric": "cyan", "excluded": "dim"}
+              "categorical+numeric": "cyan", "bag": "cyan", "excluded": "dim"}
     for column in schema.columns:
         distinct = "—" if column.distinct is None else f"{column.distinct:,}"
         table.add_row(column.name, column.dtype, f"[{styles[column.role]}]{column.role}[/]", distinct,
                       f"{column.null_share:.1%}", column.reason)
     return table
+
+
+def bag_lines(schema: Schema, max_bag: int) -> list[str]:
+    """A line per bag: its elements, its lists' lengths and what --max-bag keeps of them."""
+    lines = []
+    for column in schema.columns:
+        if column.role == "bag" and column.lengths is not None:
+            mean, longest = column.lengths
+            kept = (f"each row keeps its last {max_bag} (--max-bag)" if longest > max_bag
+                    else f"none longer than --max-bag {max_bag}")
+            lines.append(f"bag {column.name}: {column.distinct:,} distinct elements; lists of {mean:.1f} on "
+                         f"average, {longest:,} at most; {kept}")
+    return lines
 
 
 def history_line(entry: dict[str, Any], main_task: str, monitor: str = "auc") -> str:

@@ -172,7 +172,8 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, spec: 
         valid_groups = group_keys(valid_frame, valid_source, d.group_by) if d.group_by else None
         if spec is None:
             spec = _new_spec(config, Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency,
-                                                  source=source, max_vocab=d.max_vocab))
+                                                  source=source, max_vocab=d.max_vocab, bags=schema.bags,
+                                                  max_bag=d.max_bag))
         train = EncodedData(*spec.encoders.encode(frame, source), labels)
         valid = EncodedData(*spec.encoders.encode(valid_frame, valid_source), valid_labels, groups=valid_groups)
     else:
@@ -183,7 +184,7 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, spec: 
         valid_source = f"{source} (held-out {d.valid_fraction:.0%})"
         if spec is None:  # fitted on the training rows only, without copying them out of the frame
             encoders = Encoders.fit(frame, schema.categorical, schema.numeric, d.min_frequency, rows=train_rows,
-                                    source=source, max_vocab=d.max_vocab)
+                                    source=source, max_vocab=d.max_vocab, bags=schema.bags, max_bag=d.max_bag)
             spec = _new_spec(config, encoders)
         everything = EncodedData(*spec.encoders.encode(frame, source), labels, groups=groups)
         train = EncodedData(everything.categorical, everything.numeric, labels, rows=train_rows)
@@ -223,7 +224,7 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, spec: 
         if spec is not None:
             return schema, spec.encoders
         return schema, fit_encoders_streaming(scan_row_groups(train_parts), schema.categorical, schema.numeric,
-                                              d.min_frequency, d.max_vocab)
+                                              d.min_frequency, d.max_vocab, schema.bags, d.max_bag)
 
     schema, encoders = from_main(roles_and_encoders)
     spec = spec or _new_spec(config, encoders)

@@ -43,6 +43,18 @@ def make_frame(rows: int = 600, seed: int = 0) -> pl.DataFrame:
     })
 
 
+def make_bag_frame(rows: int = 600, seed: int = 0) -> pl.DataFrame:
+    """make_frame's funnel with two list columns: an item's tags (text, some null or empty) and the user's recent
+    item ids (integers, up to 12 of them), the latter carrying click signal."""
+    rng = random.Random(seed)
+    frame = make_frame(rows, seed)
+    tags = [None if rng.random() < 0.05 else [rng.choice(["sale", "new", "eco", "kids", "lux"])
+                                               for _ in range(rng.randrange(0, 4))] for _ in range(rows)]
+    recent = [[rng.randrange(30) + 30 * clicked for _ in range(rng.randrange(0, 13))] for clicked in frame["click"]]
+    return frame.with_columns(pl.Series("tags", tags, dtype=pl.List(pl.String)),
+                              pl.Series("recent_items", recent, dtype=pl.List(pl.Int64)))
+
+
 def run_cli(*args: str) -> Result:
     """Invoke the mbtrain CLI in-process; stdout and stderr stay separate on the result."""
     return CliRunner().invoke(app, list(args))

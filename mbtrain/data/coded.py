@@ -40,6 +40,16 @@ def kind_of(dtype: pl.DataType) -> str:
     return "str"
 
 
+def bag_kind(dtype: pl.DataType) -> str | None:
+    """How a bag's elements compare ("str" or "int") for a list of text or integers; None for anything else."""
+    if not isinstance(dtype, pl.List):
+        return None
+    inner = dtype.inner
+    if inner == pl.String or isinstance(inner, (pl.Categorical, pl.Enum)):
+        return "str"
+    return "int" if inner.is_integer() else None
+
+
 def is_text(dtype: pa.DataType) -> bool:
     """Arrow text types, plain or dictionary-encoded."""
     if pa.types.is_dictionary(dtype):

@@ -5,6 +5,11 @@ vocabulary does not hold: nulls, values seen fewer than `min_frequency` times in
 first seen at prediction time. Training on rare values as index 0 is what teaches that embedding row
 to mean "unknown", so unseen categories at eval time land somewhere sensible.
 
+A bag column (a list of text or integers per row) has one vocabulary over its elements, and each row's
+list, cut to its last `width` elements, is encoded as slots of element indices, -1 where the list ends: the
+slots follow the scalar columns' indices in the same categorical tensor, bag after bag, every bag with as
+many slots as the widest (the model reads them as [rows, bags, slots]).
+
 Numeric columns stay raw in the encoded tensors (NaN for null): the model's NumericNormalizer applies
 the statistics kept here, so the exported TorchScript file takes raw numbers and the transform lives
 in one place.
@@ -12,14 +17,15 @@ in one place.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow.compute as pc
 import torch
 
-from mbtrain.data.coded import KINDS, CodedFrame, chunk_views, kind_of, tensor_view
+from mbtrain.data.coded import KINDS, CodedFrame, bag_kind, chunk_views, kind_of, tensor_view
 from mbtrain.errors import MbtrainError, first_line
 
 SKEWED = 2.0  # skewness above which a non-negative numeric column is log1p-transformed first
@@ -58,6 +64,47 @@ class CategoricalEncoder:
         """int64 [len(values) + 1]: the index of each of a coded column's values, then 0 for its null id."""
         indices = _encoded(pl.DataFrame([values.alias(self.name)]), [self.expression()], source).to_series().to_numpy()
         return torch.cat([torch.from_numpy(indices.astype(np.int64)), torch.zeros(1, dtype=torch.int64)])
+
+
+@dataclass
+class BagEncoder:
+    name: str
+    kind: str  # how the elements compare, as CategoricalEncoder's
+    values: list[Any]  # the elements' vocabulary
+    width: int  # slots per row: the training data's longest list, at most --max-bag
+
+    @property
+    def cardinality(self) -> int:
+        return len(self.values) + 1
+
+    def encode(self, column: pl.Series, source: str, slots: int) -> torch.Tensor:
+        """int64 [rows, slots] (slots >= width): each list's last `width` elements as vocabulary indices (0 for
+        unknown or null), then -1; a null or empty list is all -1."""
+        if bag_kind(column.dtype) is None:
+            raise MbtrainError(f"{source}: column {self.name!r} is {column.dtype}, but the model was trained on it as "
+                               "a list of text or integers (a bag)")
+        lists = column.list.tail(self.width).to_arrow()
+        lengths = torch.from_numpy(pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int64))
+        elements = pl.DataFrame([pl.Series(self.name, lists.flatten())])
+        codes = _encoded(elements, [CategoricalEncoder(self.name, self.kind, self.values).expression()], source)
+        encoded = torch.full((len(column), slots), -1, dtype=torch.int64)
+        starts = torch.cumsum(lengths, 0) - lengths
+        row = torch.repeat_interleave(torch.arange(len(column)), lengths)
+        slot = torch.arange(row.numel()) - torch.repeat_interleave(starts, lengths)
+        encoded[row, slot] = torch.from_numpy(codes.to_series().to_numpy().astype(np.int64))
+        return encoded
+
+    @classmethod
+    def fit(cls, column: pl.Series, max_bag: int, min_frequency: int, max_vocab: int | None) -> BagEncoder:
+        """The vocabulary of the elements of each list's last `max_bag` (the ones the model sees), ordered as a
+        categorical column's; the width the longest of those lists."""
+        kind = bag_kind(column.dtype)
+        lists = column.list.tail(max_bag)
+        elements = lists.explode().drop_nulls().cast(KINDS[kind])
+        counted = elements.value_counts(name="count")
+        values = _vocabulary(counted.get_column(column.name), torch.from_numpy(
+            counted.get_column("count").cast(pl.Int64).to_numpy().copy()), min_frequency, max_vocab)
+        return cls(column.name, kind, values, max(1, int(lists.list.len().max() or 0)))
 
 
 @dataclass
@@ -112,15 +159,17 @@ class NumericEncoder:
 class Encoders:
     categorical: list[CategoricalEncoder]
     numeric: list[NumericEncoder]
+    bags: list[BagEncoder] = field(default_factory=list)
 
     @classmethod
     def fit(cls, frame: pl.DataFrame | CodedFrame, categorical: list[str], numeric: list[str], min_frequency: int,
-            rows: torch.Tensor | None = None, source: str = "training data", max_vocab: int | None = None
-            ) -> Encoders:
+            rows: torch.Tensor | None = None, source: str = "training data", max_vocab: int | None = None,
+            bags: list[str] = (), max_bag: int = 50) -> Encoders:
         """Fitted on `rows` of `frame` (all rows when None) without copying the training rows out: a value's
         training count is its count in the whole frame (which role inference has already taken) less its count
         in the held-out rest; the numeric statistics read the training rows of the numeric columns only. With
-        `max_vocab`, each vocabulary keeps its most frequent values up to that many."""
+        `max_vocab`, each vocabulary keeps its most frequent values up to that many. Bag columns (`bags`) see
+        each list's last `max_bag` elements."""
         coded = frame if isinstance(frame, CodedFrame) else CodedFrame(frame)
         held = None
         if rows is not None:
@@ -152,26 +201,48 @@ class Encoders:
                 names = [name for name in names if wanted(name, row)]
                 if names:
                     row |= values.select([e for name in names for e in later(name)]).row(0, named=True)
-        return cls(vocabularies, [NumericEncoder.from_moments(name, row) for name in numeric])
+        bag_encoders = []
+        for name in bags:
+            column = coded.frame.get_column(name)
+            bag_encoders.append(BagEncoder.fit(column if rows is None else column.gather(rows.numpy()), max_bag,
+                                               min_frequency, max_vocab))
+        return cls(vocabularies, [NumericEncoder.from_moments(name, row) for name in numeric], bag_encoders)
 
     @property
     def cardinalities(self) -> list[int]:
-        return [encoder.cardinality for encoder in self.categorical]
+        """Rows of each feature's embedding: the categorical columns', then the bags'."""
+        return [encoder.cardinality for encoder in [*self.categorical, *self.bags]]
+
+    @property
+    def slots(self) -> int:
+        """Width of the encoded categorical tensor: one per categorical column, the widest bag's per bag."""
+        return len(self.categorical) + len(self.bags) * max((bag.width for bag in self.bags), default=0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"categorical": [asdict(e) for e in self.categorical], "numeric": [asdict(e) for e in self.numeric]}
+        return {"categorical": [asdict(e) for e in self.categorical], "numeric": [asdict(e) for e in self.numeric],
+                "bags": [asdict(e) for e in self.bags]}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Encoders:
         return cls([CategoricalEncoder(**e) for e in raw["categorical"]],
-                   [NumericEncoder(**e) for e in raw["numeric"]])
+                   [NumericEncoder(**e) for e in raw["numeric"]], [BagEncoder(**e) for e in raw.get("bags", [])])
 
     def encode(self, frame: pl.DataFrame | CodedFrame, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(categorical int64 [rows, C], numeric float32 [rows, N], NaN for null), built column-wise. A CodedFrame
-        (the in-memory path, whose codes role inference and fitting have made already) gathers each column's
-        codes through its vocabulary's lookup table; a plain frame (a streamed chunk, data to score) goes
-        through polars expressions, which cost less than coding it first (36 vs 214 ms per 65k-row chunk)."""
-        missing = [e.name for e in [*self.categorical, *self.numeric] if e.name not in frame.columns]
+        """(categorical int64 [rows, C + the bags' slots], numeric float32 [rows, N], NaN for null), built
+        column-wise. A CodedFrame (the in-memory path, whose codes role inference and fitting have made already)
+        gathers each column's codes through its vocabulary's lookup table; a plain frame (a streamed chunk,
+        data to score) goes through polars expressions, which cost less than coding it first (36 vs 214 ms per
+        65k-row chunk). The bags' slots (module docstring) follow the categorical columns."""
+        categorical, numeric = self._encode_columns(frame, source)
+        if not self.bags:
+            return categorical, numeric
+        table = frame.frame if isinstance(frame, CodedFrame) else frame
+        slots = max(bag.width for bag in self.bags)
+        return torch.cat([categorical, *(e.encode(table.get_column(e.name), source, slots) for e in self.bags)],
+                         1), numeric
+
+    def _encode_columns(self, frame: pl.DataFrame | CodedFrame, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = [e.name for e in [*self.categorical, *self.numeric, *self.bags] if e.name not in frame.columns]
         if missing:
             raise MbtrainError(f"{source}: feature column {missing[0]!r} used by the model is missing"
                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -179,6 +250,11 @@ class Encoders:
             dtype = frame.schema[encoder.name]
             if not (dtype.is_numeric() or dtype == pl.Boolean or dtype == pl.Null):
                 raise MbtrainError(f"{source}: numeric column {encoder.name!r} has type {dtype}, expected numbers")
+        for encoder in self.categorical:
+            dtype = frame.schema[encoder.name]
+            if dtype.is_nested():
+                raise MbtrainError(f"{source}: column {encoder.name!r} is {dtype}, but the model was trained on it "
+                                   "as one value per row")
         # column-major, see _numeric_matrix; zeros, not empty: the parallel fill takes the page faults of fresh
         # memory on every core, where the single-threaded column writes below would take them on one
         categorical = torch.zeros(len(self.categorical), frame.height, dtype=torch.int64).T
@@ -218,7 +294,7 @@ def _vocabulary(values: pl.Series, counts: torch.Tensor, min_frequency: int, max
     value so that the vocabulary does not depend on row order: a sort by value, then a stable sort by count;
     the first `max_vocab` of them where that is set."""
     kept = (counts >= max(min_frequency, 1)).nonzero().squeeze(1)
-    order = kept[torch.from_numpy(values.gather(kept.numpy()).arg_sort().cast(pl.Int64).to_numpy())]
+    order = kept[tensor_view(values.gather(kept.numpy()).arg_sort().cast(pl.Int64).to_numpy())]
     order = order[torch.sort(counts[order], descending=True, stable=True).indices][:max_vocab]
     return values.gather(order.numpy()).to_list()
 

@@ -45,8 +45,8 @@ import pyarrow.parquet as pq
 import torch
 
 from mbtrain.data.batches import EncodedData, row_order
-from mbtrain.data.coded import kind_of
-from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder, vocabulary_query
+from mbtrain.data.coded import bag_kind, kind_of
+from mbtrain.data.encoders import BagEncoder, CategoricalEncoder, Encoders, NumericEncoder, vocabulary_query
 from mbtrain.data.io import PARQUET_MAGIC, read_parquet, read_table
 from mbtrain.data.schema import Schema, funnel_breaks, funnel_error, group_keys, infer_schema, label_tensor
 from mbtrain.distributed import ranks_on_this_node
@@ -268,7 +268,8 @@ def infer_schema_streaming(parts: Sequence[RowGroup], source: str, tasks: list[s
 
 
 def fit_encoders_streaming(scan: pl.LazyFrame, categorical: list[str], numeric: list[str],
-                           min_frequency: int, max_vocab: int | None = None) -> Encoders:
+                           min_frequency: int, max_vocab: int | None = None, bags: list[str] = (),
+                           max_bag: int = 50) -> Encoders:
     """Encoders.fit's result for the rows of `scan` (e.g. `scan_row_groups(train_parts)`), from polars'
     streaming engine one column at a time (see _collect_by_column): a group-by count per categorical column,
     moments per numeric one."""
@@ -282,7 +283,19 @@ def fit_encoders_streaming(scan: pl.LazyFrame, categorical: list[str], numeric: 
                             .get_column(name).to_list())
          for name in categorical],
         [NumericEncoder.from_moments(name, moments) for name in numeric],
+        [_bag_encoder(scan, name, min_frequency, max_vocab, max_bag) for name in bags],
     )
+
+
+def _bag_encoder(scan: pl.LazyFrame, name: str, min_frequency: int, max_vocab: int | None,
+                 max_bag: int) -> BagEncoder:
+    """BagEncoder.fit's result, from two streaming queries: the longest list, and the elements' vocabulary."""
+    lists = pl.col(name).list.tail(max_bag)
+    elements = scan.select(lists.explode())
+    values = _collect(vocabulary_query(elements, elements.collect_schema(), name, min_frequency, max_vocab))
+    longest = _collect(scan.select(lists.list.len().max())).item()
+    return BagEncoder(name, bag_kind(scan.collect_schema()[name]), values.get_column(name).to_list(),
+                      max(1, int(longest or 0)))
 
 
 def value_counts_streaming(scan: pl.LazyFrame, name: str) -> torch.Tensor:
@@ -294,7 +307,7 @@ def value_counts_streaming(scan: pl.LazyFrame, name: str) -> torch.Tensor:
 def buffer_rows_for(memory_budget_bytes: int, encoders: Encoders, tasks: list[str]) -> int:
     """Shuffle-buffer rows that fit BUFFER_SHARE of the budget, counting the encoded bytes of a row twice
     (the chunks and their concatenation coexist briefly); never less than one read chunk."""
-    row_bytes = 8 * len(encoders.categorical) + 4 * len(encoders.numeric) + 4 * len(tasks)
+    row_bytes = 8 * encoders.slots + 4 * len(encoders.numeric) + 4 * len(tasks)
     return max(READ_ROWS, int(memory_budget_bytes * BUFFER_SHARE) // (2 * row_bytes))
 
 
@@ -313,7 +326,8 @@ class StreamingBatches:
         self.tasks = list(tasks)
         self.buffer_rows = buffer_rows
         self.group_by = group_by  # validation sets with --group-by: chunks() carry the group keys
-        names = [e.name for e in [*encoders.categorical, *encoders.numeric]] + self.tasks + [group_by] * bool(group_by)
+        names = ([e.name for e in [*encoders.categorical, *encoders.numeric, *encoders.bags]] + self.tasks
+                 + [group_by] * bool(group_by))
         self.columns = list(dict.fromkeys(names))
 
     def __len__(self) -> int:
@@ -353,7 +367,7 @@ class StreamingBatches:
         for batch in self._local_batches(parts, batch_size, generator):
             yield batch, global_rows(shard_rows, batch_size, taken)
             taken += 1
-        empty = EncodedData(torch.empty(0, len(self.encoders.categorical), dtype=torch.int64),
+        empty = EncodedData(torch.empty(0, self.encoders.slots, dtype=torch.int64),
                             torch.empty(0, len(self.encoders.numeric)), torch.empty(0, len(self.tasks)))
         for step in range(taken, self.steps(batch_size, world_size)):
             yield empty, global_rows(shard_rows, batch_size, step)

@@ -30,14 +30,17 @@ def build_model(
     norm: str = "none",
     task_experts: int = 1,
     levels: int = 2,
+    bags: int = 0,
+    pooling: str = "mean",
 ) -> nn.Module:
     """Build the named model; ``experts`` applies to MMoE and PLE (its shared experts per level),
-    ``task_experts`` and ``levels`` to PLE."""
+    ``task_experts`` and ``levels`` to PLE; the last ``bags`` of the ``cardinalities`` are bags, pooled as
+    ``pooling`` says (models/embedding.py)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose {', '.join(MODELS)}")
     sizes = dict(cardinalities=list(cardinalities), num_numeric=num_numeric, num_tasks=num_tasks,
                  embed_dim=embed_dim, hidden=list(hidden), tower=list(tower), dropout=dropout,
-                 norm=norm)
+                 norm=norm, bags=bags, pooling=pooling)
     if name == "mmoe":
         return MMoE(**sizes, experts=experts)
     if name == "ple":

@@ -30,9 +30,11 @@ class ESMM(nn.Module):
         tower: Sequence[int] = (16,),
         dropout: float = 0.0,
         norm: str = "none",
+        bags: int = 0,
+        pooling: str = "mean",
     ) -> None:
         super().__init__()
-        self.embedding = FusedEmbedding(cardinalities, embed_dim)
+        self.embedding = FusedEmbedding(cardinalities, embed_dim, bags, pooling)
         in_dim = self.embedding.input_dim(num_numeric)
         self.towers = Towers(in_dim, [*hidden, *tower], num_tasks, dropout, norm)
 

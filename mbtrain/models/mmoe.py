@@ -33,10 +33,12 @@ class MMoE(nn.Module):
         tower: Sequence[int] = (16,),
         dropout: float = 0.0,
         norm: str = "none",
+        bags: int = 0,
+        pooling: str = "mean",
     ) -> None:
         super().__init__()
         hidden, tower = list(hidden), list(tower)
-        self.embedding = FusedEmbedding(cardinalities, embed_dim)
+        self.embedding = FusedEmbedding(cardinalities, embed_dim, bags, pooling)
         in_dim = self.embedding.input_dim(num_numeric)
         if not hidden:
             raise ValueError("MMoE experts need at least one hidden layer")

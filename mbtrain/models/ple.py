@@ -119,6 +119,8 @@ class PLE(nn.Module):
         tower: Sequence[int] = (16,),
         dropout: float = 0.0,
         norm: str = "none",
+        bags: int = 0,
+        pooling: str = "mean",
     ) -> None:
         super().__init__()
         hidden, tower = list(hidden), list(tower)
@@ -127,7 +129,7 @@ class PLE(nn.Module):
         if experts < 1 or task_experts < 1 or levels < 1:
             raise ValueError(f"PLE needs at least one shared expert, one expert per task and one level, got "
                              f"{experts}, {task_experts} and {levels}")
-        self.embedding = FusedEmbedding(cardinalities, embed_dim)
+        self.embedding = FusedEmbedding(cardinalities, embed_dim, bags, pooling)
         in_dim = self.embedding.input_dim(num_numeric)
         self.num_tasks = num_tasks
         self.levels = nn.ModuleList()

@@ -21,7 +21,10 @@ SPEC_FORMAT = "mbtrain/1"
 INPUTS_DOC = (
     "categorical: int64 [B, C], the index of each value in that column's 'values' list plus 1 "
     "(0 for null or unseen); numeric: float32 [B, N], raw values in the order of 'numeric', NaN for null "
-    "(the model applies log1p / mean / std itself); output: float32 [B, T] probabilities in 'tasks' order"
+    "(the model applies log1p / mean / std itself); bags (only where 'bags' is not empty): int64 [B, K, L] "
+    "for the K bags in the order of 'bags', each row's list as the indices of its elements in that bag's "
+    "'values' plus 1 (0 for null or unseen), padded with -1 to any common length L (an empty list is all -1; "
+    "mbtrain keeps a list's last 'width' elements); output: float32 [B, T] probabilities in 'tasks' order"
 )
 
 FUNNEL_DOC = (
@@ -115,6 +118,8 @@ class ModelSpec:
             norm=self.model.get("norm", "none"),  # runs from before --norm had none
             task_experts=self.model.get("task_experts", 1),  # and from before PLE
             levels=self.model.get("levels", 2),
+            bags=len(self.encoders.bags),
+            pooling=self.model.get("pooling", "mean"),
         )
         return ScoringModel(NumericNormalizer(self.encoders.numeric), network, self.funnel_order)
 
@@ -139,13 +144,18 @@ class ModelSpec:
 
 
 class Probabilities(nn.Module):
-    """The scoring model with a sigmoid on top: what eval, predict and the exported file run."""
+    """The scoring model with a sigmoid on top: what eval, predict and the exported file run. Bags come either
+    as their own [B, K, L] tensor (the exported contract, INPUTS_DOC) or, as mbtrain's encoders make them,
+    as slots after the categorical columns (models/embedding.py)."""
 
     def __init__(self, model: ScoringModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor,
+                bags: torch.Tensor | None = None) -> torch.Tensor:
+        if bags is not None:
+            categorical = torch.cat([categorical, bags.flatten(1)], dim=1)
         return torch.sigmoid(self.model(categorical, numeric))
 
 

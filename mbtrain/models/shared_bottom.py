@@ -26,10 +26,12 @@ class SharedBottom(nn.Module):
         tower: Sequence[int] = (16,),
         dropout: float = 0.0,
         norm: str = "none",
+        bags: int = 0,
+        pooling: str = "mean",
     ) -> None:
         super().__init__()
         hidden, tower = list(hidden), list(tower)
-        self.embedding = FusedEmbedding(cardinalities, embed_dim)
+        self.embedding = FusedEmbedding(cardinalities, embed_dim, bags, pooling)
         in_dim = self.embedding.input_dim(num_numeric)
         self.bottom = mlp(in_dim, hidden, dropout, norm)
         self.towers = Towers(hidden[-1] if hidden else in_dim, tower, num_tasks, dropout, norm)
