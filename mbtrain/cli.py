@@ -371,9 +371,9 @@ def predict(
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory to export (its best checkpoint).", show_default=False)],
     output: Annotated[Path, typer.Option(help="The exported file, e.g. model.pt.")],
-    format: Annotated[str, typer.Option(help="Export format.")] = "torchscript",
+    format: Annotated[str, typer.Option(help="torchscript | onnx (pip install 'mbtrain[onnx]').")] = "torchscript",
 ) -> None:
-    """Write one self-contained TorchScript file with the preprocessing spec embedded as mbtrain.json."""
+    """Write one self-contained TorchScript (or ONNX) file with the preprocessing spec embedded as mbtrain.json."""
     from mbtrain.export import export as export_run
 
     result = export_run(run, output, format)

@@ -1,14 +1,21 @@
-"""Export a trained run as one self-contained file; TorchScript today, behind one function for other formats.
+"""Export a trained run as one self-contained file, TorchScript (the default) or ONNX, and load such files.
 
 TorchScript is deprecated upstream in favour of torch.export, but it is still the one format that
 loads with plain `torch.jit.load`, batch size free, where mbtrain is not installed; its deprecation
-warnings are silenced here, and `export()` dispatches on a format name so another can sit beside it.
+warnings are silenced here. ONNX goes through torch.export (`torch.onnx.export(dynamo=True)`), with the
+batch size (and a bags tensor's length) left dynamic and the spec in the model's metadata; it needs the
+optional extra `mbtrain[onnx]` (onnx, onnxscript, onnxruntime). Either file is reloaded and checked against
+the trained model on real validation rows before it is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +38,11 @@ def model_from_checkpoint(state: dict[str, Any]) -> tuple[ScoringModel, ModelSpe
 
 def export(run: Path, output: Path, fmt: str = "torchscript") -> dict[str, Any]:
     """Write the run's best model to `output`, reload it and check it against the eager model on real rows."""
-    exporters = {"torchscript": _torchscript}
+    exporters = {"torchscript": _torchscript, "onnx": _onnx}
     if fmt not in exporters:
         raise MbtrainError(f"--format {fmt!r} is not supported: choose one of {', '.join(exporters)}")
+    if fmt == "onnx":
+        require_onnx()
     check_writable(output, "--output")
     state = load_checkpoint(run_checkpoint(run))
     model, spec = model_from_checkpoint(state)
@@ -62,6 +71,89 @@ def _torchscript(module: Probabilities, spec: ModelSpec, sample: dict[str, torch
     write_atomic(output, write_checked, "--output")
     return {"format": "torchscript", "output": str(output), "checked_rows": int(eager.shape[0]),
             "max_abs_difference": check["difference"], "tasks": spec.tasks}
+
+
+def _onnx(module: Probabilities, spec: ModelSpec, sample: dict[str, torch.Tensor], output: Path) -> dict[str, Any]:
+    import onnx
+
+    inputs = contract_inputs(spec, sample["categorical"], sample["numeric"])
+    names = ["categorical", "numeric", "bags"][: len(inputs)]
+    batch = torch.export.Dim("batch")
+    shapes = {"categorical": {0: batch}, "numeric": {0: batch}, "bags": {0: batch, 2: torch.export.Dim("slots")}}
+    with torch.inference_mode():
+        eager = module(*inputs)
+    check: dict[str, Any] = {}
+
+    def write_checked(temporary: Path) -> None:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet("torch.onnx"):
+            warnings.simplefilter("ignore")  # the exporter's progress lines, warnings and log lines
+            program = torch.onnx.export(module, inputs, dynamo=True, input_names=names,
+                                        output_names=["probabilities"],
+                                        dynamic_shapes={name: shapes[name] for name in names})
+        model = program.model_proto
+        onnx.helper.set_model_props(model, {SPEC_FILE: json.dumps(spec.to_dict())})
+        onnx.save(model, str(temporary))
+        session, _ = load_onnx(temporary)
+        exported = session(*inputs)
+        check["difference"] = float((eager - exported).abs().max()) if eager.numel() else 0.0
+        if not check["difference"] <= TOLERANCE:
+            raise MbtrainError(f"--output {output}: exported model disagrees with the trained one "
+                               f"(max difference {check['difference']:.2e}); nothing written")
+
+    write_atomic(output, write_checked, "--output")
+    return {"format": "onnx", "output": str(output), "checked_rows": int(eager.shape[0]),
+            "max_abs_difference": check["difference"], "tasks": spec.tasks}
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """The named logger's records below ERROR dropped meanwhile."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def require_onnx() -> None:
+    """One clear line where the optional ONNX extra is missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise MbtrainError(f"ONNX needs the optional extra: pip install 'mbtrain[onnx]' ({exc.name} is not "
+                           "installed)") from None
+
+
+class OnnxScorer(torch.nn.Module):
+    """An exported ONNX model behind the (categorical, numeric) -> probabilities call that eval and predict make,
+    run by onnxruntime on the CPU; bags follow the categorical columns as mbtrain encodes them."""
+
+    def __init__(self, session: Any, spec: ModelSpec) -> None:
+        super().__init__()
+        self.session = session
+        self.spec = spec
+        self.names = [node.name for node in session.get_inputs()]
+
+    def forward(self, categorical: torch.Tensor, numeric: torch.Tensor, *bags: torch.Tensor) -> torch.Tensor:
+        inputs = (categorical, numeric, *bags) if bags else contract_inputs(self.spec, categorical, numeric)
+        feeds = {name: tensor.contiguous().numpy() for name, tensor in zip(self.names, inputs, strict=True)}
+        return torch.from_numpy(self.session.run(None, feeds)[0])
+
+
+def load_onnx(path: Path) -> tuple[OnnxScorer, ModelSpec]:
+    require_onnx()
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        spec = ModelSpec.from_dict(json.loads(session.get_modelmeta().custom_metadata_map[SPEC_FILE]))
+    except Exception as exc:  # onnxruntime's own errors, a missing spec (KeyError), ...
+        raise MbtrainError(f"{path}: corrupt or not an mbtrain ONNX export ({type(exc).__name__})") from None
+    return OnnxScorer(session, spec), spec
 
 
 def contract_inputs(spec: ModelSpec, categorical: torch.Tensor, numeric: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -12,7 +12,7 @@ from mbtrain.checkpoint import is_export, load_checkpoint, run_checkpoint
 from mbtrain.data.schema import check_funnel, group_keys, label_tensor
 from mbtrain.data.stream import parquet_files, read_files
 from mbtrain.errors import MbtrainError
-from mbtrain.export import load_torchscript, model_from_checkpoint
+from mbtrain.export import load_onnx, load_torchscript, model_from_checkpoint
 from mbtrain.metrics import task_metrics
 from mbtrain.models.funnel import conditional_probabilities
 from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities
@@ -26,6 +26,8 @@ def load_scorer(path: Path) -> tuple[torch.nn.Module, ModelSpec]:
         raise MbtrainError(f"{path}: run directory or exported model not found")
     elif is_export(path):
         return load_torchscript(path)
+    elif path.suffix == ".onnx":
+        return load_onnx(path)
     else:
         state = load_checkpoint(path)
     model, spec = model_from_checkpoint(state)
