@@ -36,6 +36,7 @@ from synthetic import TASKS, impressions  # noqa: E402
 from mbtrain.allocator import keep_freed_memory  # noqa: E402
 from mbtrain.balance import Balancer, build_balancer  # noqa: E402
 from mbtrain.config import RunConfig  # noqa: E402
+from mbtrain.distributed import Cluster  # noqa: E402
 from mbtrain.models.scoring import ModelSpec  # noqa: E402
 from mbtrain.train import build_optimizer, prepare, train_epoch  # noqa: E402
 
@@ -88,12 +89,14 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
         console.print(f"training data: {len(prepared.train):,} train / {len(prepared.valid):,} valid rows, "
                       f"{sum(prepared.spec.encoders.cardinalities):,} embedding rows, encoded in "
                       f"{time.perf_counter() - started:.1f}s")
+    device = torch.device(args.device)
+    cluster = Cluster(0, 1, device)
     runs = {}
     for architecture in args.models:
         spec = _with_model(prepared.spec, architecture)
         for variant in args.variants:
             torch.manual_seed(0)
-            model = spec.build()
+            model = spec.build().to(device)
             if variant == "naive":
                 balancer: Balancer = NaiveMetaBalance(model.shared_parameters())
             else:
@@ -107,12 +110,12 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
         for round_ in range(args.rounds + 1):  # round 0 warms up and is not counted
             for model, optimizer, balancer, epochs, trains in runs.values():
                 entry = train_epoch(model, optimizer, balancer, prepared.train, prepared.valid, prepared.spec.tasks,
-                                    config, round_ + 1, progress)
+                                    config, round_ + 1, progress, cluster)
                 if round_:
                     epochs.append(entry["seconds"])
                     trains.append(len(prepared.train) / entry["rows_per_second"])
     first = args.models[0]
-    table = Table(title=f"seconds per epoch, {args.rows:,} rows, {args.users:,} users, 3 tasks, "
+    table = Table(title=f"seconds per epoch, {args.rows:,} rows, {args.users:,} users, 3 tasks, {device}, "
                         f"{args.threads} threads, median of {args.rounds} interleaved rounds; × none: against the "
                         f"same model's plain sum; × {first}: against {first}'s, the epoch's training part")
     for column in ("model", "balance", "epoch s (train+valid)", "train s", "ms/step", "× none (epoch)",
@@ -203,6 +206,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=["none", "metabalance", "naive"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the batches move to it step by step)")
     parser.add_argument("--models", nargs="+", default=["mmoe"],
                         help="models to time each variant on: shared-bottom, mmoe, ple, esmm, or NAME+funnel")
     parser.add_argument("--encode-rows", type=int, default=2_000_000)
