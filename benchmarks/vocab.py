@@ -48,11 +48,13 @@ def fit(data: Path, out: Path, cap: int | None, args: argparse.Namespace) -> dic
                "--exclude", "cart", "--out", str(out), "--overwrite"]
     command += ["--max-vocab", str(cap)] if cap else []
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    if status:
-        raise SystemExit(f"fit failed: {process.stderr.read().decode()}")
+    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: a full pipe would block fit
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        if status:
+            errors.seek(0)
+            raise SystemExit(f"fit failed: {errors.read().decode()}")
     history = json.loads((out / "history.jsonl").read_text().splitlines()[-1])
     spec = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["spec"]
     table_rows = sum(len(column["values"]) + 1 for column in spec["categorical"])

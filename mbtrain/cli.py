@@ -98,8 +98,9 @@ NumericOpt = Annotated[str | None, typer.Option(help="Columns to treat as numeri
 ExcludeOpt = Annotated[str | None, typer.Option(help="Columns to ignore (comma-separated).")]
 GroupByOpt = Annotated[str | None, typer.Option(help="Column of the group (user, session) that GAUC averages "
                                                     "AUC over, e.g. user_id.")]
-MaxVocabOpt = Annotated[int | None, typer.Option(help="Each categorical column keeps its N most frequent values "
-                                                    "(ties by value); the rest map to 'unknown' (default: no cap).")]
+MaxVocabOpt = Annotated[int | None, typer.Option(help="Each categorical column (and bag) keeps its N most frequent "
+                                                    "values (ties by value); the rest map to 'unknown' (default: "
+                                                    "no cap).")]
 MaxBagOpt = Annotated[int | None, typer.Option(help="Bags (list columns) keep each row's last N elements "
                                                   "(default: 50).")]
 ConfigOpt = Annotated[Path | None, typer.Option(help="TOML file with the same keys as the flags; flags win.")]
@@ -315,7 +316,10 @@ def inspect(
                           for before, task in zip(stages, stages[1:], strict=False))
         console.print(f"funnel {' → '.join(stages)}: {steps}", soft_wrap=True)
     for name, (values, rows) in seen.capped.items():
-        if values:
+        if values and name in schema.bags:
+            console.print(f"--max-vocab {run_config.data.max_vocab:,}: bag {name} drops {values:,} elements, whose "
+                          f"{rows:,} occurrences map to unknown", soft_wrap=True)
+        elif values:
             console.print(f"--max-vocab {run_config.data.max_vocab:,}: {name} drops {values:,} values, whose "
                           f"{rows:,} rows ({rows / seen.rows:.1%}) map to unknown", soft_wrap=True)
     if seen.broken is not None:

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mbtrain.checkpoint import check_writable, load_checkpoint, run_checkpoint, write_atomic
-from mbtrain.errors import MbtrainError
+from mbtrain.errors import MbtrainError, first_line
 from mbtrain.models.scoring import ModelSpec, Probabilities, ScoringModel, predict_probabilities
 
 SPEC_FILE = "mbtrain.json"
@@ -74,34 +75,48 @@ def _torchscript(module: Probabilities, spec: ModelSpec, sample: dict[str, torch
 
 
 def _onnx(module: Probabilities, spec: ModelSpec, sample: dict[str, torch.Tensor], output: Path) -> dict[str, Any]:
+    """The batch size and the bags' length stay dynamic: traced on at least 2 rows and 2 slots (torch.export
+    fixes a dimension it sees as 1), checked at the traced length and at a longer one."""
     import onnx
 
-    inputs = contract_inputs(spec, sample["categorical"], sample["numeric"])
+    if not output.name.lower().endswith(".onnx"):
+        raise MbtrainError(f"--output {output}: an ONNX export's name must end in .onnx (predict and eval tell the "
+                           "formats apart by it)")
+    rows = sample["categorical"].shape[0]
+    repeat = (torch.arange(max(rows, 2)) % max(rows, 1)) if rows else torch.arange(0)
+    inputs = contract_inputs(spec, sample["categorical"][repeat], sample["numeric"][repeat])
+    if len(inputs) == 3:
+        inputs = (*inputs[:2], F.pad(inputs[2], (0, max(0, 2 - inputs[2].shape[2])), value=-1))
     names = ["categorical", "numeric", "bags"][: len(inputs)]
     batch = torch.export.Dim("batch")
     shapes = {"categorical": {0: batch}, "numeric": {0: batch}, "bags": {0: batch, 2: torch.export.Dim("slots")}}
+    checked = [inputs] if len(inputs) == 2 else [inputs, (*inputs[:2], F.pad(inputs[2], (0, 3), value=-1))]
     with torch.inference_mode():
-        eager = module(*inputs)
+        eager = [module(*each) for each in checked]
     check: dict[str, Any] = {}
 
     def write_checked(temporary: Path) -> None:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet("torch.onnx"):
-            warnings.simplefilter("ignore")  # the exporter's progress lines, warnings and log lines
-            program = torch.onnx.export(module, inputs, dynamo=True, input_names=names,
-                                        output_names=["probabilities"],
-                                        dynamic_shapes={name: shapes[name] for name in names})
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet("torch.onnx"):
+                warnings.simplefilter("ignore")  # the exporter's progress lines, warnings and log lines
+                program = torch.onnx.export(module, inputs, dynamo=True, input_names=names,
+                                            output_names=["probabilities"],
+                                            dynamic_shapes={name: shapes[name] for name in names})
+        except Exception as exc:  # torch.export's and the ONNX translation's many error types
+            raise MbtrainError(f"--output {output}: the ONNX exporter failed ({type(exc).__name__}: "
+                               f"{first_line(exc)})") from None
         model = program.model_proto
         onnx.helper.set_model_props(model, {SPEC_FILE: json.dumps(spec.to_dict())})
         onnx.save(model, str(temporary))
         session, _ = load_onnx(temporary)
-        exported = session(*inputs)
-        check["difference"] = float((eager - exported).abs().max()) if eager.numel() else 0.0
+        check["difference"] = max((float((want - session(*each)).abs().max()) if want.numel() else 0.0
+                                   for each, want in zip(checked, eager, strict=True)), default=0.0)
         if not check["difference"] <= TOLERANCE:
             raise MbtrainError(f"--output {output}: exported model disagrees with the trained one "
                                f"(max difference {check['difference']:.2e}); nothing written")
 
     write_atomic(output, write_checked, "--output")
-    return {"format": "onnx", "output": str(output), "checked_rows": int(eager.shape[0]),
+    return {"format": "onnx", "output": str(output), "checked_rows": rows,
             "max_abs_difference": check["difference"], "tasks": spec.tasks}
 
 
@@ -163,7 +178,8 @@ def contract_inputs(spec: ModelSpec, categorical: torch.Tensor, numeric: torch.T
     if not bags:
         return categorical, numeric
     columns = len(spec.encoders.categorical)
-    return categorical[:, :columns], numeric, categorical[:, columns:].reshape(categorical.shape[0], bags, -1)
+    width = (categorical.shape[1] - columns) // bags
+    return categorical[:, :columns], numeric, categorical[:, columns:].reshape(categorical.shape[0], bags, width)
 
 
 def load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, ModelSpec]:

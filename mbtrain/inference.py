@@ -26,7 +26,7 @@ def load_scorer(path: Path) -> tuple[torch.nn.Module, ModelSpec]:
         raise MbtrainError(f"{path}: run directory or exported model not found")
     elif is_export(path):
         return load_torchscript(path)
-    elif path.suffix == ".onnx":
+    elif path.suffix.lower() == ".onnx":
         return load_onnx(path)
     else:
         state = load_checkpoint(path)

@@ -36,7 +36,7 @@ from mbtrain.checkpoint import load_checkpoint, save_checkpoint, write_json, wri
 from mbtrain.config import RunConfig, peak_lr
 from mbtrain.data.batches import EncodedData, Rows, split_rows
 from mbtrain.data.coded import CodedFrame
-from mbtrain.data.encoders import Encoders, capped_rows
+from mbtrain.data.encoders import Encoders, capped_rows, element_counts
 from mbtrain.data.io import read_coded
 from mbtrain.data.schema import Schema, check_funnel, group_keys, infer_schema, label_tensor
 from mbtrain.data.stream import (
@@ -103,7 +103,8 @@ class Description:
     rows: int
     rates: torch.Tensor  # [T] positive rate per task
     broken: str | None  # with a funnel: what breaks it, where rows do
-    capped: dict[str, tuple[int, int]]  # with --max-vocab: per categorical column, (values dropped, their rows)
+    capped: dict[str, tuple[int, int]]  # with --max-vocab: per categorical column and bag, (values dropped, their
+    # rows; a bag's: its elements)
 
 
 def describe(config: RunConfig, data_path: Path) -> Description:
@@ -116,14 +117,17 @@ def describe(config: RunConfig, data_path: Path) -> Description:
         schema = infer_schema_streaming(parts, source, tasks, d.categorical, d.numeric, d.exclude)
         labels: Any = StreamingBatches(parts, Encoders([], []), tasks, buffer_rows=1)
         rates, rows = labels.positive_rates(), sum(part.rows for part in parts)
-        counts = {name: lambda name=name: value_counts_streaming(scan_row_groups(parts), name)
-                  for name in schema.categorical}
+        counts = {name: lambda name=name, bag=bag: value_counts_streaming(scan_row_groups(parts), name, bag)
+                  for names, bag in ((schema.categorical, None), (schema.bags, d.max_bag)) for name in names}
     else:
         coded = _read_coded(files, tasks)
         schema = infer_schema(coded, source, tasks, d.categorical, d.numeric, d.exclude)
         labels = label_tensor(coded, source, tasks)
         rates, rows = labels.mean(dim=0), coded.height
         counts = {name: lambda name=name: coded.column(name, source).totals[:-1] for name in schema.categorical}
+        counts |= {name: lambda name=name: torch.from_numpy(element_counts(coded.frame.get_column(name), d.max_bag)
+                                                           .get_column("count").to_numpy().astype("int64"))
+                   for name in schema.bags}
     broken = None
     try:
         if funnel is not None and not fits:

@@ -90,7 +90,6 @@ def assert_same_grads_then_step(ours: torch.nn.Module, theirs: torch.nn.Module, 
             b.sub_(rate * b.grad)
 
 
-
 def assert_split_metabalance_equals_full(full: torch.nn.Module, fast: torch.nn.Module,
                                          batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                                          **settings: object) -> list[MetaBalance]:

@@ -72,6 +72,7 @@ def test_bags_pool_their_elements_and_an_empty_bag_is_the_unknown_row(pooling: s
         torch.testing.assert_close(x[row, :2], table[categorical[row, 0]])
     torch.testing.assert_close(embedding(categorical[:, :2]), embedding(torch.cat(  # no slots at all: empty
         [categorical[:, :2], torch.full((3, 1), -1)], 1)))
+    assert embedding(categorical[:0]).shape == (0, 6)  # a rank's empty batch under torchrun
 
 
 def bag_batch(step: int, rows: int = 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,6 +162,8 @@ def test_bags_end_to_end(budget: list[str], bag_files: Path, tmp_path: Path) -> 
     with torch.no_grad():
         torch.testing.assert_close(module(categorical, numeric, bags),
                                    torch.tensor(pl.read_parquet(from_run).head(5).to_numpy()), rtol=1e-5, atol=1e-6)
+        nothing = module(categorical, numeric, torch.full((5, 2, 0), -1))  # length 0: every list empty
+        torch.testing.assert_close(nothing, module(categorical, numeric, torch.full((5, 2, 3), -1)))
     evaluated = run_cli("eval", str(exported), test)
     assert evaluated.exit_code == 0, evaluated.output
 
@@ -185,6 +188,14 @@ def test_inspect_shows_bags(bag_files: Path) -> None:
     assert "bag recent_items: 60 distinct elements; lists of 6.3 on average, 12 at most; each row keeps its last 5 " \
         "(--max-bag)" in result.stdout
     assert "bag tags: 5 distinct elements" in result.stdout and "none longer than --max-bag 5" in result.stdout
+
+
+def test_inspect_counts_what_max_vocab_drops_of_a_bag(bag_files: Path) -> None:
+    for budget in ([], ["--memory-budget", "1K"]):
+        result = run_cli("inspect", str(bag_files / "train.parquet"), "--tasks", "purchase,click", "--max-vocab",
+                         "50", "--max-bag", "5", *budget)
+        assert result.exit_code == 0, result.output
+        assert "--max-vocab 50: bag recent_items drops 10 elements, whose" in result.stdout
 
 
 def test_bad_bags_are_one_clear_line(bag_files: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from mbtrain.config import ModelConfig
 from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder
 from mbtrain.data.stream import row_groups, split_row_groups
 from mbtrain.models.scoring import ModelSpec
-from tests.helpers import make_frame, run_cli
+from tests.helpers import make_bag_frame, make_frame, run_cli
 
 SETTINGS = ["--tasks", "purchase,click", "--patience", "0", "--threads", "1", "--seed", "3", "--hidden", "8",
             "--experts", "2", "--tower", "4", "--device", "cpu"]
@@ -99,6 +99,17 @@ def test_two_ranks_match_one_process_on_the_new_models(model: list[str], data: P
     two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
     assert_same_weights(two, one)
     torch.testing.assert_close(two["balancer"]["moving_norms"], one["balancer"]["moving_norms"])
+
+
+def test_two_ranks_match_one_process_with_bags(tmp_path: Path) -> None:
+    """Bags under torchrun, where the last global batch leaves rank 1 an empty slice (540 rows, 2 × 64)."""
+    data = tmp_path / "bags.parquet"
+    make_bag_frame(600, seed=3).write_parquet(data)
+    settings = [*SETTINGS, "--balance", "metabalance", "--epochs", "2", "--max-bag", "6"]
+    torchrun(str(data), *settings, "--batch-size", "64", "--out", str(tmp_path / "two"))
+    result = run_cli("fit", str(data), *settings, "--batch-size", "128", "--out", str(tmp_path / "one"))
+    assert result.exit_code == 0, result.output
+    assert_same_weights(weights(tmp_path / "two"), weights(tmp_path / "one"))
 
 
 def test_a_distributed_run_resumes(data: Path, tmp_path: Path) -> None:

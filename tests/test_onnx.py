@@ -67,6 +67,7 @@ def test_without_the_extra_onnx_is_one_clear_line(trained_run: Path, tmp_path: P
     result = run_cli("export", str(trained_run), "--output", str(tmp_path / "m.onnx"), "--format", "onnx")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "pip install 'mbtrain[onnx]'" in result.stderr and not (tmp_path / "m.onnx").exists()
+
     (tmp_path / "other.onnx").write_bytes(b"not a model")
     result = run_cli("predict", str(tmp_path / "other.onnx"), str(tmp_path / "x.csv"), "--output",
                      str(tmp_path / "p.csv"))
@@ -80,3 +81,9 @@ def test_a_file_that_is_not_an_onnx_export_is_one_clear_line(tmp_path: Path) -> 
     result = run_cli("predict", str(tmp_path / "other.onnx"), str(tmp_path / "x.csv"), "--output",
                      str(tmp_path / "p.csv"))
     assert result.exit_code == 2 and "not an mbtrain ONNX export" in result.stderr
+
+
+def test_an_onnx_export_is_named_onnx(trained_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    result = run_cli("export", str(trained_run), "--output", str(tmp_path / "m.pt"), "--format", "onnx")
+    assert result.exit_code == 2 and "must end in .onnx" in result.stderr and not (tmp_path / "m.pt").exists()

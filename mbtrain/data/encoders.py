@@ -80,6 +80,8 @@ class BagEncoder:
     def encode(self, column: pl.Series, source: str, slots: int) -> torch.Tensor:
         """int64 [rows, slots] (slots >= width): each list's last `width` elements as vocabulary indices (0 for
         unknown or null), then -1; a null or empty list is all -1."""
+        if column.dtype == pl.Null:  # a column of nothing but nulls, as a CSV or an empty file gives it
+            return torch.full((len(column), slots), -1, dtype=torch.int64)
         if bag_kind(column.dtype) is None:
             raise MbtrainError(f"{source}: column {self.name!r} is {column.dtype}, but the model was trained on it as "
                                "a list of text or integers (a bag)")
@@ -95,16 +97,26 @@ class BagEncoder:
         return encoded
 
     @classmethod
-    def fit(cls, column: pl.Series, max_bag: int, min_frequency: int, max_vocab: int | None) -> BagEncoder:
+    def fit(cls, column: pl.Series, max_bag: int, min_frequency: int, max_vocab: int | None,
+            source: str = "training data") -> BagEncoder:
         """The vocabulary of the elements of each list's last `max_bag` (the ones the model sees), ordered as a
         categorical column's; the width the longest of those lists."""
-        kind = bag_kind(column.dtype)
-        lists = column.list.tail(max_bag)
-        elements = lists.explode().drop_nulls().cast(KINDS[kind])
-        counted = elements.value_counts(name="count")
+        counted = element_counts(column, max_bag, source)
         values = _vocabulary(counted.get_column(column.name), torch.from_numpy(
             counted.get_column("count").cast(pl.Int64).to_numpy().copy()), min_frequency, max_vocab)
-        return cls(column.name, kind, values, max(1, int(lists.list.len().max() or 0)))
+        longest = column.list.tail(max_bag).list.len().max()
+        return cls(column.name, bag_kind(column.dtype), values, max(1, int(longest or 0)))
+
+
+def element_counts(column: pl.Series, max_bag: int, source: str = "training data") -> pl.DataFrame:
+    """(element, "count") of a bag column's elements in each list's last `max_bag`, compared as their kind."""
+    kind = bag_kind(column.dtype)
+    try:
+        elements = column.list.tail(max_bag).explode().drop_nulls().cast(KINDS[kind])
+    except pl.exceptions.PolarsError as exc:
+        raise MbtrainError(f"{source}: bag column {column.name!r} has elements that are not {KINDS[kind]} "
+                           f"({first_line(exc)}); --exclude it, or store its elements as text") from None
+    return elements.value_counts(name="count")
 
 
 @dataclass
@@ -205,7 +217,7 @@ class Encoders:
         for name in bags:
             column = coded.frame.get_column(name)
             bag_encoders.append(BagEncoder.fit(column if rows is None else column.gather(rows.numpy()), max_bag,
-                                               min_frequency, max_vocab))
+                                               min_frequency, max_vocab, source))
         return cls(vocabularies, [NumericEncoder.from_moments(name, row) for name in numeric], bag_encoders)
 
     @property

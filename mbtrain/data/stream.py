@@ -298,8 +298,11 @@ def _bag_encoder(scan: pl.LazyFrame, name: str, min_frequency: int, max_vocab: i
                       max(1, int(longest or 0)))
 
 
-def value_counts_streaming(scan: pl.LazyFrame, name: str) -> torch.Tensor:
-    """The counts of one column's non-null values, from the streaming engine."""
+def value_counts_streaming(scan: pl.LazyFrame, name: str, max_bag: int | None = None) -> torch.Tensor:
+    """The counts of one column's non-null values (a bag's: of the elements of each list's last `max_bag`), from
+    the streaming engine."""
+    if max_bag is not None:
+        scan = scan.select(pl.col(name).list.tail(max_bag).explode())
     counts = _collect(vocabulary_query(scan, scan.collect_schema(), name, 1)).get_column("count")
     return torch.from_numpy(counts.cast(pl.Int64).to_numpy().copy())
 

@@ -58,16 +58,18 @@ class FusedEmbedding(nn.Module):
     def inputs(self, categorical: torch.Tensor, numeric: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(embeddings ⊕ pooled bags ⊕ numeric [B, input_dim], the gathered rows [B, C + bags·L, dim], their
-        table rows [B, C + bags·L]). Slots past a list's end gather a row too, with weight 0 in the pooling."""
+        table rows [B, C + bags·L]; L at least 1). Slots past a list's end gather a row too, with weight 0 in
+        the pooling."""
         rows_in_batch = categorical.shape[0]
         columns = self.num_columns
         if self.num_bags == 0:
             index = categorical + self.offsets
             rows = self.table(index)
             return torch.cat([rows.reshape(rows_in_batch, self.out_dim), numeric], dim=1), rows, index
-        slots = categorical[:, columns:].reshape(rows_in_batch, self.num_bags, -1)
-        if slots.shape[2] == 0:  # no slots at all: every bag is empty
-            slots = torch.full_like(categorical[:, :1], -1).expand(rows_in_batch, self.num_bags).unsqueeze(2)
+        width = (categorical.shape[1] - columns) // self.num_bags
+        slots = categorical[:, columns:].reshape(rows_in_batch, self.num_bags, width)  # a batch of 0 rows too
+        if width == 0:  # no slots at all: every bag is empty
+            slots = categorical.new_full((rows_in_batch, self.num_bags, 1), -1)
         present = slots >= 0
         empty = ~present.any(dim=2, keepdim=True)
         first = torch.arange(slots.shape[2], device=slots.device) == 0
@@ -79,7 +81,7 @@ class FusedEmbedding(nn.Module):
         weights = present.to(rows.dtype)
         if self.mean:
             weights = weights / weights.sum(dim=2, keepdim=True)
-        bag_rows = rows[:, columns:].reshape(rows_in_batch, self.num_bags, -1, self.dim)
+        bag_rows = rows[:, columns:].reshape(rows_in_batch, self.num_bags, slots.shape[2], self.dim)
         pooled = (bag_rows * weights.unsqueeze(3)).sum(dim=2)  # [B, bags, dim]
         x = torch.cat([rows[:, :columns].reshape(rows_in_batch, columns * self.dim),
                        pooled.reshape(rows_in_batch, self.num_bags * self.dim), numeric], dim=1)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mbtrain.data.batches import SCORE_ROWS, Rows
@@ -154,8 +155,8 @@ class Probabilities(nn.Module):
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor,
                 bags: torch.Tensor | None = None) -> torch.Tensor:
-        if bags is not None:
-            categorical = torch.cat([categorical, bags.flatten(1)], dim=1)
+        if bags is not None:  # one more empty slot: a length of 0 means what it says, in ONNX's graph too
+            categorical = torch.cat([categorical, F.pad(bags, (0, 1), value=-1.0).flatten(1)], dim=1)
         return torch.sigmoid(self.model(categorical, numeric))
 
 
