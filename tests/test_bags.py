@@ -166,6 +166,8 @@ def test_bags_end_to_end(budget: list[str], bag_files: Path, tmp_path: Path) -> 
         torch.testing.assert_close(nothing, module(categorical, numeric, torch.full((5, 2, 3), -1)))
     evaluated = run_cli("eval", str(exported), test)
     assert evaluated.exit_code == 0, evaluated.output
+    kept = run_cli("predict", str(out), test, "--output", str(tmp_path / "p.csv"), "--keep", "tags")
+    assert kept.exit_code == 2 and "CSV cannot hold the list column 'tags'" in kept.stderr
 
 
 def test_a_bag_run_resumes_exactly(bag_files: Path, tmp_path: Path) -> None:

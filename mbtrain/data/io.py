@@ -115,5 +115,9 @@ def write_table(frame: pl.DataFrame, path: Path) -> None:
     """Write CSV or Parquet by the file's extension, atomically (temp file, then rename)."""
     check_table_output(path)
     csv = path.suffix.lower() == ".csv"
+    nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
+    if csv and nested:
+        raise MbtrainError(f"--output {path}: CSV cannot hold the list column {nested[0]!r}; write .parquet, or "
+                           "leave it out of --keep")
     write_atomic(path, lambda temporary: frame.write_csv(temporary) if csv else frame.write_parquet(temporary),
                  "--output")
