@@ -52,8 +52,8 @@ class OneLineErrors(TyperGroup):
 app = typer.Typer(
     name="mbtrain",
     cls=OneLineErrors,
-    help="Train, evaluate, export and serve multi-task recommendation models (shared-bottom, MMoE) "
-    "with optional MetaBalance gradient balancing.",
+    help="Train, evaluate, export and serve multi-task recommendation models (shared-bottom, MMoE, PLE, ESMM; "
+    "optionally over the labels' funnel) with optional MetaBalance or other loss balancing.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
