@@ -117,17 +117,20 @@ def describe(config: RunConfig, data_path: Path) -> Description:
         schema = infer_schema_streaming(parts, source, tasks, d.categorical, d.numeric, d.exclude)
         labels: Any = StreamingBatches(parts, Encoders([], []), tasks, buffer_rows=1)
         rates, rows = labels.positive_rates(), sum(part.rows for part in parts)
-        counts = {name: lambda name=name, bag=bag: value_counts_streaming(scan_row_groups(parts), name, bag)
-                  for names, bag in ((schema.categorical, None), (schema.bags, d.max_bag)) for name in names}
+
+        def counts(name: str) -> torch.Tensor:
+            return value_counts_streaming(scan_row_groups(parts), name, d.max_bag if name in schema.bags else None)
     else:
         coded = _read_coded(files, tasks)
         schema = infer_schema(coded, source, tasks, d.categorical, d.numeric, d.exclude)
         labels = label_tensor(coded, source, tasks)
         rates, rows = labels.mean(dim=0), coded.height
-        counts = {name: lambda name=name: coded.column(name, source).totals[:-1] for name in schema.categorical}
-        counts |= {name: lambda name=name: torch.from_numpy(element_counts(coded.frame.get_column(name), d.max_bag)
-                                                           .get_column("count").to_numpy().astype("int64"))
-                   for name in schema.bags}
+
+        def counts(name: str) -> torch.Tensor:
+            if name in schema.bags:
+                found = element_counts(coded.frame.get_column(name), d.max_bag, source).get_column("count")
+                return torch.tensor(found.to_list(), dtype=torch.int64)
+            return coded.column(name, source).totals[:-1]
     broken = None
     try:
         if funnel is not None and not fits:
@@ -137,7 +140,7 @@ def describe(config: RunConfig, data_path: Path) -> Description:
     except MbtrainError as exc:
         broken = str(exc)
     capped = {} if d.max_vocab is None else {
-        name: capped_rows(count(), d.min_frequency, d.max_vocab) for name, count in counts.items()}
+        name: capped_rows(counts(name), d.min_frequency, d.max_vocab) for name in [*schema.categorical, *schema.bags]}
     return Description(schema, rows, rates, broken, capped)
 
 
