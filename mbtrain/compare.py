@@ -28,7 +28,7 @@ from mbtrain.report import METRIC_COLUMNS
 # settings that leave a run's results alone (or, for seed, make the repeats a row averages over): never a column
 NOT_COMPARED = ("seed", "threads", "device", "memory_budget", "tensorboard")
 # the metrics the table shows for a main task (and its --monitor); other tasks show AUC only; --json holds all
-MAIN_METRICS = ("auc", "gauc", "logloss", "ne")
+MAIN_METRICS = ("auc", "gauc", "conditional_auc", "logloss", "ne")
 SETTING_COLUMNS = 3  # differing settings shown a column each; beyond, one column lists them row by row
 Stats = dict[str, float | int | None]  # {"mean", "std", "n"} over the runs of a row
 
@@ -194,7 +194,8 @@ def _stats(values: list[Any]) -> Stats:
 
 def comparison_table(comparison: Comparison) -> Table:
     """A row per Row: its run directories, the settings that differ, n (where some row averages over more than
-    one run), then by task name the main task's AUC, GAUC, log loss, NE (and --monitor metric) and the other
+    one run), then by task name the main task's AUC, GAUC, conditional AUC (funnels), log loss, NE (and --monitor
+    metric) and the other
     tasks' AUC, '—' where a row lacks one; best epoch and seconds per epoch. The main task is that of most rows
     (the first row's on a tie). Narrow: one space between columns, a std beneath its mean, and a cell too narrow
     for the terminal folds rather than cut a number short."""

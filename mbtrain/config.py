@@ -95,6 +95,10 @@ class RunConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.model == "esmm":  # ESMM's network is its funnel: config.json and compare say so
+            self.model.funnel = True
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -108,6 +108,9 @@ def test_funnel_runs_end_to_end(model: str, balance: str, data_dir: Path, tmp_pa
                      "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "funnel click → purchase" in result.output
+    assert json.loads((out / "config.json").read_text())["model"]["funnel"]  # esmm's too
+    compared = run_cli("compare", str(out))
+    assert compared.exit_code == 0 and "cond." in compared.stdout
     metrics = json.loads((out / "metrics.json").read_text())["tasks"]
     assert metrics["purchase"]["conditional_on"] == "click"
     assert metrics["purchase"]["conditional_rows"] == metrics["click"]["positives"]
