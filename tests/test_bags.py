@@ -43,6 +43,11 @@ def test_list_columns_are_bags_with_their_own_vocabularies_and_slots() -> None:
     assert Encoders.from_dict(json.loads(json.dumps(encoders.to_dict()))) == encoders
     capped = Encoders.fit(SMALL, [], [], 1, bags=["tags"], max_bag=3, max_vocab=1)
     assert capped.bags[0].values == ["b"]
+    short = Encoders.fit(pl.DataFrame({"tags": [["a"], ["b", "a"]]}), [], [], 1, bags=["tags"], max_bag=4)
+    assert short.bags[0].width == 2  # the longest training list
+    longer, _ = short.encode(pl.DataFrame({"tags": [["c", "b", "a", "b", "a"], ["a"]]}), "f")
+    assert longer.tolist() == [[2, 1, 2, 1], [1, -1, -1, -1]]  # later data keeps up to --max-bag, not 2
+    assert short.widened(longer[1:, :2], 4).tolist() == [[1, -1, -1, -1]]
 
 
 def test_streamed_bag_encoders_equal_the_in_memory_ones(tmp_path: Path) -> None:

@@ -6,9 +6,10 @@ first seen at prediction time. Training on rare values as index 0 is what teache
 to mean "unknown", so unseen categories at eval time land somewhere sensible.
 
 A bag column (a list of text or integers per row) has one vocabulary over its elements, and each row's
-list, cut to its last `width` elements, is encoded as slots of element indices, -1 where the list ends: the
+list, cut to its last `max_bag` elements, is encoded as slots of element indices, -1 where the list ends: the
 slots follow the scalar columns' indices in the same categorical tensor, bag after bag, every bag with as
-many slots as the widest (the model reads them as [rows, bags, slots]).
+many slots as the longest (cut) list of any bag in the rows encoded together (the model reads them as
+[rows, bags, slots], whatever the number of slots).
 
 Numeric columns stay raw in the encoded tensors (NaN for null): the model's NumericNormalizer applies
 the statistics kept here, so the exported TorchScript file takes raw numbers and the transform lives
@@ -71,21 +72,28 @@ class BagEncoder:
     name: str
     kind: str  # how the elements compare, as CategoricalEncoder's
     values: list[Any]  # the elements' vocabulary
-    width: int  # slots per row: the training data's longest list, at most --max-bag
+    max_bag: int  # each list keeps its last this many elements
+    width: int  # the training data's longest list, at most max_bag: what a row's slots take, for memory sizing
+
+    def longest(self, column: pl.Series) -> int:
+        """The longest of the column's lists, cut to max_bag (0 for a column of nulls or empty lists)."""
+        if column.dtype == pl.Null or bag_kind(column.dtype) is None:
+            return 0
+        return int(column.list.len().max() or 0) if len(column) else 0
 
     @property
     def cardinality(self) -> int:
         return len(self.values) + 1
 
     def encode(self, column: pl.Series, source: str, slots: int) -> torch.Tensor:
-        """int64 [rows, slots] (slots >= width): each list's last `width` elements as vocabulary indices (0 for
-        unknown or null), then -1; a null or empty list is all -1."""
+        """int64 [rows, slots] (slots at least the longest list cut to max_bag): each list's last `max_bag`
+        elements as vocabulary indices (0 for unknown or null), then -1; a null or empty list is all -1."""
         if column.dtype == pl.Null:  # a column of nothing but nulls, as a CSV or an empty file gives it
             return torch.full((len(column), slots), -1, dtype=torch.int64)
         if bag_kind(column.dtype) is None:
             raise MbtrainError(f"{source}: column {self.name!r} is {column.dtype}, but the model was trained on it as "
                                "a list of text or integers (a bag)")
-        lists = column.list.tail(self.width).to_arrow()
+        lists = column.list.tail(self.max_bag).to_arrow()
         lengths = torch.from_numpy(pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int64))
         elements = pl.DataFrame([pl.Series(self.name, lists.flatten())])
         codes = _encoded(elements, [CategoricalEncoder(self.name, self.kind, self.values).expression()], source)
@@ -100,12 +108,12 @@ class BagEncoder:
     def fit(cls, column: pl.Series, max_bag: int, min_frequency: int, max_vocab: int | None,
             source: str = "training data") -> BagEncoder:
         """The vocabulary of the elements of each list's last `max_bag` (the ones the model sees), ordered as a
-        categorical column's; the width the longest of those lists."""
+        categorical column's; the width the longest of those lists (at least 1)."""
         counted = element_counts(column, max_bag, source)
         values = _vocabulary(counted.get_column(column.name), torch.from_numpy(
             counted.get_column("count").cast(pl.Int64).to_numpy().copy()), min_frequency, max_vocab)
         longest = column.list.tail(max_bag).list.len().max()
-        return cls(column.name, bag_kind(column.dtype), values, max(1, int(longest or 0)))
+        return cls(column.name, bag_kind(column.dtype), values, max_bag, max(1, int(longest or 0)))
 
 
 def element_counts(column: pl.Series, max_bag: int, source: str = "training data") -> pl.DataFrame:
@@ -227,8 +235,19 @@ class Encoders:
 
     @property
     def slots(self) -> int:
-        """Width of the encoded categorical tensor: one per categorical column, the widest bag's per bag."""
+        """The encoded categorical tensor's width on the training data: one per categorical column, the widest
+        bag's per bag (memory sizing; other rows encode to as many slots as their own longest list needs)."""
         return len(self.categorical) + len(self.bags) * max((bag.width for bag in self.bags), default=0)
+
+    def widened(self, categorical: torch.Tensor, width: int) -> torch.Tensor:
+        """Encoded categorical codes [rows, C + bags·L] with each bag's slots padded with -1 to make `width`."""
+        if categorical.shape[1] == width:
+            return categorical
+        columns, bags, rows = len(self.categorical), len(self.bags), categorical.shape[0]
+        slots = categorical.new_full((rows, bags, (width - columns) // bags), -1)
+        have = (categorical.shape[1] - columns) // bags
+        slots[:, :, :have] = categorical[:, columns:].reshape(rows, bags, have)
+        return torch.cat([categorical[:, :columns], slots.flatten(1)], dim=1)
 
     def to_dict(self) -> dict[str, Any]:
         return {"categorical": [asdict(e) for e in self.categorical], "numeric": [asdict(e) for e in self.numeric],
@@ -249,9 +268,10 @@ class Encoders:
         if not self.bags:
             return categorical, numeric
         table = frame.frame if isinstance(frame, CodedFrame) else frame
-        slots = max(bag.width for bag in self.bags)
-        return torch.cat([categorical, *(e.encode(table.get_column(e.name), source, slots) for e in self.bags)],
-                         1), numeric
+        columns = [table.get_column(e.name) for e in self.bags]
+        slots = max(1, *(min(e.max_bag, e.longest(column)) for e, column in zip(self.bags, columns, strict=True)))
+        return torch.cat([categorical, *(e.encode(column, source, slots)
+                                         for e, column in zip(self.bags, columns, strict=True))], 1), numeric
 
     def _encode_columns(self, frame: pl.DataFrame | CodedFrame, source: str) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [e.name for e in [*self.categorical, *self.numeric, *self.bags] if e.name not in frame.columns]

@@ -294,7 +294,7 @@ def _bag_encoder(scan: pl.LazyFrame, name: str, min_frequency: int, max_vocab: i
     elements = scan.select(lists.explode())
     values = _collect(vocabulary_query(elements, elements.collect_schema(), name, min_frequency, max_vocab))
     longest = _collect(scan.select(lists.list.len().max())).item()
-    return BagEncoder(name, bag_kind(scan.collect_schema()[name]), values.get_column(name).to_list(),
+    return BagEncoder(name, bag_kind(scan.collect_schema()[name]), values.get_column(name).to_list(), max_bag,
                       max(1, int(longest or 0)))
 
 
@@ -383,11 +383,17 @@ class StreamingBatches:
             held.append(chunk)
             rows += len(chunk)
             if rows >= self.buffer_rows:
-                buffer, held = _concat(held), []
+                buffer, held = self._concat(held), []
                 rest = yield from _cut(buffer, batch_size, generator, last=False)
                 held, rows = [rest], len(rest)
         if rows:
-            yield from _cut(_concat(held), batch_size, generator, last=True)
+            yield from _cut(self._concat(held), batch_size, generator, last=True)
+
+    def _concat(self, parts: list[EncodedData]) -> EncodedData:
+        """The chunks as one set, their bags' slots padded to the most any chunk has."""
+        width = max(part.categorical.shape[1] for part in parts)
+        return EncodedData(torch.cat([self.encoders.widened(p.categorical, width) for p in parts]),
+                           torch.cat([p.numeric for p in parts]), torch.cat([p.labels for p in parts]))
 
     def positive_rates(self) -> torch.Tensor:
         """[T] share of positive labels, reading the label columns only: the model's starting base rates."""
@@ -438,11 +444,6 @@ def _frames(parts: Sequence[RowGroup], columns: list[str]) -> Iterator[tuple[pl.
                     yield pl.from_arrow(batch), source
         except (OSError, pa.ArrowException) as exc:
             raise MbtrainError(f"{source}: unreadable Parquet data ({first_line(exc)})") from None
-
-
-def _concat(parts: list[EncodedData]) -> EncodedData:
-    return EncodedData(torch.cat([p.categorical for p in parts]), torch.cat([p.numeric for p in parts]),
-                       torch.cat([p.labels for p in parts]))
 
 
 def _cut(buffer: EncodedData, batch_size: int, generator: torch.Generator | None,

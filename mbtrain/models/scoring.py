@@ -25,7 +25,7 @@ INPUTS_DOC = (
     "(the model applies log1p / mean / std itself); bags (only where 'bags' is not empty): int64 [B, K, L] "
     "for the K bags in the order of 'bags', each row's list as the indices of its elements in that bag's "
     "'values' plus 1 (0 for null or unseen), padded with -1 to any common length L (an empty list is all -1; "
-    "mbtrain keeps a list's last 'width' elements); output: float32 [B, T] probabilities in 'tasks' order"
+    "mbtrain keeps a list's last 'max_bag' elements); output: float32 [B, T] probabilities in 'tasks' order"
 )
 
 FUNNEL_DOC = (
