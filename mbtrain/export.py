@@ -64,10 +64,7 @@ def _torchscript(module: Probabilities, spec: ModelSpec, sample: dict[str, torch
         reloaded, _ = load_torchscript(temporary)
         with torch.inference_mode():  # through the exported contract: bags as their own tensor
             exported = reloaded(*contract_inputs(spec, sample["categorical"], sample["numeric"]))
-        check["difference"] = float((eager - exported).abs().max()) if eager.numel() else 0.0
-        if not check["difference"] <= TOLERANCE:
-            raise MbtrainError(f"--output {output}: exported model disagrees with the trained one "
-                               f"(max difference {check['difference']:.2e}); nothing written")
+        check["difference"] = _difference(output, [(eager, exported)])
 
     write_atomic(output, write_checked, "--output")
     return {"format": "torchscript", "output": str(output), "checked_rows": int(eager.shape[0]),
@@ -109,15 +106,23 @@ def _onnx(module: Probabilities, spec: ModelSpec, sample: dict[str, torch.Tensor
         onnx.helper.set_model_props(model, {SPEC_FILE: json.dumps(spec.to_dict())})
         onnx.save(model, str(temporary))
         session, _ = load_onnx(temporary)
-        check["difference"] = max((float((want - session(*each)).abs().max()) if want.numel() else 0.0
-                                   for each, want in zip(checked, eager, strict=True)), default=0.0)
-        if not check["difference"] <= TOLERANCE:
-            raise MbtrainError(f"--output {output}: exported model disagrees with the trained one "
-                               f"(max difference {check['difference']:.2e}); nothing written")
+        check["difference"] = _difference(output, [(want, session(*each))
+                                                   for each, want in zip(checked, eager, strict=True)])
 
     write_atomic(output, write_checked, "--output")
     return {"format": "onnx", "output": str(output), "checked_rows": rows,
             "max_abs_difference": check["difference"], "tasks": spec.tasks}
+
+
+def _difference(output: Path, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The largest difference between the trained model's and the exported file's outputs; past TOLERANCE the
+    file is refused (and write_atomic leaves nothing behind)."""
+    difference = max((float((ours - theirs).abs().max()) if ours.numel() else 0.0 for ours, theirs in outputs),
+                     default=0.0)
+    if not difference <= TOLERANCE:
+        raise MbtrainError(f"--output {output}: exported model disagrees with the trained one (max difference "
+                           f"{difference:.2e}); nothing written")
+    return difference
 
 
 @contextlib.contextmanager
