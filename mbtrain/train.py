@@ -36,7 +36,7 @@ from mbtrain.checkpoint import load_checkpoint, save_checkpoint, write_json, wri
 from mbtrain.config import RunConfig, peak_lr
 from mbtrain.data.batches import EncodedData, Rows, split_rows
 from mbtrain.data.coded import CodedFrame
-from mbtrain.data.encoders import Encoders, capped_rows, element_counts
+from mbtrain.data.encoders import Encoders, capped_rows, count_tensor, element_counts
 from mbtrain.data.io import read_coded
 from mbtrain.data.schema import Schema, check_funnel, group_keys, infer_schema, label_tensor
 from mbtrain.data.stream import (
@@ -128,8 +128,7 @@ def describe(config: RunConfig, data_path: Path) -> Description:
 
         def counts(name: str) -> torch.Tensor:
             if name in schema.bags:
-                found = element_counts(coded.frame.get_column(name), d.max_bag, source).get_column("count")
-                return torch.tensor(found.to_list(), dtype=torch.int64)
+                return count_tensor(element_counts(coded.frame.get_column(name), d.max_bag, source)["count"])
             return coded.column(name, source).totals[:-1]
     broken = None
     try:

@@ -76,10 +76,9 @@ class BagEncoder:
     width: int  # the training data's longest list, at most max_bag: what a row's slots take, for memory sizing
 
     def longest(self, column: pl.Series) -> int:
-        """The longest of the column's lists, cut to max_bag (0 for a column of nulls or empty lists)."""
-        if column.dtype == pl.Null or bag_kind(column.dtype) is None:
-            return 0
-        return int(column.list.len().max() or 0) if len(column) else 0
+        """The longest of the column's lists, cut to max_bag (0 for a column of nulls or empty lists, or one that
+        is not a list: encode says what is wrong with it)."""
+        return longest_list(column, self.max_bag) if bag_kind(column.dtype) is not None else 0
 
     @property
     def cardinality(self) -> int:
@@ -110,10 +109,19 @@ class BagEncoder:
         """The vocabulary of the elements of each list's last `max_bag` (the ones the model sees), ordered as a
         categorical column's; the width the longest of those lists (at least 1)."""
         counted = element_counts(column, max_bag, source)
-        values = _vocabulary(counted.get_column(column.name), torch.from_numpy(
-            counted.get_column("count").cast(pl.Int64).to_numpy().copy()), min_frequency, max_vocab)
-        longest = column.list.tail(max_bag).list.len().max()
-        return cls(column.name, bag_kind(column.dtype), values, max_bag, max(1, int(longest or 0)))
+        values = _vocabulary(counted.get_column(column.name), count_tensor(counted.get_column("count")),
+                             min_frequency, max_vocab)
+        return cls(column.name, bag_kind(column.dtype), values, max_bag, max(1, longest_list(column, max_bag)))
+
+
+def longest_list(column: pl.Series, max_bag: int) -> int:
+    """The longest of a list column's lists, cut to `max_bag` (0 where all are null or empty)."""
+    return min(max_bag, int(column.list.len().max() or 0))
+
+
+def count_tensor(counts: pl.Series) -> torch.Tensor:
+    """int64 [values] of a column of counts (a value_counts or group-by result)."""
+    return torch.from_numpy(counts.cast(pl.Int64).to_numpy().copy())
 
 
 def element_counts(column: pl.Series, max_bag: int, source: str = "training data") -> pl.DataFrame:
@@ -269,7 +277,7 @@ class Encoders:
             return categorical, numeric
         table = frame.frame if isinstance(frame, CodedFrame) else frame
         columns = [table.get_column(e.name) for e in self.bags]
-        slots = max(1, *(min(e.max_bag, e.longest(column)) for e, column in zip(self.bags, columns, strict=True)))
+        slots = max(1, *(e.longest(column) for e, column in zip(self.bags, columns, strict=True)))
         return torch.cat([categorical, *(e.encode(column, source, slots)
                                          for e, column in zip(self.bags, columns, strict=True))], 1), numeric
 

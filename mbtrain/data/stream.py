@@ -46,7 +46,14 @@ import torch
 
 from mbtrain.data.batches import EncodedData, row_order
 from mbtrain.data.coded import bag_kind, kind_of
-from mbtrain.data.encoders import BagEncoder, CategoricalEncoder, Encoders, NumericEncoder, vocabulary_query
+from mbtrain.data.encoders import (
+    BagEncoder,
+    CategoricalEncoder,
+    Encoders,
+    NumericEncoder,
+    count_tensor,
+    vocabulary_query,
+)
 from mbtrain.data.io import PARQUET_MAGIC, read_parquet, read_table
 from mbtrain.data.schema import Schema, funnel_breaks, funnel_error, group_keys, infer_schema, label_tensor
 from mbtrain.distributed import ranks_on_this_node
@@ -290,21 +297,24 @@ def fit_encoders_streaming(scan: pl.LazyFrame, categorical: list[str], numeric: 
 def _bag_encoder(scan: pl.LazyFrame, name: str, min_frequency: int, max_vocab: int | None,
                  max_bag: int) -> BagEncoder:
     """BagEncoder.fit's result, from two streaming queries: the longest list, and the elements' vocabulary."""
-    lists = pl.col(name).list.tail(max_bag)
-    elements = scan.select(lists.explode())
+    elements = _elements(scan, name, max_bag)
     values = _collect(vocabulary_query(elements, elements.collect_schema(), name, min_frequency, max_vocab))
-    longest = _collect(scan.select(lists.list.len().max())).item()
+    longest = _collect(scan.select(pl.col(name).list.len().max())).item()
     return BagEncoder(name, bag_kind(scan.collect_schema()[name]), values.get_column(name).to_list(), max_bag,
-                      max(1, int(longest or 0)))
+                      max(1, min(max_bag, int(longest or 0))))
+
+
+def _elements(scan: pl.LazyFrame, name: str, max_bag: int) -> pl.LazyFrame:
+    """A bag column's elements, those of each list's last `max_bag`, as one column of that name."""
+    return scan.select(pl.col(name).list.tail(max_bag).explode())
 
 
 def value_counts_streaming(scan: pl.LazyFrame, name: str, max_bag: int | None = None) -> torch.Tensor:
     """The counts of one column's non-null values (a bag's: of the elements of each list's last `max_bag`), from
     the streaming engine."""
     if max_bag is not None:
-        scan = scan.select(pl.col(name).list.tail(max_bag).explode())
-    counts = _collect(vocabulary_query(scan, scan.collect_schema(), name, 1)).get_column("count")
-    return torch.from_numpy(counts.cast(pl.Int64).to_numpy().copy())
+        scan = _elements(scan, name, max_bag)
+    return count_tensor(_collect(vocabulary_query(scan, scan.collect_schema(), name, 1)).get_column("count"))
 
 
 def buffer_rows_for(memory_budget_bytes: int, encoders: Encoders, tasks: list[str]) -> int:
