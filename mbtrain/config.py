@@ -130,7 +130,7 @@ class RunConfig:
     @property
     def funnel_tasks(self) -> list[str] | None:
         """The funnel, first stage first (--tasks as given), when the model predicts one."""
-        return list(self.data.tasks) if self.model.funnel or self.model.model == "esmm" else None
+        return list(self.data.tasks) if self.model.funnel else None  # esmm's is set by __post_init__
 
     @property
     def ordered_tasks(self) -> list[str]:
