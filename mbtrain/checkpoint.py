@@ -1,17 +1,21 @@
-"""Atomic writes (temp file, then rename) and loading of checkpoints, runs and exports with clear errors."""
+"""Atomic writes (temp file, then rename); what a checkpoint holds, written and read here only; loading of
+checkpoints, runs and exports with clear errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mbtrain.errors import MbtrainError
+from mbtrain.errors import MbtrainError, first_line
+from mbtrain.models.scoring import ModelSpec, ScoringModel
 
 CHECKPOINT_FORMAT = "mbtrain-checkpoint/1"
 
@@ -62,6 +66,59 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise MbtrainError(f"{path}: not an mbtrain checkpoint")
     return state
+
+
+@dataclass
+class Checkpoint:
+    """What checkpoints/{last,best}.pt hold: the run's settings and model spec (to rebuild the model and feed it
+    raw rows), the model's, optimizer's and balancer's states and where training stood (to resume), the RNG
+    state (to resume exactly) and a few validation rows (export's self-check). Its keys are a contract: runs
+    written by earlier releases resume, evaluate and export from them."""
+
+    config: dict[str, Any]  # RunConfig.to_dict()
+    spec: dict[str, Any]  # ModelSpec.to_dict()
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    balancer: dict[str, Any]
+    epoch: int  # the last finished epoch
+    best: dict[str, Any] | None  # the best epoch so far: {"epoch", "score", "metrics"}
+    bad_epochs: int  # epochs since the best one, for early stopping
+    streamed: bool  # whether the data was streamed: a resumed run keeps its path (and so its validation rows)
+    rng: torch.Tensor
+    sample: dict[str, torch.Tensor] | None  # {"categorical", "numeric"}: a few validation rows
+    cuda_rng: torch.Tensor | None = None  # on a GPU
+
+    def save(self, path: Path) -> None:
+        state = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        if state["cuda_rng"] is None:
+            del state["cuda_rng"]
+        save_checkpoint(state, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        state = load_checkpoint(path)
+        missing = [field.name for field in dataclasses.fields(cls)
+                   if field.name not in state and field.default is dataclasses.MISSING]
+        if missing:
+            raise MbtrainError(f"{path}: not a complete mbtrain checkpoint (no {missing[0]!r})")
+        return cls(**{field.name: state.get(field.name) for field in dataclasses.fields(cls)})
+
+    def model_spec(self, path: Path) -> ModelSpec:
+        """The spec to rebuild the model and encode rows for it; `path` names the file in errors."""
+        try:
+            return ModelSpec.from_dict(self.spec)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise MbtrainError(f"{path}: checkpoint holds no readable model spec ({type(exc).__name__})") from None
+
+    def scoring_model(self, path: Path) -> tuple[ScoringModel, ModelSpec]:
+        """The model in eval mode, and its spec; `path` names the file in errors."""
+        spec = self.model_spec(path)
+        model = spec.build()
+        try:
+            model.load_state_dict(self.model)
+        except (RuntimeError, KeyError) as exc:
+            raise MbtrainError(f"{path}: its weights do not fit its model spec ({first_line(exc)})") from None
+        return model.eval(), spec
 
 
 def run_checkpoint(run: Path, which: str = "best") -> Path:

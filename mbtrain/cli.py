@@ -14,18 +14,12 @@ from rich.console import Console
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click since 0.29
 from typer.core import TyperGroup
 
-from mbtrain.config import (
-    BALANCES,
-    MODELS,
-    MONITORS,
-    NORMS,
-    STRATEGIES,
-    RunConfig,
-    parse_list,
-    parse_weights,
-    read_toml,
-)
+from mbtrain.balance import BALANCERS
+from mbtrain.balance.metabalance import STRATEGIES
+from mbtrain.config import MONITORS, RunConfig, parse_list, parse_weights, read_toml, setting_sections
 from mbtrain.errors import MbtrainError
+from mbtrain.models import MODELS
+from mbtrain.models.mlp import NORMS
 
 
 class OneLineErrors(TyperGroup):
@@ -62,6 +56,7 @@ console = Console()
 DEFAULTS = RunConfig().flat()
 # settings a resumed run may change
 RESUMABLE = {"epochs", "patience", "threads", "device", "memory_budget", "tensorboard"}
+FIT_ONLY = {"data", "out", "overwrite", "resume", "config"}  # fit's parameters that are not settings
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -107,7 +102,11 @@ ConfigOpt = Annotated[Path | None, typer.Option(help="TOML file with the same ke
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
-    """Flag values keyed by setting name, lists parsed; None means the flag was not given."""
+    """Flag values keyed by setting name, lists parsed; None means the flag was not given. A command parameter
+    that names no setting is a bug, never dropped in silence."""
+    unknown = sorted(set(flags) - set(setting_sections()))
+    if unknown:
+        raise TypeError(f"the command's parameter {unknown[0]!r} is not a setting of RunConfig")
     lists = {"tasks": str, "categorical": str, "numeric": str, "exclude": str, "hidden": int, "tower": int}
     parsed = {}
     for key, value in flags.items():
@@ -136,7 +135,7 @@ def fit(
     tasks: TasksOpt = None,
     main_task: MainTaskOpt = None,
     model: Annotated[str | None, typer.Option(help=_help(f"{' | '.join(MODELS)}.", "model"))] = None,
-    balance: Annotated[str | None, typer.Option(help=_help(f"{' | '.join(BALANCES)}.", "balance"))] = None,
+    balance: Annotated[str | None, typer.Option(help=_help(f"{' | '.join(BALANCERS)}.", "balance"))] = None,
     relax_factor: Annotated[float | None, typer.Option(help=_help("MetaBalance relax factor r in [0, 1).",
                                                                  "relax_factor"))] = None,
     beta: Annotated[float | None, typer.Option(help=_help("MetaBalance moving-average factor in [0, 1).",
@@ -223,11 +222,11 @@ def fit(
                                                           "device"))] = None,
 ) -> None:
     """Train a multi-task model and write a run directory (checkpoints, history, metrics)."""
-    from mbtrain.train import fit as fit_run
-
-    settings = {key: value for key, value in locals().items() if key in DEFAULTS}  # every setting's flag
+    settings = {key: value for key, value in locals().items() if key not in FIT_ONLY}  # every setting's flag
     settings["valid"] = str(valid) if valid else None
     flags = _overrides(**settings)
+    from mbtrain.train import fit as fit_run
+
     if resume and overwrite:
         raise MbtrainError("--resume and --overwrite contradict each other: pick one")
     if resume:
@@ -293,9 +292,9 @@ def inspect(
     max_bag: MaxBagOpt = None,
 ) -> None:
     """Show the role fit would give every column (label, categorical, numeric, excluded); no training."""
+    from mbtrain.data.prepare import describe
     from mbtrain.models.funnel import conditional_probabilities
     from mbtrain.report import bag_lines, schema_table
-    from mbtrain.train import describe
 
     run_config = _resolve(config, _overrides(tasks=tasks, main_task=main_task, categorical=categorical,
                                              numeric=numeric, exclude=exclude, memory_budget=memory_budget,

@@ -1,8 +1,11 @@
-"""Run settings: dataclasses with the defaults (stated once, here), validation and JSON / TOML round-trip.
+"""Run settings: dataclasses with the defaults (stated once, here or in each balancer's file), validation and
+JSON / TOML round-trip.
 
 Every field is also a flag of `mbtrain fit` and a key of its `--config` TOML file, spelled with dashes
 on the command line (`--relax-factor`) and with dashes or underscores in TOML. Field names are unique
-across the sections so that the flat flag / TOML namespace maps onto them without ambiguity.
+across the sections so that the flat flag / TOML namespace maps onto them without ambiguity. The balance
+section holds every registered balancer's own settings (mbtrain/balance/registry.py), the model section is
+models/base.py's ModelConfig.
 """
 
 from __future__ import annotations
@@ -14,13 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mbtrain.balance import BALANCERS as BALANCES
-from mbtrain.balance.metabalance import STRATEGIES
+from mbtrain.balance.registry import BALANCERS, default_settings, setting_fields, settings_of
+from mbtrain.checks import at_least_one, non_negative, one_of
 from mbtrain.distributed import DEVICES
 from mbtrain.errors import MbtrainError
-from mbtrain.models import MODELS
-from mbtrain.models.embedding import POOLINGS
-from mbtrain.models.mlp import NORMS
+from mbtrain.models.base import ModelConfig
 
 SCHEDULES = ("constant", "cosine")
 MONITORS = ("auc", "gauc", "logloss", "ne")
@@ -41,34 +42,74 @@ class DataConfig:
     memory_budget: str = "auto"  # beyond it, Parquet data is streamed; "auto" = half the physical memory
     group_by: str | None = None  # the column whose groups (users, sessions) validation's GAUC averages over
 
-
-@dataclass
-class ModelConfig:
-    model: str = "mmoe"
-    embed_dim: int = 8
-    hidden: list[int] = field(default_factory=lambda: [64, 32])
-    experts: int = 8  # MMoE's experts; PLE's shared experts per level
-    task_experts: int = 1  # PLE's experts per task per level
-    levels: int = 2  # PLE's extraction levels
-    tower: list[int] = field(default_factory=lambda: [16])
-    dropout: float = 0.0
-    norm: str = "none"  # over each hidden layer: none, batch or layer
-    pooling: str = "mean"  # how a bag's elements' embeddings become one: mean or sum
-    funnel: bool = False  # ESMM's entire-space funnel over --tasks in their order (always on for --model esmm)
+    def check(self) -> None:
+        if not self.tasks:
+            raise MbtrainError("--tasks is required: name the label columns, e.g. --tasks click,purchase")
+        repeated = sorted({task for task in self.tasks if self.tasks.count(task) > 1})
+        if repeated:
+            raise MbtrainError(f"--tasks names {', '.join(repeated)} more than once")
+        if self.main_task is not None and self.main_task not in self.tasks:
+            raise MbtrainError(f"--main-task {self.main_task!r} is not one of --tasks ({', '.join(self.tasks)})")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise MbtrainError(f"--valid-fraction must be in (0, 1): got {self.valid_fraction}")
+        at_least_one("--min-frequency", self.min_frequency)
+        at_least_one("--max-bag", self.max_bag)
+        if self.max_vocab is not None:
+            at_least_one("--max-vocab", self.max_vocab)
+        roles = (set(self.categorical) & set(self.numeric)) | (set(self.exclude) & {*self.categorical,
+                                                                                    *self.numeric})
+        if roles:
+            raise MbtrainError(
+                f"column {sorted(roles)[0]!r} is given more than one role in --categorical/--numeric/--exclude"
+            )
 
 
 @dataclass
 class BalanceConfig:
+    """--balance, the static --task-weights, and every registered balancer's own settings by name (their
+    defaults and checks live in the balancer's file)."""
+
     balance: str = "none"
     task_weights: dict[str, float] = field(default_factory=dict)  # static loss multipliers; a task not named: 1
-    relax_factor: float = 0.7
-    beta: float = 0.9
-    strategy: str = "both"
-    temperature: float = 2.0  # DWA's T
-    famo_lr: float = 0.025  # FAMO's learning rate for its task logits
-    famo_decay: float = 0.01  # FAMO's weight decay (gamma) on its task logits
-    famo_same_batch: bool = False  # FAMO's update from the same batch scored again (the reference code), not the next
-    gradnorm_alpha: float = 1.5  # GradNorm's asymmetry α
+    settings: dict[str, Any] = field(default_factory=default_settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"balance": self.balance, "task_weights": dict(self.task_weights), **self.settings}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> BalanceConfig:
+        known = setting_fields()
+        unknown = sorted(set(raw) - {"balance", "task_weights", *known})
+        if unknown:
+            raise TypeError(f"unknown balance setting {unknown[0]!r}")
+        settings = {**default_settings(), **{key: value for key, value in raw.items() if key in known}}
+        return cls(raw.get("balance", "none"), dict(raw.get("task_weights", {})), settings)
+
+    def chosen(self) -> Any:
+        """The --balance balancer's settings object (its class in the balancer's file)."""
+        return settings_of(self.balance, self.settings)
+
+    def check(self, tasks: list[str]) -> None:
+        one_of("--balance", self.balance, BALANCERS)
+        kind = BALANCERS[self.balance]
+        if len(tasks) < kind.min_tasks:
+            raise MbtrainError(f"--balance {self.balance} needs at least {_count(kind.min_tasks)} tasks in --tasks")
+        for name in {kind.settings_class: name for name, kind in BALANCERS.items()}.values():
+            settings_of(name, self.settings)  # every balancer's settings check themselves, chosen or not
+        for task, weight in self.task_weights.items():
+            if task not in tasks:
+                raise MbtrainError(f"--task-weights names {task!r}, which is not one of --tasks ({', '.join(tasks)})")
+            if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+                raise MbtrainError(f"--task-weights {task}={weight}: a weight must be a finite number >= 0")
+            if weight == 0 and kind.positive_weights:
+                raise MbtrainError(f"--task-weights {task}=0: --balance {self.balance} needs every weight positive; "
+                                   f"drop {task} from --tasks instead")
+
+    def warnings(self) -> list[str]:
+        kind = BALANCERS[self.balance]
+        if self.task_weights and kind.task_weights_ignored:
+            return [f"--task-weights has no effect under --balance {self.balance}, {kind.task_weights_ignored}"]
+        return []
 
 
 @dataclass
@@ -87,6 +128,25 @@ class TrainConfig:
     threads: int | None = None
     device: str = "auto"
 
+    def check(self, group_by: str | None) -> None:
+        one_of("--device", self.device, DEVICES)
+        one_of("--schedule", self.schedule, SCHEDULES)
+        one_of("--monitor", self.monitor, MONITORS)
+        if self.monitor == "gauc" and not group_by:
+            raise MbtrainError("--monitor gauc needs --group-by, the column whose groups GAUC averages over")
+        at_least_one("--epochs", self.epochs)
+        at_least_one("--batch-size", self.batch_size)
+        if not 0 <= self.warmup <= self.epochs:
+            raise MbtrainError(f"--warmup must be in [0, --epochs], in epochs: got {self.warmup}")
+        if self.lr is not None and not self.lr > 0:
+            raise MbtrainError(f"--lr must be positive: got {self.lr}")
+        non_negative("--weight-decay", self.weight_decay)
+        non_negative("--patience", self.patience, " (0 turns early stopping off)")
+        if not 0 <= self.seed < 2**32:
+            raise MbtrainError(f"--seed must be in [0, 2^32): got {self.seed}")
+        if self.threads is not None:
+            at_least_one("--threads", self.threads)
+
 
 @dataclass
 class RunConfig:
@@ -95,27 +155,24 @@ class RunConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def __post_init__(self) -> None:
-        if self.model.model == "esmm":  # ESMM's network is its funnel: config.json and compare say so
-            self.model.funnel = True
-
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: _section_dict(getattr(self, name)) for name in SECTIONS}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
-        return cls(**{name: section(**raw.get(name, {})) for name, section in SECTIONS.items()})
+        return cls(**{name: _section_from(section, raw.get(name, {})) for name, section in SECTIONS.items()})
 
     def flat(self) -> dict[str, Any]:
         """Every setting under its flag name (underscored), for tables and overrides."""
-        return {key: getattr(getattr(self, section), key) for key, section in FIELD_SECTION.items()}
+        return {key: value for section in self.to_dict().values() for key, value in section.items()}
 
     def updated(self, overrides: dict[str, Any]) -> RunConfig:
-        """A copy with `overrides` (flat keys, None meaning 'not given') applied."""
+        """A copy with `overrides` (flat keys, None meaning 'not given') applied; an unknown key is a KeyError."""
         raw = self.to_dict()
+        sections = setting_sections()
         for key, value in overrides.items():
             if value is not None:
-                raw[FIELD_SECTION[key]][key] = value
+                raw[sections[key]][key] = value
         return RunConfig.from_dict(raw)
 
     @property
@@ -130,7 +187,7 @@ class RunConfig:
     @property
     def funnel_tasks(self) -> list[str] | None:
         """The funnel, first stage first (--tasks as given), when the model predicts one."""
-        return list(self.data.tasks) if self.model.funnel else None  # esmm's is set by __post_init__
+        return list(self.data.tasks) if self.model.funnel else None  # an always-funnel model sets it itself
 
     @property
     def ordered_tasks(self) -> list[str]:
@@ -140,85 +197,10 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise MbtrainError naming the flag for the first out-of-range or inconsistent setting."""
-        d, m, b, t = self.data, self.model, self.balance, self.train
-        if not d.tasks:
-            raise MbtrainError("--tasks is required: name the label columns, e.g. --tasks click,purchase")
-        duplicates = sorted({task for task in d.tasks if d.tasks.count(task) > 1})
-        if duplicates:
-            raise MbtrainError(f"--tasks names {', '.join(duplicates)} more than once")
-        if d.main_task is not None and d.main_task not in d.tasks:
-            raise MbtrainError(f"--main-task {d.main_task!r} is not one of --tasks ({', '.join(d.tasks)})")
-        _choice("--model", m.model, MODELS)
-        _choice("--balance", b.balance, BALANCES)
-        _choice("--strategy", b.strategy, STRATEGIES)
-        _choice("--device", t.device, DEVICES)
-        _choice("--norm", m.norm, NORMS)
-        _choice("--pooling", m.pooling, POOLINGS)
-        _choice("--schedule", t.schedule, SCHEDULES)
-        _choice("--monitor", t.monitor, MONITORS)
-        if t.monitor == "gauc" and not d.group_by:
-            raise MbtrainError("--monitor gauc needs --group-by, the column whose groups GAUC averages over")
-        if not 0 <= t.warmup <= t.epochs:
-            raise MbtrainError(f"--warmup must be in [0, --epochs], in epochs: got {t.warmup}")
-        if self.funnel_tasks is not None and len(d.tasks) < 2:
-            why = "--model esmm" if m.model == "esmm" else "--funnel"
-            raise MbtrainError(f"{why} needs at least two tasks in --tasks, the funnel's stages in order (e.g. "
-                               "click,cart,purchase)")
-        if b.balance in ("metabalance", "multibalance", "pcgrad", "gradnorm") and len(d.tasks) < 2:
-            raise MbtrainError(f"--balance {b.balance} needs at least two tasks in --tasks")
-        _in_range("--relax-factor", b.relax_factor, 0.0, 1.0, "[0, 1)")
-        _in_range("--beta", b.beta, 0.0, 1.0, "[0, 1)")
-        _in_range("--dropout", m.dropout, 0.0, 1.0, "[0, 1)")
-        for task, weight in b.task_weights.items():
-            if task not in d.tasks:
-                raise MbtrainError(f"--task-weights names {task!r}, which is not one of --tasks ({', '.join(d.tasks)})")
-            if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
-                raise MbtrainError(f"--task-weights {task}={weight}: a weight must be a finite number >= 0")
-            if weight == 0 and b.balance in ("famo", "uncertainty"):  # log(0) / an unbounded log-variance
-                raise MbtrainError(f"--task-weights {task}=0: --balance {b.balance} needs every weight positive; "
-                                   f"drop {task} from --tasks instead")
-        for flag, value in (("--temperature", b.temperature), ("--famo-lr", b.famo_lr),
-                            ("--gradnorm-alpha", b.gradnorm_alpha)):
-            if not (math.isfinite(value) and value > 0):
-                raise MbtrainError(f"{flag} must be positive: got {value}")
-        if not (math.isfinite(b.famo_decay) and b.famo_decay >= 0):
-            raise MbtrainError(f"--famo-decay must be non-negative: got {b.famo_decay}")
-        if not 0.0 < d.valid_fraction < 1.0:
-            raise MbtrainError(f"--valid-fraction must be in (0, 1): got {d.valid_fraction}")
-        for flag, value in (
-            ("--embed-dim", m.embed_dim),
-            ("--experts", m.experts),
-            ("--task-experts", m.task_experts),
-            ("--levels", m.levels),
-            ("--epochs", t.epochs),
-            ("--batch-size", t.batch_size),
-            ("--min-frequency", d.min_frequency),
-            ("--max-bag", d.max_bag),
-        ):
-            if value < 1:
-                raise MbtrainError(f"{flag} must be at least 1: got {value}")
-        for flag, sizes in (("--hidden", m.hidden), ("--tower", m.tower)):
-            if any(size < 1 for size in sizes):
-                raise MbtrainError(f"{flag} sizes must be positive integers: got {sizes}")
-        if not m.hidden:
-            raise MbtrainError("--hidden needs at least one layer size, e.g. --hidden 64,32")
-        if t.lr is not None and not t.lr > 0:
-            raise MbtrainError(f"--lr must be positive: got {t.lr}")
-        if t.weight_decay < 0:
-            raise MbtrainError(f"--weight-decay must be non-negative: got {t.weight_decay}")
-        if t.patience < 0:
-            raise MbtrainError(f"--patience must be non-negative (0 turns early stopping off): got {t.patience}")
-        if not 0 <= t.seed < 2**32:
-            raise MbtrainError(f"--seed must be in [0, 2^32): got {t.seed}")
-        if d.max_vocab is not None and d.max_vocab < 1:
-            raise MbtrainError(f"--max-vocab must be at least 1: got {d.max_vocab}")
-        if t.threads is not None and t.threads < 1:
-            raise MbtrainError(f"--threads must be at least 1: got {t.threads}")
-        overlap = (set(d.categorical) & set(d.numeric)) | (set(d.exclude) & (set(d.categorical) | set(d.numeric)))
-        if overlap:
-            raise MbtrainError(
-                f"column {sorted(overlap)[0]!r} is given more than one role in --categorical/--numeric/--exclude"
-            )
+        self.data.check()
+        self.model.check(len(self.data.tasks))
+        self.balance.check(self.data.tasks)
+        self.train.check(self.data.group_by)
 
 
 BASE_LR = 1e-2  # the default learning rate from BASE_BATCH rows of global batch up
@@ -241,22 +223,39 @@ SECTIONS: dict[str, type] = {
     "balance": BalanceConfig,
     "train": TrainConfig,
 }
-FIELD_SECTION: dict[str, str] = {
-    f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-}
-FIELD_TYPES: dict[str, str] = {
-    f.name: str(f.type) for cls in SECTIONS.values() for f in dataclasses.fields(cls)
-}
 
 
-def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise MbtrainError(f"{flag} {value!r} is not supported: choose one of {', '.join(choices)}")
+def setting_sections() -> dict[str, str]:
+    """Each setting's section, by flag name (balancers registered since import included)."""
+    return {name: section for section, names in _section_fields().items() for name in names}
 
 
-def _in_range(flag: str, value: float, low: float, high: float, shown: str) -> None:
-    if not low <= value < high:
-        raise MbtrainError(f"{flag} must be in {shown}: got {value}")
+def setting_types() -> dict[str, str]:
+    """Each setting's type as written in its dataclass ("float", "list[int]", "str | None", ...)."""
+    return {name: str(f.type) for fields in _section_fields().values() for name, f in fields.items()}
+
+
+def _section_fields() -> dict[str, dict[str, dataclasses.Field]]:
+    fields = {name: {f.name: f for f in dataclasses.fields(cls) if f.name != "settings" or cls is not BalanceConfig}
+              for name, cls in SECTIONS.items()}
+    fields["balance"].update(setting_fields())
+    names = [name for section in fields.values() for name in section]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        raise ValueError(f"setting {clashes[0]!r} is declared by two sections (or a balancer): names must be unique")
+    return fields
+
+
+def _section_dict(section: Any) -> dict[str, Any]:
+    return section.to_dict() if hasattr(section, "to_dict") else dataclasses.asdict(section)
+
+
+def _section_from(cls: type, raw: dict[str, Any]) -> Any:
+    return cls.from_dict(raw) if hasattr(cls, "from_dict") else cls(**raw)
+
+
+def _count(number: int) -> str:
+    return {2: "two", 3: "three"}.get(number, str(number))
 
 
 def parse_list(flag: str, text: str | None, item: type = str) -> list | None:
@@ -295,11 +294,12 @@ def read_toml(path: Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise MbtrainError(f"{path}: not a valid TOML file ({exc})") from None
     overrides: dict[str, Any] = {}
+    types = setting_types()
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name not in FIELD_SECTION:
+        if name not in types:
             raise MbtrainError(f"{path}: unknown setting {key!r}")
-        kind = FIELD_TYPES[name]
+        kind = types[name]
         if kind.startswith("list") and isinstance(value, str):
             value = parse_list(f"{path}: {key}", value, int if "int" in kind else str)
         if kind.startswith("dict") and isinstance(value, str):

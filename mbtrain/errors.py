@@ -1,8 +1,9 @@
 """The one exception type that the CLI turns into a single line on stderr."""
 
 
-class MbtrainError(Exception):
-    """A problem with the user's input (file, column, flag): reported without a traceback."""
+class MbtrainError(ValueError):
+    """A problem with the user's input (file, column, flag): reported without a traceback. A ValueError, so that
+    the Python API (a balancer's settings, say) raises what callers of a library expect."""
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:

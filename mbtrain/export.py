@@ -22,19 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mbtrain.checkpoint import check_writable, load_checkpoint, run_checkpoint, write_atomic
+from mbtrain.checkpoint import Checkpoint, check_writable, run_checkpoint, write_atomic
 from mbtrain.errors import MbtrainError, first_line
-from mbtrain.models.scoring import ModelSpec, Probabilities, ScoringModel, predict_probabilities
+from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities
 
 SPEC_FILE = "mbtrain.json"
 TOLERANCE = 1e-5
-
-
-def model_from_checkpoint(state: dict[str, Any]) -> tuple[ScoringModel, ModelSpec]:
-    spec = ModelSpec.from_dict(state["spec"])
-    model = spec.build()
-    model.load_state_dict(state["model"])
-    return model.eval(), spec
 
 
 def export(run: Path, output: Path, fmt: str = "torchscript") -> dict[str, Any]:
@@ -45,9 +38,10 @@ def export(run: Path, output: Path, fmt: str = "torchscript") -> dict[str, Any]:
     if fmt == "onnx":
         require_onnx()
     check_writable(output, "--output")
-    state = load_checkpoint(run_checkpoint(run))
-    model, spec = model_from_checkpoint(state)
-    return exporters[fmt](Probabilities(model).eval(), spec, state["sample"], output)
+    path = run_checkpoint(run)
+    checkpoint = Checkpoint.load(path)
+    model, spec = checkpoint.scoring_model(path)
+    return exporters[fmt](Probabilities(model).eval(), spec, checkpoint.sample, output)
 
 
 def _torchscript(module: Probabilities, spec: ModelSpec, sample: dict[str, torch.Tensor],

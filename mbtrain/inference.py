@@ -8,11 +8,11 @@ from typing import Any
 import polars as pl
 import torch
 
-from mbtrain.checkpoint import is_export, load_checkpoint, run_checkpoint
+from mbtrain.checkpoint import Checkpoint, is_export, run_checkpoint
 from mbtrain.data.schema import check_funnel, group_keys, label_tensor
 from mbtrain.data.stream import parquet_files, read_files
 from mbtrain.errors import MbtrainError
-from mbtrain.export import load_onnx, load_torchscript, model_from_checkpoint
+from mbtrain.export import load_onnx, load_torchscript
 from mbtrain.metrics import task_metrics
 from mbtrain.models.funnel import conditional_probabilities
 from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities
@@ -21,16 +21,14 @@ from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabiliti
 def load_scorer(path: Path) -> tuple[torch.nn.Module, ModelSpec]:
     """A module mapping (categorical, numeric) to probabilities, and the spec to encode rows for it."""
     if path.is_dir():
-        state = load_checkpoint(run_checkpoint(path))
+        path = run_checkpoint(path)
     elif not path.exists():
         raise MbtrainError(f"{path}: run directory or exported model not found")
     elif is_export(path):
         return load_torchscript(path)
     elif path.suffix.lower() == ".onnx":
         return load_onnx(path)
-    else:
-        state = load_checkpoint(path)
-    model, spec = model_from_checkpoint(state)
+    model, spec = Checkpoint.load(path).scoring_model(path)
     return Probabilities(model).eval(), spec
 
 

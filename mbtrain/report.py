@@ -8,6 +8,7 @@ from rich import box
 from rich.table import Table
 
 from mbtrain.data.schema import Schema
+from mbtrain.models import MODELS, ModelConfig
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -50,14 +51,13 @@ def metrics_table(metrics: dict[str, Any], title: str, caption: str | None = Non
 def model_text(model: dict[str, Any], funnel: list[str] | None) -> str:
     """The model as the summary names it, e.g. "ple (2 levels, 8 shared + 1 per task experts)", "esmm (funnel
     click → cart → purchase)", "mmoe with funnel click → cart → purchase"."""
-    name = model["model"]
-    if name == "ple":
-        name += (f" ({model['levels']} level{'s' * (model['levels'] > 1)}, {model['experts']} shared + "
-                 f"{model['task_experts']} per task experts)")
+    config = ModelConfig(**model)
+    kind = MODELS[config.model]
+    name = kind.describe(config)
     if funnel is None:
         return name
     stages = " → ".join(funnel)
-    return f"esmm (funnel {stages})" if name == "esmm" else f"{name} with funnel {stages}"
+    return f"{name} (funnel {stages})" if kind.always_funnel else f"{name} with funnel {stages}"
 
 
 def _share(value: float) -> str:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner, Result
 
 from mbtrain.balance import MetaBalance
 from mbtrain.cli import app
-from mbtrain.models import build_model
+from mbtrain.models import Inputs, ModelConfig, build_model
 
 
 def make_frame(rows: int = 600, seed: int = 0) -> pl.DataFrame:
@@ -63,9 +63,9 @@ def run_cli(*args: str) -> Result:
 def twin_models(name: str, cardinalities: list[int]) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Two identical small 3-task models in float64: one for a balancer, one for its reference."""
     torch.manual_seed(0)
-    sizes = dict(cardinalities=cardinalities, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6], experts=3,
-                 tower=[5], dropout=0.0)
-    ours, theirs = build_model(name, **sizes).double(), build_model(name, **sizes).double()
+    config = ModelConfig(name, embed_dim=4, hidden=[8, 6], experts=3, tower=[5], dropout=0.0)
+    inputs = Inputs(cardinalities, num_numeric=2, num_tasks=3)
+    ours, theirs = build_model(config, inputs).double(), build_model(config, inputs).double()
     theirs.load_state_dict(ours.state_dict())
     return ours, theirs
 

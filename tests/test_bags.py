@@ -15,7 +15,7 @@ from mbtrain.balance import BALANCERS, build_balancer
 from mbtrain.data.encoders import Encoders
 from mbtrain.data.schema import infer_schema
 from mbtrain.data.stream import fit_encoders_streaming, parquet_files, row_groups, scan_row_groups
-from mbtrain.models import build_model
+from mbtrain.models import Inputs, ModelConfig, build_model
 from mbtrain.models.embedding import FusedEmbedding
 from tests.helpers import assert_split_metabalance_equals_full, make_bag_frame, run_cli
 
@@ -96,8 +96,8 @@ def bag_batch(step: int, rows: int = 24) -> tuple[torch.Tensor, torch.Tensor, to
 
 def bag_model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(name, cardinalities=[5, 7, 6, 9], num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6],
-                       experts=3, tower=[5], dropout=0.0, bags=2).double()
+    return build_model(ModelConfig(name, embed_dim=4, hidden=[8, 6], experts=3, tower=[5], dropout=0.0),
+                       Inputs([5, 7, 6, 9], num_numeric=2, num_tasks=3, bags=2)).double()
 
 
 @pytest.mark.parametrize("name", ["mmoe", "shared-bottom", "ple", "esmm"])

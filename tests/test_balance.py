@@ -294,12 +294,12 @@ def test_split_forward_gives_the_same_gradients(name: str, strategy: str, cards:
     """The fast path (heads once, trunk per task, table rows per batch) equals the per-task full path,
     both when the table is coalesced whole (small) and on the batch's distinct rows, found by a mask (big)
     or by sorting (huge); with every kind of hidden-layer norm (batch norm's affine parameters are shared)."""
-    from mbtrain.models import build_model
+    from mbtrain.models import Inputs, ModelConfig, build_model
 
-    sizes = dict(cardinalities=cards, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6], experts=3,
-                 tower=[5], dropout=0.0, norm=norm)
+    config = ModelConfig(name, embed_dim=4, hidden=[8, 6], experts=3, tower=[5], dropout=0.0, norm=norm)
+    inputs = Inputs(cards, num_numeric=2, num_tasks=3)
     torch.manual_seed(0)
-    full, fast = build_model(name, **sizes).double(), build_model(name, **sizes).double()
+    full, fast = build_model(config, inputs).double(), build_model(config, inputs).double()
     fast.load_state_dict(full.state_dict())
     batches = [seeded_batch(step, cards, batch, (0.3, 0.3, 0.3)) for step in range(3)]
     balancers = assert_split_metabalance_equals_full(full, fast, batches, strategy=strategy)
@@ -307,10 +307,10 @@ def test_split_forward_gives_the_same_gradients(name: str, strategy: str, cards:
 
 
 def test_plain_sum_refuses_a_split_forward() -> None:
-    from mbtrain.models import build_model
+    from mbtrain.models import Inputs, ModelConfig, build_model
 
-    model = build_model("mmoe", cardinalities=[3], num_numeric=1, num_tasks=2, embed_dim=2, hidden=[4], experts=2,
-                        tower=[], dropout=0.0)
+    model = build_model(ModelConfig("mmoe", embed_dim=2, hidden=[4], experts=2, tower=[], dropout=0.0),
+                        Inputs([3], num_numeric=1, num_tasks=2))
     split = model.split_forward(torch.zeros(4, 1, dtype=torch.long), torch.zeros(4, 1))
     with pytest.raises(ValueError, match="split"):
         PlainSum().backward(list(split.logits.sum(0).unbind()), split)

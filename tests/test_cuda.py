@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mbtrain.models import build_model
+from mbtrain.models import Inputs, ModelConfig, build_model
 from tests.helpers import assert_split_metabalance_equals_full, make_bag_frame, run_cli, seeded_batch
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -20,9 +20,9 @@ CARDS = [5, 7, 3]
 @pytest.mark.parametrize("name", ["mmoe", "ple", "esmm"])
 def test_split_metabalance_is_exact_on_the_gpu(name: str) -> None:
     torch.manual_seed(0)
-    sizes = dict(cardinalities=CARDS, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6], experts=3, tower=[5],
-                 dropout=0.0)
-    full, fast = build_model(name, **sizes).double().cuda(), build_model(name, **sizes).double().cuda()
+    config = ModelConfig(name, embed_dim=4, hidden=[8, 6], experts=3, tower=[5], dropout=0.0)
+    inputs = Inputs(CARDS, num_numeric=2, num_tasks=3)
+    full, fast = build_model(config, inputs).double().cuda(), build_model(config, inputs).double().cuda()
     fast.load_state_dict(full.state_dict())
     batches = [tuple(t.cuda() for t in seeded_batch(step, CARDS)) for step in range(3)]
     assert_split_metabalance_equals_full(full, fast, batches, segments=full.shared_segments())

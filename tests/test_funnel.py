@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mbtrain.balance.per_task import heads_backward
-from mbtrain.models import build_model
+from mbtrain.models import Inputs, ModelConfig, build_model
 from mbtrain.models.funnel import Funnel, conditional_probabilities
 from mbtrain.models.scoring import NumericNormalizer, ScoringModel
 from tests.helpers import assert_split_metabalance_equals_full, make_frame, run_cli, seeded_batch
@@ -39,8 +39,8 @@ def test_funnel_probabilities_are_the_products_down_the_funnel() -> None:
 
 def funnel_model(name: str) -> ScoringModel:
     torch.manual_seed(0)
-    network = build_model(name, cardinalities=CARDS, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6],
-                          experts=3, tower=[5], dropout=0.0)
+    network = build_model(ModelConfig(name, embed_dim=4, hidden=[8, 6], experts=3, tower=[5], dropout=0.0),
+                          Inputs(CARDS, num_numeric=2, num_tasks=3))
     normalizer = NumericNormalizer([])
     normalizer.mean, normalizer.std = torch.zeros(2), torch.ones(2)
     normalizer.log1p = torch.zeros(2, dtype=torch.bool)
@@ -89,8 +89,8 @@ def test_metabalance_on_a_funnel_equals_the_straightforward_one(name: str) -> No
 
 
 def test_esmm_shares_only_the_embedding() -> None:
-    model = build_model("esmm", cardinalities=CARDS, num_numeric=2, num_tasks=3, embed_dim=4, hidden=[8, 6],
-                        experts=3, tower=[5], dropout=0.0)
+    model = build_model(ModelConfig("esmm", embed_dim=4, hidden=[8, 6], experts=3, tower=[5], dropout=0.0),
+                        Inputs(CARDS, num_numeric=2, num_tasks=3))
     assert model.shared_parameters() == [model.embedding.table.weight]
     assert [layer.weight.shape for layer in model.towers.hidden.layers] == [(3, 14, 8), (3, 8, 6), (3, 6, 5)]
 

@@ -1,4 +1,4 @@
-"""Models: shapes, parameter partition, TorchScript parity, fused == unfused, learning, task isolation."""
+"""Models: the contract every registered model meets, shapes, TorchScript parity, fused == unfused, learning."""
 
 from __future__ import annotations
 
@@ -9,7 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbtrain.models import MODELS, FusedEmbedding, MMoE, SharedBottom, Towers, build_model
+from mbtrain.errors import MbtrainError
+from mbtrain.models import (
+    MODELS,
+    PLE,
+    FusedEmbedding,
+    Inputs,
+    MMoE,
+    ModelConfig,
+    MultiTaskModel,
+    SharedBottom,
+    Towers,
+    build_model,
+)
+from mbtrain.models.funnel import Funnel
 from mbtrain.models.mlp import hidden_norm
 
 CARDS = [5, 7, 3]
@@ -26,10 +39,11 @@ def _seeded_single_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def make(name: str, cards: list[int] = CARDS, num_numeric: int = 2, num_tasks: int = 3, **kw) -> nn.Module:
-    sizes = dict(embed_dim=4, hidden=[8, 6], experts=4, tower=[5], dropout=0.0)
-    sizes.update(kw)
-    return build_model(name, cardinalities=cards, num_numeric=num_numeric, num_tasks=num_tasks, **sizes)
+def make(name: str, cards: list[int] = CARDS, num_numeric: int = 2, num_tasks: int = 3, bags: int = 0,
+         **settings) -> nn.Module:
+    config = ModelConfig(name, **{"embed_dim": 4, "hidden": [8, 6], "experts": 4, "tower": [5], "dropout": 0.0,
+                                  **settings})
+    return build_model(config, Inputs(cards, num_numeric, num_tasks, bags))
 
 
 def inputs(cards: list[int], num_numeric: int, batch: int = 11, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -67,21 +81,103 @@ def test_shared_bottom_without_hidden_layers() -> None:
 
 def test_build_model() -> None:
     assert isinstance(make("mmoe"), MMoE)
+    assert isinstance(PLE(ModelConfig("ple"), Inputs(CARDS, 2, 3)), PLE)
     assert isinstance(make("shared-bottom", experts=99), SharedBottom)
     assert make("mmoe", experts=6).experts.layers[0].weight.shape[0] == 6
     with pytest.raises(ValueError, match="unknown model 'x': choose shared-bottom, mmoe, ple, esmm"):
         make("x")
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_parameters_partition(name: str) -> None:
-    model = make(name)
+FUNNEL = [2, 0, 1]  # output column 2 is the first stage, then 0, then 1
+
+
+def contract_batch(bags: int, rows: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(categorical with `bags` bags of up to 4 elements after CARDS' columns, numeric float64, labels float64)."""
+    generator = torch.Generator().manual_seed(7)
+    categorical = torch.stack([torch.randint(0, c, (rows,), generator=generator) for c in CARDS], 1)
+    for _ in range(bags):
+        slots = torch.randint(0, 6, (rows, 4), generator=generator)
+        lengths = torch.randint(0, 5, (rows, 1), generator=generator)
+        categorical = torch.cat([categorical, torch.where(torch.arange(4) < lengths, slots, -1)], 1)
+    numeric = torch.randn(rows, 2, generator=generator, dtype=torch.double)
+    labels = (torch.rand(rows, 3, generator=generator) < torch.tensor([0.2, 0.5, 0.7])).double()
+    return categorical, numeric, labels
+
+
+@pytest.mark.parametrize("variant", ["plain", "funnel", "bags", "batch norm"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_meets_the_contract(name: str, variant: str) -> None:
+    """models/base.py's MultiTaskModel, what the fit loop and the balancers rely on, for every registered model:
+    split_forward's logits are forward's; shared and task parameters split the trainable ones, the table among the
+    shared; shared_segments maps each shared parameter's first dim onto logical tensors 0..n-1; and autograd agrees
+    with the split: each logical shared tensor is reached by at least two tasks' losses, each slice of a task
+    parameter (stacked task by task on its first dim) by its own task's loss only (under the funnel, where a
+    stage's loss reads the towers of the stages before it, by its own stage's and later stages')."""
+    bags = 1 if variant == "bags" else 0
+    cards = CARDS + [6] * bags
+    model = make(name, cards, bags=bags, norm="batch" if variant == "batch norm" else "none").double()
+    assert isinstance(model, MultiTaskModel)
+    assert isinstance(model.embedding, FusedEmbedding) and isinstance(model.towers, Towers)
+    assert model.towers.num_tasks == 3 and isinstance(type(model).describe(ModelConfig(name)), str)
+    assert ModelConfig(name).funnel is type(model).always_funnel
+    categorical, numeric, labels = contract_batch(bags)
+    logits = model(categorical, numeric)
+    assert logits.shape == (64, 3)
+    torch.testing.assert_close(model.split_forward(categorical, numeric).logits, logits, rtol=1e-12, atol=1e-12)
+
     shared, task = model.shared_parameters(), model.task_parameters()
-    assert shared and task
-    ids = [id(p) for p in shared + task]
-    assert len(ids) == len(set(ids))
-    assert sorted(ids) == sorted(id(p) for p in model.parameters())
-    assert model.embedding.table.weight in shared
+    shared_ids, task_ids = [id(p) for p in shared], [id(p) for p in task]
+    assert shared and task and len(set(shared_ids + task_ids)) == len(shared_ids) + len(task_ids)
+    assert set(shared_ids + task_ids) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert id(model.embedding.table.weight) in shared_ids
+    segments = model.shared_segments()
+    assert len(segments) == len(shared)
+    for p, segment in zip(shared, segments, strict=True):
+        if segment is not None:
+            assert segment.dtype == torch.int64 and segment.shape == (p.shape[0],)
+            assert torch.equal(segment.unique(), torch.arange(int(segment.max()) + 1))
+
+    if variant == "funnel":
+        logits = Funnel(FUNNEL).double()(logits)
+    losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0).unbind()
+    grads = [torch.autograd.grad(loss, shared + task, retain_graph=True, allow_unused=True) for loss in losses]
+
+    def reaching(at: int, part: torch.Tensor | slice) -> set[int]:
+        return {k for k, task_grads in enumerate(grads)
+                if task_grads[at] is not None and torch.count_nonzero(task_grads[at][part])}
+
+    for at, (p, segment) in enumerate(zip(shared, segments, strict=True)):
+        parts = [slice(None)] if segment is None else [segment == value for value in segment.unique()]
+        for part in parts:
+            assert len(reaching(at, part)) >= 2, f"shared {p.shape} reached by tasks {reaching(at, part)}"
+    def readers(owner: int) -> set[int]:
+        return set(FUNNEL[FUNNEL.index(owner) :]) if variant == "funnel" else {owner}
+
+    for at, p in enumerate(task, start=len(shared)):
+        for index in range(p.shape[0]):  # only its readers; a ReLU dead on every row may leave it unreached
+            found = reaching(at, index)
+            assert found <= readers(index // (p.shape[0] // 3)), f"task {p.shape}[{index}] reached by tasks {found}"
+    bias = len(shared) + task_ids.index(id(model.towers.out.bias))  # always reached: the logits' own bias
+    assert [reaching(bias, owner) for owner in range(3)] == [readers(owner) for owner in range(3)]
+
+
+@pytest.mark.parametrize(("settings", "num_tasks", "message"), [
+    ({"model": "x"}, 2, "--model 'x' is not supported: choose one of shared-bottom, mmoe, ple, esmm"),
+    ({"norm": "group"}, 2, "--norm 'group' is not supported: choose one of none, batch, layer"),
+    ({"pooling": "max"}, 2, "--pooling 'max' is not supported: choose one of mean, sum"),
+    ({"model": "esmm"}, 1, "--model esmm needs at least two tasks in --tasks, the funnel's stages in order (e.g. "
+                           "click,cart,purchase)"),
+    ({"funnel": True}, 1, "--funnel needs at least two tasks"),
+    ({"dropout": 1.0}, 2, "--dropout must be in [0, 1): got 1.0"),
+    ({"levels": 0}, 2, "--levels must be at least 1: got 0"),
+    ({"tower": [4, 0]}, 2, "--tower sizes must be positive integers: got [4, 0]"),
+    ({"hidden": []}, 2, "--hidden needs at least one layer size, e.g. --hidden 64,32"),
+])
+def test_model_config_names_the_flag(settings: dict, num_tasks: int, message: str) -> None:
+    ModelConfig().check(2)
+    with pytest.raises(MbtrainError) as raised:
+        ModelConfig(**settings).check(num_tasks)
+    assert str(raised.value).startswith(message)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -141,18 +237,6 @@ def test_towers_shared_input_equals_per_task_reference() -> None:
     expected = reference_towers(towers, [x, x, x])
     torch.testing.assert_close(towers(x), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(towers(x.expand(3, -1, -1)), expected, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_task_loss_reaches_only_its_own_tower(name: str) -> None:
-    model = make(name, num_tasks=3, tower=[5])
-    model(*inputs(CARDS, 2))[:, 0].sum().backward()
-    assert model.towers.out.bias.grad[0].item() != 0
-    for p in model.towers.parameters():
-        assert torch.count_nonzero(p.grad[1:]) == 0
-    if name == "mmoe":
-        for p in model.gates.parameters():  # stacked per task: [T, ...]
-            assert torch.count_nonzero(p.grad[1:]) == 0
 
 
 @pytest.mark.parametrize("name", NAMES)

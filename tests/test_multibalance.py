@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mbtrain.balance import MultiBalance, build_balancer
-from mbtrain.models import build_model
+from mbtrain.models import Inputs, ModelConfig, build_model
 from tests.helpers import assert_same_grads_then_step, seeded_batch, twin_models
 
 EPS = 1e-5
@@ -90,8 +90,8 @@ def test_matches_the_literal_reference_over_steps(name: str, strategy: str) -> N
 
 def test_state_round_trip_and_bad_use() -> None:
     torch.manual_seed(1)
-    model = build_model("mmoe", cardinalities=CARDS, num_numeric=2, num_tasks=2, embed_dim=4, hidden=[6],
-                        experts=2, tower=[], dropout=0.0)
+    model = build_model(ModelConfig("mmoe", embed_dim=4, hidden=[6], experts=2, tower=[], dropout=0.0),
+                        Inputs(CARDS, num_numeric=2, num_tasks=2))
     balancer = build_balancer("multibalance", model.shared_parameters(), model.task_parameters(), num_tasks=2)
     categorical = torch.zeros(4, 3, dtype=torch.long)
     split = model.split_forward(categorical, torch.zeros(4, 2))

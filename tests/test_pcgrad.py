@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mbtrain.balance import PCGrad, build_balancer
-from mbtrain.models import build_model
+from mbtrain.models import Inputs, ModelConfig, build_model
 from tests.helpers import assert_same_grads_then_step, seeded_batch, twin_models
 
 CARDS = [5, 7, 3]
@@ -67,8 +67,8 @@ def test_matches_the_reference_over_steps(name: str, split: bool) -> None:
 
 def test_the_task_order_is_state() -> None:
     torch.manual_seed(0)
-    model = build_model("shared-bottom", cardinalities=CARDS, num_numeric=2, num_tasks=3, embed_dim=4,
-                        hidden=[6], experts=1, tower=[], dropout=0.0)
+    model = build_model(ModelConfig("shared-bottom", embed_dim=4, hidden=[6], experts=1, tower=[], dropout=0.0),
+                        Inputs(CARDS, num_numeric=2, num_tasks=3))
     balancer = build_balancer("pcgrad", model.shared_parameters(), model.task_parameters(), num_tasks=3, seed=3)
     balancer.generator.manual_seed(99)  # as if some steps were taken
     again = build_balancer("pcgrad", model.shared_parameters(), model.task_parameters(), num_tasks=3, seed=3)

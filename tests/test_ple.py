@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mbtrain.models import PLE
+from mbtrain.models import PLE, Inputs, ModelConfig
 from tests.helpers import assert_split_metabalance_equals_full, seeded_batch
 
 CARDS = [5, 7, 3]
@@ -16,8 +16,9 @@ SHAPES = [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2)]  # (levels, experts per task)
 
 def make(levels: int, each: int, tasks: int = 3, norm: str = "none", hidden: tuple[int, ...] = (6, 5)) -> PLE:
     torch.manual_seed(0)
-    return PLE(CARDS, 2, tasks, embed_dim=4, hidden=hidden, experts=3, task_experts=each, levels=levels,
-               tower=[4], norm=norm).double()
+    config = ModelConfig("ple", embed_dim=4, hidden=list(hidden), experts=3, task_experts=each, levels=levels,
+                         tower=[4], norm=norm)
+    return PLE(config, Inputs(CARDS, 2, tasks)).double()
 
 
 def expert(x: torch.Tensor, mlp: torch.nn.Module, e: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from tests.helpers import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DATA = FIXTURES / "release-0.1-data.parquet"

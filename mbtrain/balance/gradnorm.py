@@ -13,17 +13,33 @@ only, one through the trunk.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from mbtrain.balance.base import Balancer, Reduce, reduce_grads, restore
 from mbtrain.balance.per_task import accumulate, heads_backward
-from mbtrain.balance.plain import Balancer, Reduce, reduce_grads, restore
+from mbtrain.balance.registry import Setup, register
+from mbtrain.checks import positive
 from mbtrain.models.split import SplitForward
 
 WEIGHT_FLOOR = 1e-3  # a weight Adam pushed to 0 would never move again (its gradient is w-proportional)
 
 
+@dataclass(frozen=True)
+class GradNormSettings:
+    gradnorm_alpha: float = 1.5  # the asymmetry α: how hard tasks that train slower are pulled up
+
+    def __post_init__(self) -> None:
+        positive("--gradnorm-alpha", self.gradnorm_alpha)
+
+
+@register("gradnorm")
 class GradNorm(Balancer):
+    method = ("GradNorm, Chen et al. (ICML 2018): learned task weights that equalise the tasks' gradient norms at "
+              "the trunk's last layer, scaled by their training rates")
+    settings_class = GradNormSettings
+    min_tasks = 2
     wants_split = True
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor],
@@ -36,12 +52,17 @@ class GradNorm(Balancer):
         self.reduce = reduce
         self.initial: torch.Tensor | None = None  # L_k(0), summed across ranks
 
+    @classmethod
+    def build(cls, setup: Setup, settings: GradNormSettings) -> GradNorm:
+        return cls(setup.num_tasks, setup.every, setup.task, alpha=settings.gradnorm_alpha, reduce=setup.reduce)
+
     def parameters(self) -> list[torch.Tensor]:
         return [self.weights]
 
     def backward(self, losses: Sequence[torch.Tensor], split: SplitForward | None = None) -> None:
         if split is None or split.last_shared is None:
             raise ValueError("GradNorm needs the model's split forward and a shared hidden layer")
+        self.check_losses(losses)
         n_tasks = len(losses)
         with torch.no_grad():  # after the optimizer's step: back to Σ w = T, no weight at or below 0
             self.weights.clamp_(min=WEIGHT_FLOOR).mul_(n_tasks / self.weights.sum())

@@ -1,37 +1,49 @@
 """MetaBalance (He et al., WWW 2022): rescale each auxiliary task's gradient on the shared parameters
 towards the main task's gradient magnitude, using moving averages of per-task gradient norms.
 
-See DESIGN.md, "MetaBalance, exactly". Per-task gradients are taken for the shared parameters only; all
-arithmetic runs as ``torch._foreach_*`` ops or on the small ``[T, P]`` norm tensor, with no per-parameter
-Python arithmetic (the split path's ``torch.unique`` of the batch's table rows is its one host sync).
-The per-task gradients come from balance/per_task.py.
+The formula, per logical tensor: docs/architecture.md, "MetaBalance, exactly". Per-task gradients are taken
+for the shared parameters only; all arithmetic runs as ``torch._foreach_*`` ops or on the small ``[T, P]`` norm
+tensor, with no per-parameter Python arithmetic (the split path's ``torch.unique`` of the batch's table rows is
+its one host sync). The per-task gradients come from balance/per_task.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from mbtrain.balance.per_task import Gather, PerTaskGradients, Reduce, RowGradient, Sinks, accumulate
+from mbtrain.balance.base import Gather, Reduce
+from mbtrain.balance.per_task import PerTaskGradients, RowGradient, Sinks, accumulate
+from mbtrain.balance.registry import Setup, register
+from mbtrain.checks import in_unit_interval, one_of
 
 STRATEGIES = ("both", "reduce", "enlarge")
 
 
-def check_settings(relax_factor: float, beta: float, strategy: str) -> None:
-    if not 0 <= relax_factor < 1:
-        raise ValueError(f"relax_factor must be in [0, 1), got {relax_factor}")
-    if not 0 <= beta < 1:
-        raise ValueError(f"beta must be in [0, 1), got {beta}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown MetaBalance strategy {strategy!r}: choose both, reduce or enlarge")
+@dataclass(frozen=True)
+class MetaBalanceSettings:
+    """MetaBalance's settings, the paper's defaults (MultiBalance's too)."""
+
+    relax_factor: float = 0.7  # r: how far each auxiliary gradient's norm moves toward the main task's
+    beta: float = 0.9  # the moving averages' factor
+    strategy: str = "both"  # rescale always (both), only larger auxiliary norms (reduce) or only smaller (enlarge)
+
+    def __post_init__(self) -> None:
+        in_unit_interval("--relax-factor", self.relax_factor)
+        in_unit_interval("--beta", self.beta)
+        one_of("--strategy", self.strategy, STRATEGIES)
 
 
+@register("metabalance")
 class MetaBalance(PerTaskGradients):
     """Balanced gradients on ``shared_params``; every other parameter gets ``sum(losses)``'s gradient
     (the per-task machinery and its torchrun exactness: balance/per_task.py)."""
 
-    name = "MetaBalance"
+    method = ("MetaBalance, He et al. (WWW 2022): each auxiliary task's gradient of each shared tensor rescaled "
+              "toward the main task's magnitude")
+    settings_class = MetaBalanceSettings
 
     def __init__(
         self,
@@ -46,7 +58,7 @@ class MetaBalance(PerTaskGradients):
         segments: Sequence[torch.Tensor | None] | None = None,
         names: Sequence[str] | None = None,
     ) -> None:
-        check_settings(relax_factor, beta, strategy)
+        MetaBalanceSettings(relax_factor, beta, strategy)
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}")
         super().__init__(shared_params, task_params, reduce, gather)
@@ -74,9 +86,14 @@ class MetaBalance(PerTaskGradients):
         self.grad_norm_ratio: torch.Tensor | None = None
         self.norm_ratios: torch.Tensor | None = None
 
+    @classmethod
+    def build(cls, setup: Setup, settings: MetaBalanceSettings) -> MetaBalance:
+        return cls(setup.shared, settings.relax_factor, settings.beta, settings.strategy, task_params=setup.task,
+                   reduce=setup.reduce, gather=setup.gather, segments=setup.segments, names=setup.shared_names)
+
     def combine(self, sinks: Sinks, task_grads: list[list[torch.Tensor | None]]) -> None:
         """Per logical shared tensor: update each task's moving norm, then add the main task's gradient and
-        each auxiliary task's rescaled one (DESIGN.md)."""
+        each auxiliary task's rescaled one (docs/architecture.md)."""
         moving = self._moving_norms(len(task_grads))
         segment_ids = [self._segment_ids(i, sink) for i, sink in enumerate(sinks)]
         raw_norms = [self._norms(grads, segment_ids) for grads in task_grads]
@@ -121,7 +138,7 @@ class MetaBalance(PerTaskGradients):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the moving averages and, as ``torch.optim`` does, the settings they were made with."""
-        check_settings(state["relax_factor"], state["beta"], state["strategy"])
+        MetaBalanceSettings(state["relax_factor"], state["beta"], state["strategy"])
         moving = state["moving_norms"]
         if moving is not None:
             logical = sum(self.segment_counts)

@@ -13,24 +13,30 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from mbtrain.balance.metabalance import balanced_scale, check_settings, norm_ratios
+from mbtrain.balance.base import Balancer, Reduce, reduce_grads
+from mbtrain.balance.metabalance import MetaBalanceSettings, balanced_scale, norm_ratios
 from mbtrain.balance.per_task import accumulate, heads_backward
-from mbtrain.balance.plain import Balancer, Reduce, reduce_grads
+from mbtrain.balance.registry import Setup, register
 from mbtrain.models.split import SplitForward
 
 
+@register("multibalance")
 class MultiBalance(Balancer):
     """Balanced gradients at the trunk's outputs; every parameter then gets the gradient of that one backward
     (the heads' parameters: exactly ``sum(losses)``'s). ``losses[0]`` is the main task. Needs the model's split
     forward. With `reduce` (distributed training) the norms are of the global batch's gradients (squared norms
     summed across ranks) and every gradient is summed across ranks at the end."""
 
+    method = ("MultiBalance (arXiv 2411.11871): MetaBalance on the trunk's outputs, per representation tensor and "
+              "expert; one trunk backward")
+    settings_class = MetaBalanceSettings
+    min_tasks = 2
     wants_split = True
 
     def __init__(self, params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor],
                  relax_factor: float = 0.7, beta: float = 0.9, strategy: str = "both", eps: float = 1e-5,
                  reduce: Reduce | None = None) -> None:
-        check_settings(relax_factor, beta, strategy)
+        MetaBalanceSettings(relax_factor, beta, strategy)
         self.params = list(params)  # every trainable parameter: what `reduce` sums
         self.task_params = [p for p in task_params if p.requires_grad]
         self.relax_factor, self.beta, self.strategy, self.eps = relax_factor, beta, strategy, eps
@@ -38,12 +44,16 @@ class MultiBalance(Balancer):
         self.moving_norms: torch.Tensor | None = None  # [T, G] over the representation groups
         self.ratio_names: list[str] | None = None  # the groups, for TensorBoard
 
+    @classmethod
+    def build(cls, setup: Setup, settings: MetaBalanceSettings) -> MultiBalance:
+        return cls(setup.every, setup.task, settings.relax_factor, settings.beta, settings.strategy,
+                   reduce=setup.reduce)
+
     def backward(self, losses: Sequence[torch.Tensor], split: SplitForward | None = None) -> None:
         if split is None:
             raise ValueError("MultiBalance needs the model's split forward")
+        self.check_losses(losses)
         n_tasks = len(losses)
-        if n_tasks < 2:
-            raise ValueError(f"MultiBalance needs at least two losses (main task first), got {n_tasks}")
         head_grads, boundary_grads = heads_backward(losses, self.task_params, split)
         accumulate(self.task_params, head_grads, None)
         reached = [(b, g, grouped) for b, g, grouped in zip(split.boundary, boundary_grads, split.per_expert,
@@ -91,7 +101,7 @@ class MultiBalance(Balancer):
                 "strategy": self.strategy}
 
     def load_state_dict(self, state: dict) -> None:
-        check_settings(state["relax_factor"], state["beta"], state["strategy"])
+        MetaBalanceSettings(state["relax_factor"], state["beta"], state["strategy"])
         self.relax_factor, self.beta, self.strategy = state["relax_factor"], state["beta"], state["strategy"]
         moving = state["moving_norms"]
         device = self.params[0].device if self.params else None

@@ -11,19 +11,28 @@ i itself included.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from mbtrain.balance.per_task import Gather, PerTaskGradients, Reduce, Sinks, accumulate
+from mbtrain.balance.base import Gather, Reduce
+from mbtrain.balance.per_task import PerTaskGradients, Sinks, accumulate
+from mbtrain.balance.registry import Setup, register
 
 
+@register("pcgrad")
 class PCGrad(PerTaskGradients):
-    name = "PCGrad"
+    method = ("PCGrad, Yu et al. (NeurIPS 2020): each task's shared gradient projected off the others' where they "
+              "conflict, in a random order seeded by --seed")
 
     def __init__(self, shared_params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor] | None = None,
                  seed: int = 0, reduce: Reduce | None = None, gather: Gather | None = None) -> None:
         super().__init__(shared_params, task_params, reduce, gather)
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU, the same draws on every device
+
+    @classmethod
+    def build(cls, setup: Setup, settings: Any) -> PCGrad:
+        return cls(setup.shared, setup.task, seed=setup.seed, reduce=setup.reduce, gather=setup.gather)
 
     def combine(self, sinks: Sinks, task_grads: list[list[torch.Tensor | None]]) -> None:
         """Every g_i' stays in the span of the task gradients, g_i' = Σ_j c_ij·g_j: the projections run on the

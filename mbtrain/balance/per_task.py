@@ -6,16 +6,15 @@ trunk once per task, the embedding table's gradients kept to the batch's rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-from mbtrain.balance.plain import Balancer, Reduce
+from mbtrain.balance.base import Balancer, Gather, Reduce
 from mbtrain.models.split import SplitForward
 
 BITMAP_ROWS = 32  # see _distinct
-Gather = Callable[[list[torch.Tensor]], list[list[torch.Tensor]]]
 Sinks = list[Any]  # the shared parameters, the embedding table's stood in for by a RowGradient on the split path
 
 
@@ -29,13 +28,13 @@ class PerTaskGradients(Balancer):
     torchrun (`reduce`, `gather`) every task's shared gradients are summed across ranks before ``combine``.
     """
 
-    name = "this balancer"
+    min_tasks = 2
 
     def __init__(self, shared_params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor] | None = None,
                  reduce: Reduce | None = None, gather: Gather | None = None) -> None:
         self.shared = list(shared_params)
         if not self.shared:
-            raise ValueError(f"{self.name} needs at least one shared parameter")
+            raise ValueError(f"{type(self).__name__} needs at least one shared parameter")
         if not all(p.requires_grad for p in self.shared):
             raise ValueError("every shared parameter must require grad")
         shared_ids = {id(p) for p in self.shared}
@@ -45,9 +44,9 @@ class PerTaskGradients(Balancer):
         if self.task_params is not None and any(id(p) in shared_ids for p in self.task_params):
             raise ValueError("a parameter cannot be both shared and task-specific")
         if reduce is not None and self.task_params is None:
-            raise ValueError(f"{self.name} needs task_params to sum gradients across ranks")
+            raise ValueError(f"{type(self).__name__} needs task_params to sum gradients across ranks")
         if (reduce is None) != (gather is None):
-            raise ValueError(f"distributed {self.name} needs both reduce and gather")
+            raise ValueError(f"distributed {type(self).__name__} needs both reduce and gather")
         self.reduce = reduce  # sums a list of gradients across ranks in place (distributed training)
         self.gather = gather  # each of a list of tensors from every rank, in rank order (distributed training)
         self.wants_split = self.task_params is not None
@@ -55,9 +54,8 @@ class PerTaskGradients(Balancer):
     def backward(self, losses: Sequence[torch.Tensor], split: SplitForward | None = None) -> None:
         """The combined gradients; with `split` (from the model's split_forward) the same result, computed by
         back-propagating the heads once and only the trunk once per task (see models/split.py)."""
+        self.check_losses(losses)
         n_tasks = len(losses)
-        if n_tasks < 2:
-            raise ValueError(f"{self.name} needs at least two losses (main task first), got {n_tasks}")
         if split is not None:
             self._split_backward(losses, split)
             return
@@ -79,7 +77,7 @@ class PerTaskGradients(Balancer):
 
     def _split_backward(self, losses: Sequence[torch.Tensor], split: SplitForward) -> None:
         if self.task_params is None:
-            raise ValueError(f"{self.name} needs task_params to use the model's split forward")
+            raise ValueError(f"{type(self).__name__} needs task_params to use the model's split forward")
         positions = [i for i, p in enumerate(self.shared) if p is split.table]
         if len(positions) != 1:
             raise ValueError("the split forward's embedding table is not one of the shared parameters")
@@ -174,8 +172,7 @@ class PerTaskGradients(Balancer):
 def _distinct(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.unique(index, return_inverse=True): the sorted distinct rows and each entry's position among them.
     Up to BITMAP_ROWS table rows per entry, marking the rows in a table-sized mask beats sorting the entries
-    (batch 1024 × 15 columns on CPU: 0.18 against 0.69 ms for a 33k-row table, 0.29 for 200k, 0.81 against
-    0.65 for 1.3M)."""
+    (docs/benchmarks.md, "Measurements behind design choices")."""
     if table_rows > BITMAP_ROWS * index.numel():
         return torch.unique(index, return_inverse=True)
     seen = torch.zeros(table_rows, dtype=torch.bool, device=index.device)

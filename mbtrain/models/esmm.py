@@ -6,37 +6,25 @@ is models/funnel.py's, which `--funnel` adds to any model and `--model esmm` alw
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
-from mbtrain.models.embedding import FusedEmbedding
+from mbtrain.models.base import Inputs, ModelConfig, MultiTaskNetwork, register
 from mbtrain.models.split import SplitForward, task_views
 from mbtrain.models.towers import Towers
 
 
-class ESMM(nn.Module):
+@register("esmm")
+class ESMM(MultiTaskNetwork):
     """Embeddings ⊕ numeric → per task an MLP of the ``hidden`` then the ``tower`` sizes → logits [B, T]. The
     embedding table is the one shared parameter; the towers are fused as every model's are (models/towers.py)."""
 
-    def __init__(
-        self,
-        cardinalities: list[int],
-        num_numeric: int,
-        num_tasks: int,
-        embed_dim: int = 8,
-        hidden: Sequence[int] = (64, 32),
-        tower: Sequence[int] = (16,),
-        dropout: float = 0.0,
-        norm: str = "none",
-        bags: int = 0,
-        pooling: str = "mean",
-    ) -> None:
-        super().__init__()
-        self.embedding = FusedEmbedding(cardinalities, embed_dim, bags, pooling)
-        in_dim = self.embedding.input_dim(num_numeric)
-        self.towers = Towers(in_dim, [*hidden, *tower], num_tasks, dropout, norm)
+    always_funnel = True  # the network is the funnel's: --model esmm always has it
+
+    def __init__(self, config: ModelConfig, inputs: Inputs) -> None:
+        super().__init__(config, inputs)
+        self.towers = Towers(self.in_dim, [*config.hidden, *config.tower], self.num_tasks, config.dropout,
+                             config.norm)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The embedding table: every task's tower reads it."""

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from mbtrain.models.embedding import FusedEmbedding
+from mbtrain.models.base import Inputs, ModelConfig, MultiTaskNetwork, register
 from mbtrain.models.mlp import StackedLinear, StackedMLP
 from mbtrain.models.split import SplitForward, task_views
 from mbtrain.models.towers import Towers
 
 
-class MMoE(nn.Module):
+@register("mmoe")
+class MMoE(MultiTaskNetwork):
     """Embeddings ⊕ numeric → E expert MLPs; per task a softmax gate mixes them → that task's tower.
 
     All experts live in stacked weights ([E, in, h1], [E, h1, h2], ...) and run as one matmul per
@@ -22,33 +22,17 @@ class MMoE(nn.Module):
     gates and towers are task parameters.
     """
 
-    def __init__(
-        self,
-        cardinalities: list[int],
-        num_numeric: int,
-        num_tasks: int,
-        embed_dim: int = 8,
-        hidden: Sequence[int] = (64, 32),
-        experts: int = 8,
-        tower: Sequence[int] = (16,),
-        dropout: float = 0.0,
-        norm: str = "none",
-        bags: int = 0,
-        pooling: str = "mean",
-    ) -> None:
-        super().__init__()
-        hidden, tower = list(hidden), list(tower)
-        self.embedding = FusedEmbedding(cardinalities, embed_dim, bags, pooling)
-        in_dim = self.embedding.input_dim(num_numeric)
+    def __init__(self, config: ModelConfig, inputs: Inputs) -> None:
+        super().__init__(config, inputs)
+        hidden, tower, experts = list(config.hidden), list(config.tower), config.experts
         if not hidden:
             raise ValueError("MMoE experts need at least one hidden layer")
         if experts < 1:
             raise ValueError(f"experts must be >= 1, got {experts}")
-        self.num_tasks = num_tasks
         self.num_experts = experts
-        self.experts = StackedMLP(experts, in_dim, hidden, dropout, norm)
-        self.gates = StackedLinear(num_tasks, in_dim, experts)
-        self.towers = Towers(hidden[-1], tower, num_tasks, dropout, norm)
+        self.experts = StackedMLP(experts, self.in_dim, hidden, config.dropout, config.norm)
+        self.gates = StackedLinear(self.num_tasks, self.in_dim, experts)
+        self.towers = Towers(hidden[-1], tower, self.num_tasks, config.dropout, config.norm)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Embedding table and experts: the parameters every task's loss reaches."""

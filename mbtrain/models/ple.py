@@ -15,12 +15,10 @@ experts, the towers) is each reached by one task's loss only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
-from mbtrain.models.embedding import FusedEmbedding
+from mbtrain.models.base import Inputs, ModelConfig, MultiTaskNetwork, register
 from mbtrain.models.mlp import StackedLinear, StackedMLP
 from mbtrain.models.mmoe import mixture
 from mbtrain.models.split import SplitForward, task_views
@@ -102,42 +100,33 @@ class ExtractionLevel(nn.Module):
         return task_out.view(self.num_tasks, self.own, task_out.shape[1], task_out.shape[2])
 
 
-class PLE(nn.Module):
+@register("ple")
+class PLE(MultiTaskNetwork):
     """Embeddings ⊕ numeric → `levels` extraction levels → per-task towers → logits [B, T] (see the module
     docstring for the wiring and which parameters are shared)."""
 
-    def __init__(
-        self,
-        cardinalities: list[int],
-        num_numeric: int,
-        num_tasks: int,
-        embed_dim: int = 8,
-        hidden: Sequence[int] = (64, 32),
-        experts: int = 8,
-        task_experts: int = 1,
-        levels: int = 2,
-        tower: Sequence[int] = (16,),
-        dropout: float = 0.0,
-        norm: str = "none",
-        bags: int = 0,
-        pooling: str = "mean",
-    ) -> None:
-        super().__init__()
-        hidden, tower = list(hidden), list(tower)
+    def __init__(self, config: ModelConfig, inputs: Inputs) -> None:
+        hidden, tower = list(config.hidden), list(config.tower)
+        experts, task_experts, levels = config.experts, config.task_experts, config.levels
         if not hidden:
             raise ValueError("PLE experts need at least one hidden layer")
         if experts < 1 or task_experts < 1 or levels < 1:
             raise ValueError(f"PLE needs at least one shared expert, one expert per task and one level, got "
                              f"{experts}, {task_experts} and {levels}")
-        self.embedding = FusedEmbedding(cardinalities, embed_dim, bags, pooling)
-        in_dim = self.embedding.input_dim(num_numeric)
-        self.num_tasks = num_tasks
+        super().__init__(config, inputs)
+        in_dim = self.in_dim
         self.levels = nn.ModuleList()
         for level in range(levels):
-            self.levels.append(ExtractionLevel(in_dim, hidden, experts, task_experts, num_tasks,
-                                               last=level == levels - 1, dropout=dropout, norm=norm))
+            self.levels.append(ExtractionLevel(in_dim, hidden, experts, task_experts, self.num_tasks,
+                                               last=level == levels - 1, dropout=config.dropout, norm=config.norm))
             in_dim = hidden[-1]
-        self.towers = Towers(hidden[-1], tower, num_tasks, dropout, norm)
+        self.towers = Towers(hidden[-1], tower, self.num_tasks, config.dropout, config.norm)
+
+    @classmethod
+    def describe(cls, config: ModelConfig) -> str:
+        levels = config.levels
+        return (f"{config.model} ({levels} level{'s' * (levels > 1)}, {config.experts} shared + "
+                f"{config.task_experts} per task experts)")
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         x, _, _ = self.embedding.inputs(categorical, numeric)

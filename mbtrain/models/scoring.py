@@ -14,7 +14,7 @@ from torch import nn
 
 from mbtrain.data.batches import SCORE_ROWS, Rows
 from mbtrain.data.encoders import Encoders, NumericEncoder
-from mbtrain.models import build_model
+from mbtrain.models.base import Inputs, ModelConfig, build_model
 from mbtrain.models.funnel import Funnel, conditional_probabilities
 from mbtrain.models.split import SplitForward
 
@@ -106,22 +106,9 @@ class ModelSpec:
         return None if self.funnel is None else [self.tasks.index(task) for task in self.funnel]
 
     def build(self) -> ScoringModel:
-        network = build_model(
-            self.model["model"],
-            cardinalities=self.encoders.cardinalities,
-            num_numeric=len(self.encoders.numeric),
-            num_tasks=len(self.tasks),
-            embed_dim=self.model["embed_dim"],
-            hidden=self.model["hidden"],
-            experts=self.model["experts"],
-            tower=self.model["tower"],
-            dropout=self.model["dropout"],
-            norm=self.model.get("norm", "none"),  # runs from before --norm had none
-            task_experts=self.model.get("task_experts", 1),  # and from before PLE
-            levels=self.model.get("levels", 2),
-            bags=len(self.encoders.bags),
-            pooling=self.model.get("pooling", "mean"),
-        )
+        inputs = Inputs(self.encoders.cardinalities, len(self.encoders.numeric), len(self.tasks),
+                        len(self.encoders.bags))
+        network = build_model(ModelConfig(**self.model), inputs)  # an older run's spec lacks later fields: defaults
         return ScoringModel(NumericNormalizer(self.encoders.numeric), network, self.funnel_order)
 
     def to_dict(self) -> dict[str, Any]:

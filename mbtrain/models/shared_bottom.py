@@ -2,39 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
-from mbtrain.models.embedding import FusedEmbedding
+from mbtrain.models.base import Inputs, ModelConfig, MultiTaskNetwork, register
 from mbtrain.models.mlp import mlp
 from mbtrain.models.split import SplitForward, task_views
 from mbtrain.models.towers import Towers
 
 
-class SharedBottom(nn.Module):
+@register("shared-bottom")
+class SharedBottom(MultiTaskNetwork):
     """Embeddings ⊕ numeric features → shared MLP (``hidden``) → per-task towers → logits [B, T]."""
 
-    def __init__(
-        self,
-        cardinalities: list[int],
-        num_numeric: int,
-        num_tasks: int,
-        embed_dim: int = 8,
-        hidden: Sequence[int] = (64, 32),
-        tower: Sequence[int] = (16,),
-        dropout: float = 0.0,
-        norm: str = "none",
-        bags: int = 0,
-        pooling: str = "mean",
-    ) -> None:
-        super().__init__()
-        hidden, tower = list(hidden), list(tower)
-        self.embedding = FusedEmbedding(cardinalities, embed_dim, bags, pooling)
-        in_dim = self.embedding.input_dim(num_numeric)
-        self.bottom = mlp(in_dim, hidden, dropout, norm)
-        self.towers = Towers(hidden[-1] if hidden else in_dim, tower, num_tasks, dropout, norm)
+    def __init__(self, config: ModelConfig, inputs: Inputs) -> None:
+        super().__init__(config, inputs)
+        hidden, tower = list(config.hidden), list(config.tower)
+        self.bottom = mlp(self.in_dim, hidden, config.dropout, config.norm)
+        self.towers = Towers(hidden[-1] if hidden else self.in_dim, tower, self.num_tasks, config.dropout,
+                             config.norm)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Embedding table and shared MLP: the parameters every task's loss reaches."""

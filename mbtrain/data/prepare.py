@@ -1,0 +1,241 @@
+"""From a data path and the run's settings to what training reads: column roles, encoders (fitted on the
+training rows unless a resumed run brings its own) and the training and validation rows, held in memory or
+streamed from Parquet row groups where memory would not hold them. `fit` and `inspect` share it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.parquet as pq
+import torch
+
+from mbtrain.data.batches import EncodedData, Rows, split_rows
+from mbtrain.data.coded import CodedFrame
+from mbtrain.data.encoders import Encoders, capped_rows, count_tensor, element_counts
+from mbtrain.data.io import read_coded
+from mbtrain.data.schema import Schema, check_funnel, group_keys, infer_schema, label_tensor
+from mbtrain.data.stream import (
+    StreamingBatches,
+    buffer_rows_for,
+    fit_encoders_streaming,
+    infer_schema_streaming,
+    is_parquet,
+    parquet_files,
+    parse_memory_budget,
+    read_files,
+    row_groups,
+    scan_row_groups,
+    should_stream,
+    split_row_groups,
+    value_counts_streaming,
+)
+from mbtrain.distributed import any_rank, from_main
+from mbtrain.errors import MbtrainError
+
+if TYPE_CHECKING:
+    from mbtrain.config import RunConfig
+
+Labelled = list[tuple[Any, str]]  # (a label tensor [rows, T] or streamed rows, the source it came from)
+
+
+@dataclass
+class Prepared:
+    schema: Schema
+    encoders: Encoders
+    train: Rows
+    valid: Rows
+    valid_source: str
+    storage: str  # how the data is held, for the summary: "in memory" or "streamed, shuffle buffer N rows"
+
+
+def prepare(config: RunConfig, data_path: Path, encoders: Encoders | None = None,
+            streamed: bool | None = None) -> Prepared:
+    """Read, validate, split and encode; encoders are fitted on the training rows unless `encoders` (a resumed
+    run's) are given. Validation is config.data.valid, else a seeded held-out share. Data whose in-memory path
+    would exceed --memory-budget (a big Parquet file, directory or glob) is streamed instead; a resumed run
+    keeps its path (`streamed`), as the other one holds out different validation rows."""
+    files, budget, fits = _locate(config, data_path)
+    if streamed is None:
+        streamed = any_rank(not fits)  # one path for all ranks, even where machines' budgets differ
+    if streamed:
+        return _prepare_streaming(config, files, str(data_path), encoders, budget)
+    return _prepare_in_memory(config, _read_coded(files, _read_as_stored(config)), str(data_path), encoders)
+
+
+def _read_as_stored(config: RunConfig, validation: bool = False) -> list[str]:
+    """Columns read as they are stored: the labels, and the --group-by column of the data validation comes from
+    (the training file's only when it holds the validation rows)."""
+    grouped = config.data.group_by and (validation or not config.data.valid)
+    return config.ordered_tasks + ([config.data.group_by] if grouped else [])
+
+
+def _check_funnel(config: RunConfig, labelled: Labelled) -> None:
+    """Refuse rows that break the funnel (a stage 1 where the stage before it is 0) in every file the run reads:
+    the training data whole, held-out rows included, and the validation file."""
+    funnel, tasks = config.funnel_tasks, config.ordered_tasks
+    if funnel is None:
+        return
+    for labels, source in labelled:
+        if isinstance(labels, torch.Tensor):
+            check_funnel(labels, tasks, funnel, source)
+        else:
+            labels.check_funnel(funnel, source)
+
+
+@dataclass
+class Description:
+    """What `inspect` shows of the data, as `fit` would see it."""
+
+    schema: Schema
+    rows: int
+    rates: torch.Tensor  # [T] positive rate per task
+    broken: str | None  # with a funnel: what breaks it, where rows do
+    capped: dict[str, tuple[int, int]]  # with --max-vocab: per categorical column and bag, (values dropped, their
+    # rows; a bag's: its elements)
+
+
+def describe(config: RunConfig, data_path: Path) -> Description:
+    """The data as `fit` would see it (over all its rows), streamed where fit streams."""
+    files, _, fits = _locate(config, data_path)
+    tasks, settings = config.ordered_tasks, config.data
+    source = str(data_path)
+    if not fits:
+        parts = row_groups(files)
+        schema = infer_schema_streaming(parts, source, tasks, settings.categorical, settings.numeric,
+                                        settings.exclude)
+        labels: Any = StreamingBatches(parts, Encoders([], []), tasks, buffer_rows=1)
+        rates, rows = labels.positive_rates(), sum(part.rows for part in parts)
+
+        def counts(name: str) -> torch.Tensor:
+            cut = settings.max_bag if name in schema.bags else None
+            return value_counts_streaming(scan_row_groups(parts), name, cut)
+    else:
+        coded = _read_coded(files, tasks)
+        schema = infer_schema(coded, source, tasks, settings.categorical, settings.numeric, settings.exclude)
+        labels = label_tensor(coded, source, tasks)
+        rates, rows = labels.mean(dim=0), coded.height
+
+        def counts(name: str) -> torch.Tensor:
+            if name in schema.bags:
+                return count_tensor(element_counts(coded.frame.get_column(name), settings.max_bag, source)["count"])
+            return coded.column(name, source).totals[:-1]
+    broken = None
+    try:
+        _check_funnel(config, [(labels, source)])
+    except MbtrainError as exc:
+        broken = str(exc)
+    capped = {} if settings.max_vocab is None else {
+        name: capped_rows(counts(name), settings.min_frequency, settings.max_vocab)
+        for name in [*schema.categorical, *schema.bags]}
+    return Description(schema, rows, rates, broken, capped)
+
+
+def _locate(config: RunConfig, data_path: Path) -> tuple[list[Path], int, bool]:
+    """(the data's files, the memory budget in bytes, whether the in-memory path fits in it)."""
+    budget = parse_memory_budget(config.data.memory_budget)
+    files = parquet_files(data_path)
+    return files, budget, not should_stream(files, budget)
+
+
+def _read_coded(files: list[Path], tasks: list[str]) -> CodedFrame:
+    """The in-memory path's table: Parquet text features left dictionary-encoded (the labels are parsed as
+    they are); several files are first checked to be Parquet with the same columns."""
+    if len(files) > 1:
+        row_groups(files)  # one clear line for a non-Parquet file, mismatched columns or no rows at all
+    return read_coded(files, plain=tasks)
+
+
+def _fit_encoders(config: RunConfig, frame: CodedFrame, schema: Schema, source: str,
+                  rows: torch.Tensor | None = None) -> Encoders:
+    settings = config.data
+    return Encoders.fit(frame, schema.categorical, schema.numeric, settings.min_frequency, rows=rows, source=source,
+                        max_vocab=settings.max_vocab, bags=schema.bags, max_bag=settings.max_bag)
+
+
+def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, encoders: Encoders | None) -> Prepared:
+    """Roles, encoders and the encoded tensors all from each column's codes, made once (data/coded.py)."""
+    tasks, settings = config.ordered_tasks, config.data
+    schema = infer_schema(frame, source, tasks, settings.categorical, settings.numeric, settings.exclude)
+    labels = label_tensor(frame, source, tasks)
+    if settings.valid:
+        valid_source = settings.valid
+        valid_frame = _read_coded(parquet_files(Path(valid_source)), _read_as_stored(config, validation=True))
+        valid_labels = label_tensor(valid_frame, valid_source, tasks)  # bad labels fail before any fitting
+        _check_funnel(config, [(labels, source), (valid_labels, valid_source)])
+        valid_groups = group_keys(valid_frame, valid_source, settings.group_by) if settings.group_by else None
+        encoders = encoders or _fit_encoders(config, frame, schema, source)
+        train = EncodedData(*encoders.encode(frame, source), labels)
+        valid = EncodedData(*encoders.encode(valid_frame, valid_source), valid_labels, groups=valid_groups)
+        return Prepared(schema, encoders, train, valid, valid_source, "in memory")
+    _check_funnel(config, [(labels, source)])
+    if frame.height < 2:
+        raise MbtrainError(f"{source}: needs at least 2 rows to hold out a validation split")
+    groups = group_keys(frame, source, settings.group_by) if settings.group_by else None
+    train_rows, valid_rows = split_rows(frame.height, settings.valid_fraction, config.train.seed)
+    # fitted on the training rows only, without copying them out of the frame
+    encoders = encoders or _fit_encoders(config, frame, schema, source, train_rows)
+    everything = EncodedData(*encoders.encode(frame, source), labels, groups=groups)
+    train = EncodedData(everything.categorical, everything.numeric, labels, rows=train_rows)
+    return Prepared(schema, encoders, train, everything.take(valid_rows),
+                    f"{source} (held-out {settings.valid_fraction:.0%})", "in memory")
+
+
+def _prepare_streaming(config: RunConfig, files: list[Path], source: str, encoders: Encoders | None,
+                       budget: int) -> Prepared:
+    """Roles and encoders from streaming passes, batches read row group by row group (data/stream.py).
+
+    The row groups of the split come from the footers, on every rank; the passes over the rows (roles, and
+    encoders unless given, the funnel check) run on rank 0 alone under torchrun, which hands them to the
+    others."""
+    tasks, settings = config.ordered_tasks, config.data
+    parts = row_groups(files)
+    valid_files = parquet_files(Path(settings.valid)) if settings.valid else []
+    if settings.valid:
+        train_parts, valid_source = parts, settings.valid
+        valid_parts = row_groups(valid_files) if is_parquet(valid_files[0]) else []
+        if not valid_parts and len(valid_files) > 1:
+            raise MbtrainError(f"--valid {settings.valid}: matches several non-Parquet files; give one CSV file")
+    else:
+        train_parts, valid_parts = split_row_groups(parts, settings.valid_fraction, config.train.seed)
+        valid_source = f"{source} (held-out row groups, {sum(p.rows for p in valid_parts):,} rows)"
+
+    def roles_and_encoders() -> tuple[Schema, Encoders]:
+        schema = infer_schema_streaming(parts, source, tasks, settings.categorical, settings.numeric,
+                                        settings.exclude)
+        _check_columns(config, schema, valid_files[0] if settings.valid else parts[0].path, bool(valid_parts))
+        if encoders is not None:
+            return schema, encoders
+        return schema, fit_encoders_streaming(scan_row_groups(train_parts), schema.categorical, schema.numeric,
+                                              settings.min_frequency, settings.max_vocab, schema.bags,
+                                              settings.max_bag)
+
+    schema, encoders = from_main(roles_and_encoders)
+    buffer = buffer_rows_for(budget, encoders, tasks)
+    train = StreamingBatches(train_parts, encoders, tasks, buffer)
+    if valid_parts:
+        valid: Rows = StreamingBatches(valid_parts, encoders, tasks, buffer, settings.group_by)
+    else:  # a CSV validation file: read whole, as CSV does not stream
+        frame = read_files(valid_files)
+        groups = group_keys(frame, settings.valid, settings.group_by) if settings.group_by else None
+        valid = EncodedData(*encoders.encode(frame, settings.valid), label_tensor(frame, settings.valid, tasks),
+                            groups=groups)
+    if config.funnel_tasks is not None:  # one pass over the label columns (held-out row groups included), rank 0
+        labelled: Labelled = [(StreamingBatches(parts, encoders, tasks, buffer), source)]
+        if settings.valid:
+            labelled.append((valid if valid_parts else valid.labels, settings.valid))
+        from_main(lambda: _check_funnel(config, labelled))
+    return Prepared(schema, encoders, train, valid, valid_source, f"streamed, shuffle buffer {buffer:,} rows")
+
+
+def _check_columns(config: RunConfig, schema: Schema, validation_file: Path, parquet_valid: bool) -> None:
+    """The --group-by column where validation reads it, and a Parquet --valid file's columns, from one footer."""
+    present = set(pq.read_schema(validation_file).names) if is_parquet(validation_file) else None
+    group_by = config.data.group_by
+    if group_by and present is not None and group_by not in present:
+        raise MbtrainError(f"{validation_file}: --group-by column {group_by!r} not found")
+    if config.data.valid and parquet_valid:
+        missing = [c for c in schema.columns if c.role != "excluded" and c.name not in present]
+        if missing:
+            raise MbtrainError(f"{validation_file}: lacks column {missing[0].name!r} that the training data has")
