@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mbtrain.balance import BALANCERS, build_balancer
+from mbtrain.balance import BALANCERS, Setup, build_balancer
 from mbtrain.data.encoders import Encoders
 from mbtrain.data.schema import infer_schema
 from mbtrain.data.stream import fit_encoders_streaming, parquet_files, row_groups, scan_row_groups
@@ -111,8 +111,7 @@ def test_metabalance_over_bags_is_exact_with_each_bag_one_logical_tensor(name: s
 @pytest.mark.parametrize("balance", BALANCERS)
 def test_every_balancer_trains_a_bag_model(balance: str) -> None:
     model = bag_model("mmoe")
-    balancer = build_balancer(balance, model.shared_parameters(), model.task_parameters(), num_tasks=3,
-                              segments=model.shared_segments())
+    balancer = build_balancer(balance, Setup.of(model, num_tasks=3))
     categorical, numeric, labels = bag_batch(0)
     split = model.split_forward(categorical, numeric) if balancer.wants_split else None
     logits = split.logits if split is not None else model(categorical, numeric)

@@ -1,4 +1,4 @@
-"""MetaBalance against a literal, loop-over-parameters reference of DESIGN.md "MetaBalance, exactly"."""
+"""MetaBalance against a literal, loop-over-parameters reference of docs/architecture.md "MetaBalance, exactly"."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbtrain.balance import BALANCERS, MetaBalance, PlainSum, build_balancer
+from mbtrain.balance import BALANCERS, MetaBalance, PlainSum, Setup, build_balancer
+from mbtrain.balance.metabalance import MetaBalanceSettings
 from tests.helpers import (
     assert_same_grads_then_step,
     assert_split_metabalance_equals_full,
@@ -242,10 +243,10 @@ def test_state_mismatches_are_rejected() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"relax_factor": 1.0}, "relax_factor"),
-        ({"relax_factor": -0.1}, "relax_factor"),
-        ({"beta": 1.0}, "beta"),
-        ({"strategy": "shrink"}, "strategy"),
+        ({"relax_factor": 1.0}, "--relax-factor must be in"),
+        ({"relax_factor": -0.1}, "--relax-factor must be in"),
+        ({"beta": 1.0}, "--beta must be in"),
+        ({"strategy": "shrink"}, "--strategy 'shrink' is not supported"),
     ],
 )
 def test_bad_settings(kwargs: dict, message: str) -> None:
@@ -259,16 +260,18 @@ def test_bad_inputs() -> None:
         MetaBalance([])
     with pytest.raises(ValueError, match="both shared and task"):
         MetaBalance(model.shared(), task_params=[model.trunk.bias])
-    with pytest.raises(ValueError, match="at least two losses"):
+    with pytest.raises(ValueError, match="MetaBalance needs 2 or more losses"):
         MetaBalance(model.shared()).backward(model.losses(*batch(0, 2))[:1])
 
 
 def test_build_balancer() -> None:
-    assert BALANCERS == ("none", "metabalance", "multibalance", "pcgrad", "gradnorm", "uncertainty", "dwa", "famo")
+    assert tuple(BALANCERS) == ("none", "metabalance", "multibalance", "pcgrad", "gradnorm", "uncertainty", "dwa",
+                                "famo")
     torch.manual_seed(4)
     model = TinyMultiTask(3)
     plain = copy.deepcopy(model)
-    none = build_balancer("none", model.shared(), model.task())
+    setup = Setup(model.shared(), model.task(), num_tasks=3)
+    none = build_balancer("none", setup)
     assert isinstance(none, PlainSum) and none.state_dict() == {}
     x, y = batch(0, 3)
     none.backward(model.losses(x, y))
@@ -276,12 +279,12 @@ def test_build_balancer() -> None:
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
     assert none.grad_norm_ratio is None
-    mb = build_balancer("metabalance", model.shared(), model.task(), relax_factor=0.5, strategy="enlarge")
+    mb = build_balancer("metabalance", setup, MetaBalanceSettings(relax_factor=0.5, strategy="enlarge"))
     assert isinstance(mb, MetaBalance) and (mb.relax_factor, mb.beta, mb.strategy) == (0.5, 0.9, "enlarge")
     with pytest.raises(ValueError, match="unknown balance 'x': choose one of none, metabalance, multibalance"):
-        build_balancer("x", model.shared(), model.task(), num_tasks=3)
-    with pytest.raises(ValueError, match="the dwa balancer needs num_tasks"):
-        build_balancer("dwa", model.shared(), model.task())
+        build_balancer("x", setup)
+    with pytest.raises(ValueError, match="--relax-factor must be in"):
+        MetaBalanceSettings(relax_factor=2.0)
 
 
 @pytest.mark.parametrize("norm", ["none", "batch", "layer"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mbtrain.balance import BALANCERS, build_balancer
+from mbtrain.balance import BALANCERS, Setup, build_balancer
 from mbtrain.config import ModelConfig
 from mbtrain.data.encoders import CategoricalEncoder, Encoders, NumericEncoder
 from mbtrain.data.stream import row_groups, split_row_groups
@@ -174,8 +174,9 @@ def test_an_empty_local_batch_adds_zero_gradients(model: str, balance: str) -> N
     spec = ModelSpec(["purchase", "click"], encoders,
                      {**vars(ModelConfig()), "model": model, "hidden": [8], "experts": 2, "tower": [4]})
     network = spec.build()
-    balancer = build_balancer(balance, network.shared_parameters(), network.task_parameters(),  # no other rank:
-                              num_tasks=2, reduce=lambda tensors: None, gather=lambda tensors: [[t] for t in tensors])
+    setup = Setup(network.shared_parameters(), network.task_parameters(), 2,  # no other rank:
+                  reduce=lambda tensors: None, gather=lambda tensors: [[t] for t in tensors])
+    balancer = build_balancer(balance, setup)
     categorical, numeric = torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 1)
     split = network.split_forward(categorical, numeric) if balancer.wants_split else None
     logits = split.logits if split is not None else network(categorical, numeric)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from mbtrain.balance import BALANCERS, DWA, FAMO, Uncertainty, build_balancer
+from mbtrain.balance import BALANCERS, DWA, FAMO, Balancer, Setup, Uncertainty, build_balancer
+from mbtrain.balance.registry import default_settings, settings_of
 from tests.helpers import run_cli
 
 TASKS = 3
@@ -159,15 +160,18 @@ def test_famo_matches_the_reference_algorithm(lr: float, decay: float, same_batc
 @pytest.mark.parametrize(("name", "same_batch"), [("uncertainty", False), ("dwa", False), ("famo", False),
                                                   ("famo", True)])
 def test_state_round_trip_continues_identically(name: str, same_batch: bool) -> None:
+    def made(model: Tiny) -> Balancer:
+        settings = settings_of(name, {**default_settings(), "famo_same_batch": same_batch})
+        return build_balancer(name, Setup(list(model.parameters()), [], TASKS), settings)
+
     def run(split_at: int | None) -> list[torch.Tensor]:
         model = Tiny()
-        balancer = build_balancer(name, list(model.parameters()), [], num_tasks=TASKS, famo_same_batch=same_batch)
+        balancer = made(model)
         optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
         for step in range(6):
             if step == split_at:  # a checkpoint: a new balancer and optimizer from the saved states
                 saved = copy.deepcopy((balancer.state_dict(), optimizer.state_dict()))
-                balancer = build_balancer(name, list(model.parameters()), [], num_tasks=TASKS,
-                                          famo_same_batch=same_batch)
+                balancer = made(model)
                 optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
                 balancer.load_state_dict(saved[0])
                 optimizer.load_state_dict(saved[1])

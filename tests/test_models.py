@@ -150,6 +150,7 @@ def test_every_model_meets_the_contract(name: str, variant: str) -> None:
         parts = [slice(None)] if segment is None else [segment == value for value in segment.unique()]
         for part in parts:
             assert len(reaching(at, part)) >= 2, f"shared {p.shape} reached by tasks {reaching(at, part)}"
+
     def readers(owner: int) -> set[int]:
         return set(FUNNEL[FUNNEL.index(owner) :]) if variant == "funnel" else {owner}
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mbtrain.balance import MultiBalance, build_balancer
+from mbtrain.balance import MultiBalance, Setup, build_balancer
+from mbtrain.balance.metabalance import MetaBalanceSettings
 from mbtrain.models import Inputs, ModelConfig, build_model
 from tests.helpers import assert_same_grads_then_step, seeded_batch, twin_models
 
@@ -92,13 +93,12 @@ def test_state_round_trip_and_bad_use() -> None:
     torch.manual_seed(1)
     model = build_model(ModelConfig("mmoe", embed_dim=4, hidden=[6], experts=2, tower=[], dropout=0.0),
                         Inputs(CARDS, num_numeric=2, num_tasks=2))
-    balancer = build_balancer("multibalance", model.shared_parameters(), model.task_parameters(), num_tasks=2)
+    balancer = build_balancer("multibalance", Setup.of(model, num_tasks=2))
     categorical = torch.zeros(4, 3, dtype=torch.long)
     split = model.split_forward(categorical, torch.zeros(4, 2))
     balancer.backward(list(F.binary_cross_entropy_with_logits(split.logits, torch.ones(4, 2),
                                                               reduction="none").mean(0).unbind()), split)
-    again = build_balancer("multibalance", model.shared_parameters(), model.task_parameters(), num_tasks=2,
-                           relax_factor=0.1)
+    again = build_balancer("multibalance", Setup.of(model, num_tasks=2), MetaBalanceSettings(relax_factor=0.1))
     again.load_state_dict(copy.deepcopy(balancer.state_dict()))
     assert torch.equal(again.moving_norms, balancer.moving_norms) and again.relax_factor == 0.7
     with pytest.raises(ValueError, match="needs the model's split forward"):

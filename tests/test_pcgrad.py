@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mbtrain.balance import PCGrad, build_balancer
+from mbtrain.balance import PCGrad, Setup, build_balancer
 from mbtrain.models import Inputs, ModelConfig, build_model
 from tests.helpers import assert_same_grads_then_step, seeded_batch, twin_models
 
@@ -69,8 +69,8 @@ def test_the_task_order_is_state() -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig("shared-bottom", embed_dim=4, hidden=[6], experts=1, tower=[], dropout=0.0),
                         Inputs(CARDS, num_numeric=2, num_tasks=3))
-    balancer = build_balancer("pcgrad", model.shared_parameters(), model.task_parameters(), num_tasks=3, seed=3)
+    balancer = build_balancer("pcgrad", Setup.of(model, num_tasks=3, seed=3))
     balancer.generator.manual_seed(99)  # as if some steps were taken
-    again = build_balancer("pcgrad", model.shared_parameters(), model.task_parameters(), num_tasks=3, seed=3)
+    again = build_balancer("pcgrad", Setup.of(model, num_tasks=3, seed=3))
     again.load_state_dict(copy.deepcopy(balancer.state_dict()))
     assert torch.equal(torch.randperm(10, generator=again.generator), torch.randperm(10, generator=balancer.generator))
