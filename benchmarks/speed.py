@@ -16,6 +16,7 @@ process so that its peak RSS is its own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -34,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import TASKS, impressions  # noqa: E402
 
 from mbtrain.allocator import keep_freed_memory  # noqa: E402
-from mbtrain.balance import Balancer, build_balancer  # noqa: E402
+from mbtrain.balance import Balancer, Setup, build_balancer  # noqa: E402
 from mbtrain.config import RunConfig  # noqa: E402
+from mbtrain.data.prepare import prepare  # noqa: E402
 from mbtrain.distributed import Cluster  # noqa: E402
 from mbtrain.models.scoring import ModelSpec  # noqa: E402
-from mbtrain.train import build_optimizer, prepare, train_epoch  # noqa: E402
+from mbtrain.train import build_optimizer, train_epoch  # noqa: E402
 
 
 class NaiveMetaBalance(Balancer):
@@ -85,23 +87,22 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
         impressions(args.rows, users=args.users).write_parquet(path)
         config = RunConfig().updated({"tasks": TASKS, "epochs": args.rounds, "seed": 0, "patience": 0})
         started = time.perf_counter()
-        prepared = prepare(config, path, None)
+        prepared = prepare(config, path)
         console.print(f"training data: {len(prepared.train):,} train / {len(prepared.valid):,} valid rows, "
-                      f"{sum(prepared.spec.encoders.cardinalities):,} embedding rows, encoded in "
+                      f"{sum(prepared.encoders.cardinalities):,} embedding rows, encoded in "
                       f"{time.perf_counter() - started:.1f}s")
     device = torch.device(args.device)
     cluster = Cluster(0, 1, device)
     runs = {}
     for architecture in args.models:
-        spec = _with_model(prepared.spec, architecture)
+        spec = _with_model(ModelSpec(TASKS, prepared.encoders, dataclasses.asdict(config.model)), architecture)
         for variant in args.variants:
             torch.manual_seed(0)
             model = spec.build().to(device)
             if variant == "naive":
                 balancer: Balancer = NaiveMetaBalance(model.shared_parameters())
             else:
-                balancer = build_balancer(variant, model.shared_parameters(), model.task_parameters(),
-                                          num_tasks=len(TASKS), segments=model.shared_segments())
+                balancer = build_balancer(variant, Setup.of(model, len(TASKS)))
             optimizer = build_optimizer(model.parameters(), config, balancer.parameters())
             runs[architecture, variant] = (model, optimizer, balancer, [], [])
     steps = prepared.train.steps(config.train.batch_size)
@@ -109,7 +110,7 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         for round_ in range(args.rounds + 1):  # round 0 warms up and is not counted
             for model, optimizer, balancer, epochs, trains in runs.values():
-                entry = train_epoch(model, optimizer, balancer, prepared.train, prepared.valid, prepared.spec.tasks,
+                entry = train_epoch(model, optimizer, balancer, prepared.train, prepared.valid, TASKS,
                                     config, round_ + 1, progress, cluster)
                 if round_:
                     epochs.append(entry["seconds"])

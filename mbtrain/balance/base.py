@@ -69,9 +69,10 @@ class Balancer(ABC):
     wants_losses_after_step: bool = False
 
     @classmethod
-    @abstractmethod
     def build(cls, setup: Setup, settings: Any) -> Balancer:
-        """This balancer for a model's parameters and tasks (`setup`) with its own `settings`."""
+        """This balancer for a model's parameters and tasks (`setup`) with its own `settings`: what a registered
+        balancer must define (register() checks)."""
+        raise NotImplementedError(f"{cls.__name__} defines no build()")
 
     def parameters(self) -> list[torch.Tensor]:
         """Learnable tensors of the balancer's own that the model's optimizer trains (none by default)."""

@@ -29,6 +29,8 @@ def register(name: str) -> Callable[[Kind], Kind]:
     def add(cls: Kind) -> Kind:
         if name in BALANCERS:
             raise ValueError(f"a balancer called {name!r} is already registered")
+        if cls.build.__func__ is Balancer.build.__func__:
+            raise TypeError(f"{cls.__name__} needs a build(setup, settings) classmethod to be registered")
         taken = {field.name: other for other in {kind.settings_class for kind in BALANCERS.values()}
                  for field in _fields(other)}
         for field in _fields(cls.settings_class):
