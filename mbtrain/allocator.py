@@ -2,9 +2,9 @@
 
 Every step allocates and frees the same tensors of a few MB. With glibc's defaults some of them are mapped
 from the kernel and unmapped on free, and the heap's free top is trimmed back, so the next step faults the
-same pages in afresh: 300–1,300 page faults a step for MMoE at batch 1024. Fixed thresholds (which also end
-glibc's adaptive ones) keep those pages in the process: no faults after the first steps, and plain / MetaBalance
-steps 6–10% faster on the 2-core development machine. Buffers above MMAP_THRESHOLD (encoded data) still
+same pages in afresh, hundreds of page faults a step. Fixed thresholds (which also end glibc's adaptive ones)
+keep those pages in the process: no faults after the first steps, and faster steps (docs/benchmarks.md has the
+figures). Buffers above MMAP_THRESHOLD (encoded data) still
 go back to the kernel when freed, and at most TRIM_THRESHOLD of free memory is kept at the heap's top.
 """
 

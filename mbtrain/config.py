@@ -209,9 +209,9 @@ BASE_BATCH = 1024
 
 def peak_lr(train: TrainConfig, world_size: int = 1) -> float:
     """--lr, or by default BASE_LR scaled down linearly for global batches under BASE_BATCH rows: measured
-    best at both ends on Adult and the sample funnel (1e-2 at batch 1024, ~1e-3 at batch 128; the
-    benchmarks/defaults_sweep.py table in the README), and never above BASE_LR, where Adam's linear scaling
-    stops holding."""
+    best at both ends on Adult and the sample funnel (benchmarks/defaults_sweep.py; its table is in
+    docs/benchmarks.md, "Choosing the defaults"), and never above BASE_LR, where Adam's linear scaling stops
+    holding."""
     if train.lr is not None:
         return train.lr
     return BASE_LR * min(1.0, train.batch_size * world_size / BASE_BATCH)

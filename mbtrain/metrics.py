@@ -1,6 +1,6 @@
 """Per-task ranking and calibration metrics, exact and vectorised (no Python loop over rows or groups).
 
-Definitions (README, "Metrics"): `auc` with ties counted one half; `pr_auc` = average precision, as
+Definitions (docs/metrics.md): `auc` with ties counted one half; `pr_auc` = average precision, as
 sklearn's `average_precision_score`; `logloss`; `calibration` = Σ predicted / Σ actual; `ne` = log loss over
 the entropy of the rows' positive rate; with groups, `gauc` = the row-weighted mean AUC of the groups
 holding both classes and `gauc_rows` = those groups' share of the rows; with a funnel, a later stage's

@@ -3,7 +3,7 @@ towards the main task's gradient magnitude, using moving averages of per-task gr
 
 The formula, per logical tensor: docs/architecture.md, "MetaBalance, exactly". Per-task gradients are taken
 for the shared parameters only; all arithmetic runs as ``torch._foreach_*`` ops or on the small ``[T, P]`` norm
-tensor, with no per-parameter Python arithmetic (the split path's ``torch.unique`` of the batch's table rows is
+tensor, with no per-parameter Python arithmetic (finding the batch's distinct table rows on the split path is
 its one host sync). The per-task gradients come from balance/per_task.py.
 """
 

@@ -222,7 +222,7 @@ class Encoders:
             names = numeric[start : start + COLUMNS_AT_ONCE]
             values = coded.frame.select(names) if training is None else coded.frame.select(names).filter(training)
             row |= values.select([e for name in names for e in NumericEncoder.moments(name)]).row(0, named=True)
-            # then, only where used (each costs 10–20 ms per 2M values): skew where log1p may apply, log1p
+            # then, only where used (each costs time: docs/benchmarks.md): skew where log1p may apply, log1p
             # moments where it does; each step narrows the names of the last
             for later, wanted in ((NumericEncoder.skewness, NumericEncoder.may_log1p),
                                   (NumericEncoder.log_moments, NumericEncoder.wants_log1p)):
@@ -270,8 +270,8 @@ class Encoders:
         """(categorical int64 [rows, C + the bags' slots], numeric float32 [rows, N], NaN for null), built
         column-wise. A CodedFrame (the in-memory path, whose codes role inference and fitting have made already)
         gathers each column's codes through its vocabulary's lookup table; a plain frame (a streamed chunk,
-        data to score) goes through polars expressions, which cost less than coding it first (36 vs 214 ms per
-        65k-row chunk). The bags' slots (module docstring) follow the categorical columns."""
+        data to score) goes through polars expressions, which cost less than coding it first (docs/benchmarks.md).
+        The bags' slots (module docstring) follow the categorical columns."""
         categorical, numeric = self._encode_columns(frame, source)
         if not self.bags:
             return categorical, numeric
@@ -361,8 +361,8 @@ def capped_rows(counts: torch.Tensor, min_frequency: int, max_vocab: int) -> tup
 
 def _numeric_matrix(frame: pl.DataFrame, names: list[str]) -> torch.Tensor:
     """float32 [rows, len(names)], NaN for null, column-major as polars holds columns: no transposing copy of
-    the table (0.37 s on 2M × 21), and one converted column alive at a time besides the result. Gathering a
-    batch of rows from it costs a few per cent more."""
+    the table, and one converted column alive at a time besides the result; gathering a batch of rows from it
+    costs a little more (docs/benchmarks.md has both figures)."""
     out = torch.empty(len(names), frame.height, dtype=torch.float32).T
     for j, name in enumerate(names):
         column = frame.get_column(name)

@@ -29,8 +29,7 @@ def read_table(path: str | Path) -> pl.DataFrame:
 def read_coded(paths: Sequence[Path], plain: Collection[str] = ()) -> CodedFrame:
     """One CSV or Parquet file, or several Parquet files with the same columns (stream.row_groups checks them),
     as a CodedFrame. Parquet text columns (all but `plain`) are read by pyarrow as the dictionaries the files
-    store, so coding them costs no hashing: 2M rows × 10 text columns read in 40 ms this way, against
-    150 ms to hash the strings polars would decode."""
+    store, so coding them costs no hashing of the strings polars would decode (docs/benchmarks.md)."""
     paths = [Path(path) for path in paths]
     if len(paths) == 1 and not _is_parquet(paths[0]):
         return CodedFrame(read_table(paths[0]))

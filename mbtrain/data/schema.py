@@ -6,7 +6,7 @@ Inference, overridable with --categorical / --numeric / --exclude:
 - integers are categorical when the name looks like an identifier (`user_id`, `item_code`, `id`) or
   they take at most SMALL_INT_CARDINALITY values (hour, weekday, label-encoded codes); up to
   DUAL_INT_CARDINALITY values (age, counts, amounts) they are both: the value as a number keeps the
-  order, its embedding learns what a linear read-out cannot (on Adult: test AUC 0.914 → 0.932);
+  order, its embedding learns what a linear read-out cannot (measured on Adult: docs/benchmarks.md);
   beyond that they are numeric;
 - lists of text or integers (a user's recent item ids, an item's tags) are categorical bags: one
   vocabulary over their elements, each row's list pooled into one embedding;

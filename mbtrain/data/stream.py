@@ -234,8 +234,8 @@ def scan_row_groups(parts: Sequence[RowGroup]) -> pl.LazyFrame:
 
 def _collect_by_column(scan: pl.LazyFrame, expressions: list[pl.Expr]) -> dict[str, Any]:
     """One row of aggregates, collected by the streaming engine one source column at a time: a single query
-    over many columns buffers data for its slower branches (measured: peak RSS grows with the rows, 1.2 GB
-    at 5M rows × 21 columns), while one query per column stays flat and is no slower."""
+    over many columns buffers data for its slower branches (its peak memory grows with the rows:
+    docs/benchmarks.md), while one query per column stays flat and is no slower."""
     groups: dict[tuple[str, ...], list[pl.Expr]] = {}
     for expression in expressions:
         groups.setdefault(tuple(expression.meta.root_names()), []).append(expression)

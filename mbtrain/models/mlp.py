@@ -78,8 +78,8 @@ class RowBatchNorm(nn.Module):
 
 class _BatchNormRows(torch.autograd.Function):
     """Training-mode batch norm over dim -2 with the closed-form backward: 3 passes each way where autograd
-    through var_mean and the affine map makes about twice as many (an MMoE expert layer, batch 1024: 2.3
-    against 4.2 ms forward and backward). Also returns the batch's mean and variance, for the running stats."""
+    through var_mean and the affine map makes about twice as many (docs/benchmarks.md has the figure). Also
+    returns the batch's mean and variance, for the running stats."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
@@ -136,8 +136,7 @@ def _one_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
 class _ExpandedInput(torch.autograd.Function):
     """StackedLinear on an input expanded to [G, B, in] from one [B, in]: the forward is the shared input's one
     matmul, where baddbmm would run G thin ones on copies; the backward still gives each group the gradient of
-    its own view (MetaBalance's per-task boundary gradients). On CPU, MMoE gates, batch 1024: 0.06 against
-    0.32 ms forward."""
+    its own view (MetaBalance's per-task boundary gradients). Its gain: docs/benchmarks.md."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

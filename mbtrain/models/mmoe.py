@@ -78,8 +78,8 @@ def mixture(gate: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
 class _ExpandedMixture(torch.autograd.Function):
     """The gates' mixture of experts viewed once per task ([T, E, B, H], expanded from [E, B, H]): the forward
     is the plain path's batched matmul on the shared experts; the backward still gives each task the gradient
-    of its own view. Elementwise products on the views cost 3 passes over [T, E, B, H] (2.4 ms a step on CPU,
-    batch 1024) where this takes one."""
+    of its own view. Elementwise products on the views cost 3 passes over [T, E, B, H] where this takes one
+    (docs/benchmarks.md has the figure)."""
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
