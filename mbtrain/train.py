@@ -273,14 +273,14 @@ def learning_rate(config: RunConfig, steps_per_epoch: int, step: int, world_size
     rate (config.peak_lr) held (constant) or decayed along a half cosine to 0 at the end of --epochs (cosine).
     A function of the step alone, so a resumed run needs no scheduler state; resumed with more --epochs, the
     rest of the decay stretches over them."""
-    t = config.train
-    peak = peak_lr(t, world_size)
-    warmup = max(1, round(t.warmup * steps_per_epoch)) if t.warmup else 0
+    settings = config.train
+    peak = peak_lr(settings, world_size)
+    warmup = max(1, round(settings.warmup * steps_per_epoch)) if settings.warmup else 0
     if step < warmup:
         return peak * (step + 1) / warmup
-    if t.schedule == "constant":
+    if settings.schedule == "constant":
         return peak
-    total = max(t.epochs * steps_per_epoch, warmup + 1)
+    total = max(settings.epochs * steps_per_epoch, warmup + 1)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
 
 
