@@ -389,6 +389,9 @@ def export(
 def compare(
     runs: Annotated[list[str], typer.Argument(help="Run directories or globs, e.g. 'runs/*'.", show_default=False)],
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the comparison as JSON here.")] = None,
+    baseline: Annotated[str | None, typer.Option(help="KEY=VALUE, e.g. balance=none: every other row's "
+                                                      "validation metrics against the runs with that setting, "
+                                                      "paired by seed, with a 95 % interval.")] = None,
 ) -> None:
     """One table of runs side by side: the settings that differ, best-epoch metrics, seconds per epoch; runs
     that differ only in --seed are one row (mean ± std over n seeds)."""
@@ -397,12 +400,63 @@ def compare(
 
     if json_path is not None:
         check_writable(json_path, "--json")
-    comparison = compare_runs(runs)
+    comparison = compare_runs(runs, baseline)
     for line in comparison.skipped:
         sys.stderr.write(f"mbtrain: warning: {line}\n")
     if json_path is not None:
         write_json(comparison.to_dict(), json_path, "--json")
     console.print(comparison_table(comparison))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@reports_errors
+def sweep(
+    context: typer.Context,
+    data: Annotated[Path | None, typer.Argument(help="Data as for fit: every seed splits it into training, "
+                                                     "validation and test rows.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(help="The sweep folder: splits, runs/, sweep.json, sweep.png.")] = None,
+    seeds: Annotated[int | None, typer.Option(help="Seeds 0..N-1, each its own split of the rows (default: 3; "
+                                                   "or --seed 0,1,2).")] = None,
+    test: Annotated[Path | None, typer.Option(help="Test rows from this file (else a seeded --test-fraction).")] = None,
+    test_fraction: Annotated[float, typer.Option(help="Share of the rows held out for the test, per seed.")] = 0.2,
+    baseline: Annotated[str | None, typer.Option(help="The method the others are compared with (default: the "
+                                                      "first of --balance).")] = None,
+    jobs: Annotated[int, typer.Option(help="Fits at once; the CPU threads are shared between them.")] = 1,
+    plan: Annotated[bool, typer.Option(help="Write SWEEP/plan.txt, one `mbtrain fit` command per run still to "
+                                            "do, for your scheduler; then `--report SWEEP`.")] = False,
+    report: Annotated[Path | None, typer.Option(help="Print the report of this sweep folder again (from what has "
+                                                     "finished).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a different sweep in --out.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Does balancing help on my data? Any fit flag may be a list (--balance none,metabalance --lr 0.01,0.003
+    --seeds 5 ...): every method is tuned on validation, seed by seed, and only its chosen run's test rows count;
+    methods are compared with the baseline paired by seed, with a 95 % interval."""
+    from mbtrain.sweep.recipe import report_again
+    from mbtrain.sweep.recipe import sweep as run_sweep
+
+    if report is not None:
+        report_again(report, console)
+        return
+    if data is None or out is None:
+        raise MbtrainError("mbtrain sweep needs DATA and --out (or --report SWEEP), e.g. mbtrain sweep data.parquet "
+                           "--tasks click,purchase --balance none,metabalance --seeds 5 --out sweep")
+    try:
+        run_sweep(data, list(context.args), config, seeds, out, test, test_fraction, baseline, jobs, plan, overwrite,
+                  _switches(), console)
+    except KeyboardInterrupt as exc:
+        raise _fail(str(exc) or "interrupted", 130) from None
+
+
+def _switches() -> dict[str, tuple[str, bool]]:
+    """Every spelling of fit's on/off flags: (the setting, the value it sets)."""
+    command = typer.main.get_command(app).commands["fit"]
+    switches = {}
+    for param in command.params:
+        if getattr(param, "is_flag", False) and param.name not in FIT_ONLY:
+            switches |= {opt: (param.name, True) for opt in param.opts}
+            switches |= {opt: (param.name, False) for opt in param.secondary_opts}
+    return switches
 
 
 def main() -> None:

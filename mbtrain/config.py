@@ -11,6 +11,7 @@ models/base.py's ModelConfig.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -287,27 +288,51 @@ def parse_weights(flag: str, text: str) -> dict[str, float]:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """A `--config` TOML file as flat overrides (dashes or underscores, lists or comma strings)."""
+    return dict(toml_setting(str(path), key, value) for key, value in load_toml(path).items())
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's top-level table, as written."""
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise MbtrainError(f"{path}: config file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise MbtrainError(f"{path}: not a valid TOML file ({exc})") from None
-    overrides: dict[str, Any] = {}
+
+
+def toml_setting(where: str, key: str, value: Any) -> tuple[str, Any]:
+    """(setting name, value) of one TOML key (dashes or underscores; a list or dict also as a comma string),
+    MbtrainError naming `where` and the key for an unknown key or a value of the wrong type."""
+    name = key.replace("-", "_")
     types = setting_types()
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in types:
-            raise MbtrainError(f"{path}: unknown setting {key!r}")
-        kind = types[name]
-        if kind.startswith("list") and isinstance(value, str):
-            value = parse_list(f"{path}: {key}", value, int if "int" in kind else str)
-        if kind.startswith("dict") and isinstance(value, str):
-            value = parse_weights(f"{path}: {key}", value)
-        if not _matches(value, kind):
-            raise MbtrainError(f"{path}: {key} should be {kind.replace(' | None', '')}: got {value!r}")
-        overrides[name] = value
-    return overrides
+    if name not in types:
+        raise MbtrainError(f"{where}: unknown setting {key!r}")
+    kind = types[name]
+    if kind.startswith("list") and isinstance(value, str):
+        value = parse_list(f"{where}: {key}", value, int if "int" in kind else str)
+    if kind.startswith("dict") and isinstance(value, str):
+        value = parse_weights(f"{where}: {key}", value)
+    if not _matches(value, kind):
+        raise MbtrainError(f"{where}: {key} should be {kind.replace(' | None', '')}: got {value!r}")
+    return name, value
+
+
+def toml_text(settings: dict[str, Any]) -> str:
+    """Flat settings as a `--config` TOML file (None: not written, the default applies)."""
+    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in settings.items() if value is not None)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return "{" + ", ".join(f"{json.dumps(str(key))} = {_toml_value(item)}" for key, item in value.items()) + "}"
 
 
 def _matches(value: Any, kind: str) -> bool:

@@ -196,7 +196,7 @@ class FitRecipe:
 
     def _record(self, entry: dict[str, Any]) -> None:
         """The epoch's history row, marked best where the main task's --monitor metric gained."""
-        score = _score(entry["valid"][self.spec.main_task], self.config.train.monitor)
+        score = monitor_score(entry["valid"][self.spec.main_task], self.config.train.monitor)
         entry["best"] = self.best is None or score > self.best["score"]
         if entry["best"]:
             self.best = {"epoch": self.epoch, "score": score, "metrics": entry["valid"]}
@@ -429,7 +429,7 @@ def _losses(logits: torch.Tensor, labels: torch.Tensor, global_rows: int) -> tor
     return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(dim=0) / global_rows
 
 
-def _score(main: dict[str, Any], monitor: str) -> float:
+def monitor_score(main: dict[str, Any], monitor: str) -> float:
     """The best-epoch and early-stopping score, higher is better: the main task's --monitor metric (AUC and
     GAUC as they are, log loss and NE negated), or minus log loss where that metric is undefined (one class)."""
     value = main.get(monitor)

@@ -1,0 +1,1 @@
+"""mbtrain sweep: paired, honest comparisons of balancing methods over seeds."""

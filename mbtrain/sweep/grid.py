@@ -1,0 +1,168 @@
+"""What a sweep runs: any fit setting given as a list of alternatives, on the command line or in a TOML file,
+read through the same table of settings fit uses (config.py; each balancer's own settings from the registry).
+
+`--balance` names the methods compared; every other list is a hyper-parameter: a setting that belongs to some
+balancers' settings multiplies those methods' runs only, any other setting every method's. A method's
+configurations are the product of its lists; each runs once per seed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mbtrain.balance.registry import BALANCERS, setting_fields
+from mbtrain.config import RunConfig, load_toml, parse_list, parse_weights, setting_types, toml_setting
+from mbtrain.errors import MbtrainError
+
+# settings every run of a sweep shares: they define the data, its split, or what selection reads
+FIXED = {"tasks", "main_task", "valid", "valid_fraction", "group_by", "categorical", "numeric", "exclude",
+         "monitor", "threads", "device", "memory_budget", "tensorboard", "seed"}
+DEFAULT_SEEDS = 3
+
+
+@dataclass
+class Grid:
+    """The sweep's settings: `fixed` (one value each, flat names), `lists` (alternatives per setting, in the
+    order given), the methods (--balance) and the seeds."""
+
+    fixed: dict[str, Any] = field(default_factory=dict)
+    lists: dict[str, list[Any]] = field(default_factory=dict)
+    methods: list[str] = field(default_factory=lambda: ["none"])
+    seeds: list[int] = field(default_factory=lambda: list(range(DEFAULT_SEEDS)))
+
+    def configurations(self, method: str) -> list[dict[str, Any]]:
+        """The method's configurations: one dict of its varied settings each (empty: the one configuration)."""
+        own = {name for kind in (BALANCERS[method],) for name in _field_names(kind.settings_class)}
+        others = set(setting_fields())  # other balancers' settings do not multiply this method's runs
+        varied = {name: values for name, values in self.lists.items() if name in own or name not in others}
+        names = list(varied)
+        return [dict(zip(names, values, strict=True)) for values in itertools.product(*varied.values())]
+
+    def config(self, method: str, configuration: dict[str, Any], seed: int) -> RunConfig:
+        """The run's complete settings (data paths are the protocol's)."""
+        chosen = {name: values[0] for name, values in self.lists.items()}  # a list that does not vary it: its first
+        return RunConfig().updated({**self.fixed, **chosen, **configuration, "balance": method, "seed": seed})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fixed": self.fixed, "lists": self.lists, "methods": self.methods, "seeds": self.seeds}
+
+
+def read_grid(arguments: list[str], config_file: Path | None, seeds: int | None,
+              switches: dict[str, tuple[str, bool]]) -> Grid:
+    """The grid from fit's flags (each may take a comma list, or several values, or repeat) over a TOML file's
+    keys (a TOML list is a list of alternatives), and --seeds N (seeds 0..N-1) or --seed with a list.
+    `switches` maps each spelling of fit's on/off flags (--funnel, --no-funnel, ...) to (setting, value)."""
+    alternatives: dict[str, list[Any]] = {}
+    if config_file is not None:
+        for key, value in load_toml(config_file).items():
+            name = key.replace("-", "_")
+            alternatives[name] = _toml_alternatives(str(config_file), key, value)
+    alternatives.update(_flag_alternatives(arguments, switches))
+    grid = Grid()
+    for name, values in alternatives.items():
+        if not values:
+            raise MbtrainError(f"--{_flag(name)}: an empty list; give at least one value")
+        if name == "balance":
+            grid.methods = _unique(name, values)
+        elif name == "seed":
+            grid.seeds = _unique(name, values)
+        elif len(values) > 1 and name in FIXED:
+            raise MbtrainError(f"--{_flag(name)} takes one value in a sweep (every run shares it): got "
+                               f"{len(values)}")
+        elif len(values) > 1:
+            grid.lists[name] = _unique(name, values)
+        else:
+            grid.fixed[name] = values[0]
+    if seeds is not None:
+        if "seed" in alternatives:
+            raise MbtrainError("--seeds and --seed both name the seeds: give one of them")
+        if seeds < 1:
+            raise MbtrainError(f"--seeds must be at least 1: got {seeds}")
+        grid.seeds = list(range(seeds))
+    for method in grid.methods:
+        if method not in BALANCERS:
+            raise MbtrainError(f"--balance {method!r} is not a method: choose among {', '.join(BALANCERS)}")
+    return grid
+
+
+def _flag_alternatives(arguments: list[str], switches: dict[str, tuple[str, bool]]) -> dict[str, list[Any]]:
+    """Each flag's values in order: `--lr 0.01,0.003`, `--lr 0.01 0.003` or `--lr 0.01 --lr 0.003`; a list or
+    task-weights setting takes one value per word (`--hidden 64,32 128,64`); `--x` / `--no-x` for a switch."""
+    types = setting_types()
+    found: dict[str, list[Any]] = {}
+    at = 0
+    while at < len(arguments):
+        word = arguments[at]
+        if not word.startswith("--"):
+            raise MbtrainError(f"unexpected argument {word!r}: give fit's flags, e.g. --balance none,metabalance")
+        flag, equals, attached = word[2:].partition("=")
+        values = [attached] if equals else []
+        at += 1
+        while not equals and at < len(arguments) and not arguments[at].startswith("--"):
+            values.append(arguments[at])
+            at += 1
+        if f"--{flag}" in switches:
+            if values:
+                raise MbtrainError(f"--{flag} is a switch and takes no value")
+            name, switch = switches[f"--{flag}"]
+            found.setdefault(name, []).append(switch)
+            continue
+        name = flag.replace("-", "_")
+        if name not in types:
+            raise MbtrainError(f"--{flag} is not a setting of mbtrain fit (see mbtrain fit --help)")
+        kind = types[name]
+        if not values:
+            raise MbtrainError(f"--{flag} needs a value")
+        found.setdefault(name, []).extend(_parsed(flag, kind, values))
+    return found
+
+
+def _parsed(flag: str, kind: str, words: list[str]) -> list[Any]:
+    where = f"--{flag}"
+    if kind.startswith("list"):
+        return [parse_list(where, word, int if "int" in kind else str) for word in words]
+    if kind.startswith("dict"):
+        return [parse_weights(where, word) for word in words]
+    scalar = {"int": int, "float": float, "str": str}[kind.replace(" | None", "")]
+    values = []
+    for part in (part.strip() for word in words for part in word.split(",")):
+        if not part:
+            raise MbtrainError(f"{where}: an empty value in the list")
+        try:
+            values.append(scalar(part))
+        except ValueError:
+            raise MbtrainError(f"{where}: {part!r} is not {'an' if scalar is int else 'a'} "
+                               f"{scalar.__name__}") from None
+    return values
+
+
+def _toml_alternatives(where: str, key: str, value: Any) -> list[Any]:
+    """A TOML value as alternatives: a list of scalars for a scalar setting, a list of lists (of tables or
+    comma strings) for a list or task-weights setting; anything else is one value."""
+    name = key.replace("-", "_")
+    kind = setting_types().get(name, "")
+    several = isinstance(value, list) and (not kind.startswith("list") or any(isinstance(v, list) for v in value))
+    if kind.startswith("dict") and isinstance(value, list):
+        several = True
+    items = value if several else [value]
+    return [toml_setting(where, key, item)[1] for item in items]
+
+
+def _unique(name: str, values: list[Any]) -> list[Any]:
+    kept = []
+    for value in values:
+        if value in kept:
+            raise MbtrainError(f"--{_flag(name)} lists {value!r} twice")
+        kept.append(value)
+    return kept
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_names(settings_class: type) -> set[str]:
+    return {name for name in getattr(settings_class, "__dataclass_fields__", {})}

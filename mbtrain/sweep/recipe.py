@@ -1,0 +1,123 @@
+"""`mbtrain sweep`, top to bottom: read the grid, fix each seed's split, run what is missing (or write the plan
+for a scheduler), then select on validation, score the test rows of the selected runs and report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from mbtrain.errors import MbtrainError
+from mbtrain.sweep import plot
+from mbtrain.sweep.grid import Grid, read_grid
+from mbtrain.sweep.protocol import (
+    DEFINITION,
+    Run,
+    check_test_fraction,
+    definition,
+    plan_runs,
+    read_definition,
+    write_configs,
+    write_splits,
+    write_text,
+)
+from mbtrain.sweep.report import read_summary, report, summarize, write_summary
+from mbtrain.sweep.runner import execute, plan, threads_per_job
+
+
+def sweep(data: Path, arguments: list[str], config_file: Path | None, seeds: int | None, out: Path,
+          test: Path | None, test_fraction: float, baseline: str | None, jobs: int, plan_only: bool, overwrite: bool,
+          switches: dict[str, tuple[str, bool]], console: Console) -> None:
+    grid = read_grid(arguments, config_file, seeds, switches)
+    baseline = _baseline(grid, baseline)
+    check_test_fraction(test, test_fraction)
+    if jobs < 1:
+        raise MbtrainError(f"--jobs must be at least 1: got {jobs}")
+    runs = _prepare(out, data, grid, test, test_fraction, baseline, overwrite)
+    if plan_only:
+        pending = plan(runs, out / "plan.txt")
+        console.print(f"{out / 'plan.txt'}: {len(pending)} of {len(runs)} runs to do, one `mbtrain fit` command a "
+                      f"line; then: mbtrain sweep --report {out}", soft_wrap=True)
+        return
+    threads = threads_per_job(jobs, grid.fixed.get("threads"))
+    done = sum(run.status() == "finished" for run in runs)
+    console.print(f"[bold]mbtrain sweep[/] {data}: {len(grid.methods)} methods, {len(runs)} runs "
+                  f"({done} done), seeds {', '.join(map(str, grid.seeds))}; {jobs} at a time, {threads} threads each; "
+                  f"{out}", soft_wrap=True)
+    finished = [done]
+
+    def heard(run: Run, failure: str | None) -> None:
+        finished[0] += 1
+        outcome = f"failed: {failure}" if failure else f"{run.config.train.monitor} " + _valid(run)
+        console.print(f"[{finished[0]}/{len(runs)}] {run.name}: {outcome}", soft_wrap=True)
+
+    try:
+        execute(runs, jobs, threads, heard)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted; finished runs are kept in {out}: run the same command again to finish "
+                                "the rest") from None
+    finish(out, runs, grid, baseline, console)
+
+
+def report_again(out: Path, console: Console) -> None:
+    """`--report SWEEP`: the summary of whatever has finished (runs a scheduler made from plan.txt included)."""
+    saved = read_definition(out)
+    if saved is None:
+        read_summary(out)  # a clear line: not a sweep folder
+        return
+    grid = Grid(**saved["grid"])
+    test = Path(saved["test"]) if saved["test"] else None
+    runs = plan_runs(out, grid, write_splits(out, Path(saved["data"]), grid, test, saved["test_fraction"]))
+    finish(out, runs, grid, saved["baseline"], console)
+
+
+def finish(out: Path, runs: list[Run], grid: Grid, baseline: str, console: Console) -> dict[str, Any]:
+    summary = summarize(runs, grid.methods, grid.seeds, baseline)
+    write_summary(summary, out)
+    console.print(report(summary), soft_wrap=True)
+    if plot.have_matplotlib():
+        pictures = plot.write_picture(summary, out)
+        console.print(f"picture: {', '.join(map(str, pictures))}")
+    else:
+        console.print(f"the picture (sweep.png) needs matplotlib: {plot.INSTALL}", markup=False)
+    return summary
+
+
+def _baseline(grid: Grid, baseline: str | None) -> str:
+    baseline = baseline or grid.methods[0]
+    if baseline not in grid.methods:
+        raise MbtrainError(f"--baseline {baseline!r} is not one of --balance ({', '.join(grid.methods)})")
+    if len(grid.methods) > 1 and len(grid.seeds) < 2:
+        raise MbtrainError("comparing methods needs at least 2 seeds for an interval: give --seeds 2 or more")
+    return baseline
+
+
+def _prepare(out: Path, data: Path, grid: Grid, test: Path | None, test_fraction: float, baseline: str,
+             overwrite: bool) -> list[Run]:
+    """The sweep folder for this grid: a new one, or the same sweep's to continue; each seed's split, each run's
+    settings. Every run's settings are checked before anything is written."""
+    wanted = json.loads(json.dumps(definition(data, grid, test, test_fraction)))
+    for method in grid.methods:
+        for configuration in grid.configurations(method):
+            grid.config(method, configuration, grid.seeds[0]).validate()
+    saved = read_definition(out)
+    same = saved is not None and {key: value for key, value in saved.items() if key != "baseline"} == wanted
+    if out.exists() and any(out.iterdir()) and not same:
+        if not overwrite:
+            what = "another sweep" if saved is not None else "files that are not a sweep"
+            raise MbtrainError(f"--out {out} holds {what}: pass --overwrite to replace it, or another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / DEFINITION, json.dumps({**wanted, "baseline": baseline}, indent=2) + "\n")
+    runs = plan_runs(out, grid, write_splits(out, data, grid, test, test_fraction))
+    write_configs(runs)
+    return runs
+
+
+def _valid(run: Run) -> str:
+    metrics = json.loads((run.folder / "metrics.json").read_text())
+    value = metrics["tasks"][metrics["main_task"]].get(metrics.get("monitor", "auc"))
+    return f"{value:.4f} on validation" if value is not None else "undefined on validation"

@@ -1,0 +1,202 @@
+"""The sweep's answer: per method and seed the configuration with the best validation score (test rows never
+choose), its test metrics (scored once, kept beside the run), and the paired comparison with the baseline
+method: the mean difference, its 95 % interval over seeds, seeds won, and a plain verdict. sweep.json holds all
+of it, every run's validation metrics and cost included; the table and the picture are read from it."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Group
+from rich.table import Table
+
+from mbtrain.checkpoint import write_json
+from mbtrain.errors import MbtrainError
+from mbtrain.inference import evaluate
+from mbtrain.stats import METHOD, mean_std, paired
+from mbtrain.sweep.protocol import Run
+from mbtrain.train import monitor_score
+
+SUMMARY = "sweep.json"
+FORMAT = "mbtrain-sweep/1"
+
+
+def summarize(runs: list[Run], methods: list[str], seeds: list[int], baseline: str) -> dict[str, Any]:
+    """sweep.json's content from the runs as they stand (unfinished ones shown as such)."""
+    config = runs[0].config
+    tasks, metric = config.ordered_tasks, config.train.monitor
+    records = [_record(run) for run in runs]
+    by_name = {record["name"]: record for record in records}
+    for method in methods:
+        for seed in seeds:
+            finished = [r for r in records if r["method"] == method and r["seed"] == seed
+                        and r["status"] == "finished"]
+            if finished:  # the best validation score; a tie goes to the earlier configuration
+                best = max(finished, key=lambda r: (monitor_score(r["valid"][tasks[0]], metric), -r["configuration"]))
+                best["selected"] = True
+    for run in runs:
+        record = by_name[run.name]
+        if record["selected"]:
+            record["test"] = _test_metrics(run)
+    summary = {"format": FORMAT, "tasks": tasks, "main_task": tasks[0], "metric": metric,
+               "higher_is_better": metric in ("auc", "gauc"), "baseline": baseline, "seeds": seeds,
+               "interval": METHOD, "selection": f"per method and seed, the configuration with the best main-task "
+               f"validation {metric}; test rows scored once, for the selected runs only",
+               "methods": {method: _method(method, records, tasks, metric, seeds, baseline) for method in methods},
+               "runs": records}
+    summary["warnings"] = _warnings(summary)
+    return summary
+
+
+def _record(run: Run) -> dict[str, Any]:
+    status = run.status()
+    record: dict[str, Any] = {"name": run.name, "method": run.method, "configuration": run.configuration,
+                              "settings": run.settings, "seed": run.seed, "status": status, "folder": str(run.folder),
+                              "selected": False, "valid": None, "test": None, "best_epoch": None,
+                              "seconds": None, "epoch_seconds": None}
+    if status == "failed":
+        record["error"] = run.failure.read_text().strip()
+    if status != "finished":
+        return record
+    metrics = json.loads((run.folder / "metrics.json").read_text())
+    history = [json.loads(line) for line in (run.folder / "history.jsonl").read_text().splitlines() if line.strip()]
+    record.update(valid=metrics["tasks"], best_epoch=metrics["best_epoch"], seconds=metrics["seconds"],
+                  epoch_seconds=statistics.mean(row["seconds"] for row in history) if history else None)
+    return record
+
+
+def _test_metrics(run: Run) -> dict[str, Any]:
+    """The selected run's best checkpoint on the test rows, scored once and kept as RUN/test_metrics.json."""
+    path = run.folder / "test_metrics.json"
+    if path.is_file():
+        return json.loads(path.read_text())["tasks"]
+    metrics = evaluate(run.folder, run.test, run.config.data.group_by)
+    write_json(metrics, path)
+    return metrics["tasks"]
+
+
+def _method(method: str, records: list[dict[str, Any]], tasks: list[str], metric: str, seeds: list[int],
+            baseline: str) -> dict[str, Any]:
+    mine = [r for r in records if r["method"] == method]
+    chosen = {seed: next((r for r in mine if r["seed"] == seed and r["selected"]), None) for seed in seeds}
+    theirs = {seed: next((r for r in records if r["method"] == baseline and r["seed"] == seed and r["selected"]),
+                         None) for seed in seeds}
+    higher = metric in ("auc", "gauc")
+
+    def test_values(picked: dict[int, dict[str, Any] | None], task: str) -> list[float | None]:
+        return [None if r is None else r["test"][task].get(metric) for r in (picked[seed] for seed in seeds)]
+
+    block: dict[str, Any] = {
+        "configurations": len({r["configuration"] for r in mine}),
+        "runs": len(mine),
+        "finished": sum(r["status"] == "finished" for r in mine),
+        "failed": [r["name"] for r in mine if r["status"] == "failed"],
+        "unfinished": [r["name"] for r in mine if r["status"] in ("pending", "interrupted")],
+        "chosen": {str(seed): None if r is None else {"run": r["name"], "settings": r["settings"]}
+                   for seed, r in chosen.items()},
+        "test": {task: dict(zip(("mean", "std", "n"), mean_std(test_values(chosen, task)), strict=True))
+                 for task in tasks},
+        "seconds": sum(r["seconds"] or 0.0 for r in mine),
+    }
+    if method != baseline:
+        block["paired"] = {task: paired(test_values(chosen, task), test_values(theirs, task), higher).to_dict()
+                           for task in tasks}
+        ratios = [r["epoch_seconds"] / b["epoch_seconds"] for r, b in ((chosen[s], theirs[s]) for s in seeds)
+                  if r is not None and b is not None and r["epoch_seconds"] and b["epoch_seconds"]]
+        block["epoch_time_ratio"] = statistics.median(ratios) if ratios else None
+        base_seconds = sum(r["seconds"] or 0.0 for r in records if r["method"] == baseline)
+        block["total_time_ratio"] = block["seconds"] / base_seconds if base_seconds else None
+    return block
+
+
+def _warnings(summary: dict[str, Any]) -> list[str]:
+    notes = []
+    budgets = {method: block["configurations"] for method, block in summary["methods"].items()}
+    if len(set(budgets.values())) > 1:
+        counts = ", ".join(f"{method} {count}" for method, count in budgets.items())
+        notes.append(f"the methods were tuned on unequal budgets ({counts} configurations): a method with more "
+                     "configurations had more chances on validation; equal budgets are the fair comparison")
+    for method, block in summary["methods"].items():
+        for name in block["failed"]:
+            notes.append(f"{name} failed: {next(r['error'] for r in summary['runs'] if r['name'] == name)}")
+        if block["unfinished"]:
+            notes.append(f"{method}: {len(block['unfinished'])} run(s) not finished; the figures leave them out")
+    return notes
+
+
+def write_summary(summary: dict[str, Any], folder: Path) -> Path:
+    path = folder / SUMMARY
+    write_json(summary, path)
+    return path
+
+
+def read_summary(folder: Path) -> dict[str, Any]:
+    path = folder / SUMMARY
+    if not path.is_file():
+        raise MbtrainError(f"{folder}: no {SUMMARY} (not a sweep folder, or no run has finished yet)")
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError:
+        raise MbtrainError(f"{path}: not valid JSON") from None
+    if not isinstance(summary, dict) or summary.get("format") != FORMAT:
+        raise MbtrainError(f"{path}: not an mbtrain sweep summary")
+    return summary
+
+
+def report(summary: dict[str, Any]) -> Group:
+    """The table (per method: test metric mean ± std, its paired difference to the baseline with the interval,
+    seeds won, the auxiliary tasks' differences, time ratios), the verdicts, the chosen configurations."""
+    tasks, metric, baseline = summary["tasks"], summary["metric"], summary["baseline"]
+    seeds = len(summary["seeds"])
+    table = Table(title=f"test {metric} of each method's configuration chosen on validation, {seeds} seeds; "
+                        f"Δ against {baseline}, paired by seed", box=box.SIMPLE_HEAD, title_justify="left",
+                  caption=f"[ ]: {summary['interval']}. Selection: {summary['selection']}.", caption_justify="left")
+    for heading in ("method", "configs", f"{tasks[0]} (main)", "Δ main [95 % interval]", "seeds won",
+                    *(f"Δ {task}" for task in tasks[1:]), "epoch ×", "total ×"):
+        table.add_column(heading, justify="left" if heading == "method" else "right")
+    lines = []
+    for method, block in summary["methods"].items():
+        main = block["test"][tasks[0]]
+        cells = [method, str(block["configurations"]), _mean_std(main)]
+        if method == baseline:
+            cells += ["baseline", "", *("" for _ in tasks[1:]), "1.00", "1.00"]
+        else:
+            pair = block["paired"]
+            cells += [_interval(pair[tasks[0]]), f"{pair[tasks[0]]['won']}/{pair[tasks[0]]['n']}",
+                      *(_interval(pair[task]) for task in tasks[1:]),
+                      _ratio(block["epoch_time_ratio"]), _ratio(block["total_time_ratio"])]
+            lines.append(f"{method} against {baseline} on {tasks[0]}: {pair[tasks[0]]['verdict']}")
+        table.add_row(*cells)
+    chosen = [f"{method}: " + "; ".join(f"seed {seed} {_settings(pick)}" for seed, pick in block["chosen"].items())
+              for method, block in summary["methods"].items() if block["configurations"] > 1]
+    notes = [f"warning: {note}" for note in summary["warnings"]]
+    return Group(table, *lines, *(["chosen on validation:", *chosen] if chosen else []), *notes)
+
+
+def _mean_std(values: dict[str, Any]) -> str:
+    if values["mean"] is None:
+        return "—"
+    spread = f" ± {values['std']:.4f}" if values["std"] is not None else ""
+    return f"{values['mean']:.4f}{spread}"
+
+
+def _interval(pair: dict[str, Any]) -> str:
+    if not pair["n"]:
+        return "—"
+    if pair["low"] is None:
+        return f"{pair['mean']:+.4f}"
+    return f"{pair['mean']:+.4f} [{pair['low']:+.4f}, {pair['high']:+.4f}]"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _settings(pick: dict[str, Any] | None) -> str:
+    if pick is None:
+        return "failed"
+    return ", ".join(f"{key}={value}" for key, value in pick["settings"].items()) or pick["run"]

@@ -1,0 +1,111 @@
+"""Running a sweep's fits: one after another in this process, or `--jobs N` at once in worker processes that
+share the CPU threads (and, with several GPUs, take one each); and `--plan`, the same fits as `mbtrain fit`
+command lines for a scheduler the user already has. A finished run is never redone; an interrupted one resumes
+from its last checkpoint; a failed one is tried again and, failing, reported as failed."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+from mbtrain.errors import first_line
+from mbtrain.sweep.protocol import Run, write_text
+
+Report = Callable[[Run, str | None], None]  # after each run: the run, its failure (None: finished)
+
+
+def threads_per_job(jobs: int, threads: int | None) -> int:
+    """--threads where given, else the machine's cores shared out between the jobs."""
+    return threads or max(1, (os.cpu_count() or 1) // jobs)
+
+
+def execute(runs: list[Run], jobs: int, threads: int, report: Report) -> None:
+    """Run every run not finished yet; `report` hears of each as it ends."""
+    todo = [run for run in runs if run.status() != "finished"]
+    for run in todo:
+        run.failure.unlink(missing_ok=True)
+        if run.status() == "pending" and run.folder.exists():  # stopped before its first epoch: start again
+            shutil.rmtree(run.folder)
+    if jobs == 1:
+        _init_worker(threads, None)
+        for run in todo:
+            report(run, _fit(_task(run)))
+        return
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
+    devices = context.Queue()
+    for slot in range(jobs):
+        devices.put(_device_for(slot))
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                             initargs=(threads, devices)) as pool:
+        running = {pool.submit(_fit, _task(run)): run for run in todo}
+        try:
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    report(running.pop(future), future.result())
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def plan(runs: list[Run], path: Path) -> list[Run]:
+    """plan.txt: one complete `mbtrain fit` command per run not finished (a resume for an interrupted one)."""
+    pending = [run for run in runs if run.status() != "finished"]
+    write_text(path, "".join(" ".join(map(shlex.quote, _command(run))) + "\n" for run in pending))
+    return pending
+
+
+def _command(run: Run) -> list[str]:
+    if run.status() == "interrupted":
+        return ["mbtrain", "fit", str(run.data), "--resume", "--out", str(run.folder)]
+    return ["mbtrain", "fit", str(run.data), "--config", str(run.config_file), "--out", str(run.folder)]
+
+
+def _task(run: Run) -> tuple[str, str, str, bool, str]:
+    return str(run.config_file), str(run.data), str(run.folder), run.status() == "interrupted", str(run.failure)
+
+
+def _device_for(slot: int) -> str | None:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return str(slot % count) if count > 1 else None
+
+
+def _init_worker(threads: int, devices: object) -> None:
+    """A worker's share of the machine: its threads and, with several GPUs, its own."""
+    device = devices.get() if devices is not None else None
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _fit(task: tuple[str, str, str, bool, str]) -> str | None:
+    """One run, as `mbtrain fit DATA --config FILE --out RUN [--resume]` would do it; its failure as one line
+    (written beside the runs, so that the report can show it), None when it finished."""
+    from rich.console import Console
+
+    from mbtrain.config import RunConfig, read_toml
+    from mbtrain.train import fit
+
+    config_file, data, out, resume, failure = task
+    try:
+        config = RunConfig().updated(read_toml(Path(config_file)))
+        fit(config, Path(data), Path(out), resume=resume, console=Console(quiet=True))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 (a run that fails is a result of the sweep, not its end)
+        message = f"{type(exc).__name__}: {first_line(exc)}"
+        Path(failure).parent.mkdir(parents=True, exist_ok=True)
+        write_text(Path(failure), message + "\n")
+        print(f"mbtrain: warning: {Path(out).name} failed: {message}", file=sys.stderr)
+        return message
+    return None

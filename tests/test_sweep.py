@@ -1,0 +1,211 @@
+"""mbtrain sweep end to end on tiny generated data: identical splits per seed, selection on validation only,
+resume, the plan, the report, the paired statistics, bad input."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from mbtrain.stats import paired, t_quantile
+from tests.helpers import make_frame, run_cli
+
+COMMON = ["--tasks", "purchase,click", "--epochs", "2", "--batch-size", "64", "--threads", "1", "--patience", "0"]
+GRID = ["--balance", "none,metabalance", "--lr", "0.01,0.003", "--seeds", "2"]
+
+
+def _sweep(data: Path, out: Path, *extra: str) -> Any:
+    return run_cli("sweep", str(data), *COMMON, *GRID, *extra, "--out", str(out))
+
+
+def _summary(out: Path) -> dict[str, Any]:
+    return json.loads((out / "sweep.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("sweep-data")
+    make_frame(600, seed=0).write_parquet(folder / "train.parquet")
+    test = make_frame(200, seed=1)
+    test.write_parquet(folder / "test.parquet")
+    test.with_columns(pl.col("purchase").map_elements(lambda v: 1 - v, return_dtype=pl.Int64),
+                      pl.col("click").map_elements(lambda v: 1 - v, return_dtype=pl.Int64)
+                      ).write_parquet(folder / "flipped.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def swept(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sweeps") / "held-out"
+    result = _sweep(data / "train.parquet", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_every_run_of_a_seed_reads_the_same_rows(swept: Path) -> None:
+    summary = _summary(swept)
+    assert len(summary["runs"]) == 8 and all(run["status"] == "finished" for run in summary["runs"])
+    for seed in (0, 1):
+        configs = [json.loads((Path(run["folder"]) / "config.json").read_text())
+                   for run in summary["runs"] if run["seed"] == seed]
+        assert len({json.dumps(config["paths"]) for config in configs}) == 1  # same training and validation files
+        split = swept / "splits" / f"seed{seed}"
+        ids = [set(pl.read_parquet(split / f"{name}.parquet")["row_id"]) for name in ("train", "valid", "test")]
+        assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+        assert len(ids[0] | ids[1] | ids[2]) == 600 and len(ids[2]) == 120  # --test-fraction 0.2
+    assert set(pl.read_parquet(swept / "splits/seed0/test.parquet")["row_id"]) != set(
+        pl.read_parquet(swept / "splits/seed1/test.parquet")["row_id"])
+
+
+def test_each_method_keeps_its_best_validation_configuration_and_only_it_meets_the_test_rows(swept: Path) -> None:
+    summary = _summary(swept)
+    for method in ("none", "metabalance"):
+        assert summary["methods"][method]["configurations"] == 2
+        for seed in (0, 1):
+            runs = [run for run in summary["runs"] if run["method"] == method and run["seed"] == seed]
+            best = max(runs, key=lambda run: run["valid"]["purchase"]["auc"])
+            assert [run["selected"] for run in runs] == [run is best for run in runs]
+            for run in runs:
+                assert (Path(run["folder"]) / "test_metrics.json").is_file() == run["selected"]
+                assert (run["test"] is not None) == run["selected"]
+    block = summary["methods"]["metabalance"]
+    differences = [mb["test"]["purchase"]["auc"] - none["test"]["purchase"]["auc"]
+                   for mb, none in _selected_pairs(summary, "metabalance", "none")]
+    assert block["paired"]["purchase"]["mean"] == pytest.approx(sum(differences) / 2)
+    assert block["paired"]["purchase"]["n"] == 2
+
+
+def _selected_pairs(summary: dict[str, Any], method: str, baseline: str) -> list[tuple[dict, dict]]:
+    chosen = {(run["method"], run["seed"]): run for run in summary["runs"] if run["selected"]}
+    return [(chosen[method, seed], chosen[baseline, seed]) for seed in summary["seeds"]]
+
+
+def test_test_rows_choose_nothing(data: Path, tmp_path: Path) -> None:
+    """The same sweep scored on a test file and on that file with every label flipped: the same runs are chosen
+    (their test AUCs mirror each other), which could not hold if the test rows took part in any choice."""
+    chosen = []
+    for name in ("test", "flipped"):
+        out = tmp_path / name
+        result = _sweep(data / "train.parquet", out, "--test", str(data / f"{name}.parquet"))
+        assert result.exit_code == 0, result.output
+        chosen.append({run["name"]: run["test"] for run in _summary(out)["runs"] if run["selected"]})
+    assert chosen[0].keys() == chosen[1].keys() and len(chosen[0]) == 4
+    for name, test in chosen[0].items():
+        assert test["purchase"]["auc"] == pytest.approx(1 - chosen[1][name]["purchase"]["auc"])
+
+
+def test_an_interrupted_sweep_finishes_only_what_is_missing(swept: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(swept, out)
+    definition = json.loads((out / "definition.json").read_text())
+    assert definition["data"] == str((data / "train.parquet").resolve())
+    runs = out / "runs"
+    (runs / "metabalance-1-seed1" / "metrics.json").unlink()  # stopped after an epoch: resumed from last.pt
+    shutil.rmtree(runs / "none-0-seed0")  # never started
+    untouched = {path: path.stat().st_mtime_ns for path in runs.glob("*/metrics.json")}
+    result = _sweep(data / "train.parquet", out)
+    assert result.exit_code == 0, result.output
+    assert "(6 done)" in result.output
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in untouched.items())
+    assert (runs / "metabalance-1-seed1" / "metrics.json").is_file()
+    assert (runs / "none-0-seed0" / "metrics.json").is_file()
+    resumed = [json.loads(line) for line in (runs / "metabalance-1-seed1" / "history.jsonl").read_text().splitlines()]
+    original = [json.loads(line) for line in
+                (swept / "runs" / "metabalance-1-seed1" / "history.jsonl").read_text().splitlines()]
+    assert [row["valid"]["purchase"]["auc"] for row in resumed] == [row["valid"]["purchase"]["auc"] for row in original]
+
+
+def test_the_plan_reproduces_the_sweeps_runs(swept: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "planned"
+    result = _sweep(data / "train.parquet", out, "--plan")
+    assert result.exit_code == 0, result.output
+    lines = (out / "plan.txt").read_text().splitlines()
+    assert len(lines) == 8 and all(line.startswith("mbtrain fit ") for line in lines)
+    assert not (out / "runs").exists()
+    first = shlex.split(lines[0])
+    result = run_cli(*first[1:])
+    assert result.exit_code == 0, result.output
+    name = Path(first[first.index("--out") + 1]).name
+    ours = json.loads((out / "runs" / name / "metrics.json").read_text())["tasks"]
+    theirs = json.loads((swept / "runs" / name / "metrics.json").read_text())["tasks"]
+    assert ours == theirs
+    again = run_cli("sweep", "--report", str(out))  # what has finished: one run
+    assert again.exit_code == 0, again.output
+    assert "7 run(s) not finished" in again.output.replace("\n", " ") or "not finished" in again.output
+
+
+def test_report_again_and_a_different_grid(swept: Path, data: Path, tmp_path: Path) -> None:
+    result = run_cli("sweep", "--report", str(swept))
+    assert result.exit_code == 0, result.output
+    assert "metabalance against none on purchase:" in result.output
+    out = tmp_path / "copy"
+    shutil.copytree(swept, out)
+    other = run_cli("sweep", str(data / "train.parquet"), *COMMON, "--balance", "none,famo", "--seeds", "2",
+                    "--out", str(out))
+    assert other.exit_code == 2 and "holds another sweep: pass --overwrite" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--balance", "none,metabalance", "--lr", ","], "--lr: an empty value in the list"),
+    (["--balance", "none,metabalance", "--valid-fraction", "0.1,0.2"], "--valid-fraction takes one value"),
+    (["--balance", "none,bogus"], "--balance 'bogus' is not a method"),
+    (["--balance", "none,metabalance", "--seeds", "1"], "at least 2 seeds"),
+    (["--balance", "none,metabalance", "--relax-factor", "0.5,1.5"], "--relax-factor must be in [0, 1)"),
+    (["--balance", "none", "--bogus-flag", "1"], "--bogus-flag is not a setting of mbtrain fit"),
+    (["--balance", "none", "--funnel", "yes"], "--funnel is a switch and takes no value"),
+])
+def test_bad_input_is_one_line(arguments: list[str], message: str, data: Path, tmp_path: Path) -> None:
+    result = run_cli("sweep", str(data / "train.parquet"), "--tasks", "purchase,click", *arguments,
+                     "--out", str(tmp_path / "s"))
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_list_multiplies_only_the_methods_it_belongs_to(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan"
+    result = run_cli("sweep", str(data / "train.parquet"), *COMMON, "--balance", "none", "metabalance",
+                     "--relax-factor", "0.5,0.9", "--task-weights", "click=1", "click=0.3", "--seeds", "2",
+                     "--out", str(out), "--plan")
+    assert result.exit_code == 0, result.output
+    names = sorted(path.stem for path in (out / "configs").glob("*.toml"))
+    assert len([n for n in names if n.startswith("none-")]) == 2 * 2  # the task weights only
+    assert len([n for n in names if n.startswith("metabalance-")]) == 4 * 2  # task weights × relax factors
+    text = (out / "configs" / "metabalance-3-seed1.toml").read_text()
+    assert "relax_factor = 0.9" in text and 'task_weights = {"click" = 0.3}' in text and "seed = 1" in text
+
+
+def test_the_paired_interval_is_students_t() -> None:
+    scipy = pytest.importorskip("scipy.stats")
+    method, baseline = [0.71, 0.74, 0.69, 0.75, 0.72], [0.70, 0.71, 0.70, 0.72, 0.70]
+    result = paired(method, baseline)
+    differences = [m - b for m, b in zip(method, baseline, strict=True)]
+    mean = sum(differences) / 5
+    std = (sum((d - mean) ** 2 for d in differences) / 4) ** 0.5
+    half = scipy.t.ppf(0.975, 4) * std / 5**0.5
+    assert (result.low, result.high) == pytest.approx((mean - half, mean + half), abs=1e-5)
+    assert result.won == 4 and result.low < 0 < result.high
+    assert result.verdict() == f"no difference this sweep can detect (it would see about ±{half:.4f})"
+    for df in (1, 2, 7, 29, 33, 45, 90, 250, 10_000):
+        assert t_quantile(df) == pytest.approx(scipy.t.ppf(0.975, df), abs=2e-4)
+    assert paired([0.8, None, 0.9], [0.7, 0.7, None]).n == 1
+    assert paired([0.8, None], [0.7, 0.7]).verdict() == "no interval: at least 2 seeds are needed"
+    assert paired([0.80, 0.81, 0.82], [0.70, 0.70, 0.71]).verdict() == "better"
+    assert paired([0.5, 0.4, 0.45], [0.3, 0.3, 0.31], higher_is_better=False).verdict() == "worse"
+
+
+def test_the_picture_or_how_to_get_it(swept: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    assert (swept / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (swept / "sweep.svg").is_file()
+    (swept / "sweep.png").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the extra were not installed
+    result = run_cli("sweep", "--report", str(swept))
+    assert result.exit_code == 0, result.output
+    assert "pip install 'mbtrain[plot]'" in result.output and not (swept / "sweep.png").exists()
