@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 from pathlib import Path
 
 import pytest
+from scipy import stats as scipy_stats
 
+from mbtrain.compare import _matches
+from mbtrain.stats import METHOD
 from tests.helpers import make_frame, run_cli
 
 
@@ -175,3 +179,152 @@ def test_nothing_to_compare_is_one_error_line(what: str, sweep: Path, tmp_path: 
     assert all(name in line for name in named)
     assert "Traceback" not in result.output and result.stdout == ""
     assert not (tmp_path / "compare.json").exists()
+
+
+# --- --baseline: every other row paired with the baseline row, seed by seed -----------------------------------
+
+
+def as_seed(run: Path, target: Path, seed: int, **train: object) -> Path:
+    """A copy of `run` that says it was trained with `seed` (and any other train settings given)."""
+    copy_run(run, target)
+    edit_json(target / "config.json", lambda raw: raw["train"].update(seed=seed, **train))
+    return target
+
+
+def t_interval(diffs: list[float]) -> tuple[float, float, float]:
+    n, mean = len(diffs), statistics.fmean(diffs)
+    half = scipy_stats.t.ppf(0.975, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def flat(text: str) -> str:
+    """The table's text with its folds and padding undone, to find a caption's words in."""
+    return " ".join(text.split())
+
+
+def test_baseline_pairs_every_other_row_by_seed_with_a_t_interval(sweep: Path, tmp_path: Path) -> None:
+    baseline = [sweep / f"none-s{seed}" for seed in range(3)]
+    meta = [as_seed(sweep / "meta", tmp_path / f"meta-s{seed}", seed) for seed in range(3)]
+    comparison, stdout, stderr = compare(*map(str, meta + baseline), "--baseline", "balance=none",
+                                         json_path=tmp_path / "compare.json")
+    assert stderr == ""
+    assert comparison["baseline"] == {
+        "setting": "balance", "value": "none", "row": 1, "runs": list(map(str, baseline)), "task": "purchase",
+        "metric": "auc", "higher_is_better": True,
+        "compared_on": "validation metrics at each run's best epoch (metrics.json), paired by seed",
+        "method": METHOD}
+    row, base = comparison["rows"]
+    assert base["baseline"] is True and base["paired"] is None
+    assert row["baseline"] is False
+    paired = row["paired"]
+    assert paired["seeds"] == [0, 1, 2] and paired["left_out"] == {"this_row": [], "baseline": []}
+    ours = [read_json(run / "metrics.json")["tasks"] for run in meta]
+    theirs = [read_json(run / "metrics.json")["tasks"] for run in baseline]
+    for task, block in [("purchase", paired["main"]), *paired["tasks"].items()]:
+        diffs = [m[task]["auc"] - b[task]["auc"] for m, b in zip(ours, theirs, strict=True)]
+        mean, low, high = t_interval(diffs)
+        assert block["n"] == 3 and block["method"] == METHOD and block["higher_is_better"] is True
+        assert block["mean"] == pytest.approx(mean)
+        assert block["std"] == pytest.approx(statistics.stdev(diffs))
+        assert block["low"] == pytest.approx(low, abs=1e-6) and block["high"] == pytest.approx(high, abs=1e-6)
+        assert block["won"] == sum(diff > 0 for diff in diffs)
+    assert paired["main"]["task"] == "purchase" and paired["main"]["metric"] == "auc"
+    assert list(paired["tasks"]) == ["purchase", "click"]
+    main = paired["main"]
+    assert f"{main['mean']:+.4f} [{main['low']:+.4f}, {main['high']:+.4f}]" in stdout
+    assert f"{main['won']}/3" in stdout
+    assert ["none-s0", "+2", "baseline"] in [line.split() for line in stdout.splitlines()]  # marked
+    assert "validation metrics at each run's best epoch (metrics.json), paired by seed" in flat(stdout)
+    assert METHOD in flat(stdout)
+
+
+@pytest.mark.parametrize("monitor", ["auc", "logloss"])
+def test_a_clear_win_says_better(monitor: str, sweep: Path, tmp_path: Path) -> None:
+    """Hand-made metrics: the row beats the baseline by far more than the seeds' spread, on every seed; for log
+    loss, lower is better."""
+    runs = []
+    for seed in range(3):
+        base = as_seed(sweep / f"none-s{seed}", tmp_path / f"base-s{seed}", seed, monitor=monitor)
+        ours = as_seed(sweep / "meta", tmp_path / f"ours-s{seed}", seed, monitor=monitor)
+        baseline_value = read_json(base / "metrics.json")["tasks"]["purchase"][monitor]
+        gain = 0.05 + 0.001 * seed
+
+        def improved(raw: dict, value: float = baseline_value + (gain if monitor == "auc" else -gain)) -> None:
+            raw["monitor"] = monitor
+            raw["tasks"]["purchase"][monitor] = value
+
+        edit_json(base / "metrics.json", lambda raw: raw.update(monitor=monitor))
+        edit_json(ours / "metrics.json", improved)
+        runs += [ours, base]
+    comparison, stdout, _ = compare(*map(str, runs), "--baseline", "balance=none", json_path=tmp_path / "c.json")
+    assert comparison["baseline"]["metric"] == monitor
+    assert comparison["baseline"]["higher_is_better"] is (monitor == "auc")
+    main = comparison["rows"][0]["paired"]["main"]
+    assert main["metric"] == monitor and main["n"] == 3 and main["won"] == 3
+    assert main["mean"] == pytest.approx(0.051 if monitor == "auc" else -0.051)
+    assert main["verdict"] == "better"
+    [line] = [line.split() for line in stdout.splitlines() if line.startswith("ours-s0 +2") and "/" in line]
+    assert line[-2:] == ["3/3", "better"]
+    assert ("higher is better" if monitor == "auc" else "lower is better") in flat(stdout)
+
+
+def test_one_common_seed_gives_no_interval_and_the_left_out_seeds_are_counted(sweep: Path, tmp_path: Path) -> None:
+    baseline = [sweep / f"none-s{seed}" for seed in range(3)]
+    meta = [copy_run(sweep / "meta", tmp_path / "meta-s0"), as_seed(sweep / "meta", tmp_path / "meta-s5", 5)]
+    comparison, stdout, _ = compare(*map(str, meta + baseline), "--baseline", "balance=none",
+                                    json_path=tmp_path / "compare.json")
+    paired = comparison["rows"][0]["paired"]
+    assert paired["seeds"] == [0] and paired["left_out"] == {"this_row": [5], "baseline": [1, 2]}
+    main = paired["main"]
+    assert main["n"] == 1 and main["std"] is None and main["low"] is None and main["high"] is None
+    assert main["verdict"] == "no interval: at least 2 seeds are needed"
+    expected = (read_json(meta[0] / "metrics.json")["tasks"]["purchase"]["auc"]
+                - read_json(baseline[0] / "metrics.json")["tasks"]["purchase"]["auc"])
+    assert main["mean"] == pytest.approx(expected)
+    assert "at least 2 seeds needed" in flat(stdout)
+    assert "left out 1 seed only in this row (5) and 2 seeds only in the baseline (1, 2)" in flat(stdout)
+
+
+def test_no_common_seed_pairs_nothing_and_stays_valid_json(sweep: Path, tmp_path: Path) -> None:
+    meta = as_seed(sweep / "meta", tmp_path / "meta-s7", 7)
+    comparison, stdout, _ = compare(str(meta), str(sweep / "none-s0"), "--baseline", "balance=none",
+                                    json_path=tmp_path / "compare.json")
+    main = comparison["rows"][0]["paired"]["main"]
+    assert main["n"] == 0 and main["mean"] is None
+    assert main["verdict"] == "nothing to pair: no seed in common with the baseline"
+    assert "NaN" not in (tmp_path / "compare.json").read_text()
+    assert "no seed in common" in stdout
+
+
+@pytest.mark.parametrize(("baseline", "message"), [
+    ("balance", "--baseline expects KEY=VALUE, a setting and its value, e.g. balance=none: got 'balance'"),
+    ("learning-rate=0.01", "--baseline learning-rate=0.01: 'learning-rate' is not a setting (e.g. balance, lr, "
+                           "model, relax-factor)"),
+    ("balanse=none", "--baseline balanse=none: 'balanse' is not a setting (did you mean balance?)"),
+    ("seed=0", "--baseline seed=0: seed is not compared (runs that differ only in seed, threads, device, "
+               "memory-budget, tensorboard are one row); name a setting such as balance=none"),
+    ("balance=famo", "--baseline balance=famo matches no row: among these runs balance is none or metabalance"),
+    ("relax-factor=0.70", "--baseline relax-factor=0.70 matches 2 rows (none-s0, meta), which differ in balance: "
+                          "name fewer runs, so that one row has relax-factor 0.70"),
+])
+def test_a_baseline_that_names_no_single_row_is_one_error_line(baseline: str, message: str, sweep: Path,
+                                                               tmp_path: Path) -> None:
+    result = run_cli("compare", str(sweep / "none-s0"), str(sweep / "meta"), "--baseline", baseline,
+                     "--json", str(tmp_path / "compare.json"))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [f"mbtrain: error: {message}"]
+    assert result.stdout == "" and not (tmp_path / "compare.json").exists()
+
+
+@pytest.mark.parametrize(("setting", "text", "matches"), [
+    ("none", "none", True), ("metabalance", "none", False),
+    (0.7, "0.70", True), (0.7, ".7", True), (0.7, "0.8", False), (0.7, "high", False), (64, "64", True),
+    (None, "none", True), (None, "null", True), (None, "", True), (None, "0", False),
+    (True, "true", True), (True, "yes", True), (False, "false", True), (False, "true", False),
+    (["purchase", "click"], "purchase,click", True), (["purchase", "click"], "purchase, click", True),
+    (["purchase", "click"], "click,purchase", False), ([64, 32], "64,32", True), ([], "none", True),
+    ({"purchase": 1.0, "click": 0.3}, "purchase=1,click=0.3", True), ({"click": 0.3}, "click=0.5", False),
+    ({}, "none", True),
+])
+def test_a_baseline_value_is_read_as_its_setting_type(setting: object, text: str, matches: bool) -> None:
+    assert _matches(setting, text) is matches

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,9 @@ def sweep(data: Path, arguments: list[str], config_file: Path | None, seeds: int
     check_test_fraction(test, test_fraction)
     if jobs < 1:
         raise MbtrainError(f"--jobs must be at least 1: got {jobs}")
+    started = time.perf_counter()
     runs = _prepare(out, data, grid, test, test_fraction, baseline, overwrite)
+    timing: dict[str, Any] = {"prepare_s": time.perf_counter() - started, "run_s": {}}
     if plan_only:
         pending = plan(runs, out / "plan.txt")
         console.print(f"{out / 'plan.txt'}: {len(pending)} of {len(runs)} runs to do, one `mbtrain fit` command a "
@@ -49,17 +52,20 @@ def sweep(data: Path, arguments: list[str], config_file: Path | None, seeds: int
                   f"{out}", soft_wrap=True)
     finished = [done]
 
-    def heard(run: Run, failure: str | None) -> None:
+    def heard(run: Run, failure: str | None, seconds: float) -> None:
         finished[0] += 1
+        timing["run_s"][run.name] = round(seconds, 3)
         outcome = f"failed: {failure}" if failure else f"{run.config.train.monitor} " + _valid(run)
         console.print(f"[{finished[0]}/{len(runs)}] {run.name}: {outcome}", soft_wrap=True)
 
+    running = time.perf_counter()
     try:
         execute(runs, jobs, threads, heard)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted; finished runs are kept in {out}: run the same command again to finish "
                                 "the rest") from None
-    finish(out, runs, grid, baseline, console)
+    timing["runs_s"] = time.perf_counter() - running
+    finish(out, runs, grid, baseline, console, {**timing, "jobs": jobs, "threads_per_job": threads})
 
 
 def report_again(out: Path, console: Console) -> None:
@@ -74,8 +80,13 @@ def report_again(out: Path, console: Console) -> None:
     finish(out, runs, grid, saved["baseline"], console)
 
 
-def finish(out: Path, runs: list[Run], grid: Grid, baseline: str, console: Console) -> dict[str, Any]:
+def finish(out: Path, runs: list[Run], grid: Grid, baseline: str, console: Console,
+           timing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Select, score the test rows, write sweep.json (with this invocation's `timing`: what the sweep cost
+    besides its runs), print the report, draw the picture."""
+    started = time.perf_counter()
     summary = summarize(runs, grid.methods, grid.seeds, baseline)
+    summary["timing"] = {**(timing or {}), "select_and_score_s": time.perf_counter() - started}
     write_summary(summary, out)
     console.print(report(summary), soft_wrap=True)
     if plot.have_matplotlib():

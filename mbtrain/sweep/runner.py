@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 from mbtrain.errors import first_line
 from mbtrain.sweep.protocol import Run, write_text
 
-Report = Callable[[Run, str | None], None]  # after each run: the run, its failure (None: finished)
+Report = Callable[[Run, str | None, float], None]  # after each run: the run, its failure (None: finished), seconds
 
 
 def threads_per_job(jobs: int, threads: int | None) -> int:
@@ -35,7 +36,7 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report) -> None:
     if jobs == 1:
         _init_worker(threads, None)
         for run in todo:
-            report(run, _fit(_task(run)))
+            report(run, *_fit(_task(run)))
         return
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
     devices = context.Queue()
@@ -48,7 +49,7 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report) -> None:
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    report(running.pop(future), future.result())
+                    report(running.pop(future), *future.result())
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -88,15 +89,16 @@ def _init_worker(threads: int, devices: object) -> None:
     torch.set_num_threads(threads)
 
 
-def _fit(task: tuple[str, str, str, bool, str]) -> str | None:
-    """One run, as `mbtrain fit DATA --config FILE --out RUN [--resume]` would do it; its failure as one line
-    (written beside the runs, so that the report can show it), None when it finished."""
+def _fit(task: tuple[str, str, str, bool, str]) -> tuple[str | None, float]:
+    """One run, as `mbtrain fit DATA --config FILE --out RUN [--resume]` would do it: (its failure as one line,
+    written beside the runs so that the report can show it, or None when it finished; its wall seconds)."""
     from rich.console import Console
 
     from mbtrain.config import RunConfig, read_toml
     from mbtrain.train import fit
 
     config_file, data, out, resume, failure = task
+    started = time.perf_counter()
     try:
         config = RunConfig().updated(read_toml(Path(config_file)))
         fit(config, Path(data), Path(out), resume=resume, console=Console(quiet=True))
@@ -107,5 +109,5 @@ def _fit(task: tuple[str, str, str, bool, str]) -> str | None:
         Path(failure).parent.mkdir(parents=True, exist_ok=True)
         write_text(Path(failure), message + "\n")
         print(f"mbtrain: warning: {Path(out).name} failed: {message}", file=sys.stderr)
-        return message
-    return None
+        return message, time.perf_counter() - started
+    return None, time.perf_counter() - started
