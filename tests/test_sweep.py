@@ -34,8 +34,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_frame(600, seed=0).write_parquet(folder / "train.parquet")
     test = make_frame(200, seed=1)
     test.write_parquet(folder / "test.parquet")
-    test.with_columns(pl.col("purchase").map_elements(lambda v: 1 - v, return_dtype=pl.Int64),
-                      pl.col("click").map_elements(lambda v: 1 - v, return_dtype=pl.Int64)
+    test.with_columns((1 - pl.col("purchase")).alias("purchase"), (1 - pl.col("click")).alias("click")
                       ).write_parquet(folder / "flipped.parquet")
     return folder
 

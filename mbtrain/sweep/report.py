@@ -148,48 +148,59 @@ def read_summary(folder: Path) -> dict[str, Any]:
 
 
 def report(summary: dict[str, Any]) -> Group:
-    """The table (per method: test metric mean ± std, its paired difference to the baseline with the interval,
-    seeds won, the auxiliary tasks' differences, time ratios), the verdicts, the chosen configurations."""
+    """Per method the main task's test metric (mean ± std over seeds), its paired difference to the baseline with
+    the 95 % interval and seeds won, time over the baseline's; the auxiliary tasks' differences likewise; a verdict
+    line per method; the configurations chosen; the warnings. Narrow enough for an 80-column terminal."""
     tasks, metric, baseline = summary["tasks"], summary["metric"], summary["baseline"]
-    seeds = len(summary["seeds"])
-    table = Table(title=f"test {metric} of each method's configuration chosen on validation, {seeds} seeds; "
-                        f"Δ against {baseline}, paired by seed", box=box.SIMPLE_HEAD, title_justify="left",
-                  caption=f"[ ]: {summary['interval']}. Selection: {summary['selection']}.", caption_justify="left")
-    for heading in ("method", "configs", f"{tasks[0]} (main)", "Δ main [95 % interval]", "seeds won",
-                    *(f"Δ {task}" for task in tasks[1:]), "epoch ×", "total ×"):
-        table.add_column(heading, justify="left" if heading == "method" else "right")
+    methods = summary["methods"]
+    table = _table(f"test {metric} of {tasks[0]} (main) · {len(summary['seeds'])} seeds · Δ against {baseline}, "
+                   f"paired by seed", ("method (configs)", f"test {metric}", "Δ", "95 % interval", "won",
+                                       "time ×"))
+    auxiliary = _table(f"auxiliary tasks' test {metric}: Δ against {baseline}",
+                       ("method", "task", f"test {metric}", "Δ", "95 % interval", "won"))
     lines = []
-    for method, block in summary["methods"].items():
-        main = block["test"][tasks[0]]
-        cells = [method, str(block["configurations"]), _mean_std(main)]
+    for method, block in methods.items():
+        name = f"{method} ({block['configurations']})"
         if method == baseline:
-            cells += ["baseline", "", *("" for _ in tasks[1:]), "1.00", "1.00"]
-        else:
-            pair = block["paired"]
-            cells += [_interval(pair[tasks[0]]), f"{pair[tasks[0]]['won']}/{pair[tasks[0]]['n']}",
-                      *(_interval(pair[task]) for task in tasks[1:]),
-                      _ratio(block["epoch_time_ratio"]), _ratio(block["total_time_ratio"])]
-            lines.append(f"{method} against {baseline} on {tasks[0]}: {pair[tasks[0]]['verdict']}")
-        table.add_row(*cells)
-    chosen = [f"{method}: " + "; ".join(f"seed {seed} {_settings(pick)}" for seed, pick in block["chosen"].items())
-              for method, block in summary["methods"].items() if block["configurations"] > 1]
+            table.add_row(name, _mean_std(block["test"][tasks[0]]), "baseline", "", "", "1.00/1.00")
+            continue
+        pair = block["paired"][tasks[0]]
+        table.add_row(name, _mean_std(block["test"][tasks[0]]), *_paired(pair),
+                      f"{_ratio(block['epoch_time_ratio'])}/{_ratio(block['total_time_ratio'])}")
+        for task in tasks[1:]:
+            auxiliary.add_row(method, task, _mean_std(block["test"][task]), *_paired(block["paired"][task]))
+        lines.append(f"{method} against {baseline} on {tasks[0]}: {pair['verdict']}")
+    chosen = [f"  {method}: " + "; ".join(f"seed {seed} {_settings(pick)}" for seed, pick in block["chosen"].items())
+              for method, block in methods.items() if block["configurations"] > 1]
+    caption = (f"[ ]: {summary['interval']}; time ×: epoch time / all runs' time over the baseline's; "
+               f"{summary['selection']}.")
     notes = [f"warning: {note}" for note in summary["warnings"]]
-    return Group(table, *lines, *(["chosen on validation:", *chosen] if chosen else []), *notes)
+    return Group(table, *([auxiliary] if len(tasks) > 1 and len(methods) > 1 else []), caption, *lines,
+                 *(["chosen on validation:", *chosen] if chosen else []), *notes)
+
+
+def _table(title: str, headings: tuple[str, ...]) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                  padding=(0, 1, 0, 0))
+    for heading in headings:
+        table.add_column(heading, justify="left" if heading.startswith(("method", "task")) else "right",
+                         no_wrap=True)
+    return table
+
+
+def _paired(pair: dict[str, Any]) -> tuple[str, str, str]:
+    """(Δ, its interval, seeds won) cells."""
+    if not pair["n"]:
+        return "—", "", "0/0"
+    interval = "" if pair["low"] is None else f"[{pair['low']:+.4f}, {pair['high']:+.4f}]"
+    return f"{pair['mean']:+.4f}", interval, f"{pair['won']}/{pair['n']}"
 
 
 def _mean_std(values: dict[str, Any]) -> str:
     if values["mean"] is None:
         return "—"
-    spread = f" ± {values['std']:.4f}" if values["std"] is not None else ""
+    spread = f"±{values['std']:.4f}" if values["std"] is not None else ""
     return f"{values['mean']:.4f}{spread}"
-
-
-def _interval(pair: dict[str, Any]) -> str:
-    if not pair["n"]:
-        return "—"
-    if pair["low"] is None:
-        return f"{pair['mean']:+.4f}"
-    return f"{pair['mean']:+.4f} [{pair['low']:+.4f}, {pair['high']:+.4f}]"
 
 
 def _ratio(value: float | None) -> str:
