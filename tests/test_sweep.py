@@ -208,3 +208,19 @@ def test_the_picture_or_how_to_get_it(swept: Path, monkeypatch: pytest.MonkeyPat
     result = run_cli("sweep", "--report", str(swept))
     assert result.exit_code == 0, result.output
     assert "pip install 'mbtrain[plot]'" in result.output and not (swept / "sweep.png").exists()
+
+
+def test_a_toml_grid_with_a_method_of_its_own(data: Path, tmp_path: Path) -> None:
+    """Lists in TOML; [method.NAME] adds the plain sum with tuned task weights beside the untuned one."""
+    toml = tmp_path / "sweep.toml"
+    toml.write_text('tasks = "purchase,click"\nbalance = ["none", "metabalance"]\nseed = [0, 1]\nlr = [0.01, 0.003]\n'
+                    '[method.tuned-sum]\nbalance = "none"\ntask-weights = ["click=1", "click=0.3", "click=0.1"]\n')
+    out = tmp_path / "planned"
+    result = run_cli("sweep", str(data / "train.parquet"), "--config", str(toml), "--out", str(out), "--plan")
+    assert result.exit_code == 0, result.output
+    names = sorted(path.stem for path in (out / "configs").glob("*.toml"))
+    assert sum(n.startswith("none-") for n in names) == 2 * 2  # lr × seeds
+    assert sum(n.startswith("metabalance-") for n in names) == 2 * 2
+    assert sum(n.startswith("tuned-sum-") for n in names) == 2 * 3 * 2  # lr × task weights × seeds
+    text = (out / "configs" / "tuned-sum-5-seed1.toml").read_text()
+    assert 'balance = "none"' in text and 'task_weights = {"click" = 0.1}' in text and "lr = 0.003" in text

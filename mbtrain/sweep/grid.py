@@ -3,7 +3,9 @@ read through the same table of settings fit uses (config.py; each balancer's own
 
 `--balance` names the methods compared; every other list is a hyper-parameter: a setting that belongs to some
 balancers' settings multiplies those methods' runs only, any other setting every method's. A method's
-configurations are the product of its lists; each runs once per seed.
+configurations are the product of its lists; each runs once per seed. In a TOML file, a table `[method.NAME]`
+adds a method of its own name with its own settings and lists (`balance = "none"` and a list of task weights: the
+plain sum with tuned weights, beside the untuned one).
 """
 
 from __future__ import annotations
@@ -32,22 +34,32 @@ class Grid:
     lists: dict[str, list[Any]] = field(default_factory=dict)
     methods: list[str] = field(default_factory=lambda: ["none"])
     seeds: list[int] = field(default_factory=lambda: list(range(DEFAULT_SEEDS)))
+    variants: dict[str, dict[str, list[Any]]] = field(default_factory=dict)  # a [method.NAME] table's settings
+
+    def balancer(self, method: str) -> str:
+        """The --balance a method runs (a [method.NAME] table's `balance`, else its own name)."""
+        return self.variants.get(method, {}).get("balance", [method])[0]
 
     def configurations(self, method: str) -> list[dict[str, Any]]:
         """The method's configurations: one dict of its varied settings each (empty: the one configuration)."""
-        own = {name for kind in (BALANCERS[method],) for name in _field_names(kind.settings_class)}
+        own = _field_names(BALANCERS[self.balancer(method)].settings_class)
         others = set(setting_fields())  # other balancers' settings do not multiply this method's runs
-        varied = {name: values for name, values in self.lists.items() if name in own or name not in others}
+        lists = {**self.lists, **self.variants.get(method, {})}
+        varied = {name: values for name, values in lists.items()
+                  if len(values) > 1 and (name in own or name not in others)}
         names = list(varied)
         return [dict(zip(names, values, strict=True)) for values in itertools.product(*varied.values())]
 
     def config(self, method: str, configuration: dict[str, Any], seed: int) -> RunConfig:
         """The run's complete settings (data paths are the protocol's)."""
-        chosen = {name: values[0] for name, values in self.lists.items()}  # a list that does not vary it: its first
-        return RunConfig().updated({**self.fixed, **chosen, **configuration, "balance": method, "seed": seed})
+        lists = {**self.lists, **self.variants.get(method, {})}
+        chosen = {name: values[0] for name, values in lists.items()}  # a list that does not vary it: its first
+        return RunConfig().updated({**self.fixed, **chosen, **configuration, "balance": self.balancer(method),
+                                    "seed": seed})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fixed": self.fixed, "lists": self.lists, "methods": self.methods, "seeds": self.seeds}
+        return {"fixed": self.fixed, "lists": self.lists, "methods": self.methods, "seeds": self.seeds,
+                "variants": self.variants}
 
 
 def read_grid(arguments: list[str], config_file: Path | None, seeds: int | None,
@@ -56,12 +68,16 @@ def read_grid(arguments: list[str], config_file: Path | None, seeds: int | None,
     keys (a TOML list is a list of alternatives), and --seeds N (seeds 0..N-1) or --seed with a list.
     `switches` maps each spelling of fit's on/off flags (--funnel, --no-funnel, ...) to (setting, value)."""
     alternatives: dict[str, list[Any]] = {}
+    variants: dict[str, dict[str, list[Any]]] = {}
     if config_file is not None:
         for key, value in load_toml(config_file).items():
+            if key == "method" and isinstance(value, dict):
+                variants = _variants(str(config_file), value)
+                continue
             name = key.replace("-", "_")
             alternatives[name] = _toml_alternatives(str(config_file), key, value)
     alternatives.update(_flag_alternatives(arguments, switches))
-    grid = Grid()
+    grid = Grid(variants=variants)
     for name, values in alternatives.items():
         if not values:
             raise MbtrainError(f"--{_flag(name)}: an empty list; give at least one value")
@@ -82,10 +98,29 @@ def read_grid(arguments: list[str], config_file: Path | None, seeds: int | None,
         if seeds < 1:
             raise MbtrainError(f"--seeds must be at least 1: got {seeds}")
         grid.seeds = list(range(seeds))
+    if variants:
+        grid.methods = [*(m for m in grid.methods if m not in variants), *variants] if "balance" in alternatives \
+            else [*variants]
     for method in grid.methods:
-        if method not in BALANCERS:
-            raise MbtrainError(f"--balance {method!r} is not a method: choose among {', '.join(BALANCERS)}")
+        if grid.balancer(method) not in BALANCERS:
+            raise MbtrainError(f"--balance {grid.balancer(method)!r} is not a method: choose among "
+                               f"{', '.join(BALANCERS)}")
     return grid
+
+
+def _variants(where: str, tables: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
+    """[method.NAME] tables: each method's own settings as alternatives (its `balance` defaults to NAME)."""
+    variants = {}
+    for method, table in tables.items():
+        if not isinstance(table, dict):
+            raise MbtrainError(f"{where}: method.{method} should be a table of settings")
+        settings = {key.replace("-", "_"): _toml_alternatives(f"{where}: method.{method}", key, value)
+                    for key, value in table.items()}
+        fixed = [name for name, values in settings.items() if len(values) > 1 and name in FIXED | {"balance"}]
+        if fixed:
+            raise MbtrainError(f"{where}: method.{method}: {fixed[0]} takes one value in a sweep")
+        variants[method] = {"balance": [method], **settings}
+    return variants
 
 
 def _flag_alternatives(arguments: list[str], switches: dict[str, tuple[str, bool]]) -> dict[str, list[Any]]:
