@@ -47,7 +47,7 @@ bench-defaults: install
 	POLARS_MAX_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/defaults_sweep.py
 
 bench-balancers: install
-	POLARS_MAX_THREADS=2 $(BIN)/python benchmarks/balancers.py --threads 2
+	$(BIN)/python benchmarks/balancers.py --out bench-balancers
 
 bench-architectures: install
 	POLARS_MAX_THREADS=2 $(BIN)/python benchmarks/architectures.py --threads 2

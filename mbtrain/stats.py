@@ -60,6 +60,8 @@ class Paired:
         """better, worse, or no difference this comparison can detect (the interval spans 0)."""
         if self.low is None:
             return "no interval: at least 2 seeds are needed"
+        if self.std == 0 and self.mean == 0:
+            return "identical on every seed"
         better = self.low > 0 if self.higher_is_better else self.high < 0
         worse = self.high < 0 if self.higher_is_better else self.low > 0
         if better:

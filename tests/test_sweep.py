@@ -197,6 +197,7 @@ def test_the_paired_interval_is_students_t() -> None:
     assert paired([0.8, None, 0.9], [0.7, 0.7, None]).n == 1
     assert paired([0.8, None], [0.7, 0.7]).verdict() == "no interval: at least 2 seeds are needed"
     assert paired([0.80, 0.81, 0.82], [0.70, 0.70, 0.71]).verdict() == "better"
+    assert paired([0.7, 0.6], [0.7, 0.6]).verdict() == "identical on every seed"
     assert paired([0.5, 0.4, 0.45], [0.3, 0.3, 0.31], higher_is_better=False).verdict() == "worse"
 
 
