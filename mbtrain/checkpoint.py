@@ -68,6 +68,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+RESUME = ("spec", "model", "optimizer", "balancer", "epoch", "best", "bad_epochs", "rng")  # what resuming reads
+
+
 @dataclass
 class Checkpoint:
     """What checkpoints/{last,best}.pt hold: the run's settings and model spec (to rebuild the model and feed it
@@ -83,7 +86,8 @@ class Checkpoint:
     epoch: int  # the last finished epoch
     best: dict[str, Any] | None  # the best epoch so far: {"epoch", "score", "metrics"}
     bad_epochs: int  # epochs since the best one, for early stopping
-    streamed: bool  # whether the data was streamed: a resumed run keeps its path (and so its validation rows)
+    streamed: bool | None  # whether the data was streamed (None: not recorded, before 0.1): a resumed run keeps its
+    # path, and so its validation rows
     rng: torch.Tensor
     sample: dict[str, torch.Tensor] | None  # {"categorical", "numeric"}: a few validation rows
     cuda_rng: torch.Tensor | None = None  # on a GPU
@@ -95,10 +99,11 @@ class Checkpoint:
         save_checkpoint(state, path)
 
     @classmethod
-    def load(cls, path: Path) -> Checkpoint:
+    def load(cls, path: Path, needs: tuple[str, ...] = ("spec", "model")) -> Checkpoint:
+        """The checkpoint at `path`, refused in one line when it lacks one of `needs` (scoring needs the spec and
+        the model, export the sample too, resuming the training state: RESUME); what it lacks besides is None."""
         state = load_checkpoint(path)
-        missing = [field.name for field in dataclasses.fields(cls)
-                   if field.name not in state and field.default is dataclasses.MISSING]
+        missing = [name for name in needs if name not in state]
         if missing:
             raise MbtrainError(f"{path}: not a complete mbtrain checkpoint (no {missing[0]!r})")
         return cls(**{field.name: state.get(field.name) for field in dataclasses.fields(cls)})

@@ -135,13 +135,14 @@ class TrainConfig:
         one_of("--monitor", self.monitor, MONITORS)
         if self.monitor == "gauc" and not group_by:
             raise MbtrainError("--monitor gauc needs --group-by, the column whose groups GAUC averages over")
-        at_least_one("--epochs", self.epochs)
-        at_least_one("--batch-size", self.batch_size)
         if not 0 <= self.warmup <= self.epochs:
             raise MbtrainError(f"--warmup must be in [0, --epochs], in epochs: got {self.warmup}")
+        at_least_one("--epochs", self.epochs)
+        at_least_one("--batch-size", self.batch_size)
         if self.lr is not None and not self.lr > 0:
             raise MbtrainError(f"--lr must be positive: got {self.lr}")
-        non_negative("--weight-decay", self.weight_decay)
+        if self.weight_decay < 0:
+            raise MbtrainError(f"--weight-decay must be non-negative: got {self.weight_decay}")
         non_negative("--patience", self.patience, " (0 turns early stopping off)")
         if not 0 <= self.seed < 2**32:
             raise MbtrainError(f"--seed must be in [0, 2^32): got {self.seed}")
@@ -233,7 +234,12 @@ def setting_sections() -> dict[str, str]:
 
 def setting_types() -> dict[str, str]:
     """Each setting's type as written in its dataclass ("float", "list[int]", "str | None", ...)."""
-    return {name: str(f.type) for fields in _section_fields().values() for name, f in fields.items()}
+    return {name: _type_name(f.type) for fields in _section_fields().values() for name, f in fields.items()}
+
+
+def _type_name(kind: Any) -> str:
+    """A field's annotation as written ("float", "list[int]"), whether or not its module defers annotations."""
+    return kind if isinstance(kind, str) else kind.__name__ if isinstance(kind, type) else str(kind)
 
 
 def _section_fields() -> dict[str, dict[str, dataclasses.Field]]:

@@ -39,7 +39,7 @@ def export(run: Path, output: Path, fmt: str = "torchscript") -> dict[str, Any]:
         require_onnx()
     check_writable(output, "--output")
     path = run_checkpoint(run)
-    checkpoint = Checkpoint.load(path)
+    checkpoint = Checkpoint.load(path, needs=("spec", "model", "sample"))
     model, spec = checkpoint.scoring_model(path)
     return exporters[fmt](Probabilities(model).eval(), spec, checkpoint.sample, output)
 

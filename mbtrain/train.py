@@ -34,7 +34,7 @@ from rich.progress import (
 from mbtrain import __version__
 from mbtrain.allocator import keep_freed_memory
 from mbtrain.balance import Balancer, Setup, build_balancer
-from mbtrain.checkpoint import Checkpoint, write_json, write_jsonl
+from mbtrain.checkpoint import RESUME, Checkpoint, write_json, write_jsonl
 from mbtrain.config import RunConfig, peak_lr
 from mbtrain.data.batches import EncodedData, Rows
 from mbtrain.data.prepare import Prepared, prepare
@@ -90,7 +90,7 @@ class FitRecipe:
     def setup(self, overwrite: bool, resume: bool) -> None:
         """The data, model, balancer and optimizer; a resumed run's state; the staging directory."""
         last = self.out / "checkpoints" / "last.pt"
-        resumed = Checkpoint.load(last) if resume else None
+        resumed = Checkpoint.load(last, needs=RESUME) if resume else None
         if not resume and self.out.exists() and any(self.out.iterdir()) and not overwrite:
             raise MbtrainError(f"--out {self.out} already exists: pass --overwrite to replace it or --resume to "
                                "continue it")

@@ -53,3 +53,27 @@ def test_old_run_exports_and_predicts(old_run: Path, tmp_path: Path) -> None:
     result = run_cli("predict", str(exported), str(DATA), "--output", str(predictions))
     assert result.exit_code == 0, result.output
     assert predictions.read_text().splitlines()[0] == "pred_purchase,pred_click"
+
+
+def test_a_checkpoint_without_the_streamed_flag_resumes(old_run: Path) -> None:
+    """Checkpoints written before the streamed path existed lack the key: the run takes the path that fits."""
+    import torch
+
+    for name in ("last.pt", "best.pt"):
+        path = old_run / "checkpoints" / name
+        state = torch.load(path, weights_only=True)
+        del state["streamed"]
+        torch.save(state, path)
+    result = run_cli("fit", str(DATA), "--resume", "--out", str(old_run), "--epochs", "3")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_checkpoint_of_the_spec_and_model_alone_scores(old_run: Path, tmp_path: Path) -> None:
+    import torch
+
+    state = torch.load(old_run / "checkpoints" / "best.pt", weights_only=True)
+    slim = tmp_path / "slim.pt"
+    torch.save({key: state[key] for key in ("format", "spec", "model")}, slim)
+    result = run_cli("eval", str(slim), str(DATA), "--json", str(tmp_path / "metrics.json"))
+    assert result.exit_code == 0, result.output
+    _close(json.loads((tmp_path / "metrics.json").read_text())["tasks"], EXPECTED["eval"])

@@ -159,17 +159,17 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, encode
     tasks, settings = config.ordered_tasks, config.data
     schema = infer_schema(frame, source, tasks, settings.categorical, settings.numeric, settings.exclude)
     labels = label_tensor(frame, source, tasks)
+    _check_funnel(config, [(labels, source)])
     if settings.valid:
-        valid_source = settings.valid
+        valid_source = str(Path(settings.valid))
         valid_frame = _read_coded(parquet_files(Path(valid_source)), _read_as_stored(config, validation=True))
         valid_labels = label_tensor(valid_frame, valid_source, tasks)  # bad labels fail before any fitting
-        _check_funnel(config, [(labels, source), (valid_labels, valid_source)])
+        _check_funnel(config, [(valid_labels, valid_source)])
         valid_groups = group_keys(valid_frame, valid_source, settings.group_by) if settings.group_by else None
         encoders = encoders or _fit_encoders(config, frame, schema, source)
         train = EncodedData(*encoders.encode(frame, source), labels)
         valid = EncodedData(*encoders.encode(valid_frame, valid_source), valid_labels, groups=valid_groups)
         return Prepared(schema, encoders, train, valid, valid_source, "in memory")
-    _check_funnel(config, [(labels, source)])
     if frame.height < 2:
         raise MbtrainError(f"{source}: needs at least 2 rows to hold out a validation split")
     groups = group_keys(frame, source, settings.group_by) if settings.group_by else None
