@@ -39,7 +39,8 @@ def main() -> None:
         data = Path(folder) / "funnel.parquet"
         impressions(rows).write_parquet(data)
         out = Path(folder) / "sweep"
-        command = [sys.executable, "-m", "mbtrain", "sweep", str(data), "--tasks", ",".join(TASKS), "--funnel",
+        command = [sys.executable, "-m", "mbtrain", "sweep", str(data), "--funnel",
+                   "--tasks", ",".join(reversed(TASKS)), "--main-task", TASKS[0],
                    "--balance", args.methods, "--seeds", str(seeds), "--jobs", str(args.jobs), "--threads", "1",
                    "--out", str(out), *(["--epochs", "2"] if args.quick else [])]
         started = time.perf_counter()

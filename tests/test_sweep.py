@@ -225,3 +225,13 @@ def test_a_toml_grid_with_a_method_of_its_own(data: Path, tmp_path: Path) -> Non
     assert sum(n.startswith("tuned-sum-") for n in names) == 2 * 3 * 2  # lr × task weights × seeds
     text = (out / "configs" / "tuned-sum-5-seed1.toml").read_text()
     assert 'balance = "none"' in text and 'task_weights = {"click" = 0.1}' in text and "lr = 0.003" in text
+
+
+def test_two_jobs_at_once_give_the_same_sweep(swept: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "parallel"
+    result = _sweep(data / "train.parquet", out, "--jobs", "2")
+    assert result.exit_code == 0, result.output
+    ours, theirs = _summary(out), _summary(swept)
+    assert [(run["name"], run["selected"], run["valid"], run["test"]) for run in ours["runs"]] == [
+        (run["name"], run["selected"], run["valid"], run["test"]) for run in theirs["runs"]]
+    assert sum((Path(run["folder"]) / "test_metrics.json").is_file() for run in ours["runs"]) == 4

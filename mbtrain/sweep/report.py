@@ -33,15 +33,10 @@ def summarize(runs: list[Run], methods: list[str], seeds: list[int], baseline: s
     by_name = {record["name"]: record for record in records}
     for method in methods:
         for seed in seeds:
-            finished = [r for r in records if r["method"] == method and r["seed"] == seed
-                        and r["status"] == "finished"]
-            if finished:  # the best validation score; a tie goes to the earlier configuration
-                best = max(finished, key=lambda r: (monitor_score(r["valid"][tasks[0]], metric), -r["configuration"]))
-                best["selected"] = True
-    for run in runs:
-        record = by_name[run.name]
-        if record["selected"]:
-            record["test"] = _test_metrics(run)
+            pick = chosen([run for run in runs if run.method == method and run.seed == seed])
+            if pick is not None:
+                by_name[pick.name]["selected"] = True
+                by_name[pick.name]["test"] = test_metrics(pick)
     summary = {"format": FORMAT, "tasks": tasks, "main_task": tasks[0], "metric": metric,
                "higher_is_better": metric in ("auc", "gauc"), "baseline": baseline, "seeds": seeds,
                "interval": METHOD, "selection": f"per method and seed, the configuration with the best main-task "
@@ -69,7 +64,19 @@ def _record(run: Run) -> dict[str, Any]:
     return record
 
 
-def _test_metrics(run: Run) -> dict[str, Any]:
+def chosen(group: list[Run]) -> Run | None:
+    """Of one method's runs on one seed, the finished one with the best main-task validation score (--monitor, as
+    fit picks its best epoch); a tie goes to the earlier configuration. Validation metrics only."""
+    scored = []
+    for run in group:
+        if run.status() == "finished":
+            metrics = json.loads((run.folder / "metrics.json").read_text())
+            scored.append((monitor_score(metrics["tasks"][metrics["main_task"]], run.config.train.monitor),
+                           -run.configuration, run))
+    return max(scored, key=lambda item: item[:2])[2] if scored else None
+
+
+def test_metrics(run: Run) -> dict[str, Any]:
     """The selected run's best checkpoint on the test rows, scored once and kept as RUN/test_metrics.json."""
     path = run.folder / "test_metrics.json"
     if path.is_file():

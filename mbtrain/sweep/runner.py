@@ -1,7 +1,9 @@
 """Running a sweep's fits: one after another in this process, or `--jobs N` at once in worker processes that
 share the CPU threads (and, with several GPUs, take one each); and `--plan`, the same fits as `mbtrain fit`
 command lines for a scheduler the user already has. A finished run is never redone; an interrupted one resumes
-from its last checkpoint; a failed one is tried again and, failing, reported as failed."""
+from its last checkpoint; a failed one is tried again and, failing, reported as failed. As soon as every run of
+a method on a seed has ended, its chosen run (on validation) has its test rows scored in a worker, beside the
+fits still running."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from mbtrain.errors import first_line
 from mbtrain.sweep.protocol import Run, write_text
+from mbtrain.sweep.report import chosen
 
 Report = Callable[[Run, str | None, float], None]  # after each run: the run, its failure (None: finished), seconds
 
@@ -33,10 +36,14 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report) -> None:
         run.failure.unlink(missing_ok=True)
         if run.status() == "pending" and run.folder.exists():  # stopped before its first epoch: start again
             shutil.rmtree(run.folder)
+    groups = {(run.method, run.seed): [other for other in runs if (other.method, other.seed) == (run.method, run.seed)]
+              for run in runs}
     if jobs == 1:
         _init_worker(threads, None)
         for run in todo:
             report(run, *_fit(_task(run)))
+            for task in _scoring(groups[run.method, run.seed], set()):
+                _score(task)
         return
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
     devices = context.Queue()
@@ -45,14 +52,40 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report) -> None:
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
                              initargs=(threads, devices)) as pool:
         running = {pool.submit(_fit, _task(run)): run for run in todo}
+        asked: set[str] = set()  # runs whose scoring is under way: scored once
+        scoring = [pool.submit(_score, task) for group in groups.values() for task in _scoring(group, asked)]
         try:
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    report(running.pop(future), *future.result())
+                    run = running.pop(future)
+                    report(run, *future.result())
+                    scoring += [pool.submit(_score, task) for task in _scoring(groups[run.method, run.seed], asked)]
+            for future in scoring:
+                future.result()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+
+
+def _scoring(group: list[Run], asked: set[str]) -> list[tuple[str, str, str | None]]:
+    """The test scoring a method's runs on one seed ask for once they have all ended: their chosen run's, unless
+    it is scored already or `asked` holds it (then it joins `asked`)."""
+    if any(run.status() in ("pending", "interrupted") for run in group):
+        return []
+    pick = chosen(group)
+    if pick is None or pick.name in asked or (pick.folder / "test_metrics.json").is_file():
+        return []
+    asked.add(pick.name)
+    return [(str(pick.folder), str(pick.test), pick.config.data.group_by)]
+
+
+def _score(task: tuple[str, str, str | None]) -> None:
+    from mbtrain.checkpoint import write_json
+    from mbtrain.inference import evaluate
+
+    folder, test, group_by = task
+    write_json(evaluate(Path(folder), Path(test), group_by), Path(folder) / "test_metrics.json")
 
 
 def plan(runs: list[Run], path: Path) -> list[Run]:
