@@ -51,6 +51,10 @@ def write_json(data: Any, path: Path, flag: str = "output") -> None:
     write_atomic(path, lambda temporary: temporary.write_text(json.dumps(data, indent=2) + "\n"), flag)
 
 
+def write_text(path: Path, text: str, flag: str = "output") -> None:
+    write_atomic(path, lambda temporary: temporary.write_text(text), flag)
+
+
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
     write_atomic(path, lambda temporary: temporary.write_text("".join(json.dumps(row) + "\n" for row in rows)))
 

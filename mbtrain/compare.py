@@ -27,7 +27,7 @@ from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 
-from mbtrain.config import RunConfig, setting_sections
+from mbtrain.config import HIGHER_IS_BETTER, RunConfig, setting_sections
 from mbtrain.errors import MbtrainError, first_line
 from mbtrain.report import METRIC_COLUMNS
 from mbtrain.stats import METHOD, Paired, paired
@@ -38,7 +38,6 @@ NOT_COMPARED = ("seed", "threads", "device", "memory_budget", "tensorboard")
 MAIN_METRICS = ("auc", "gauc", "conditional_auc", "logloss", "ne")
 SETTING_COLUMNS = 3  # differing settings shown a column each; beyond, one column lists them row by row
 Stats = dict[str, float | int | None]  # {"mean", "std", "n"} over the runs of a row
-HIGHER_IS_BETTER = ("auc", "gauc")  # of the --monitor metrics; logloss and ne: lower is better
 COMPARED_ON = "validation metrics at each run's best epoch (metrics.json), paired by seed"
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -319,7 +318,7 @@ def _read(path: Path) -> _Run:
     if not (isinstance(tasks, dict) and isinstance(main, str) and main in tasks
             and all(isinstance(values, dict) for values in tasks.values())):
         raise MbtrainError(f"{path}: metrics.json is not an mbtrain metrics file (no metrics for its main task)")
-    return _Run(str(path), flat["seed"], settings, metrics, _seconds_per_epoch(path / "history.jsonl"))
+    return _Run(str(path), flat["seed"], settings, metrics, seconds_per_epoch(path / "history.jsonl"))
 
 
 def _load(path: Path, name: str) -> dict[str, Any]:
@@ -334,7 +333,7 @@ def _load(path: Path, name: str) -> dict[str, Any]:
     return data
 
 
-def _seconds_per_epoch(history: Path) -> float | None:
+def seconds_per_epoch(history: Path) -> float | None:
     """Mean epoch wall time; None where history.jsonl is missing or damaged: the metrics still compare."""
     try:
         seconds = [json.loads(line).get("seconds") for line in history.read_text().splitlines() if line.strip()]

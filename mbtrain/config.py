@@ -26,6 +26,7 @@ from mbtrain.models.base import ModelConfig
 
 SCHEDULES = ("constant", "cosine")
 MONITORS = ("auc", "gauc", "logloss", "ne")
+HIGHER_IS_BETTER = ("auc", "gauc")  # of the MONITORS; logloss and ne: lower is better
 
 
 @dataclass
@@ -243,8 +244,8 @@ def _type_name(kind: Any) -> str:
 
 
 def _section_fields() -> dict[str, dict[str, dataclasses.Field]]:
-    fields = {name: {f.name: f for f in dataclasses.fields(cls) if f.name != "settings" or cls is not BalanceConfig}
-              for name, cls in SECTIONS.items()}
+    fields = {name: {f.name: f for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+    del fields["balance"]["settings"]  # the registered balancers' own settings, which stand in its place:
     fields["balance"].update(setting_fields())
     names = [name for section in fields.values() for name in section]
     clashes = sorted({name for name in names if names.count(name) > 1})

@@ -35,7 +35,7 @@ from mbtrain import __version__
 from mbtrain.allocator import keep_freed_memory
 from mbtrain.balance import Balancer, Setup, build_balancer
 from mbtrain.checkpoint import RESUME, Checkpoint, write_json, write_jsonl
-from mbtrain.config import RunConfig, peak_lr
+from mbtrain.config import HIGHER_IS_BETTER, RunConfig, peak_lr
 from mbtrain.data.batches import EncodedData, Rows
 from mbtrain.data.prepare import Prepared, prepare
 from mbtrain.distributed import Cluster, any_rank, cluster_from_env, from_main
@@ -435,7 +435,7 @@ def monitor_score(main: dict[str, Any], monitor: str) -> float:
     value = main.get(monitor)
     if value is None:
         return -main["logloss"]
-    return value if monitor in ("auc", "gauc") else -value
+    return value if monitor in HIGHER_IS_BETTER else -value
 
 
 def _progress(console: Console) -> Progress:

@@ -51,10 +51,14 @@ def default_settings() -> dict[str, Any]:
     return {name: _default(field) for name, field in setting_fields().items()}
 
 
+def setting_names(name: str) -> list[str]:
+    """The `name` balancer's own settings."""
+    return [field.name for field in _fields(BALANCERS[name].settings_class)]
+
+
 def settings_of(name: str, values: dict[str, Any]) -> Any:
     """The `name` balancer's settings object from the flat `values` (its dataclass checks them)."""
-    kind = BALANCERS[name]
-    return kind.settings_class(**{field.name: values[field.name] for field in _fields(kind.settings_class)})
+    return BALANCERS[name].settings_class(**{setting: values[setting] for setting in setting_names(name)})
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mbtrain.balance.registry import BALANCERS, setting_fields
+from mbtrain.balance.registry import BALANCERS, setting_fields, setting_names
 from mbtrain.config import RunConfig, load_toml, parse_list, parse_weights, setting_types, toml_setting
 from mbtrain.errors import MbtrainError
 
@@ -42,7 +42,7 @@ class Grid:
 
     def configurations(self, method: str) -> list[dict[str, Any]]:
         """The method's configurations: one dict of its varied settings each (empty: the one configuration)."""
-        own = _field_names(BALANCERS[self.balancer(method)].settings_class)
+        own = setting_names(self.balancer(method))
         others = set(setting_fields())  # other balancers' settings do not multiply this method's runs
         lists = {**self.lists, **self.variants.get(method, {})}
         varied = {name: values for name, values in lists.items()
@@ -198,6 +198,3 @@ def _unique(name: str, values: list[Any]) -> list[Any]:
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
-
-def _field_names(settings_class: type) -> set[str]:
-    return {name for name in getattr(settings_class, "__dataclass_fields__", {})}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from mbtrain.checkpoint import write_atomic
+from mbtrain.checkpoint import write_atomic, write_text
 from mbtrain.config import RunConfig, toml_text
 from mbtrain.data.stream import parquet_files, read_files
 from mbtrain.errors import MbtrainError
@@ -131,10 +131,6 @@ def write_configs(runs: list[Run]) -> None:
     for run in runs:
         run.config_file.parent.mkdir(parents=True, exist_ok=True)
         write_text(run.config_file, toml_text(run.config.flat()))
-
-
-def write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda temporary: temporary.write_text(text))
 
 
 def _write_parquet(frame: pl.DataFrame, path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
+from mbtrain.checkpoint import write_json
 from mbtrain.errors import MbtrainError
 from mbtrain.sweep import plot
 from mbtrain.sweep.grid import Grid, read_grid
@@ -23,7 +24,6 @@ from mbtrain.sweep.protocol import (
     read_definition,
     write_configs,
     write_splits,
-    write_text,
 )
 from mbtrain.sweep.report import read_summary, report, summarize, write_summary
 from mbtrain.sweep.runner import execute, plan, threads_per_job
@@ -122,7 +122,7 @@ def _prepare(out: Path, data: Path, grid: Grid, test: Path | None, test_fraction
             raise MbtrainError(f"--out {out} holds {what}: pass --overwrite to replace it, or another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / DEFINITION, json.dumps({**wanted, "baseline": baseline}, indent=2) + "\n")
+    write_json({**wanted, "baseline": baseline}, out / DEFINITION)
     runs = plan_runs(out, grid, write_splits(out, data, grid, test, test_fraction))
     write_configs(runs)
     return runs

@@ -15,6 +15,8 @@ from rich.console import Group
 from rich.table import Table
 
 from mbtrain.checkpoint import write_json
+from mbtrain.compare import seconds_per_epoch
+from mbtrain.config import HIGHER_IS_BETTER
 from mbtrain.errors import MbtrainError
 from mbtrain.inference import evaluate
 from mbtrain.stats import METHOD, mean_std, paired
@@ -38,7 +40,7 @@ def summarize(runs: list[Run], methods: list[str], seeds: list[int], baseline: s
                 by_name[pick.name]["selected"] = True
                 by_name[pick.name]["test"] = test_metrics(pick)
     summary = {"format": FORMAT, "tasks": tasks, "main_task": tasks[0], "metric": metric,
-               "higher_is_better": metric in ("auc", "gauc"), "baseline": baseline, "seeds": seeds,
+               "higher_is_better": metric in HIGHER_IS_BETTER, "baseline": baseline, "seeds": seeds,
                "interval": METHOD, "selection": f"per method and seed, the configuration with the best main-task "
                f"validation {metric}; test rows scored once, for the selected runs only",
                "methods": {method: _method(method, records, tasks, metric, seeds, baseline) for method in methods},
@@ -58,9 +60,8 @@ def _record(run: Run) -> dict[str, Any]:
     if status != "finished":
         return record
     metrics = json.loads((run.folder / "metrics.json").read_text())
-    history = [json.loads(line) for line in (run.folder / "history.jsonl").read_text().splitlines() if line.strip()]
     record.update(valid=metrics["tasks"], best_epoch=metrics["best_epoch"], seconds=metrics["seconds"],
-                  epoch_seconds=statistics.mean(row["seconds"] for row in history) if history else None)
+                  epoch_seconds=seconds_per_epoch(run.folder / "history.jsonl"))
     return record
 
 
@@ -92,7 +93,7 @@ def _method(method: str, records: list[dict[str, Any]], tasks: list[str], metric
     chosen = {seed: next((r for r in mine if r["seed"] == seed and r["selected"]), None) for seed in seeds}
     theirs = {seed: next((r for r in records if r["method"] == baseline and r["seed"] == seed and r["selected"]),
                          None) for seed in seeds}
-    higher = metric in ("auc", "gauc")
+    higher = metric in HIGHER_IS_BETTER
 
     def test_values(picked: dict[int, dict[str, Any] | None], task: str) -> list[float | None]:
         return [None if r is None else r["test"][task].get(metric) for r in (picked[seed] for seed in seeds)]

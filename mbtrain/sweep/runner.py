@@ -17,9 +17,10 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
+from mbtrain.checkpoint import write_text
 from mbtrain.errors import first_line
-from mbtrain.sweep.protocol import Run, write_text
-from mbtrain.sweep.report import chosen
+from mbtrain.sweep.protocol import Run
+from mbtrain.sweep.report import chosen, test_metrics
 
 Report = Callable[[Run, str | None, float], None]  # after each run: the run, its failure (None: finished), seconds
 
@@ -36,14 +37,15 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report) -> None:
         run.failure.unlink(missing_ok=True)
         if run.status() == "pending" and run.folder.exists():  # stopped before its first epoch: start again
             shutil.rmtree(run.folder)
-    groups = {(run.method, run.seed): [other for other in runs if (other.method, other.seed) == (run.method, run.seed)]
-              for run in runs}
+    groups: dict[tuple[str, int], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.method, run.seed), []).append(run)
     if jobs == 1:
         _init_worker(threads, None)
         for run in todo:
             report(run, *_fit(_task(run)))
-            for task in _scoring(groups[run.method, run.seed], set()):
-                _score(task)
+            for pick in _scoring(groups[run.method, run.seed], set()):
+                test_metrics(pick)
         return
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
     devices = context.Queue()
@@ -53,14 +55,15 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report) -> None:
                              initargs=(threads, devices)) as pool:
         running = {pool.submit(_fit, _task(run)): run for run in todo}
         asked: set[str] = set()  # runs whose scoring is under way: scored once
-        scoring = [pool.submit(_score, task) for group in groups.values() for task in _scoring(group, asked)]
+        scoring = [pool.submit(test_metrics, pick) for group in groups.values() for pick in _scoring(group, asked)]
         try:
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     run = running.pop(future)
                     report(run, *future.result())
-                    scoring += [pool.submit(_score, task) for task in _scoring(groups[run.method, run.seed], asked)]
+                    group = groups[run.method, run.seed]
+                    scoring += [pool.submit(test_metrics, pick) for pick in _scoring(group, asked)]
             for future in scoring:
                 future.result()
         except BaseException:
@@ -68,24 +71,16 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report) -> None:
             raise
 
 
-def _scoring(group: list[Run], asked: set[str]) -> list[tuple[str, str, str | None]]:
-    """The test scoring a method's runs on one seed ask for once they have all ended: their chosen run's, unless
-    it is scored already or `asked` holds it (then it joins `asked`)."""
+def _scoring(group: list[Run], asked: set[str]) -> list[Run]:
+    """The run whose test rows a method's runs on one seed ask to score once they have all ended: their chosen
+    one, unless it is scored already or `asked` holds it (then it joins `asked`)."""
     if any(run.status() in ("pending", "interrupted") for run in group):
         return []
     pick = chosen(group)
     if pick is None or pick.name in asked or (pick.folder / "test_metrics.json").is_file():
         return []
     asked.add(pick.name)
-    return [(str(pick.folder), str(pick.test), pick.config.data.group_by)]
-
-
-def _score(task: tuple[str, str, str | None]) -> None:
-    from mbtrain.checkpoint import write_json
-    from mbtrain.inference import evaluate
-
-    folder, test, group_by = task
-    write_json(evaluate(Path(folder), Path(test), group_by), Path(folder) / "test_metrics.json")
+    return [pick]
 
 
 def plan(runs: list[Run], path: Path) -> list[Run]:
