@@ -136,6 +136,10 @@ def fit(
     main_task: MainTaskOpt = None,
     model: Annotated[str | None, typer.Option(help=_help(f"{' | '.join(MODELS)}.", "model"))] = None,
     balance: Annotated[str | None, typer.Option(help=_help(f"{' | '.join(BALANCERS)}.", "balance"))] = None,
+    balance_level: Annotated[str | None, typer.Option(help=_help(
+        "Where a gradient balancer combines the tasks' gradients: parameters (each task's gradient of the shared "
+        "parameters, one trunk backward per task) | representation (at the trunk's outputs, one trunk "
+        "backward).", "balance_level"))] = None,
     relax_factor: Annotated[float | None, typer.Option(help=_help("MetaBalance relax factor r in [0, 1).",
                                                                  "relax_factor"))] = None,
     beta: Annotated[float | None, typer.Option(help=_help("MetaBalance moving-average factor in [0, 1).",

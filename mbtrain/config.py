@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mbtrain.balance.per_task import LEVELS, PARAMETERS
 from mbtrain.balance.registry import BALANCERS, default_settings, setting_fields, settings_of
 from mbtrain.checks import at_least_one, non_negative, one_of
 from mbtrain.distributed import DEVICES
@@ -73,19 +74,22 @@ class BalanceConfig:
 
     balance: str = "none"
     task_weights: dict[str, float] = field(default_factory=dict)  # static loss multipliers; a task not named: 1
+    balance_level: str = PARAMETERS  # where a gradient balancer combines the tasks' gradients (per_task.py)
     settings: dict[str, Any] = field(default_factory=default_settings)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"balance": self.balance, "task_weights": dict(self.task_weights), **self.settings}
+        return {"balance": self.balance, "task_weights": dict(self.task_weights), "balance_level": self.balance_level,
+                **self.settings}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> BalanceConfig:
         known = setting_fields()
-        unknown = sorted(set(raw) - {"balance", "task_weights", *known})
+        unknown = sorted(set(raw) - {"balance", "task_weights", "balance_level", *known})
         if unknown:
             raise TypeError(f"unknown balance setting {unknown[0]!r}")
         settings = {**default_settings(), **{key: value for key, value in raw.items() if key in known}}
-        return cls(raw.get("balance", "none"), dict(raw.get("task_weights", {})), settings)
+        return cls(raw.get("balance", "none"), dict(raw.get("task_weights", {})),
+                   raw.get("balance_level", PARAMETERS), settings)
 
     def chosen(self) -> Any:
         """The --balance balancer's settings object (its class in the balancer's file)."""
@@ -93,7 +97,12 @@ class BalanceConfig:
 
     def check(self, tasks: list[str]) -> None:
         one_of("--balance", self.balance, BALANCERS)
+        one_of("--balance-level", self.balance_level, LEVELS)
         kind = BALANCERS[self.balance]
+        if self.balance_level != PARAMETERS and self.balance_level not in kind.levels:
+            where = (f"works at the {' level or the '.join(kind.levels)} level only" if kind.levels
+                     else "weighs the losses, not the tasks' gradients")
+            raise MbtrainError(f"--balance-level {self.balance_level}: --balance {self.balance} {where}")
         if len(tasks) < kind.min_tasks:
             raise MbtrainError(f"--balance {self.balance} needs at least {_count(kind.min_tasks)} tasks in --tasks")
         for name in {kind.settings_class: name for name, kind in BALANCERS.items()}.values():

@@ -132,7 +132,8 @@ class FitRecipe:
         if fresh:  # a resumed model's biases come from its checkpoint; rank 0 reads the labels once
             self.model.set_base_rates(from_main(self.data.train.positive_rates))
         self.model.to(self.cluster.device)
-        setup = Setup.of(self.model, len(self.spec.tasks), config.train.seed, self.cluster)
+        setup = Setup.of(self.model, len(self.spec.tasks), config.train.seed, self.cluster,
+                         config.balance.balance_level)
         self.balancer = build_balancer(config.balance.balance, setup, config.balance.chosen())
         self.optimizer = build_optimizer(self.model.parameters(), config, self.balancer.parameters())
 

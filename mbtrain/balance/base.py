@@ -43,7 +43,8 @@ class Balancer(ABC):
     What the registry (balance/registry.py) reads of a balancer's class: ``method`` (one line for the docs'
     table), ``settings_class`` (a dataclass whose fields are its flags and TOML keys, with the papers' defaults,
     checked in its ``__post_init__``), ``build`` (the balancer from a Setup and those settings), ``min_tasks``,
-    ``positive_weights`` (whether a --task-weights of 0 breaks it) and ``task_weights_ignored``.
+    ``positive_weights`` (whether a --task-weights of 0 breaks it), ``task_weights_ignored`` and ``levels`` (where
+it combines the tasks' gradients: the shared parameters, the trunk's outputs; balance/per_task.py).
 
     ``grad_norm_ratio`` is ``None`` or, after each ``backward``, a detached tensor ``[T]`` the fit loop
     averages per epoch for the history log (a tensor, so that reading it never forces a sync per step);
@@ -60,6 +61,7 @@ class Balancer(ABC):
     min_tasks: ClassVar[int] = 1
     positive_weights: ClassVar[bool] = False
     task_weights_ignored: ClassVar[str] = ""  # why --task-weights has no effect on it, where it has none
+    levels: ClassVar[tuple[str, ...]] = ()  # the --balance-level values it takes; none: it weighs the losses
 
     grad_norm_ratio: torch.Tensor | None = None
     norm_ratios: torch.Tensor | None = None

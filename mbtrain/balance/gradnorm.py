@@ -7,7 +7,8 @@ gradient of Σ_k |G_k − Ḡ·r_k^α| with the target Ḡ·r_k^α held constant
 and are renormalised to sum to the number of tasks before each step (floored at 1e-3 first). L_k(0) are the
 first step's losses.
 The model's optimizer trains the weights. One backward through the heads, one per task through W's layer
-only, one through the trunk.
+only, one through the trunk. At the representation level G_k is the norm at the trunk's outputs instead (as
+LibMTL's rep_grad): the heads' backward gives it, and W's layer is not walked per task.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mbtrain.balance.base import Balancer, Reduce, reduce_grads, restore
-from mbtrain.balance.per_task import accumulate, heads_backward
+from mbtrain.balance.per_task import LEVELS, PARAMETERS, REPRESENTATION, accumulate, heads_backward
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import positive
 from mbtrain.models.split import SplitForward
@@ -41,9 +42,13 @@ class GradNorm(Balancer):
     settings_class = GradNormSettings
     min_tasks = 2
     wants_split = True
+    levels = LEVELS
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor],
-                 alpha: float = 1.5, reduce: Reduce | None = None) -> None:
+                 alpha: float = 1.5, reduce: Reduce | None = None, level: str = PARAMETERS) -> None:
+        if level not in LEVELS:
+            raise ValueError(f"GradNorm works at the {' or '.join(LEVELS)} level, not {level!r}")
+        self.level = level
         self.params = list(params)  # every model parameter: what `reduce` sums
         self.task_params = [p for p in task_params if p.requires_grad]
         like = self.params[0] if self.params else torch.empty(0)
@@ -54,7 +59,8 @@ class GradNorm(Balancer):
 
     @classmethod
     def build(cls, setup: Setup, settings: GradNormSettings) -> GradNorm:
-        return cls(setup.num_tasks, setup.every, setup.task, alpha=settings.gradnorm_alpha, reduce=setup.reduce)
+        return cls(setup.num_tasks, setup.every, setup.task, alpha=settings.gradnorm_alpha, reduce=setup.reduce,
+                   level=setup.level)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.weights]
@@ -72,16 +78,9 @@ class GradNorm(Balancer):
         accumulate(self.task_params, head_grads, None)
         reached = [(b, g) for b, g in zip(split.boundary, boundary_grads, strict=True) if g is not None]
         outputs = [b for b, _ in reached]
-        layer = split.last_shared
-        layer_grads = []
-        for k in range(n_tasks):  # ∇_W w_k·L_k: back through W's layer only
-            (grad,) = torch.autograd.grad(outputs, [layer], grad_outputs=[g[k] for _, g in reached],
-                                          retain_graph=True, allow_unused=True)
-            layer_grads.append(torch.zeros_like(layer) if grad is None else grad)
-        stacked_grads, values = torch.stack(layer_grads), stacked.detach().clone()
+        norms, values = self._norms(reached, split, n_tasks), stacked.detach().clone()
         if self.reduce is not None:
-            self.reduce([stacked_grads, values])
-        norms = torch.linalg.vector_norm(stacked_grads.reshape(n_tasks, -1), dim=1)
+            self.reduce([values])
         if self.initial is None:
             self.initial = values.clone()
         tiny = torch.finfo(values.dtype).tiny
@@ -94,6 +93,27 @@ class GradNorm(Balancer):
             reduce_grads(self.params, self.reduce)
         self.task_weights = w
         self.grad_norm_ratio = norms / norms[0].clamp(min=torch.finfo(norms.dtype).tiny)
+
+    def _norms(self, reached: list[tuple[torch.Tensor, torch.Tensor]], split: SplitForward, n_tasks: int
+               ) -> torch.Tensor:
+        """[T] ‖∇ w_k·L_k‖ for the whole batch: at the last shared layer W (back through W's layer only, once per
+        task; across ranks the gradients summed) or, at the representation level, at the trunk's outputs (what
+        the heads' backward gave; across ranks, each rank holding its own rows, the squared norms summed)."""
+        if self.level == REPRESENTATION:
+            squared = sum(g.reshape(n_tasks, -1).square().sum(dim=1) for _, g in reached)
+            if self.reduce is not None:
+                self.reduce([squared])
+            return squared.sqrt()
+        outputs, layer = [b for b, _ in reached], split.last_shared
+        layer_grads = []
+        for k in range(n_tasks):
+            (grad,) = torch.autograd.grad(outputs, [layer], grad_outputs=[g[k] for _, g in reached],
+                                          retain_graph=True, allow_unused=True)
+            layer_grads.append(torch.zeros_like(layer) if grad is None else grad)
+        stacked = torch.stack(layer_grads)
+        if self.reduce is not None:
+            self.reduce([stacked])
+        return torch.linalg.vector_norm(stacked.reshape(n_tasks, -1), dim=1)
 
     def state_dict(self) -> dict:
         initial = None if self.initial is None else self.initial.clone()

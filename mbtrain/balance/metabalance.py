@@ -11,13 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mbtrain.balance.base import Gather, Reduce
-from mbtrain.balance.per_task import PerTaskGradients, RowGradient, Sinks, accumulate
+from mbtrain.balance.per_task import LEVELS, REPRESENTATION, PerTaskGradients, RowGradient, Sinks, accumulate
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import in_unit_interval, one_of
+
+if TYPE_CHECKING:
+    from mbtrain.balance.multibalance import MultiBalance
 
 STRATEGIES = ("both", "reduce", "enlarge")
 
@@ -44,6 +48,7 @@ class MetaBalance(PerTaskGradients):
     method = ("MetaBalance, He et al. (WWW 2022): each auxiliary task's gradient of each shared tensor rescaled "
               "toward the main task's magnitude")
     settings_class = MetaBalanceSettings
+    levels = LEVELS  # at the representation level it is MultiBalance (balance/multibalance.py)
 
     def __init__(
         self,
@@ -87,7 +92,11 @@ class MetaBalance(PerTaskGradients):
         self.norm_ratios: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, setup: Setup, settings: MetaBalanceSettings) -> MetaBalance:
+    def build(cls, setup: Setup, settings: MetaBalanceSettings) -> PerTaskGradients | MultiBalance:
+        if setup.level == REPRESENTATION:
+            from mbtrain.balance.multibalance import MultiBalance  # it builds on this module
+
+            return MultiBalance.build(setup, settings)
         return cls(setup.shared, settings.relax_factor, settings.beta, settings.strategy, task_params=setup.task,
                    reduce=setup.reduce, gather=setup.gather, segments=setup.segments, names=setup.shared_names)
 

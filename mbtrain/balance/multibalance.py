@@ -1,4 +1,6 @@
-"""MultiBalance: MetaBalance moved from the shared parameters to the shared representation (arXiv 2411.11871).
+"""MultiBalance: MetaBalance moved from the shared parameters to the shared representation (arXiv 2411.11871);
+``--balance metabalance --balance-level representation`` builds it too (`--balance multibalance` is its paper's
+name for the same).
 
 Each task's gradient at the trunk's outputs (the shared bottom's output; MMoE's inputs to the gates and each
 expert's output) is rescaled with MetaBalance's formula, with moving averages of its norm per representation
@@ -15,7 +17,7 @@ import torch
 
 from mbtrain.balance.base import Balancer, Reduce, reduce_grads
 from mbtrain.balance.metabalance import MetaBalanceSettings, balanced_scale, norm_ratios
-from mbtrain.balance.per_task import accumulate, heads_backward
+from mbtrain.balance.per_task import REPRESENTATION, accumulate, heads_backward
 from mbtrain.balance.registry import Setup, register
 from mbtrain.models.split import SplitForward
 
@@ -28,9 +30,10 @@ class MultiBalance(Balancer):
     summed across ranks) and every gradient is summed across ranks at the end."""
 
     method = ("MultiBalance (arXiv 2411.11871): MetaBalance on the trunk's outputs, per representation tensor and "
-              "expert; one trunk backward")
+              "expert; one trunk backward. The same as `metabalance` at `--balance-level representation`")
     settings_class = MetaBalanceSettings
     min_tasks = 2
+    levels = (REPRESENTATION,)
     wants_split = True
 
     def __init__(self, params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor],

@@ -1,7 +1,14 @@
-"""The machinery of balancers that need each task's own gradient of the shared parameters (MetaBalance,
-PCGrad): per-task gradients taken for the shared parameters only, exact under torchrun, then combined by the
-subclass. With the model's split forward (models/split.py) the heads are back-propagated once and only the
-trunk once per task, the embedding table's gradients kept to the batch's rows.
+"""The machinery of balancers that combine each task's own gradient of the shared part (MetaBalance, PCGrad,
+MGDA, ...), at either level (`--balance-level`):
+
+- ``parameters``: each task's gradient of the shared parameters, exact under torchrun, combined by the
+  subclass. With the model's split forward (models/split.py) the heads are back-propagated once and only the
+  trunk once per task, the embedding table's gradients kept to the batch's rows.
+- ``representation``: each task's gradient at the trunk's outputs (one backward through the heads gives them
+  all), combined by the same subclass, then the trunk back-propagated once with the combination. Under
+  torchrun a rank holds only its own rows' gradients there, so the statistics a method reads of them (dot
+  products, norms) are summed across ranks (`global_sum`) before any weight is computed: every rank then
+  weighs its rows alike, as one process would the whole batch.
 """
 
 from __future__ import annotations
@@ -11,11 +18,13 @@ from typing import Any
 
 import torch
 
-from mbtrain.balance.base import Balancer, Gather, Reduce
+from mbtrain.balance.base import Balancer, Gather, Reduce, reduce_grads
 from mbtrain.models.split import SplitForward
 
 BITMAP_ROWS = 32  # see _distinct
 Sinks = list[Any]  # the shared parameters, the embedding table's stood in for by a RowGradient on the split path
+PARAMETERS, REPRESENTATION = "parameters", "representation"
+LEVELS = (PARAMETERS, REPRESENTATION)
 
 
 class PerTaskGradients(Balancer):
@@ -29,9 +38,13 @@ class PerTaskGradients(Balancer):
     """
 
     min_tasks = 2
+    levels = LEVELS
 
     def __init__(self, shared_params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor] | None = None,
-                 reduce: Reduce | None = None, gather: Gather | None = None) -> None:
+                 reduce: Reduce | None = None, gather: Gather | None = None, level: str = PARAMETERS) -> None:
+        if level not in self.levels:
+            raise ValueError(f"{type(self).__name__} works at the {' or '.join(self.levels)} level, not {level!r}")
+        self.level = level
         self.shared = list(shared_params)
         if not self.shared:
             raise ValueError(f"{type(self).__name__} needs at least one shared parameter")
@@ -49,13 +62,25 @@ class PerTaskGradients(Balancer):
             raise ValueError(f"distributed {type(self).__name__} needs both reduce and gather")
         self.reduce = reduce  # sums a list of gradients across ranks in place (distributed training)
         self.gather = gather  # each of a list of tensors from every rank, in rank order (distributed training)
+        if level == REPRESENTATION and self.task_params is None:
+            raise ValueError(f"{type(self).__name__} needs task_params at the representation level")
         self.wants_split = self.task_params is not None
+        self.loss_values: torch.Tensor | None = None  # [T] the batch's losses (across ranks: summed), no graph
 
     def backward(self, losses: Sequence[torch.Tensor], split: SplitForward | None = None) -> None:
         """The combined gradients; with `split` (from the model's split_forward) the same result, computed by
-        back-propagating the heads once and only the trunk once per task (see models/split.py)."""
+        back-propagating the heads once and only the trunk once per task (see models/split.py). At the
+        representation level `split` is needed."""
         self.check_losses(losses)
         n_tasks = len(losses)
+        self.loss_values = torch.stack([loss.detach() for loss in losses])
+        if self.reduce is not None:
+            self.reduce([self.loss_values])
+        if self.level == REPRESENTATION:
+            if split is None:
+                raise ValueError(f"{type(self).__name__} needs the model's split forward at the representation level")
+            self._representation_backward(losses, split)
+            return
         if split is not None:
             self._split_backward(losses, split)
             return
@@ -72,8 +97,38 @@ class PerTaskGradients(Balancer):
 
     def combine(self, sinks: Sinks, task_grads: list[list[torch.Tensor | None]]) -> None:
         """Add the combination of the tasks' gradients (task_grads[k][i]: task k's of sink i, None where the
-        task does not reach it) into each sink's ``.grad`` (accumulate)."""
+        task does not reach it) into each sink's ``.grad`` (accumulate). A statistic summed over the gradients'
+        entries must go through ``global_sum`` (``gram`` does)."""
         raise NotImplementedError
+
+    def global_sum(self, statistic: torch.Tensor) -> torch.Tensor:
+        """`statistic` (a sum over the gradients' entries: a dot product, a squared norm) for the whole batch:
+        at the representation level under torchrun each rank holds its own rows' gradients, so it is summed
+        across ranks in place; elsewhere every rank already holds the whole batch's gradients."""
+        if self.level == REPRESENTATION and self.reduce is not None:
+            self.reduce([statistic])
+        return statistic
+
+    def gram(self, task_grads: list[list[torch.Tensor | None]]) -> torch.Tensor:
+        """[T, T] the dot products of the tasks' gradients, each task's over every sink as one vector (a sink
+        a task does not reach counts as zeros)."""
+        parts = [_gram(grads) for grads in zip(*task_grads, strict=True) if any(g is not None for g in grads)]
+        like = self.shared[0]
+        zero = like.new_zeros(len(task_grads), len(task_grads))
+        return self.global_sum(sum(parts, zero))
+
+    def _representation_backward(self, losses: Sequence[torch.Tensor], split: SplitForward) -> None:
+        """Heads once (every task's gradient at the trunk's outputs), `combine` there, the trunk once."""
+        head_grads, boundary_grads = heads_backward(losses, self.task_params, split)
+        accumulate(self.task_params, head_grads, None)
+        reached = [(b, g) for b, g in zip(split.boundary, boundary_grads, strict=True) if g is not None]
+        if reached:
+            sinks = [Representation(b) for b, _ in reached]
+            self.combine(sinks, [[g[k] for _, g in reached] for k in range(len(losses))])
+            outputs = [(b, s.grad) for (b, _), s in zip(reached, sinks, strict=True) if s.grad is not None]
+            torch.autograd.backward([b for b, _ in outputs], grad_tensors=[g for _, g in outputs])
+        if self.reduce is not None:
+            reduce_grads([*self.shared, *self.task_params], self.reduce)
 
     def _split_backward(self, losses: Sequence[torch.Tensor], split: SplitForward) -> None:
         if self.task_params is None:
@@ -169,6 +224,25 @@ class PerTaskGradients(Balancer):
                 p.grad = g
 
 
+class WeightedGradients(PerTaskGradients):
+    """A method whose combination is Σ_k w_k·g_k, with the weights w [T] read off the tasks' [T, T] Gram matrix
+    (and, where the method needs them, the batch's losses ``loss_values``): MGDA, CAGrad, Nash-MTL, IMTL-G,
+    Aligned-MTL, PCGrad, ... A subclass defines ``weights``; the fit loop's history shows them."""
+
+    def combine(self, sinks: Sinks, task_grads: list[list[torch.Tensor | None]]) -> None:
+        gram = self.gram(task_grads)
+        weights = self.weights(gram)
+        for k, grads in enumerate(task_grads):
+            accumulate(sinks, grads, [weights[k]] * len(sinks))
+        self.task_weights = weights.detach()
+        norms = gram.diagonal().clamp(min=0).sqrt()
+        self.grad_norm_ratio = norms / norms[0].clamp(min=torch.finfo(norms.dtype).tiny)
+
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        """[T] each task's gradient's weight in the combination, from the [T, T] Gram matrix (no host sync)."""
+        raise NotImplementedError
+
+
 def _distinct(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.unique(index, return_inverse=True): the sorted distinct rows and each entry's position among them.
     Up to BITMAP_ROWS table rows per entry, marking the rows in a table-sized mask beats sorting the entries
@@ -205,6 +279,13 @@ def heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.T
             found.append(None if g is None else g.sum(dim=0))
     return ([torch.stack(found).sum(dim=0) if found else None for found in head_grads],
             [_stacked(found, view) for found, view in zip(boundary_grads, split.per_task, strict=True)])
+
+
+def _gram(grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """[T, T] the dot products of one sink's per-task gradients (None: zeros; one task at least reaches it)."""
+    like = next(g for g in grads if g is not None)
+    flat = torch.stack([like.new_zeros(like.numel()) if g is None else g.reshape(-1) for g in grads])
+    return flat @ flat.T
 
 
 def _stacked(grads: list[torch.Tensor | None], view: torch.Tensor) -> torch.Tensor | None:
@@ -245,6 +326,15 @@ def accumulate(sinks: Sequence[Any], grads: Sequence[torch.Tensor | None],
             made = torch._foreach_mul(sources, [factors[i] for i in fresh])
         for i, g in zip(fresh, made, strict=True):
             sinks[i].grad = _laid_out_like(g, sinks[i]) if isinstance(sinks[i], torch.Tensor) else g
+
+
+class Representation:
+    """Holds the combined gradient of one of the trunk's outputs (the representation level) until the trunk's
+    backward reads it."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        self.output = output
+        self.grad: torch.Tensor | None = None
 
 
 class RowGradient:

@@ -75,6 +75,7 @@ class Setup:
     reduce: Reduce | None = None  # sums tensors across ranks in place
     gather: Gather | None = None  # tensors as every rank holds them (embedding-table rows)
     world_size: int = 1
+    level: str = "parameters"  # --balance-level: where a gradient balancer combines the tasks' gradients
 
     @property
     def every(self) -> list[torch.Tensor]:
@@ -82,14 +83,15 @@ class Setup:
         return [*self.shared, *self.task]
 
     @classmethod
-    def of(cls, model: Any, num_tasks: int, seed: int = 0, cluster: Cluster | None = None) -> Setup:
+    def of(cls, model: Any, num_tasks: int, seed: int = 0, cluster: Cluster | None = None,
+           level: str = "parameters") -> Setup:
         """The setup for a model that meets models.base.MultiTaskModel, on `cluster`'s ranks."""
         names = {id(p): name for name, p in model.named_parameters()}
         shared = list(model.shared_parameters())
         distributed = cluster is not None and cluster.world_size > 1
         return cls(shared, list(model.task_parameters()), num_tasks, model.shared_segments(),
                    [names[id(p)] for p in shared], seed, cluster.sum_ if distributed else None,
-                   cluster.gather if distributed else None, cluster.world_size if cluster is not None else 1)
+                   cluster.gather if distributed else None, cluster.world_size if cluster is not None else 1, level)
 
 
 def build_balancer(name: str, setup: Setup, settings: Any = None) -> Balancer:
@@ -102,11 +104,12 @@ def build_balancer(name: str, setup: Setup, settings: Any = None) -> Balancer:
 
 def balancer_table() -> str:
     """The docs' table of balancers (docs/balancers.md), one row per registered balancer."""
-    rows = ["| `--balance` | method | settings (flag = default) |", "|---|---|---|"]
+    rows = ["| `--balance` | method | `--balance-level` | settings (flag = default) |", "|---|---|---|---|"]
     for name, kind in BALANCERS.items():
         flags = ", ".join(f"`--{field.name.replace('_', '-')}` = {_shown(_default(field))}"
                           for field in _fields(kind.settings_class)) or "—"
-        rows.append(f"| `{name}` | {kind.method} | {flags} |")
+        levels = ", ".join(kind.levels) or "— (weighs the losses)"
+        rows.append(f"| `{name}` | {kind.method} | {levels} | {flags} |")
     return "\n".join(rows) + "\n"
 
 
