@@ -1,16 +1,18 @@
 """Does each loss balancer beat the plain sum of the task losses, and at what cost? `mbtrain sweep`, on each data
 set below; this script only writes the data and the grid, and prints the sweep's report.
 
-The grid: every registered balancer at its defaults; the plain sum as it is (`none`, the baseline); and the
-plain sum with tuned task weights (`tuned-sum`: every auxiliary task's weight 1, 0.3 or 0.1, chosen on
-validation seed by seed, as the multi-task benchmark papers ask of the baseline). The default model (MMoE, 8
+The grid: every registered balancer at its defaults, and each gradient balancer that works at both levels once
+more at `--balance-level representation` (`NAME-representation`; MetaBalance's is `multibalance`); the plain sum
+as it is (`none`); and the plain sum with tuned task weights (`tuned-sum`, the baseline: every auxiliary task's
+weight 1, 0.3 or 0.1, chosen on validation seed by seed, as the multi-task benchmark papers ask of the
+baseline). The default model (MMoE, 8
 experts [64, 32], embed 8, towers [16], batch 1024, the default learning rate, 10 epochs, early stopping with
 patience 3 on main-task validation AUC). Per seed the sweep splits the rows into training, validation (10 % of the
 rest) and test (20 %) rows; every method of that seed reads the same rows; test rows are scored once, for the
 run each method chose on validation. The report: the main task's test AUC per method, the paired difference to
 `none` with its 95 % t interval over the seeds, seeds won, the auxiliary tasks' differences, time ratios, and a
 verdict line per method. Note that `tuned-sum` had three configurations and every other method one: the report
-says so (unequal budgets favour it).
+says so (unequal budgets favour it, the baseline here).
 
 Data sets:
 - adult: Adult (../shared/data/adult/adult.parquet, 48,842 rows): income_50k (main), never_married.
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for synthetic.py as 
 from synthetic import impressions  # noqa: E402
 
 from mbtrain.balance import BALANCERS  # noqa: E402
+from mbtrain.balance.per_task import PARAMETERS, REPRESENTATION  # noqa: E402
 
 ADULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "adult" / "adult.parquet"
 TASKS = {"adult": ["income_50k", "never_married"], "generated funnel": ["purchase", "cart", "click"]}
@@ -44,9 +47,12 @@ def grid(tasks: list[str], seeds: int, quick: bool) -> str:
     """The sweep's --config: methods, seeds, and the tuned plain sum's weights."""
     weights = ", ".join('"' + ",".join(f"{task}={weight}" for task in tasks[1:]) + '"' for weight in AUXILIARY_WEIGHTS)
     methods = ", ".join(f'"{name}"' for name in BALANCERS)
+    representation = "".join(f'[method.{name}-representation]\nbalance = "{name}"\nbalance-level = "representation"\n'
+                             for name, kind in BALANCERS.items()
+                             if {PARAMETERS, REPRESENTATION} <= set(kind.levels) and name != "metabalance")
     return (f'tasks = "{",".join(tasks)}"\nbalance = [{methods}]\nseed = {list(range(seeds))}\n'
             + ("epochs = 2\n" if quick else "")
-            + f'[method.tuned-sum]\nbalance = "none"\ntask-weights = [{weights}]\n')
+            + f'[method.tuned-sum]\nbalance = "none"\ntask-weights = [{weights}]\n' + representation)
 
 
 def main() -> None:
@@ -75,7 +81,8 @@ def main() -> None:
             config.write_text(grid(TASKS[dataset], seeds, args.quick))
             print(f"\n== {dataset}: {data}", flush=True)
             subprocess.run([sys.executable, "-m", "mbtrain", "sweep", str(data), "--config", str(config),
-                            "--jobs", str(args.jobs), "--out", str(root / name)], check=True)
+                            "--baseline", "tuned-sum", "--jobs", str(args.jobs), "--out", str(root / name)],
+                           check=True)
 
 
 if __name__ == "__main__":

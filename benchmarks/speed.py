@@ -2,8 +2,9 @@
 
 Training: one generated impression log (default 200k rows, ~20k users, 3 tasks, MMoE 8 experts [64,32]),
 encoded once; the variants `none`, `metabalance` (ours) and `naive` (the widely copied per-task full
-backward with a Python loop over parameters, written here as a baseline), or any balancers, on each of
-`--models` (MMoE by default; `ple`, `esmm`, `mmoe+funnel`, ...) train epochs in turn, interleaved, so machine
+backward with a Python loop over parameters, written here as a baseline), or any balancers (`NAME@LEVEL` for
+a --balance-level: `pcgrad@representation`; `--every-balancer`: each registered one at each of its levels), on
+each of `--models` (MMoE by default; `ple`, `esmm`, `mmoe+funnel`, ...) train epochs in turn, interleaved, so machine
 noise hits all of them alike. Seconds per epoch are training plus validation,
 as in history.jsonl; ratios are against `none` within the same round.
 
@@ -35,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import TASKS, impressions  # noqa: E402
 
 from mbtrain.allocator import keep_freed_memory  # noqa: E402
-from mbtrain.balance import Balancer, Setup, build_balancer  # noqa: E402
+from mbtrain.balance import BALANCERS, Balancer, Setup, build_balancer  # noqa: E402
+from mbtrain.balance.per_task import PARAMETERS  # noqa: E402
 from mbtrain.config import RunConfig  # noqa: E402
 from mbtrain.data.prepare import prepare  # noqa: E402
 from mbtrain.distributed import Cluster  # noqa: E402
@@ -99,10 +101,11 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
         for variant in args.variants:
             torch.manual_seed(0)
             model = spec.build().to(device)
+            name, _, level = variant.partition("@")
             if variant == "naive":
                 balancer: Balancer = NaiveMetaBalance(model.shared_parameters())
             else:
-                balancer = build_balancer(variant, Setup.of(model, len(TASKS)))
+                balancer = build_balancer(name, Setup.of(model, len(TASKS), level=level or "parameters"))
             optimizer = build_optimizer(model.parameters(), config, balancer.parameters())
             runs[architecture, variant] = (model, optimizer, balancer, [], [])
     steps = prepared.train.steps(config.train.batch_size)
@@ -133,6 +136,12 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
                       " ".join(f"{r:.2f}" for r in ratios),
                       f"{statistics.median(trains) / statistics.median(first_trains):.2f}")
     console.print(table)
+
+
+def every_balancer() -> list[str]:
+    """Each registered balancer at each of its levels (a loss-level one once), the plain sum first."""
+    return [name if level == PARAMETERS else f"{name}@{level}"
+            for name, kind in BALANCERS.items() for level in kind.levels or (PARAMETERS,)]
 
 
 def _with_model(spec: ModelSpec, architecture: str) -> ModelSpec:
@@ -207,6 +216,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=["none", "metabalance", "naive"])
+    parser.add_argument("--every-balancer", action="store_true",
+                        help="every registered balancer at each of its levels instead of --variants")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the batches move to it step by step)")
     parser.add_argument("--models", nargs="+", default=["mmoe"],
                         help="models to time each variant on: shared-bottom, mmoe, ple, esmm, or NAME+funnel")
@@ -220,6 +231,8 @@ def main() -> None:
         _stage(args.stage, args.path)
         return
     console = Console(width=150)
+    if args.every_balancer:
+        args.variants = every_balancer()
     if "training" not in args.skip:
         bench_training(args, console)
     if "encoding" not in args.skip:

@@ -155,6 +155,12 @@ def fit(
                                                                 "famo_decay"))] = None,
     gradnorm_alpha: Annotated[float | None, typer.Option(help=_help("GradNorm's asymmetry α.",
                                                                     "gradnorm_alpha"))] = None,
+    db_mtl_beta: Annotated[float | None, typer.Option(help=_help("DB-MTL's moving-average factor β in [0, 1).",
+                                                                 "db_mtl_beta"))] = None,
+    db_mtl_beta_sigma: Annotated[float | None, typer.Option(help=_help(
+        "DB-MTL's decay σ of that factor: β / step^σ.", "db_mtl_beta_sigma"))] = None,
+    gradvac_beta: Annotated[float | None, typer.Option(help=_help(
+        "GradVac's moving-average rate β in [0, 1) of its target cosines.", "gradvac_beta"))] = None,
     famo_same_batch: Annotated[bool | None, typer.Option("--famo-same-batch/--famo-next-batch",
                                                          help="FAMO's logit update from the batch scored again "
                                                               "after the step (the reference code; one more "
@@ -180,6 +186,9 @@ def fit(
                                                         "norm"))] = None,
     pooling: Annotated[str | None, typer.Option(help=_help("How a bag's (list column's) element embeddings "
                                                            "become one: mean | sum.", "pooling"))] = None,
+    calibrator_weight: Annotated[float | None, typer.Option(help=_help(
+        "AITM's calibrator: weight of the penalty on a stage's probability above the stage before it.",
+        "calibrator_weight"))] = None,
     epochs: Annotated[int | None, typer.Option(help=_help("Maximum epochs.", "epochs"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=_help("Rows per step.", "batch_size"))] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate after warm-up (default: 0.01, scaled down "

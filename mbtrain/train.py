@@ -372,7 +372,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
         split = model.split_forward(categorical, numeric) if balancer.wants_split else None
         logits = split.logits if split is not None else model(categorical, numeric)
         labels = batch.labels.to(device)
-        losses = _losses(logits, labels, global_rows)
+        losses = _losses(model, logits, labels, global_rows)
         optimizer.zero_grad(set_to_none=True)
         balancer.backward(list((losses * weights).unbind()), split)
         global_step = (epoch - 1) * steps + step - 1
@@ -382,7 +382,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
         optimizer.step()
         if balancer.wants_losses_after_step:  # the same rows under the stepped parameters (FAMO)
             with torch.no_grad():
-                after = _losses(model(categorical, numeric), labels, global_rows) * weights
+                after = _losses(model, model(categorical, numeric), labels, global_rows) * weights
             balancer.after_step(list(after.unbind()))
         if log is not None and global_step % LOG_EVERY == 0:
             log.step(global_step + 1, losses.detach() * global_rows / max(1, len(batch)), balancer.norm_ratios,
@@ -424,10 +424,15 @@ def _weights_text(weights: dict[str, float]) -> str:
     return ",".join(f"{task}={weight:g}" for task, weight in weights.items())
 
 
-def _losses(logits: torch.Tensor, labels: torch.Tensor, global_rows: int) -> torch.Tensor:
-    """[T] each task's summed log loss over this rank's rows, divided by the global batch's rows: summed across
-    ranks, one process's mean."""
-    return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(dim=0) / global_rows
+def _losses(model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor, global_rows: int) -> torch.Tensor:
+    """[T] each task's summed log loss over this rank's rows, plus the model's own terms for that task (AITM's
+    calibrator, at the later stage: models/base.py's auxiliary_losses, also summed over the rows), divided by the
+    global batch's rows: summed across ranks, one process's mean. Added here, before --task-weights and the
+    balancer, so that every balancer still sees T losses, the split forward's logits give the same terms, and
+    the terms divide like the log losses under torchrun."""
+    summed = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(dim=0)
+    extra = model.auxiliary_losses(logits)
+    return (summed if extra is None else summed + extra) / global_rows
 
 
 def monitor_score(main: dict[str, Any], monitor: str) -> float:

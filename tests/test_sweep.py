@@ -181,6 +181,19 @@ def test_a_list_multiplies_only_the_methods_it_belongs_to(data: Path, tmp_path: 
     assert "relax_factor = 0.9" in text and 'task_weights = {"click" = 0.3}' in text and "seed = 1" in text
 
 
+def test_a_level_list_multiplies_the_methods_with_a_choice_of_level(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan"
+    result = run_cli("sweep", str(data / "train.parquet"), *COMMON, "--balance", "none,pcgrad,multibalance",
+                     "--balance-level", "representation,parameters", "--seeds", "2", "--out", str(out), "--plan")
+    assert result.exit_code == 0, result.output
+    levels = {path.stem: "representation" if 'balance_level = "representation"' in path.read_text()
+              else "parameters" for path in (out / "configs").glob("*.toml")}
+    assert sorted(levels) == ["multibalance-0-seed0", "multibalance-0-seed1", "none-0-seed0", "none-0-seed1",
+                              "pcgrad-0-seed0", "pcgrad-0-seed1", "pcgrad-1-seed0", "pcgrad-1-seed1"]
+    assert [levels[f"pcgrad-{n}-seed0"] for n in (0, 1)] == ["representation", "parameters"]
+    assert (levels["none-0-seed0"], levels["multibalance-0-seed1"]) == ("parameters", "representation")  # their own
+
+
 def test_the_paired_interval_is_students_t() -> None:
     scipy = pytest.importorskip("scipy.stats")
     method, baseline = [0.71, 0.74, 0.69, 0.75, 0.72], [0.70, 0.71, 0.70, 0.72, 0.70]

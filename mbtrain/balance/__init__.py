@@ -13,10 +13,17 @@ from mbtrain.balance.gradnorm import GradNorm
 from mbtrain.balance.uncertainty import Uncertainty
 from mbtrain.balance.dwa import DWA
 from mbtrain.balance.famo import FAMO
+from mbtrain.balance.imtl import IMTLG
+from mbtrain.balance.imtl_l import IMTLL
+from mbtrain.balance.aligned_mtl import AlignedMTL
+from mbtrain.balance.rlw import RLW
+from mbtrain.balance.db_mtl import DBMTL
+from mbtrain.balance.gradvac import GradVac
 
 # isort: on
 from mbtrain.balance.base import Balancer
 from mbtrain.balance.registry import BALANCERS, Setup, build_balancer, register
 
-__all__ = ["BALANCERS", "DWA", "FAMO", "Balancer", "GradNorm", "MetaBalance", "MultiBalance", "PCGrad",
-           "PlainSum", "Setup", "Uncertainty", "build_balancer", "register"]
+__all__ = ["BALANCERS", "DBMTL", "DWA", "FAMO", "IMTLG", "IMTLL", "RLW", "AlignedMTL", "Balancer", "GradNorm",
+           "GradVac", "MetaBalance", "MultiBalance", "PCGrad", "PlainSum", "Setup", "Uncertainty", "build_balancer",
+           "register"]

@@ -9,6 +9,7 @@ from mbtrain.models.shared_bottom import SharedBottom  # noqa: I001 (registratio
 from mbtrain.models.mmoe import MMoE
 from mbtrain.models.ple import PLE
 from mbtrain.models.esmm import ESMM
+from mbtrain.models.aitm import AITM
 
-__all__ = ["ESMM", "MODELS", "PLE", "FusedEmbedding", "Inputs", "MMoE", "ModelConfig", "MultiTaskModel",
+__all__ = ["AITM", "ESMM", "MODELS", "PLE", "FusedEmbedding", "Inputs", "MMoE", "ModelConfig", "MultiTaskModel",
            "MultiTaskNetwork", "SharedBottom", "Towers", "build_model", "register"]

@@ -16,7 +16,7 @@ from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import nn
 
-from mbtrain.checks import at_least_one, in_unit_interval, one_of
+from mbtrain.checks import at_least_one, in_unit_interval, non_negative, one_of
 from mbtrain.errors import MbtrainError
 from mbtrain.models.embedding import POOLINGS, FusedEmbedding
 from mbtrain.models.mlp import NORMS
@@ -37,6 +37,7 @@ class ModelConfig:
     norm: str = "none"  # over each hidden layer: none, batch or layer
     pooling: str = "mean"  # how a bag's elements' embeddings become one: mean or sum
     funnel: bool = False  # ESMM's entire-space funnel over --tasks in their order (always on for --model esmm)
+    calibrator_weight: float = 0.6  # AITM's calibrator loss weight α (Xi et al., KDD 2021; their code's default)
 
     def __post_init__(self) -> None:
         kind = MODELS.get(self.model)
@@ -54,6 +55,7 @@ class ModelConfig:
             raise MbtrainError(f"{why} needs at least two tasks in --tasks, the funnel's stages in order (e.g. "
                                "click,cart,purchase)")
         in_unit_interval("--dropout", self.dropout)
+        non_negative("--calibrator-weight", self.calibrator_weight)
         for flag, value in (("--embed-dim", self.embed_dim), ("--experts", self.experts),
                             ("--task-experts", self.task_experts), ("--levels", self.levels)):
             at_least_one(flag, value)
@@ -72,6 +74,7 @@ class Inputs:
     num_numeric: int
     num_tasks: int
     bags: int = 0  # how many of the cardinalities, the last ones, are bags
+    funnel: tuple[int, ...] | None = None  # with a funnel, the output columns first stage first (ModelSpec's)
 
 
 @runtime_checkable
@@ -87,6 +90,10 @@ class MultiTaskModel(Protocol):
 
     always_funnel: ClassVar[bool]
     """The network is ESMM's funnel: ModelConfig turns --funnel on for it and the summary names it so."""
+
+    entire_space: ClassVar[bool]
+    """The network is a funnel of its own whose logits are already each stage's entire-space probability (AITM,
+    over Inputs.funnel): the scoring model puts no ESMM funnel over them and starts the towers at the plain rates."""
 
     @classmethod
     def describe(cls, config: ModelConfig) -> str:
@@ -109,13 +116,19 @@ class MultiTaskModel(Protocol):
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         """Logits [B, T] in output order (main task first) from codes [B, C (+ bag slots)] and numeric [B, N]."""
 
+    def auxiliary_losses(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """[T] loss terms of the model's own beyond the log losses (AITM's calibrator), each summed over the rows
+        of `logits` and added to its task's loss by the fit loop before the division by the global batch's rows;
+        None for none."""
+
 
 class MultiTaskNetwork(nn.Module):
     """The opening every network shares: the fused embedding of the categorical columns and bags, the width of
     its output ⊕ the numeric features (`in_dim`, what the network reads), the number of tasks; and the
-    registry's defaults (no funnel of its own; the summary shows the model's name)."""
+    registry's defaults (no funnel of its own, no auxiliary losses; the summary shows the model's name)."""
 
     always_funnel: ClassVar[bool] = False
+    entire_space: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, inputs: Inputs) -> None:
         super().__init__()
@@ -126,6 +139,9 @@ class MultiTaskNetwork(nn.Module):
     @classmethod
     def describe(cls, config: ModelConfig) -> str:
         return config.model
+
+    def auxiliary_losses(self, logits: torch.Tensor) -> torch.Tensor | None:
+        return None
 
 
 MODELS: dict[str, type[MultiTaskNetwork]] = {}  # in registration order: the order --help and errors list them

@@ -14,7 +14,7 @@ from torch import nn
 
 from mbtrain.data.batches import SCORE_ROWS, Rows
 from mbtrain.data.encoders import Encoders, NumericEncoder
-from mbtrain.models.base import Inputs, ModelConfig, build_model
+from mbtrain.models.base import MODELS, Inputs, ModelConfig, build_model
 from mbtrain.models.funnel import Funnel, conditional_probabilities
 from mbtrain.models.split import SplitForward
 
@@ -32,6 +32,12 @@ FUNNEL_DOC = (
     "'funnel' lists the tasks as stages, first stage first: each output is its stage's probability over every "
     "impression, the product of the conditional probabilities down the funnel, never above the output of the "
     "stage before it; a stage's conditional probability is its output divided by that earlier output"
+)
+ENTIRE_SPACE_DOC = (  # a network that is its own funnel (AITM): its outputs are not products
+    "'funnel' lists the tasks as stages, first stage first: each output is its stage's probability over every "
+    "impression, predicted directly; training penalises an output above the output of the stage before it but "
+    "does not forbid one; a stage's conditional probability is its output divided by that earlier output (above "
+    "1 where the outputs break the funnel)"
 )
 
 
@@ -52,28 +58,37 @@ class NumericNormalizer(nn.Module):
 
 class ScoringModel(nn.Module):
     """A multi-task network behind its numeric normaliser, and under its funnel where it has one: raw inputs in,
-    one logit per task out (with a funnel, of the entire-space probability)."""
+    one logit per task out (with a funnel, of the entire-space probability). A network that is its own funnel
+    (`entire_space`, AITM) gets no ESMM funnel on top: its logits are the entire-space ones already."""
 
     def __init__(self, normalizer: NumericNormalizer, network: nn.Module, funnel: list[int] | None = None) -> None:
         super().__init__()
         self.normalizer = normalizer
         self.network = network
         self.funnel_order = funnel
-        self.funnel = Funnel(funnel) if funnel is not None else nn.Identity()
+        own = getattr(network, "entire_space", False)
+        if own and funnel is not None and list(network.funnel_order) != list(funnel):
+            raise ValueError(f"the network's funnel {network.funnel_order} is not the model's {funnel}")
+        self.conditional_towers = funnel is not None and not own  # towers predict a stage given the one before
+        self.funnel = Funnel(funnel) if self.conditional_towers else nn.Identity()
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         return self.funnel(self.network(categorical, self.normalizer(numeric)))
 
     def split_forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> SplitForward:
         split = self.network.split_forward(categorical, self.normalizer(numeric))
-        if self.funnel_order is not None:  # a stage's probability multiplies the towers of the stages before it
+        if self.conditional_towers:  # a stage's probability multiplies the towers of the stages before it
             split.logits, split.coupled = self.funnel(split.logits), True
         return split
 
+    def auxiliary_losses(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The network's own loss terms ([T], summed over the rows) from this model's logits (models/base.py)."""
+        return self.network.auxiliary_losses(logits)
+
     def set_base_rates(self, rates: torch.Tensor) -> None:
-        """Start every tower at its task's share of positives: with a funnel, the share among the rows where
+        """Start every tower at its task's share of positives: with an ESMM funnel, the share among the rows where
         the stage before it is positive."""
-        if self.funnel_order is not None:
+        if self.conditional_towers and self.funnel_order is not None:
             rates = conditional_probabilities(rates, self.funnel_order)
         self.network.towers.set_base_rates(rates)
 
@@ -106,8 +121,9 @@ class ModelSpec:
         return None if self.funnel is None else [self.tasks.index(task) for task in self.funnel]
 
     def build(self) -> ScoringModel:
+        order = self.funnel_order
         inputs = Inputs(self.encoders.cardinalities, len(self.encoders.numeric), len(self.tasks),
-                        len(self.encoders.bags))
+                        len(self.encoders.bags), None if order is None else tuple(order))
         network = build_model(ModelConfig(**self.model), inputs)  # an older run's spec lacks later fields: defaults
         return ScoringModel(NumericNormalizer(self.encoders.numeric), network, self.funnel_order)
 
@@ -117,10 +133,14 @@ class ModelSpec:
             "tasks": self.tasks,
             "main_task": self.main_task,
             "inputs": INPUTS_DOC,
-            **({"funnel": self.funnel, "outputs": FUNNEL_DOC} if self.funnel is not None else {}),
+            **({"funnel": self.funnel, "outputs": self._outputs_doc()} if self.funnel is not None else {}),
             **self.encoders.to_dict(),
             "model": self.model,
         }
+
+    def _outputs_doc(self) -> str:
+        kind = MODELS.get(self.model.get("model", ""))
+        return ENTIRE_SPACE_DOC if kind is not None and kind.entire_space else FUNNEL_DOC
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelSpec:

@@ -2,7 +2,8 @@
 read through the same table of settings fit uses (config.py; each balancer's own settings from the registry).
 
 `--balance` names the methods compared; every other list is a hyper-parameter: a setting that belongs to some
-balancers' settings multiplies those methods' runs only, any other setting every method's. A method's
+balancers' settings multiplies those methods' runs only, `--balance-level` those of the methods that work at
+more than one level (the others run at their own), any other setting every method's. A method's
 configurations are the product of its lists; each runs once per seed. In a TOML file, a table `[method.NAME]`
 adds a method of its own name with its own settings and lists (`balance = "none"` and a list of task weights: the
 plain sum with tuned weights, beside the untuned one).
@@ -23,6 +24,7 @@ from mbtrain.errors import MbtrainError
 FIXED = {"tasks", "main_task", "valid", "valid_fraction", "group_by", "categorical", "numeric", "exclude",
          "monitor", "threads", "device", "memory_budget", "tensorboard", "seed"}
 DEFAULT_SEEDS = 3
+LEVEL = "balance_level"
 
 
 @dataclass
@@ -42,8 +44,11 @@ class Grid:
 
     def configurations(self, method: str) -> list[dict[str, Any]]:
         """The method's configurations: one dict of its varied settings each (empty: the one configuration)."""
-        own = setting_names(self.balancer(method))
-        others = set(setting_fields())  # other balancers' settings do not multiply this method's runs
+        balancer = self.balancer(method)
+        own = setting_names(balancer)
+        others = {*setting_fields(), LEVEL}  # other balancers' settings do not multiply this method's runs
+        if len(BALANCERS[balancer].levels) > 1:
+            own.append(LEVEL)
         lists = {**self.lists, **self.variants.get(method, {})}
         varied = {name: values for name, values in lists.items()
                   if len(values) > 1 and (name in own or name not in others)}
@@ -54,8 +59,10 @@ class Grid:
         """The run's complete settings (data paths are the protocol's)."""
         lists = {**self.lists, **self.variants.get(method, {})}
         chosen = {name: values[0] for name, values in lists.items()}  # a list that does not vary it: its first
-        return RunConfig().updated({**self.fixed, **chosen, **configuration, "balance": self.balancer(method),
-                                    "seed": seed})
+        settings = {**self.fixed, **chosen, **configuration, "balance": self.balancer(method), "seed": seed}
+        if settings.get(LEVEL) not in BALANCERS[self.balancer(method)].levels:
+            settings.pop(LEVEL, None)  # a method with no choice of level runs at its own
+        return RunConfig().updated(settings)
 
     def to_dict(self) -> dict[str, Any]:
         return {"fixed": self.fixed, "lists": self.lists, "methods": self.methods, "seeds": self.seeds,
