@@ -50,7 +50,7 @@ bench-balancers: install
 	$(BIN)/python benchmarks/balancers.py --out bench-balancers
 
 bench-architectures: install
-	POLARS_MAX_THREADS=2 $(BIN)/python benchmarks/architectures.py --threads 2
+	$(BIN)/python benchmarks/architectures.py --out bench-architectures
 
 bench-vocab: install
 	$(BIN)/python benchmarks/vocab.py

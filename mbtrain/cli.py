@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 
 from mbtrain.balance import BALANCERS
 from mbtrain.balance.metabalance import STRATEGIES
+from mbtrain.balance.mgda import NORMALIZATIONS
 from mbtrain.config import MONITORS, RunConfig, parse_list, parse_weights, read_toml, setting_sections
 from mbtrain.errors import MbtrainError
 from mbtrain.models import MODELS
@@ -155,6 +156,15 @@ def fit(
                                                                 "famo_decay"))] = None,
     gradnorm_alpha: Annotated[float | None, typer.Option(help=_help("GradNorm's asymmetry α.",
                                                                     "gradnorm_alpha"))] = None,
+    mgda_normalization: Annotated[str | None, typer.Option(help=_help(
+        f"MGDA's gradient normalisation before the min-norm problem: {' | '.join(NORMALIZATIONS)}.",
+        "mgda_normalization"))] = None,
+    cagrad_c: Annotated[float | None, typer.Option(help=_help(
+        "CAGrad's c in [0, 1): how far from the average gradient, in units of its norm.", "cagrad_c"))] = None,
+    nash_update_weights_every: Annotated[int | None, typer.Option(help=_help(
+        "Nash-MTL solves for its weights every N steps.", "nash_update_weights_every"))] = None,
+    nash_max_norm: Annotated[float | None, typer.Option(help=_help(
+        "Nash-MTL clips the combined shared gradient to this norm (0: no clipping).", "nash_max_norm"))] = None,
     db_mtl_beta: Annotated[float | None, typer.Option(help=_help("DB-MTL's moving-average factor β in [0, 1).",
                                                                  "db_mtl_beta"))] = None,
     db_mtl_beta_sigma: Annotated[float | None, typer.Option(help=_help(

@@ -261,10 +261,9 @@ def _by_seed(runs: list[_Run], task: str, metric: str, seeds: list[int]) -> list
 
 
 def _paired_dict(pair: Paired, seeds: list[int]) -> dict[str, Any]:
-    """Paired.to_dict, valid JSON where nothing could be paired (its mean is NaN then) and saying why."""
+    """Paired.to_dict, saying why where nothing could be paired."""
     data = pair.to_dict()
     if pair.n == 0:
-        data["mean"] = None
         data["verdict"] = ("nothing to pair: no seed in common with the baseline" if not seeds
                            else "nothing to pair: the metric is missing on every seed both have")
     return data

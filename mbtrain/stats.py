@@ -58,6 +58,8 @@ class Paired:
 
     def verdict(self) -> str:
         """better, worse, or no difference this comparison can detect (the interval spans 0)."""
+        if self.n == 0:
+            return "no seed where both runs finished: nothing to compare"
         if self.low is None:
             return "no interval: at least 2 seeds are needed"
         if self.std == 0 and self.mean == 0:
@@ -79,7 +81,7 @@ def paired(method: Sequence[float | None], baseline: Sequence[float | None], hig
     diffs = [m - b for m, b in zip(method, baseline, strict=True) if m is not None and b is not None]
     n = len(diffs)
     if n == 0:
-        return Paired(0, math.nan, None, None, None, 0, higher_is_better)
+        return Paired(0, None, None, None, None, 0, higher_is_better)
     mean = sum(diffs) / n
     won = sum(1 for d in diffs if (d > 0 if higher_is_better else d < 0))
     if n < 2:

@@ -266,7 +266,8 @@ def test_bad_inputs() -> None:
 
 def test_build_balancer() -> None:
     assert tuple(BALANCERS) == ("none", "metabalance", "multibalance", "pcgrad", "gradnorm", "uncertainty", "dwa",
-                                "famo")
+                                "famo", "mgda", "cagrad", "nash-mtl", "imtl", "imtl-l", "aligned-mtl", "rlw", "db-mtl",
+                                "gradvac")
     torch.manual_seed(4)
     model = TinyMultiTask(3)
     plain = copy.deepcopy(model)

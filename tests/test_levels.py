@@ -40,6 +40,7 @@ def reference_backward(model: torch.nn.Module, split: SplitForward, losses: list
     weights on the Gram matrix of the flattened representation gradients."""
     grads = boundary_gradients(split, losses)
     flat = torch.stack([torch.cat([g.reshape(-1) for g in task]) for task in grads])
+    weights_of.loss_values = torch.stack([loss.detach() for loss in losses])  # the batch's, as backward sets them
     weights = weights_of.weights(flat @ flat.T)
     combined = [sum(weights[k] * grads[k][i] for k in range(len(losses))) for i in range(len(split.boundary))]
     trunk_backward(model, split, losses, combined)

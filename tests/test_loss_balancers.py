@@ -187,7 +187,7 @@ def test_state_round_trip_continues_identically(name: str, same_batch: bool) -> 
 # the balancer's own state after resuming, where it has one beyond the model and optimizer
 STATE = {"metabalance": "moving_norms", "multibalance": "moving_norms", "pcgrad": "generator", "gradnorm": "weights",
          "uncertainty": "log_vars", "dwa": "history", "famo": "logits", "imtl-l": "log_scales", "rlw": "generator",
-         "db-mtl": "buffers", "gradvac": "targets", "nash-mtl": "weights"}  # the others keep no state
+         "db-mtl": "buffers", "gradvac": "targets", "nash-mtl": "alpha"}  # the others keep no state
 
 
 @pytest.mark.parametrize("balance", [name for name in BALANCERS if name != "none"])

@@ -13,6 +13,9 @@ from mbtrain.balance.gradnorm import GradNorm
 from mbtrain.balance.uncertainty import Uncertainty
 from mbtrain.balance.dwa import DWA
 from mbtrain.balance.famo import FAMO
+from mbtrain.balance.mgda import MGDA
+from mbtrain.balance.cagrad import CAGrad
+from mbtrain.balance.nash_mtl import NashMTL
 from mbtrain.balance.imtl import IMTLG
 from mbtrain.balance.imtl_l import IMTLL
 from mbtrain.balance.aligned_mtl import AlignedMTL
@@ -24,6 +27,6 @@ from mbtrain.balance.gradvac import GradVac
 from mbtrain.balance.base import Balancer
 from mbtrain.balance.registry import BALANCERS, Setup, build_balancer, register
 
-__all__ = ["BALANCERS", "DBMTL", "DWA", "FAMO", "IMTLG", "IMTLL", "RLW", "AlignedMTL", "Balancer", "GradNorm",
-           "GradVac", "MetaBalance", "MultiBalance", "PCGrad", "PlainSum", "Setup", "Uncertainty", "build_balancer",
-           "register"]
+__all__ = ["BALANCERS", "DBMTL", "DWA", "FAMO", "IMTLG", "IMTLL", "MGDA", "RLW", "AlignedMTL", "Balancer", "CAGrad",
+           "GradNorm", "GradVac", "MetaBalance", "MultiBalance", "NashMTL", "PCGrad", "PlainSum", "Setup",
+           "Uncertainty", "build_balancer", "register"]

@@ -117,7 +117,8 @@ def _method(method: str, records: list[dict[str, Any]], tasks: list[str], metric
                   if r is not None and b is not None and r["epoch_seconds"] and b["epoch_seconds"]]
         block["epoch_time_ratio"] = statistics.median(ratios) if ratios else None
         base_seconds = sum(r["seconds"] or 0.0 for r in records if r["method"] == baseline)
-        block["total_time_ratio"] = block["seconds"] / base_seconds if base_seconds else None
+        finished = block["finished"] and base_seconds  # a method whose every run failed took no comparable time
+        block["total_time_ratio"] = block["seconds"] / base_seconds if finished else None
     return block
 
 
