@@ -189,7 +189,8 @@ def fit(
                                                 help="ESMM's entire-space funnel: --tasks in order are stages (each "
                                                      "implies the one before), each tower predicts its stage given "
                                                      "the one before and each task's probability is the product "
-                                                     "down the funnel (always on for --model esmm).")] = None,
+                                                     "down the funnel (always on for --model esmm; --model aitm "
+                                                     "is a funnel of its own).")] = None,
     tower: Annotated[str | None, typer.Option(help=_help("Tower hidden sizes (empty for none).", "tower"))] = None,
     dropout: Annotated[float | None, typer.Option(help=_help("Dropout in [0, 1).", "dropout"))] = None,
     norm: Annotated[str | None, typer.Option(help=_help(f"Hidden-layer normalisation: {' | '.join(NORMS)}.",

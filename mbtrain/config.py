@@ -91,6 +91,12 @@ class BalanceConfig:
         return cls(raw.get("balance", "none"), dict(raw.get("task_weights", {})),
                    raw.get("balance_level", PARAMETERS), settings)
 
+    @property
+    def described(self) -> str:
+        """--balance as the run's summary names it, with its level where that is not the parameters'."""
+        level = self.balance_level if self.balance_level in BALANCERS[self.balance].levels else PARAMETERS
+        return self.balance if level == PARAMETERS or self.balance == "multibalance" else f"{self.balance} ({level})"
+
     def chosen(self) -> Any:
         """The --balance balancer's settings object (its class in the balancer's file)."""
         return settings_of(self.balance, self.settings)

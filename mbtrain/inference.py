@@ -59,7 +59,7 @@ def predict(path: Path, data: Path, keep: list[str], conditional: bool = False) 
     (funnel models) then one cond_<task> column per task: its probability given the funnel stage before it."""
     module, spec, frame = _read(path, data)
     if conditional and spec.funnel_order is None:
-        raise MbtrainError(f"--conditional: {path} has no funnel (fit with --funnel or --model esmm)")
+        raise MbtrainError(f"--conditional: {path} has no funnel (fit with --funnel, --model esmm or --model aitm)")
     keep = list(dict.fromkeys(keep))
     made = {f"{prefix}_{task}" for task in spec.tasks for prefix in ("pred", "cond")[: 1 + conditional]}
     for name in keep:

@@ -187,7 +187,7 @@ class FitRecipe:
         data, spec, cluster = self.data, self.spec, self.cluster
         ranks = f", {cluster.world_size} ranks" if cluster.world_size > 1 else ""
         return (f"[bold]mbtrain fit[/] {self.data_path}: {len(data.train):,} training rows, {len(data.valid):,} "
-                f"validation rows; {model_text(spec.model, spec.funnel)}, balance {self.config.balance.balance}; "
+                f"validation rows; {model_text(spec.model, spec.funnel)}, balance {self.config.balance.described}; "
                 f"tasks {', '.join(spec.tasks)} (main {spec.main_task}); data {data.storage}; {cluster.device}"
                 f"{ranks}; run {self.out}")
 
@@ -250,7 +250,7 @@ class FitRecipe:
         weighted = f" · task weights {_weights_text(weights)}" if weights else ""
         self.console.print(metrics_table(
             metrics, f"validation metrics, best epoch {best['epoch']} of {epoch}",
-            f"{note}{model_text(spec.model, spec.funnel)} · balance {config.balance.balance}{weighted} · "
+            f"{note}{model_text(spec.model, spec.funnel)} · balance {config.balance.described}{weighted} · "
             f"{len(data.train):,} train / {len(data.valid):,} valid rows · run saved in {self.out}",
         ))
         return metrics

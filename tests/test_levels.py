@@ -56,7 +56,7 @@ def trunk_backward(model: torch.nn.Module, split: SplitForward, losses: list[tor
     torch.autograd.backward(split.boundary, grad_tensors=combined)
 
 
-@pytest.mark.parametrize("name", ["mmoe", "ple", "esmm"])
+@pytest.mark.parametrize("name", ["mmoe", "ple", "esmm", "aitm"])
 @pytest.mark.parametrize("balance", WEIGHTED)
 def test_the_representation_level_combines_the_gradients_at_the_trunks_outputs(balance: str, name: str) -> None:
     ours, theirs = twin_models(name, CARDS)
