@@ -18,7 +18,7 @@ from scipy.optimize import fsolve, minimize
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from mbtrain.balance import MGDA, CAGrad, NashMTL, Setup, build_balancer
+from mbtrain.balance import MGDA, CAGrad, NashMTL, Setup, build_balancer, nash_mtl
 from mbtrain.balance.cagrad import CagradSettings
 from mbtrain.balance.mgda import MgdaSettings
 from mbtrain.balance.nash_mtl import NashMtlSettings
@@ -328,6 +328,20 @@ def test_a_float32_gram_matrix_gives_float32_weights_close_to_float64s(balance: 
     torch.testing.assert_close(single, double.float(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES)
+def test_nash_mtls_early_stop_on_the_cpu_gives_the_fixed_counts_weights(case: str, dtype: torch.dtype,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU's solve (no search where it would be discarded, a stop once converged) against the other devices'
+    (every step's search, NEWTON_STEPS steps) on the CPU: the same weights within rounding."""
+    g = gradients(case)
+    gram = (g @ g.T).to(dtype)
+    stopping = NashMTL([ONE], max_norm=0.0).weights(gram)
+    monkeypatch.setattr(nash_mtl, "HOST_DEVICES", ())
+    fixed = NashMTL([ONE], max_norm=0.0).weights(gram)
+    torch.testing.assert_close(stopping, fixed, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+
+
 def test_nash_mtl_clips_the_update_and_reuses_its_weights_between_solves() -> None:
     g = gradients("random-3")
     first, second = g, g * torch.tensor([[2.0], [1.0], [0.5]], dtype=torch.float64)
@@ -343,9 +357,11 @@ def test_nash_mtl_clips_the_update_and_reuses_its_weights_between_solves() -> No
 
 @pytest.mark.parametrize("tasks", [3, 10], ids=["exact", "frank-wolfe"])
 @pytest.mark.parametrize("balance", ["mgda", "cagrad", "nash-mtl"])
-def test_the_weights_read_no_value_on_the_host(balance: str, tasks: int) -> None:
+def test_the_weights_read_no_value_on_the_host(balance: str, tasks: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """No .item(), no bool() of a tensor, no data-dependent shape (each a host sync on a GPU): under fake tensors,
-    which have no values, any of them raises."""
+    which have no values, any of them raises. (Nash-MTL's solver reads values on the CPU only, where they cost no
+    sync: the fake tensors, on the CPU, take the other devices' path.)"""
+    monkeypatch.setattr(nash_mtl, "HOST_DEVICES", ())
     balancer = build_balancer(balance, Setup([ONE], [], tasks))
     balancer.loss_values = torch.rand(tasks, dtype=torch.float64)
     with FakeTensorMode(allow_non_fake_inputs=True):

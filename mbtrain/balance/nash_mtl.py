@@ -5,11 +5,14 @@ derivative α_k·g_kᵀ(Σ_j α_j g_j) is 1, so the update has norm √T.
 Solver (the authors: cvxpy's ECOS on a sequence of convex approximations, up to 20 of them, on the host). Gα = 1/α
 is the stationarity of the convex f(α) = ½αᵀGα − Σ_k log α_k, minimised here by NEWTON_STEPS Newton steps, a fixed
 count with no host sync, in float64. f is self-concordant: once the Newton decrement λ is below 1/4 the full step
-is taken (quadratic convergence); before, the step of least f among the damped one, 1/(1 + λ), which is sure to
-decrease f, and 1, 2, 4, ... 2^LINE_SEARCH_DOUBLINGS Newton steps (evaluated side by side: far from the solution
-α may have to grow by orders of magnitude). A fraction-to-the-boundary cap keeps α > 0. It runs on the correlation
-matrix C = D⁻¹GD⁻¹ (D = diag ‖g_k‖), y = Dα, whose solution is the same (CDα = 1/(Dα)) and whose scale is fixed,
-from the best multiple of 1; 8 steps reach rounding on random problems. A task whose gradient is zero has no
+is taken (quadratic convergence; it moves each α_k by at most λ·α_k, so α stays > 0); before, the step of least f
+among the damped one, 1/(1 + λ), which is sure to decrease f, and 1, 2, 4, ... 2^LINE_SEARCH_DOUBLINGS Newton steps
+(evaluated side by side: far from the solution α may have to grow by orders of magnitude), capped short of the
+boundary α > 0. It runs on the correlation matrix C = D⁻¹GD⁻¹ (D = diag ‖g_k‖), y = Dα, whose solution is the same
+(CDα = 1/(Dα)) and whose scale is fixed, from the best multiple of 1; 4 to 8 steps reach rounding on random
+problems. On HOST_DEVICES (the CPU), where reading a value costs no sync, the search is skipped where its result
+would be discarded and the solve stops after the full step from a λ below STOP_DECREMENT (the next λ, ~its square,
+is rounding), the same result within rounding in a fraction of the time. A task whose gradient is zero has no
 bargaining solution (α_k → ∞); it gets α_k = 0 (it adds nothing either way) and the others bargain alone. Where no
 solution exists (a positive combination of the gradients is 0, e.g. two opposed tasks) f is unbounded below: the
 ridge RIDGE_ULPS·T·eps·I on C (eps of the Gram matrix's dtype, which also covers its rounding) keeps it solvable,
@@ -40,10 +43,12 @@ from mbtrain.balance.per_task import PARAMETERS, WeightedGradients
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import at_least_one, non_negative
 
-NEWTON_STEPS = 20
+NEWTON_STEPS = 20  # a fixed count; on HOST_DEVICES at most, the solve stopping once converged
 LINE_SEARCH_DOUBLINGS = 30  # far from the solution, 1, 2, 4, ..., 2^30 Newton steps are tried too
 RIDGE_ULPS = 100  # RIDGE = RIDGE_ULPS·T·eps(the Gram matrix's dtype), on the unit-diagonal C
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
+HOST_DEVICES = ("cpu",)  # where reading a value is no sync: the solve stops once converged
+STOP_DECREMENT = 1e-9  # converged: the full step from a decrement below it leaves one of ~its square, rounding
 
 
 @dataclass(frozen=True)
@@ -114,18 +119,23 @@ def bargaining_weights(gram: torch.Tensor, ridge: float, steps: int = NEWTON_STE
     curvature = correlation + ridge * eye
     y = (n_tasks / curvature.sum()).sqrt() * torch.ones_like(norms)  # argmin over s of f(s·1)
     stretch = 2.0 ** torch.arange(LINE_SEARCH_DOUBLINGS + 1, dtype=gram.dtype, device=gram.device)
+    on_host = gram.device.type in HOST_DEVICES
     for _ in range(steps):
-        slope = curvature @ y - 1 / y
-        hessian = curvature + torch.diag_embed(y.square().reciprocal())
-        move, _ = torch.linalg.solve_ex(hessian, -slope.unsqueeze(1))
-        move = move.squeeze(1)
+        slope = curvature @ y - y.reciprocal()
+        hessian = curvature + torch.diag_embed(y.pow(-2))
+        move = torch.linalg.solve_ex(hessian, -slope)[0]
         decrement = (-(slope @ move)).clamp(min=0).sqrt()
-        damped = torch.where(decrement < 0.25, torch.ones_like(decrement), 1 / (1 + decrement))
+        near = decrement < 0.25  # then |move_k| ≤ decrement·y_k: the full step keeps y > 0
+        if on_host and near:  # the search below would be discarded
+            y = y + move
+            if decrement < STOP_DECREMENT:
+                break
+            continue
         boundary = torch.where(move < 0, -0.99 * y / move, torch.full_like(y, torch.inf)).min()
-        sizes = torch.minimum(torch.cat([damped.reshape(1), stretch]), boundary)
+        sizes = torch.minimum(torch.cat([(1 / (1 + decrement)).reshape(1), stretch]), boundary)
         tried = y + sizes.unsqueeze(1) * move  # [S, T]: the damped step and 1, 2, 4, ... times the Newton step
         values = 0.5 * ((tried @ curvature) * tried).sum(dim=1) - tried.clamp(min=0).log().sum(dim=1)
         values = torch.where(torch.isfinite(values), values, torch.full_like(values, torch.inf))
         searched = tried.index_select(0, values.argmin().reshape(1)).squeeze(0)
-        y = torch.where(decrement < 0.25, y + torch.minimum(damped, boundary) * move, searched)
+        y = torch.where(near, y + move, searched)
     return torch.where(reached, y / scale, torch.zeros_like(y))
