@@ -162,6 +162,55 @@ def test_gradvac_matches_the_reference_over_steps(name: str, table: str, path: s
     assert reference.corrections > 0 and reference.toward_positive > 0  # both kinds of correction were made
 
 
+def gradvac_weights_pair_by_pair(gram: torch.Tensor, targets: torch.Tensor, beta: float,
+                                 generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """GradVac.weights on the Gram matrix written as one pair at a time, row after row, in the same orders
+    (moving `targets` in place): the weights and how many corrections were made."""
+    n_tasks = len(gram)
+    coefficients = torch.eye(n_tasks, dtype=gram.dtype)
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    corrections = 0
+    for i in range(n_tasks):
+        others = [j for j in range(n_tasks) if j != i]
+        row = coefficients[i]
+        for at in torch.randperm(n_tasks - 1, generator=generator).tolist():
+            j = others[at]
+            norm = (row @ gram @ row).clamp(min=0).sqrt()
+            cosine = row @ gram[:, j] / (norm * norms[j] + 1e-8)
+            target = targets[i, j].clone()
+            root = (1 - target**2).clamp(min=0).sqrt()
+            if cosine < target:
+                sine = (1 - cosine**2).clamp(min=0).sqrt()
+                row[j] += norm * (target * sine - cosine * root) / (norms[j] * root + 1e-8)
+                corrections += 1
+            targets[i, j] = (1 - beta) * target + beta * cosine
+    return coefficients.sum(dim=0), corrections
+
+
+@pytest.mark.parametrize("n_tasks", [2, 3, 5])
+def test_gradvac_weights_equal_its_pairs_taken_one_at_a_time(n_tasks: int) -> None:
+    """All rows at once (GradVac.weights) against one pair at a time, over steps from random targets."""
+    data = torch.Generator().manual_seed(n_tasks)
+    balancer = GradVac([torch.nn.Parameter(torch.zeros(1))], rate=0.3, seed=SEED)
+    balancer.targets = torch.rand(n_tasks, n_tasks, generator=data, dtype=torch.float64) * 2 - 1
+    targets, generator = balancer.targets.clone(), torch.Generator().manual_seed(SEED)
+    corrections, visits = 0, 0
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # no op in weights that lacks a deterministic version
+    try:
+        for _ in range(4):
+            grads = torch.randn(n_tasks, 6, generator=data, dtype=torch.float64)
+            gram = grads @ grads.T
+            expected, made = gradvac_weights_pair_by_pair(gram, targets, 0.3, generator)
+            torch.testing.assert_close(balancer.weights(gram), expected, rtol=0, atol=1e-12)
+            torch.testing.assert_close(balancer.targets, targets, rtol=0, atol=1e-12)
+            corrections, visits = corrections + made, visits + n_tasks * (n_tasks - 1)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert 0 < corrections < visits  # some pairs corrected, some left
+    assert torch.equal(balancer.generator.get_state(), generator.get_state())
+
+
 @pytest.mark.parametrize(("balance", "level"), [("db-mtl", PARAMETERS), ("gradvac", PARAMETERS),
                                                 ("gradvac", REPRESENTATION)])
 def test_a_balancer_rebuilt_from_its_state_continues_identically(balance: str, level: str) -> None:

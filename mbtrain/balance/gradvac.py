@@ -17,8 +17,9 @@ the paper's own runs used 1e-2. The whole shared gradient is one vector (LibMTL'
 
 Every g_i' stays in the span of the task gradients, so the corrections run on the [T, T] coefficients and the
 Gram matrix (as PCGrad's), at either level: at the representation level the Gram matrix is summed across
-ranks first (per_task.py), so the targets move alike on every rank. No host sync: the condition is a
-torch.where.
+ranks first (per_task.py), so the targets move alike on every rank. The rows' corrections are independent of
+each other, so weights() takes every row's next pair at once: T−1 batched steps. No host sync: the condition is
+a torch.where, the orders reach the device in one copy from pinned memory.
 """
 
 from __future__ import annotations
@@ -67,24 +68,33 @@ class GradVac(WeightedGradients):
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         """g_i' = Σ_j c_ij·g_j: g_i'·g_j = c_i·G[:, j], ‖g_i'‖² = c_i·G·c_i, a correction c_ij += w; the sinks
-        get Σ_j (Σ_i c_ij)·g_j."""
+        get Σ_j (Σ_i c_ij)·g_j. Row i's corrections read only c_i, G and its own targets (each visited once, so
+        read before and moved after), so the rows go together: at step s each row i takes the s-th task of its
+        order, the orders drawn up front as one row at a time would draw them."""
         n_tasks = gram.shape[0]
         targets = self._targets(gram)
-        norms = gram.diagonal().clamp(min=0).sqrt()
+        orders = [[j + (j >= i) for j in torch.randperm(n_tasks - 1, generator=self.generator).tolist()]
+                  for i in range(n_tasks)]
+        # [T-1, T]: at step s, row i's pair (i, j) as its flat index i·T + j
+        pairs = torch.tensor([[i * n_tasks + order[s] for i, order in enumerate(orders)]
+                              for s in range(n_tasks - 1)])
+        if gram.is_cuda:  # copied from pinned memory, not waited for: no host sync
+            pairs = pairs.pin_memory().to(gram.device, non_blocking=True)
+        others = pairs % n_tasks  # j
+        norms = gram.diagonal().clamp(min=0).sqrt().take(others)  # ‖g_j‖
+        target = targets.take(pairs)  # φ̂_ij
+        root = (1 - target.square()).clamp(min=0).sqrt()
+        below = norms * root + EPS
         coefficients = torch.eye(n_tasks, dtype=gram.dtype, device=gram.device)
-        for i in range(n_tasks):
-            others = [j for j in range(n_tasks) if j != i]
-            row = coefficients[i]  # a view: corrections land in it
-            for at in torch.randperm(n_tasks - 1, generator=self.generator).tolist():
-                j = others[at]
-                norm = (row @ gram @ row).clamp(min=0).sqrt()  # ‖g_i'‖
-                cosine = (row @ gram[:, j]) / (norm * norms[j] + EPS)
-                target = targets[i, j].clone()
-                root = (1 - target.square()).clamp(min=0).sqrt()
-                step = (norm * (target * (1 - cosine.square()).clamp(min=0).sqrt() - cosine * root)
-                        / (norms[j] * root + EPS))
-                row[j] += torch.where(cosine < target, step, 0.0)
-                targets[i, j] = (1 - self.rate) * target + self.rate * cosine
+        cosines = []
+        for at, norm_j, target_j, root_j, below_j in zip(pairs, norms, target, root, below, strict=True):
+            product = coefficients @ gram  # row i: c_i·G
+            norm = torch.linalg.vecdot(product, coefficients).clamp(min=0).sqrt()  # ‖g_i'‖
+            cosine = product.take(at) / (norm * norm_j + EPS)
+            step = norm * (target_j * (1 - cosine.square()).clamp(min=0).sqrt() - cosine * root_j) / below_j
+            coefficients.view(-1).index_add_(0, at, torch.where(cosine < target_j, step, 0.0))
+            cosines.append(cosine)
+        targets[pairs // n_tasks, others] = (1 - self.rate) * target + self.rate * torch.stack(cosines)
         return coefficients.sum(dim=0)
 
     def _targets(self, gram: torch.Tensor) -> torch.Tensor:
