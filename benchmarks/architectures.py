@@ -14,8 +14,8 @@ the seeds, seeds won, the auxiliary tasks' differences, epoch and total time rat
 Data sets:
 - adult: Adult (../shared/data/adult/adult.parquet, 48,842 rows): income_50k (main), never_married. Not a funnel
   (income does not imply marriage or its absence), so the funnel models (esmm, mmoe-funnel, aitm) fail there
-  with the funnel-breaking error: the report shows those methods with no test AUC ("—", no verdict: "no
-  interval") and lists each failed run's error as a warning.
+  with the funnel-breaking error: the report shows those methods with no test AUC ("—"; verdict: no seed where
+  both runs finished) and lists each failed run's error as a warning.
 - generated funnel: benchmarks/synthetic.py (--rows rows): tasks click, cart, purchase in that order, so that the
   funnel models see the stages first to last; purchase (rare) is the main task.
 
@@ -26,16 +26,12 @@ Run it alone on the machine (2 fits at a time, the cores shared between them unl
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for the sibling benchmarks as a script
 
-from balancers import ADULT  # noqa: E402
-from synthetic import impressions  # noqa: E402
+from balancers import common_arguments, sweep_each  # noqa: E402
 
 # (tasks, main task): the funnel's stages first to last, so the funnel models read them in order
 TASKS = {"adult": (["income_50k", "never_married"], "income_50k"),
@@ -55,34 +51,12 @@ def grid(tasks: list[str], main: str, seeds: int, quick: bool, threads: int | No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common_arguments(__doc__)
     parser.add_argument("--datasets", nargs="+", choices=list(TASKS), default=list(TASKS))
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--rows", type=int, default=50_000, help="rows of the generated funnel")
-    parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch threads per fit (default: the cores shared by the jobs)")
-    parser.add_argument("--data", type=Path, default=ADULT, help="the Adult parquet file")
-    parser.add_argument("--out", type=Path, help="keep the sweeps here (default: a temporary folder)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 2 seeds, 2 epochs, 10k generated rows")
     args = parser.parse_args()
-    seeds, rows = (2, 10_000) if args.quick else (args.seeds, args.rows)
-    with tempfile.TemporaryDirectory() as scratch:
-        root = args.out or Path(scratch)
-        root.mkdir(parents=True, exist_ok=True)
-        for dataset in args.datasets:
-            name = dataset.replace(" ", "-")
-            if dataset == "adult":
-                data = args.data
-            else:
-                data = root / f"{name}.parquet"
-                if not data.is_file():
-                    impressions(rows).write_parquet(data)
-            config = root / f"{name}.toml"
-            config.write_text(grid(*TASKS[dataset], seeds, args.quick, args.threads))
-            print(f"\n== {dataset}: {data}", flush=True)
-            subprocess.run([sys.executable, "-m", "mbtrain", "sweep", str(data), "--config", str(config),
-                            "--baseline", BASELINE, "--jobs", str(args.jobs), "--out", str(root / name)],
-                           check=True)
+    sweep_each(args.datasets, lambda dataset, seeds, quick: grid(*TASKS[dataset], seeds, quick, args.threads),
+               BASELINE, args)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import argparse
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for synthetic.py as a script
@@ -55,21 +56,15 @@ def grid(tasks: list[str], seeds: int, quick: bool) -> str:
             + f'[method.tuned-sum]\nbalance = "none"\ntask-weights = [{weights}]\n' + representation)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", choices=list(TASKS), default=list(TASKS))
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--rows", type=int, default=50_000, help="rows of the generated funnel")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=ADULT, help="the Adult parquet file")
-    parser.add_argument("--out", type=Path, help="keep the sweeps here (default: a temporary folder)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: 2 seeds, 2 epochs, 10k generated rows")
-    args = parser.parse_args()
+def sweep_each(datasets: list[str], grid_of: Callable[[str, int, bool], str], baseline: str,
+               args: argparse.Namespace) -> None:
+    """Per data set: the data (the generated funnel written once under --out), its grid (`grid_of(dataset,
+    seeds, quick)`), and `mbtrain sweep` on them against `baseline`, which prints the report."""
     seeds, rows = (2, 10_000) if args.quick else (args.seeds, args.rows)
     with tempfile.TemporaryDirectory() as scratch:
         root = args.out or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
-        for dataset in args.datasets:
+        for dataset in datasets:
             name = dataset.replace(" ", "-")
             if dataset == "adult":
                 data = args.data
@@ -78,11 +73,30 @@ def main() -> None:
                 if not data.is_file():
                     impressions(rows).write_parquet(data)
             config = root / f"{name}.toml"
-            config.write_text(grid(TASKS[dataset], seeds, args.quick))
+            config.write_text(grid_of(dataset, seeds, args.quick))
             print(f"\n== {dataset}: {data}", flush=True)
             subprocess.run([sys.executable, "-m", "mbtrain", "sweep", str(data), "--config", str(config),
-                            "--baseline", "tuned-sum", "--jobs", str(args.jobs), "--out", str(root / name)],
+                            "--baseline", baseline, "--jobs", str(args.jobs), "--out", str(root / name)],
                            check=True)
+
+
+def common_arguments(description: str) -> argparse.ArgumentParser:
+    """The options both sweep benchmarks take."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=50_000, help="rows of the generated funnel")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=ADULT, help="the Adult parquet file")
+    parser.add_argument("--out", type=Path, help="keep the sweeps here (default: a temporary folder)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 seeds, 2 epochs, 10k generated rows")
+    return parser
+
+
+def main() -> None:
+    parser = common_arguments(__doc__)
+    parser.add_argument("--datasets", nargs="+", choices=list(TASKS), default=list(TASKS))
+    args = parser.parse_args()
+    sweep_each(args.datasets, lambda dataset, seeds, quick: grid(TASKS[dataset], seeds, quick), "tuned-sum", args)
 
 
 if __name__ == "__main__":

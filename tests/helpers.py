@@ -8,6 +8,7 @@ import random
 import polars as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 from typer.testing import CliRunner, Result
 
 from mbtrain.balance import MetaBalance
@@ -108,3 +109,43 @@ def assert_split_metabalance_equals_full(full: torch.nn.Module, fast: torch.nn.M
         torch.testing.assert_close(logits[1], logits[0], rtol=1e-12, atol=1e-12)
         assert_same_grads_then_step(full, fast)
     return balancers
+
+
+def losses_of(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Each task's mean log loss."""
+    return list(F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0).unbind())
+
+
+def flat_grads(losses: list[torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
+    """[T, dim] each loss's gradient of `inputs` by plain autograd, flattened (zeros where it does not reach)."""
+    rows = []
+    for loss in losses:
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(x) if g is None else g).reshape(-1)
+                               for g, x in zip(grads, inputs, strict=True)]))
+    return torch.stack(rows)
+
+
+def unflatten(vector: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`vector` cut into tensors shaped like `like`'s."""
+    return [part.view_as(t).clone() for part, t in zip(vector.split([t.numel() for t in like]), like, strict=True)]
+
+
+class TinyThreeTasks(nn.Module):
+    """A shared layer and one head per task, with losses of different scales."""
+
+    tasks = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(4, 5)
+        self.heads = nn.Linear(5, self.tasks)
+
+    def losses(self, step: int) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(step)
+        x = torch.randn(32, 4, generator=generator)
+        y = torch.randint(0, 2, (32, self.tasks), generator=generator).float()
+        per_task = F.binary_cross_entropy_with_logits(self.heads(torch.tanh(self.trunk(x))), y,
+                                                      reduction="none").mean(0)
+        return list((per_task * torch.tensor([1.0, 3.0, 0.3])).unbind())

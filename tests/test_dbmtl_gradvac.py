@@ -8,13 +8,12 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mbtrain.balance import DBMTL, GradVac, Setup, build_balancer
 from mbtrain.balance.db_mtl import DBMTLSettings
 from mbtrain.balance.gradvac import GradVacSettings
 from mbtrain.balance.per_task import PARAMETERS, REPRESENTATION
-from tests.helpers import assert_same_grads_then_step, run_cli, seeded_batch, twin_models
+from tests.helpers import assert_same_grads_then_step, losses_of, run_cli, seeded_batch, twin_models, unflatten
 
 # (cardinalities, batch rows): the split path's table gradients on the batch's rows (a table bigger than the
 # batch's entries) or on the whole table
@@ -22,18 +21,10 @@ TABLES = {"batch-rows": ([40, 50, 30], 16), "whole-table": ([5, 7, 3], 32)}
 SEED = 11
 
 
-def losses_of(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    return list(F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0).unbind())
-
-
 def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params,
                                                                                            strict=True)])
-
-
-def unflatten(vector: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [part.view_as(t).clone() for part, t in zip(vector.split([t.numel() for t in like]), like, strict=True)]
 
 
 def heads_get(model: torch.nn.Module, total: torch.Tensor) -> None:

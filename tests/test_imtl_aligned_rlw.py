@@ -9,7 +9,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mbtrain.balance import IMTLL, RLW, Setup, build_balancer
@@ -17,16 +16,20 @@ from mbtrain.balance.aligned_mtl import aligned_weights
 from mbtrain.balance.imtl import imtl_weights
 from mbtrain.balance.per_task import PARAMETERS, REPRESENTATION
 from mbtrain.models.split import SplitForward
-from tests.helpers import assert_same_grads_then_step, seeded_batch, twin_models
+from tests.helpers import (
+    TinyThreeTasks,
+    assert_same_grads_then_step,
+    flat_grads,
+    losses_of,
+    seeded_batch,
+    twin_models,
+    unflatten,
+)
 
 # (cardinalities, batch rows): the split path's table gradients on the batch's rows (a table bigger than the
 # batch's entries) or on the whole table
 TABLES = {"batch-rows": ([40, 50, 30], 16), "whole-table": ([5, 7, 3], 32)}
 TASKS = 3
-
-
-def losses_of(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    return list(F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0).unbind())
 
 
 # the formulas, literally: g is [T, dim], one flattened gradient per task
@@ -54,20 +57,6 @@ def aligned_reference(g: torch.Tensor) -> torch.Tensor:
 
 
 REFERENCES = {"imtl": imtl_reference, "aligned-mtl": aligned_reference}
-
-
-def flat_grads(losses: list[torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
-    """[T, dim] each loss's gradient of `inputs` by plain autograd, flattened (zeros where it does not reach)."""
-    rows = []
-    for loss in losses:
-        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(x) if g is None else g).reshape(-1)
-                               for g, x in zip(grads, inputs, strict=True)]))
-    return torch.stack(rows)
-
-
-def unflatten(vector: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [part.view_as(t).clone() for part, t in zip(vector.split([t.numel() for t in like]), like, strict=True)]
 
 
 def reference_backward(model: nn.Module, losses: list[torch.Tensor], split: SplitForward | None, balance: str
@@ -214,26 +203,9 @@ def test_zero_gradients_stay_zero(balance: str, level: str) -> None:
     assert torch.isfinite(balancer.task_weights).all()
 
 
-class Tiny(nn.Module):
-    """A shared layer and one head per task, with losses of different scales."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Linear(4, 5)
-        self.heads = nn.Linear(5, TASKS)
-
-    def losses(self, step: int) -> list[torch.Tensor]:
-        generator = torch.Generator().manual_seed(step)
-        x, y = torch.randn(32, 4, generator=generator), torch.randint(0, 2, (32, TASKS), generator=generator).float()
-        per_task = F.binary_cross_entropy_with_logits(self.heads(torch.tanh(self.trunk(x))), y,
-                                                      reduction="none").mean(0)
-        return list((per_task * torch.tensor([1.0, 3.0, 0.3])).unbind())
-
-
 def test_imtl_l_is_the_learned_scale_sum() -> None:
     """Σ_k e^{s_k}·L_k − s_k, s trained with the model by its optimizer, written out here."""
-    ours, theirs = Tiny(), Tiny()
+    ours, theirs = TinyThreeTasks(), TinyThreeTasks()
     balancer = build_balancer("imtl-l", Setup(list(ours.parameters()), [], TASKS))
     assert isinstance(balancer, IMTLL)
     optimizer = torch.optim.Adam([*ours.parameters(), *balancer.parameters()], lr=0.05)
@@ -268,7 +240,7 @@ def test_imtl_l_splits_its_regulariser_between_ranks() -> None:
 def test_rlw_draws_softmax_normal_weights_from_the_seed(seed: int) -> None:
     """w = T·softmax(z), z ~ N(0, I) from a CPU generator seeded by --seed; a reference trained with the same draws
     stays equal."""
-    ours, theirs = Tiny(), Tiny()
+    ours, theirs = TinyThreeTasks(), TinyThreeTasks()
     balancer = build_balancer("rlw", Setup(list(ours.parameters()), [], TASKS, seed=seed))
     assert isinstance(balancer, RLW)
     generator = torch.Generator().manual_seed(seed)

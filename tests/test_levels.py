@@ -7,20 +7,15 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mbtrain.balance import BALANCERS, GradNorm, MultiBalance, Setup, build_balancer
 from mbtrain.balance.per_task import REPRESENTATION, WeightedGradients
 from mbtrain.models.split import SplitForward
-from tests.helpers import assert_same_grads_then_step, run_cli, seeded_batch, twin_models
+from tests.helpers import assert_same_grads_then_step, losses_of, run_cli, seeded_batch, twin_models
 
 CARDS = [5, 7, 3]
 WEIGHTED = [name for name, kind in BALANCERS.items()
             if REPRESENTATION in kind.levels and issubclass(kind, WeightedGradients)]
-
-
-def losses_of(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    return list(F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0).unbind())
 
 
 def boundary_gradients(split: SplitForward, losses: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -12,33 +12,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from torch import nn
 
 from mbtrain.balance import BALANCERS, DWA, FAMO, Balancer, Setup, Uncertainty, build_balancer
 from mbtrain.balance.registry import default_settings, settings_of
-from tests.helpers import run_cli
+from tests.helpers import TinyThreeTasks, run_cli
 
 TASKS = 3
 
 
-class Tiny(nn.Module):
-    """A shared layer and one head per task, with losses of different scales."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Linear(4, 5)
-        self.heads = nn.Linear(5, TASKS)
-
-    def losses(self, step: int) -> list[torch.Tensor]:
-        generator = torch.Generator().manual_seed(step)
-        x, y = torch.randn(32, 4, generator=generator), torch.randint(0, 2, (32, TASKS), generator=generator).float()
-        per_task = nn.functional.binary_cross_entropy_with_logits(self.heads(torch.tanh(self.trunk(x))), y,
-                                                                  reduction="none").mean(0)
-        return list((per_task * torch.tensor([1.0, 3.0, 0.3])).unbind())
-
-
-def _step(model: Tiny, balancer, optimizer: torch.optim.Optimizer, step: int) -> None:
+def _step(model: TinyThreeTasks, balancer, optimizer: torch.optim.Optimizer, step: int) -> None:
     """One training step as the fit loop takes it: backward, optimizer step, then FAMO's same-batch update."""
     optimizer.zero_grad()
     balancer.backward(model.losses(step))
@@ -50,7 +32,7 @@ def _step(model: Tiny, balancer, optimizer: torch.optim.Optimizer, step: int) ->
 
 def _train(balancer_of, reference_step, steps: int = 5) -> None:
     """Train one model with the balancer and a copy with the reference's loss; parameters must stay equal."""
-    ours, theirs = Tiny(), Tiny()
+    ours, theirs = TinyThreeTasks(), TinyThreeTasks()
     balancer = balancer_of(ours)
     optimizer = torch.optim.Adam([*ours.parameters(), *balancer.parameters()], lr=0.05)
     reference = reference_step(theirs)
@@ -64,7 +46,7 @@ def _train(balancer_of, reference_step, steps: int = 5) -> None:
 def test_uncertainty_is_the_learned_log_variance_sum() -> None:
     log_vars = torch.zeros(TASKS, requires_grad=True)
 
-    def reference(model: Tiny):
+    def reference(model: TinyThreeTasks):
         optimizer = torch.optim.Adam([*model.parameters(), log_vars], lr=0.05)
 
         def step(index: int) -> None:
@@ -134,7 +116,7 @@ def test_famo_matches_the_reference_algorithm(lr: float, decay: float, same_batc
     next step's losses, on the next batch."""
     famo = ReferenceFAMO(lr, decay)
 
-    def reference(model: Tiny):
+    def reference(model: TinyThreeTasks):
         optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
 
         def step(index: int) -> None:
@@ -160,12 +142,12 @@ def test_famo_matches_the_reference_algorithm(lr: float, decay: float, same_batc
 @pytest.mark.parametrize(("name", "same_batch"), [("uncertainty", False), ("dwa", False), ("famo", False),
                                                   ("famo", True)])
 def test_state_round_trip_continues_identically(name: str, same_batch: bool) -> None:
-    def made(model: Tiny) -> Balancer:
+    def made(model: TinyThreeTasks) -> Balancer:
         settings = settings_of(name, {**default_settings(), "famo_same_batch": same_batch})
         return build_balancer(name, Setup(list(model.parameters()), [], TASKS), settings)
 
     def run(split_at: int | None) -> list[torch.Tensor]:
-        model = Tiny()
+        model = TinyThreeTasks()
         balancer = made(model)
         optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
         for step in range(6):

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.optimize import fsolve, minimize
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -24,7 +23,7 @@ from mbtrain.balance.mgda import MgdaSettings
 from mbtrain.balance.nash_mtl import NashMtlSettings
 from mbtrain.balance.per_task import PARAMETERS, REPRESENTATION
 from mbtrain.models.split import SplitForward
-from tests.helpers import run_cli, seeded_batch, twin_models
+from tests.helpers import flat_grads, losses_of, run_cli, seeded_batch, twin_models, unflatten
 
 CARDS, ROWS = [40, 50, 30], 16  # a table bigger than the batch's entries: the split path's batch-rows gradients
 TASKS = 3
@@ -122,24 +121,6 @@ class Reference:
             self.step += 1
             d = clipped(self.alpha @ grads, self.settings.nash_max_norm)
         return torch.from_numpy(d)
-
-
-def losses_of(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    return list(F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0).unbind())
-
-
-def flat_grads(losses: list[torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
-    """[T, dim] each loss's gradient of `inputs` by plain autograd, flattened (zeros where it does not reach)."""
-    rows = []
-    for loss in losses:
-        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(x) if g is None else g).reshape(-1)
-                               for g, x in zip(grads, inputs, strict=True)]))
-    return torch.stack(rows)
-
-
-def unflatten(vector: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [part.view_as(t).clone() for part, t in zip(vector.split([t.numel() for t in like]), like, strict=True)]
 
 
 def reference_backward(model: nn.Module, losses: list[torch.Tensor], split: SplitForward | None,
