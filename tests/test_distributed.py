@@ -68,30 +68,25 @@ def batch_groups(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # test_every_balancer_at_each_level_takes_one_processs_steps_on_two_ranks). MetaBalance gathers the ranks'
 # embedding rows; at batch 8 the one process also works on the batch's rows (the table's ~70 rows outnumber
 # them), at 32 on the whole table
-@pytest.mark.parametrize(("balance", "batch"), [("none", 32), ("metabalance", 32), ("metabalance", 8),
-                                              ("dwa", 32), ("famo", 32)])
+@pytest.mark.parametrize(("balance", "batch"), [("none", 32), ("metabalance", 32), ("metabalance", 8)])
 def test_two_ranks_match_one_process_with_twice_the_batch(balance: str, batch: int, data: Path,
                                                           tmp_path: Path) -> None:
-    epochs = "4" if balance == "dwa" else "2"  # DWA's weights move from the third epoch on
-    torchrun(str(data), *SETTINGS, "--balance", balance, "--epochs", epochs, "--batch-size", str(batch),
+    torchrun(str(data), *SETTINGS, "--balance", balance, "--epochs", "2", "--batch-size", str(batch),
              "--out", str(tmp_path / "two"))
-    result = run_cli("fit", str(data), *SETTINGS, "--balance", balance, "--epochs", epochs, "--batch-size",
+    result = run_cli("fit", str(data), *SETTINGS, "--balance", balance, "--epochs", "2", "--batch-size",
                      str(2 * batch), "--out", str(tmp_path / "one"))
     assert result.exit_code == 0, result.output
     two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
     assert_same_weights(two, one)
     if balance == "metabalance":
         torch.testing.assert_close(two["balancer"]["moving_norms"], one["balancer"]["moving_norms"])
-    if balance == "famo":
-        # FAMO's logits move by differences of log-losses that float sums in another order round apart
-        torch.testing.assert_close(two["balancer"]["logits"], one["balancer"]["logits"], rtol=1e-5, atol=1e-5)
-        assert two["balancer"]["logits"].abs().sum() > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # rank 1 wrote nothing of its own
 
 
-@pytest.mark.parametrize("model", [["--model", "ple"], ["--model", "esmm"], ["--model", "mmoe", "--funnel"]])
+@pytest.mark.parametrize("model", [["--model", "mmoe", "--funnel"]])
 def test_two_ranks_match_one_process_on_the_new_models(model: list[str], data: Path, tmp_path: Path) -> None:
-    """PLE's split and the funnel's task-by-task heads under torchrun, with MetaBalance."""
+    """The funnel's task-by-task heads under torchrun, through the fit loop, with MetaBalance (every model's
+    split, every balancer: test_every_balancer_at_each_level_takes_one_processs_steps_on_two_ranks)."""
     settings = [*(a if a != "purchase,click" else "click,purchase" for a in SETTINGS), "--main-task", "purchase",
                 *model, "--balance", "metabalance", "--epochs", "2"]
     torchrun(str(data), *settings, "--batch-size", "16", "--out", str(tmp_path / "two"))
@@ -114,9 +109,12 @@ def test_two_ranks_match_one_process_with_bags(tmp_path: Path) -> None:
 
 
 def test_a_distributed_run_resumes(data: Path, tmp_path: Path) -> None:
-    common = [*SETTINGS, "--balance", "metabalance", "--batch-size", "32"]
-    torchrun(str(data), *common, "--epochs", "2", "--out", str(tmp_path / "straight"))
-    torchrun(str(data), *common, "--epochs", "1", "--out", str(tmp_path / "split"))
+    """Resumed on 2 ranks, it ends where one process at twice the batch does (which 2 ranks straight equal)."""
+    common = [*SETTINGS, "--balance", "metabalance"]
+    result = run_cli("fit", str(data), *common, "--batch-size", "64", "--epochs", "2", "--out",
+                     str(tmp_path / "straight"))
+    assert result.exit_code == 0, result.output
+    torchrun(str(data), *common, "--batch-size", "32", "--epochs", "1", "--out", str(tmp_path / "split"))
     torchrun("--resume", "--out", str(tmp_path / "split"), "--epochs", "2")
     straight, split = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert split["epoch"] == 2
