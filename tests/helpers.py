@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
+from collections.abc import Callable
 
 import polars as pl
 import torch
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner, Result
 
-from mbtrain.balance import MetaBalance
+from mbtrain.balance import Balancer, MetaBalance
 from mbtrain.cli import app
 from mbtrain.models import Inputs, ModelConfig, build_model
 
@@ -149,3 +151,47 @@ class TinyThreeTasks(nn.Module):
         per_task = F.binary_cross_entropy_with_logits(self.heads(torch.tanh(self.trunk(x))), y,
                                                       reduction="none").mean(0)
         return list((per_task * torch.tensor([1.0, 3.0, 0.3])).unbind())
+
+
+def assert_resumes_identically(make_model: Callable[[], nn.Module], made: Callable[[nn.Module], Balancer],
+                               step: Callable[[nn.Module, Balancer, torch.optim.Optimizer, int], None],
+                               steps: int = 6, at: int = 3) -> None:
+    """`steps` training steps straight, and with a checkpoint before step `at` (a new balancer and Adam rebuilt
+    from their saved states): the model's and the balancer's parameters end the same."""
+
+    def run(split_at: int | None) -> list[torch.Tensor]:
+        model = make_model()
+        balancer = made(model)
+        optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
+        for index in range(steps):
+            if index == split_at:
+                saved = copy.deepcopy((balancer.state_dict(), optimizer.state_dict()))
+                balancer = made(model)
+                optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
+                balancer.load_state_dict(saved[0])
+                optimizer.load_state_dict(saved[1])
+            step(model, balancer, optimizer, index)
+        return [p.detach() for p in [*model.parameters(), *balancer.parameters()]]
+
+    for a, b in zip(run(None), run(at), strict=True):
+        assert torch.equal(a, b)
+
+
+def step_side_by_side(ours: nn.Module, theirs: nn.Module, balancer: Balancer,
+                      batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], split: bool, level: str,
+                      reference: Callable[[nn.Module, list[torch.Tensor], object], object]) -> object:
+    """One backward of `balancer` on `ours` (through the split forward where `split`) and of
+    `reference(model, losses, forward)` on `theirs`, which reads the trunk's outputs (the split forward) at the
+    representation level and the ordinary forward otherwise; what the reference returns."""
+    categorical, numeric, labels = batch
+    found = None
+    for model in (ours, theirs):
+        model.zero_grad(set_to_none=True)
+        use_split = split if model is ours else level == "representation"
+        forward = model.split_forward(categorical, numeric) if use_split else None
+        losses = losses_of(forward.logits if forward is not None else model(categorical, numeric), labels)
+        if model is ours:
+            balancer.backward(losses, forward)
+        else:
+            found = reference(model, losses, forward)
+    return found

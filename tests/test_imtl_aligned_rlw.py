@@ -4,24 +4,24 @@ RLW's seeded draws; the state round trip."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from mbtrain.balance import IMTLL, RLW, Setup, build_balancer
+from mbtrain.balance import IMTLL, RLW, Balancer, Setup, build_balancer
 from mbtrain.balance.aligned_mtl import aligned_weights
 from mbtrain.balance.imtl import imtl_weights
 from mbtrain.balance.per_task import PARAMETERS, REPRESENTATION
 from mbtrain.models.split import SplitForward
 from tests.helpers import (
     TinyThreeTasks,
+    assert_resumes_identically,
     assert_same_grads_then_step,
     flat_grads,
     losses_of,
     seeded_batch,
+    step_side_by_side,
     twin_models,
     unflatten,
 )
@@ -98,17 +98,8 @@ def test_gradient_balancers_match_the_literal_formula_over_steps(balance: str, l
     ours, theirs = twin_models(model_name, cards)
     balancer = build_balancer(balance, Setup.of(ours, num_tasks=TASKS, level=level))
     for step in range(4):
-        categorical, numeric, labels = seeded_batch(step, cards, rows)
-        for model in (ours, theirs):
-            model.zero_grad(set_to_none=True)
-            # the reference reads the trunk's outputs at the representation level, else the ordinary forward
-            use_split = split if model is ours else level == REPRESENTATION
-            forward = model.split_forward(categorical, numeric) if use_split else None
-            losses = losses_of(forward.logits if forward is not None else model(categorical, numeric), labels)
-            if model is ours:
-                balancer.backward(losses, forward)
-            else:
-                alpha = reference_backward(model, losses, forward, balance)
+        alpha = step_side_by_side(ours, theirs, balancer, seeded_batch(step, cards, rows), split, level,
+                                  lambda model, losses, forward: reference_backward(model, losses, forward, balance))
         torch.testing.assert_close(balancer.task_weights, alpha, rtol=1e-9, atol=1e-12)
         assert_same_grads_then_step(ours, theirs, 0.5)
     assert alpha.std() > 1e-3  # the tasks were weighed apart
@@ -272,24 +263,12 @@ def test_state_round_trip_continues_identically(balance: str) -> None:
     def made(model: nn.Module):
         return build_balancer(balance, Setup.of(model, num_tasks=TASKS, seed=4))
 
-    def run(split_at: int | None) -> list[torch.Tensor]:
-        model, _ = twin_models("ple", cards)
-        balancer = made(model)
-        optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
-        for step in range(6):
-            if step == split_at:  # a checkpoint: a new balancer and optimizer from the saved states
-                saved = copy.deepcopy((balancer.state_dict(), optimizer.state_dict()))
-                balancer = made(model)
-                optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
-                balancer.load_state_dict(saved[0])
-                optimizer.load_state_dict(saved[1])
-            categorical, numeric, labels = seeded_batch(step, cards)
-            optimizer.zero_grad(set_to_none=True)
-            split = model.split_forward(categorical, numeric) if balancer.wants_split else None
-            balancer.backward(losses_of(split.logits if split is not None else model(categorical, numeric), labels),
-                              split)
-            optimizer.step()
-        return [p.detach() for p in [*model.parameters(), *balancer.parameters()]]
+    def step(model: nn.Module, balancer: Balancer, optimizer: torch.optim.Optimizer, index: int) -> None:
+        categorical, numeric, labels = seeded_batch(index, cards)
+        optimizer.zero_grad(set_to_none=True)
+        split = model.split_forward(categorical, numeric) if balancer.wants_split else None
+        balancer.backward(losses_of(split.logits if split is not None else model(categorical, numeric), labels),
+                          split)
+        optimizer.step()
 
-    for a, b in zip(run(None), run(3), strict=True):
-        assert torch.equal(a, b)
+    assert_resumes_identically(lambda: twin_models("ple", cards)[0], made, step)

@@ -15,7 +15,7 @@ import torch
 
 from mbtrain.balance import BALANCERS, DWA, FAMO, Balancer, Setup, Uncertainty, build_balancer
 from mbtrain.balance.registry import default_settings, settings_of
-from tests.helpers import TinyThreeTasks, run_cli
+from tests.helpers import TinyThreeTasks, assert_resumes_identically, run_cli
 
 TASKS = 3
 
@@ -146,24 +146,12 @@ def test_state_round_trip_continues_identically(name: str, same_batch: bool) -> 
         settings = settings_of(name, {**default_settings(), "famo_same_batch": same_batch})
         return build_balancer(name, Setup(list(model.parameters()), [], TASKS), settings)
 
-    def run(split_at: int | None) -> list[torch.Tensor]:
-        model = TinyThreeTasks()
-        balancer = made(model)
-        optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
-        for step in range(6):
-            if step == split_at:  # a checkpoint: a new balancer and optimizer from the saved states
-                saved = copy.deepcopy((balancer.state_dict(), optimizer.state_dict()))
-                balancer = made(model)
-                optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
-                balancer.load_state_dict(saved[0])
-                optimizer.load_state_dict(saved[1])
-            _step(model, balancer, optimizer, step)
-            if step % 2:
-                balancer.epoch_end(torch.stack(model.losses(step)).detach())
-        return [p.detach() for p in model.parameters()]
+    def step(model: TinyThreeTasks, balancer: Balancer, optimizer: torch.optim.Optimizer, index: int) -> None:
+        _step(model, balancer, optimizer, index)
+        if index % 2:
+            balancer.epoch_end(torch.stack(model.losses(index)).detach())
 
-    for a, b in zip(run(None), run(3), strict=True):
-        assert torch.equal(a, b)
+    assert_resumes_identically(TinyThreeTasks, made, step)
 
 
 # the balancer's own state after resuming, where it has one beyond the model and optimizer

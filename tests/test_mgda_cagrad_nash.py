@@ -23,7 +23,7 @@ from mbtrain.balance.mgda import MgdaSettings
 from mbtrain.balance.nash_mtl import NashMtlSettings
 from mbtrain.balance.per_task import PARAMETERS, REPRESENTATION
 from mbtrain.models.split import SplitForward
-from tests.helpers import flat_grads, losses_of, run_cli, seeded_batch, twin_models, unflatten
+from tests.helpers import flat_grads, losses_of, run_cli, seeded_batch, step_side_by_side, twin_models, unflatten
 
 CARDS, ROWS = [40, 50, 30], 16  # a table bigger than the batch's entries: the split path's batch-rows gradients
 TASKS = 3
@@ -170,16 +170,8 @@ def test_the_balancers_match_the_literal_formulas_over_steps(case: str, level: s
     reference = Reference(case)
     seen = []
     for step in range(3):
-        categorical, numeric, labels = seeded_batch(step, CARDS, ROWS)
-        for model in (ours, theirs):
-            model.zero_grad(set_to_none=True)
-            use_split = split if model is ours else level == REPRESENTATION
-            forward = model.split_forward(categorical, numeric) if use_split else None
-            losses = losses_of(forward.logits if forward is not None else model(categorical, numeric), labels)
-            if model is ours:
-                balancer.backward(losses, forward)
-            else:
-                reference_backward(model, losses, forward, reference)
+        step_side_by_side(ours, theirs, balancer, seeded_batch(step, CARDS, ROWS), split, level,
+                          lambda model, losses, forward: reference_backward(model, losses, forward, reference))
         # fsolve reaches rounding; SLSQP stops at ~1e-8 on MGDA's weights, ~1e-6 on CAGrad's (a flat optimum:
         # test_cagrad_solves_its_inner_problem finds ours no worse to 1e-9)
         assert_close_grads_then_step(ours, theirs, rtol={"nash-mtl": 1e-9, "mgda": 1e-6, "cagrad": 2e-5}[balance])
