@@ -16,7 +16,7 @@ from mbtrain.models.split import SplitForward
 class PlainSum(Balancer):
     """No balancing: ``sum(losses).backward()``; with `reduce` (distributed training) the gradients of
     `params` are then summed across ranks, so they must start at zero (or None) each step. Loss-level
-    balancers (uncertainty, DWA, FAMO) are this with another ``total``."""
+    balancers (uncertainty, DWA, FAMO, IMTL-L, RLW) are this with another ``total``."""
 
     method = "the plain sum of the (--task-weights weighted) losses"
 
