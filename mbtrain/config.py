@@ -93,9 +93,10 @@ class BalanceConfig:
 
     @property
     def described(self) -> str:
-        """--balance as the run's summary names it, with its level where that is not the parameters'."""
-        level = self.balance_level if self.balance_level in BALANCERS[self.balance].levels else PARAMETERS
-        return self.balance if level == PARAMETERS or self.balance == "multibalance" else f"{self.balance} ({level})"
+        """--balance as the run's summary names it, with its level where the balancer has a choice of level and
+        runs at the representation's."""
+        chosen = len(BALANCERS[self.balance].levels) > 1 and self.balance_level != PARAMETERS
+        return f"{self.balance} ({self.balance_level})" if chosen else self.balance
 
     def chosen(self) -> Any:
         """The --balance balancer's settings object (its class in the balancer's file)."""

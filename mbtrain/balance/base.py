@@ -88,6 +88,12 @@ it combines the tasks' gradients: the shared parameters, the trunk's outputs; ba
         """Called after the optimizer's step with the batch's losses under the new parameters, no graph."""
         return None
 
+    @classmethod
+    def check_level(cls, level: str) -> None:
+        """Refuse a --balance-level the balancer does not take."""
+        if level not in cls.levels:
+            raise ValueError(f"{cls.__name__} works at the {' or '.join(cls.levels)} level, not {level!r}")
+
     def check_losses(self, losses: Sequence[torch.Tensor]) -> None:
         """Refuse fewer losses than ``min_tasks``."""
         needed = max(1, self.min_tasks)

@@ -46,8 +46,7 @@ class GradNorm(Balancer):
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor],
                  alpha: float = 1.5, reduce: Reduce | None = None, level: str = PARAMETERS) -> None:
-        if level not in LEVELS:
-            raise ValueError(f"GradNorm works at the {' or '.join(LEVELS)} level, not {level!r}")
+        self.check_level(level)
         self.level = level
         self.params = list(params)  # every model parameter: what `reduce` sums
         self.task_params = [p for p in task_params if p.requires_grad]

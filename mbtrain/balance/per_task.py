@@ -42,8 +42,7 @@ class PerTaskGradients(Balancer):
 
     def __init__(self, shared_params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor] | None = None,
                  reduce: Reduce | None = None, gather: Gather | None = None, level: str = PARAMETERS) -> None:
-        if level not in self.levels:
-            raise ValueError(f"{type(self).__name__} works at the {' or '.join(self.levels)} level, not {level!r}")
+        self.check_level(level)
         self.level = level
         self.shared = list(shared_params)
         if not self.shared:
@@ -123,7 +122,7 @@ class PerTaskGradients(Balancer):
         accumulate(self.task_params, head_grads, None)
         reached = [(b, g) for b, g in zip(split.boundary, boundary_grads, strict=True) if g is not None]
         if reached:
-            sinks = [Representation(b) for b, _ in reached]
+            sinks = [Representation() for _ in reached]
             self.combine(sinks, [[g[k] for _, g in reached] for k in range(len(losses))])
             outputs = [(b, s.grad) for (b, _), s in zip(reached, sinks, strict=True) if s.grad is not None]
             torch.autograd.backward([b for b, _ in outputs], grad_tensors=[g for _, g in outputs])
@@ -332,8 +331,7 @@ class Representation:
     """Holds the combined gradient of one of the trunk's outputs (the representation level) until the trunk's
     backward reads it."""
 
-    def __init__(self, output: torch.Tensor) -> None:
-        self.output = output
+    def __init__(self) -> None:
         self.grad: torch.Tensor | None = None
 
 
