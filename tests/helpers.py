@@ -128,6 +128,13 @@ def flat_grads(losses: list[torch.Tensor], inputs: list[torch.Tensor]) -> torch.
     return torch.stack(rows)
 
 
+def heads_get(model: nn.Module, total: torch.Tensor) -> None:
+    """The model's task parameters get `total`'s gradient (the graph kept)."""
+    heads = model.task_parameters()
+    for p, g in zip(heads, torch.autograd.grad(total, heads, retain_graph=True, allow_unused=True), strict=True):
+        p.grad = g
+
+
 def unflatten(vector: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     """`vector` cut into tensors shaped like `like`'s."""
     return [part.view_as(t).clone() for part, t in zip(vector.split([t.numel() for t in like]), like, strict=True)]

@@ -13,24 +13,21 @@ from mbtrain.balance import DBMTL, GradVac, Setup, build_balancer
 from mbtrain.balance.db_mtl import DBMTLSettings
 from mbtrain.balance.gradvac import GradVacSettings
 from mbtrain.balance.per_task import PARAMETERS, REPRESENTATION
-from tests.helpers import assert_same_grads_then_step, losses_of, run_cli, seeded_batch, twin_models, unflatten
+from tests.helpers import (
+    assert_same_grads_then_step,
+    flat_grads,
+    heads_get,
+    losses_of,
+    run_cli,
+    seeded_batch,
+    twin_models,
+    unflatten,
+)
 
 # (cardinalities, batch rows): the split path's table gradients on the batch's rows (a table bigger than the
 # batch's entries) or on the whole table
 TABLES = {"batch-rows": ([40, 50, 30], 16), "whole-table": ([5, 7, 3], 32)}
 SEED = 11
-
-
-def flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params,
-                                                                                           strict=True)])
-
-
-def heads_get(model: torch.nn.Module, total: torch.Tensor) -> None:
-    heads = model.task_parameters()
-    for p, g in zip(heads, torch.autograd.grad(total, heads, retain_graph=True, allow_unused=True), strict=True):
-        p.grad = g
 
 
 class DBMTLReference:
@@ -45,7 +42,7 @@ class DBMTLReference:
         self.step += 1
         shared = model.shared_parameters()
         logs = [torch.log(loss + 1e-8) for loss in losses]
-        grads = torch.stack([flat_grad(log, shared) for log in logs])
+        grads = flat_grads(logs, shared)
         if self.buffer is None:
             self.buffer = torch.zeros_like(grads)
         self.buffer = grads + (self.beta / self.step ** self.sigma) * (self.buffer - grads)
@@ -90,7 +87,7 @@ class GradVacReference:
 
     def backward(self, model: torch.nn.Module, losses: list[torch.Tensor]) -> None:
         shared = model.shared_parameters()
-        combined = self.combine(torch.stack([flat_grad(loss, shared) for loss in losses]))
+        combined = self.combine(flat_grads(losses, shared))
         for p, g in zip(shared, unflatten(combined, shared), strict=True):
             p.grad = g
         heads_get(model, sum(losses))

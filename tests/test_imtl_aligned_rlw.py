@@ -19,6 +19,7 @@ from tests.helpers import (
     assert_resumes_identically,
     assert_same_grads_then_step,
     flat_grads,
+    heads_get,
     losses_of,
     seeded_batch,
     step_side_by_side,
@@ -64,10 +65,7 @@ def reference_backward(model: nn.Module, losses: list[torch.Tensor], split: Spli
     """The heads get the plain sum's gradient; the shared part Σ_k α_k·g_k, α by the literal formula on the
     flattened gradients of the shared parameters (split None) or of the trunk's outputs (then the trunk
     back-propagated once with the combination). Returns α."""
-    heads = model.task_parameters()
-    for p, g in zip(heads, torch.autograd.grad(sum(losses), heads, retain_graph=True, allow_unused=True),
-                    strict=True):
-        p.grad = g
+    heads_get(model, sum(losses))
     if split is None:
         shared = model.shared_parameters()
         g = flat_grads(losses, shared)

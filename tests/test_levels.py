@@ -11,7 +11,7 @@ import torch
 from mbtrain.balance import BALANCERS, GradNorm, MultiBalance, Setup, build_balancer
 from mbtrain.balance.per_task import REPRESENTATION, WeightedGradients
 from mbtrain.models.split import SplitForward
-from tests.helpers import assert_same_grads_then_step, losses_of, run_cli, seeded_batch, twin_models
+from tests.helpers import assert_same_grads_then_step, heads_get, losses_of, run_cli, seeded_batch, twin_models
 
 CARDS = [5, 7, 3]
 WEIGHTED = [name for name, kind in BALANCERS.items()
@@ -44,10 +44,7 @@ def reference_backward(model: torch.nn.Module, split: SplitForward, losses: list
 def trunk_backward(model: torch.nn.Module, split: SplitForward, losses: list[torch.Tensor],
                    combined: list[torch.Tensor]) -> None:
     """The heads' parameters get the plain sum's gradient, the trunk the `combined` one at its outputs."""
-    heads = model.task_parameters()
-    for p, g in zip(heads, torch.autograd.grad(sum(losses), heads, retain_graph=True, allow_unused=True),
-                    strict=True):
-        p.grad = g
+    heads_get(model, sum(losses))
     torch.autograd.backward(split.boundary, grad_tensors=combined)
 
 

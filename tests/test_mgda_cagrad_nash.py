@@ -23,7 +23,16 @@ from mbtrain.balance.mgda import MgdaSettings
 from mbtrain.balance.nash_mtl import NashMtlSettings
 from mbtrain.balance.per_task import PARAMETERS, REPRESENTATION
 from mbtrain.models.split import SplitForward
-from tests.helpers import flat_grads, losses_of, run_cli, seeded_batch, step_side_by_side, twin_models, unflatten
+from tests.helpers import (
+    flat_grads,
+    heads_get,
+    losses_of,
+    run_cli,
+    seeded_batch,
+    step_side_by_side,
+    twin_models,
+    unflatten,
+)
 
 CARDS, ROWS = [40, 50, 30], 16  # a table bigger than the batch's entries: the split path's batch-rows gradients
 TASKS = 3
@@ -128,10 +137,7 @@ def reference_backward(model: nn.Module, losses: list[torch.Tensor], split: Spli
     """The heads get the plain sum's gradient; the shared parameters (split None) the method's update of their
     flattened gradients, or the trunk's outputs that of theirs (each task's the sum over the per-task views its
     loss reads) and the trunk is back-propagated once with it."""
-    heads = model.task_parameters()
-    for p, g in zip(heads, torch.autograd.grad(sum(losses), heads, retain_graph=True, allow_unused=True),
-                    strict=True):
-        p.grad = g
+    heads_get(model, sum(losses))
     if split is None:
         shared = model.shared_parameters()
         for p, part in zip(shared, unflatten(reference.update(flat_grads(losses, shared), losses), shared),
