@@ -16,6 +16,7 @@ from typer.testing import CliRunner, Result
 from mbtrain.balance import Balancer, MetaBalance
 from mbtrain.cli import app
 from mbtrain.models import Inputs, ModelConfig, build_model
+from mbtrain.models.scoring import NumericNormalizer
 
 
 def make_frame(rows: int = 600, seed: int = 0) -> pl.DataFrame:
@@ -202,3 +203,23 @@ def step_side_by_side(ours: nn.Module, theirs: nn.Module, balancer: Balancer,
         else:
             found = reference(model, losses, forward)
     return found
+
+
+FUNNEL_ORDER = [2, 0, 1]  # output column 2 is the first stage, then 0 (the main task), then 1
+
+
+def identity_normalizer(numeric: int = 2) -> NumericNormalizer:
+    """A numeric normaliser that leaves `numeric` columns as they are (ScoringModel's, for hand-built models)."""
+    normalizer = NumericNormalizer([])
+    normalizer.mean, normalizer.std = torch.zeros(numeric), torch.ones(numeric)
+    normalizer.log1p = torch.zeros(numeric, dtype=torch.bool)
+    return normalizer
+
+
+def funnel_labels(step: int, rows: int) -> torch.Tensor:
+    """Labels [rows, 3] that keep FUNNEL_ORDER's funnel: column 2, then 0, then 1."""
+    generator = torch.Generator().manual_seed(100 + step)
+    first = torch.rand(rows, generator=generator) < 0.6
+    second = first & (torch.rand(rows, generator=generator) < 0.5)
+    third = second & (torch.rand(rows, generator=generator) < 0.5)
+    return torch.stack([second, third, first], 1).double()

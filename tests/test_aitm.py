@@ -18,10 +18,17 @@ from mbtrain.balance.per_task import heads_backward
 from mbtrain.models import AITM, Inputs, ModelConfig, build_model
 from mbtrain.models.scoring import ENTIRE_SPACE_DOC, NumericNormalizer, ScoringModel
 from mbtrain.train import _losses
-from tests.helpers import assert_same_grads_then_step, run_cli, seeded_batch
+from tests.helpers import (
+    FUNNEL_ORDER,
+    assert_same_grads_then_step,
+    funnel_labels,
+    identity_normalizer,
+    run_cli,
+    seeded_batch,
+)
 
 CARDS = [5, 7, 3]
-ORDER = [2, 0, 1]  # output column 2 is the first stage, then 0 (the main task), then 1
+ORDER = FUNNEL_ORDER
 
 
 def aitm(order: list[int] = ORDER, **settings: object) -> ScoringModel:
@@ -29,19 +36,8 @@ def aitm(order: list[int] = ORDER, **settings: object) -> ScoringModel:
     torch.manual_seed(0)
     config = ModelConfig("aitm", **{"embed_dim": 4, "hidden": [8, 6], "tower": [5], "dropout": 0.0, **settings})
     network = build_model(config, Inputs(CARDS, num_numeric=2, num_tasks=3, funnel=tuple(order)))
-    normalizer = NumericNormalizer([])
-    normalizer.mean, normalizer.std = torch.zeros(2), torch.ones(2)
-    normalizer.log1p = torch.zeros(2, dtype=torch.bool)
+    normalizer = identity_normalizer()
     return ScoringModel(normalizer, network, order).double()
-
-
-def stage_labels(step: int, rows: int) -> torch.Tensor:
-    """Labels [rows, 3] that keep ORDER's funnel: column 2, then 0, then 1."""
-    generator = torch.Generator().manual_seed(100 + step)
-    first = torch.rand(rows, generator=generator) < 0.6
-    second = first & (torch.rand(rows, generator=generator) < 0.5)
-    third = second & (torch.rand(rows, generator=generator) < 0.5)
-    return torch.stack([second, third, first], 1).double()
 
 
 def reference_logits(network: AITM, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +107,7 @@ def test_the_split_forward_gives_the_plain_sums_and_each_tasks_gradients() -> No
     it): each task's boundary gradient, through the trunk, is its loss's gradient; the heads get the plain sum's."""
     model = aitm()
     categorical, numeric, _ = seeded_batch(0, CARDS, rows=16)
-    labels = stage_labels(0, 16)
+    labels = funnel_labels(0, 16)
     split = model.split_forward(categorical, numeric)
     assert split.coupled
     torch.testing.assert_close(split.logits, model(categorical, numeric), rtol=1e-12, atol=1e-12)
@@ -135,7 +131,7 @@ def test_metabalance_through_the_split_forward_equals_the_straightforward_one() 
                              segments=m.shared_segments()) for m in (full, fast)]
     for step in range(3):
         categorical, numeric, _ = seeded_batch(step, CARDS, rows=24)
-        labels = stage_labels(step, 24)
+        labels = funnel_labels(step, 24)
         logits = []
         for model, balancer in zip((full, fast), balancers, strict=True):
             model.zero_grad(set_to_none=True)

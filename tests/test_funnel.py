@@ -14,11 +14,19 @@ import torch.nn.functional as F
 from mbtrain.balance.per_task import heads_backward
 from mbtrain.models import Inputs, ModelConfig, build_model
 from mbtrain.models.funnel import Funnel, conditional_probabilities
-from mbtrain.models.scoring import NumericNormalizer, ScoringModel
-from tests.helpers import assert_split_metabalance_equals_full, make_frame, run_cli, seeded_batch
+from mbtrain.models.scoring import ScoringModel
+from tests.helpers import (
+    FUNNEL_ORDER,
+    assert_split_metabalance_equals_full,
+    funnel_labels,
+    identity_normalizer,
+    make_frame,
+    run_cli,
+    seeded_batch,
+)
 
 CARDS = [5, 7, 3]
-ORDER = [2, 0, 1]  # output column 2 is the first stage, then 0 (the main task), then 1
+ORDER = FUNNEL_ORDER
 
 
 def test_funnel_probabilities_are_the_products_down_the_funnel() -> None:
@@ -41,19 +49,8 @@ def funnel_model(name: str) -> ScoringModel:
     torch.manual_seed(0)
     network = build_model(ModelConfig(name, embed_dim=4, hidden=[8, 6], experts=3, tower=[5], dropout=0.0),
                           Inputs(CARDS, num_numeric=2, num_tasks=3))
-    normalizer = NumericNormalizer([])
-    normalizer.mean, normalizer.std = torch.zeros(2), torch.ones(2)
-    normalizer.log1p = torch.zeros(2, dtype=torch.bool)
+    normalizer = identity_normalizer()
     return ScoringModel(normalizer, network, ORDER).double()
-
-
-def funnel_labels(step: int, rows: int) -> torch.Tensor:
-    """Labels [rows, 3] that keep the funnel of ORDER: column 2, then 0, then 1."""
-    generator = torch.Generator().manual_seed(100 + step)
-    first = torch.rand(rows, generator=generator) < 0.6
-    second = first & (torch.rand(rows, generator=generator) < 0.5)
-    third = second & (torch.rand(rows, generator=generator) < 0.5)
-    return torch.stack([second, third, first], 1).double()
 
 
 @pytest.mark.parametrize("name", ["mmoe", "shared-bottom", "ple", "esmm"])
