@@ -11,8 +11,7 @@ batch's mean) and ∇ the gradient of the shared parameters (summed across ranks
 and the shared parameters get Σ_k α_k·m_k, each m_k over every shared tensor as one vector. Every other
 parameter gets the gradient of Σ_k log(L_k + 1e-8), as LibMTL's backward of the log-losses gives the heads:
 each loss is divided by its global value (no graph) before the per-task machinery (balance/per_task.py)
-sees it, so the gradients it hands on are already the log-losses' (under torchrun the base then sums the
-scaled losses across ranks once more: T numbers). Defaults: LibMTL's config (--DB_beta 0.9,
+sees it, so the gradients it hands on are already the log-losses'. Defaults: LibMTL's config (--DB_beta 0.9,
 --DB_beta_sigma 0: a plain moving average with factor 0.9).
 
 The moving average is of the gradients themselves: a buffer per task shaped like the shared parameters (as an
@@ -87,7 +86,6 @@ class DBMTL(PerTaskGradients):
             self.reduce([values])
         super().backward([loss / (value + EPS) for loss, value in zip(losses, values.unbind(), strict=True)],
                          split)
-        self.loss_values = values
 
     def combine(self, sinks: Sinks, task_grads: list[list[torch.Tensor | None]]) -> None:
         """Update the moving averages with the log-losses' gradients, then add Σ_k α_k·m_k to the shared

@@ -57,6 +57,7 @@ class MGDA(WeightedGradients):
               "(MGDA-UB at the representation level)")
     settings_class = MgdaSettings
     positive_weights = True  # a task weighed 0 has a zero gradient: the min-norm point, and the shared part stops
+    reads_losses = True  # the loss normalisations
 
     def __init__(self, shared_params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor] | None = None,
                  normalization: str = "loss+", reduce: Reduce | None = None, gather: Gather | None = None,

@@ -39,6 +39,7 @@ class PerTaskGradients(Balancer):
 
     min_tasks = 2
     levels = LEVELS
+    reads_losses: bool = False  # whether `combine` reads the batch's losses (loss_values)
 
     def __init__(self, shared_params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor] | None = None,
                  reduce: Reduce | None = None, gather: Gather | None = None, level: str = PARAMETERS) -> None:
@@ -72,9 +73,10 @@ class PerTaskGradients(Balancer):
         representation level `split` is needed."""
         self.check_losses(losses)
         n_tasks = len(losses)
-        self.loss_values = torch.stack([loss.detach() for loss in losses])
-        if self.reduce is not None:
-            self.reduce([self.loss_values])
+        if self.reads_losses:  # one stack (and, across ranks, one all-reduce) a step, for the methods that use it
+            self.loss_values = torch.stack([loss.detach() for loss in losses])
+            if self.reduce is not None:
+                self.reduce([self.loss_values])
         if self.level == REPRESENTATION:
             if split is None:
                 raise ValueError(f"{type(self).__name__} needs the model's split forward at the representation level")
@@ -225,8 +227,9 @@ class PerTaskGradients(Balancer):
 
 class WeightedGradients(PerTaskGradients):
     """A method whose combination is Σ_k w_k·g_k, with the weights w [T] read off the tasks' [T, T] Gram matrix
-    (and, where the method needs them, the batch's losses ``loss_values``): MGDA, CAGrad, Nash-MTL, IMTL-G,
-    Aligned-MTL, PCGrad, ... A subclass defines ``weights``; the fit loop's history shows them."""
+    (and, where the method says so with ``reads_losses``, the batch's losses ``loss_values``): MGDA, CAGrad,
+    Nash-MTL, IMTL-G, Aligned-MTL, PCGrad, ... A subclass defines ``weights``; the fit loop's history shows
+    them."""
 
     def combine(self, sinks: Sinks, task_grads: list[list[torch.Tensor | None]]) -> None:
         gram = self.gram(task_grads)
