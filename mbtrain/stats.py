@@ -45,7 +45,7 @@ class Paired:
     """One method against the baseline on one metric, over the seeds both finished."""
 
     n: int  # seeds compared
-    mean: float  # mean difference, method − baseline
+    mean: float | None  # mean difference, method − baseline (None: no seed to pair)
     std: float | None  # the differences' sample standard deviation (None for one seed)
     low: float | None  # the 95 % interval (None for one seed)
     high: float | None
