@@ -87,7 +87,8 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "train.parquet"
         impressions(args.rows, users=args.users).write_parquet(path)
-        config = RunConfig().updated({"tasks": TASKS, "epochs": args.rounds, "seed": 0, "patience": 0})
+        config = RunConfig().updated({"tasks": TASKS, "epochs": args.rounds, "seed": 0, "patience": 0,
+                                      "batch_size": args.batch_size})
         started = time.perf_counter()
         prepared = prepare(config, path)
         console.print(f"training data: {len(prepared.train):,} train / {len(prepared.valid):,} valid rows, "
@@ -119,7 +120,8 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
                     epochs.append(entry["seconds"])
                     trains.append(len(prepared.train) / entry["rows_per_second"])
     first = args.models[0]
-    table = Table(title=f"seconds per epoch, {args.rows:,} rows, {args.users:,} users, 3 tasks, {device}, "
+    table = Table(title=f"seconds per epoch, {args.rows:,} rows, {args.users:,} users, 3 tasks, batch "
+                        f"{args.batch_size}, {device}, "
                         f"{args.threads} threads, median of {args.rounds} interleaved rounds; × none: against the "
                         f"same model's plain sum; × {first}: against {first}'s, the epoch's training part")
     for column in ("model", "balance", "epoch s (train+valid)", "train s", "ms/step", "× none (epoch)",
@@ -215,6 +217,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=RunConfig().train.batch_size)
     parser.add_argument("--variants", nargs="+", default=["none", "metabalance", "naive"])
     parser.add_argument("--every-balancer", action="store_true",
                         help="every registered balancer at each of its levels instead of --variants")
