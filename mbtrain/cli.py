@@ -56,7 +56,7 @@ app = typer.Typer(
 console = Console()
 DEFAULTS = RunConfig().flat()
 # settings a resumed run may change
-RESUMABLE = {"epochs", "patience", "threads", "device", "memory_budget", "tensorboard"}
+RESUMABLE = {"epochs", "patience", "threads", "device", "memory_budget", "tensorboard", "task_backward"}
 FIT_ONLY = {"data", "out", "overwrite", "resume", "config"}  # fit's parameters that are not settings
 
 
@@ -244,6 +244,9 @@ def fit(
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's choice).")] = None,
     device: Annotated[str | None, typer.Option(help=_help("auto (a GPU where there is one) | cpu | cuda.",
                                                           "device"))] = None,
+    task_backward: Annotated[str | None, typer.Option(help=_help(
+        "loop | batched: a per-task-gradient balancer's backward passes task by task, or as one backward "
+        "stacked over the tasks (the same gradients; faster on a GPU, not on a small CPU).", "task_backward"))] = None,
 ) -> None:
     """Train a multi-task model and write a run directory (checkpoints, history, metrics)."""
     settings = {key: value for key, value in locals().items() if key not in FIT_ONLY}  # every setting's flag

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mbtrain.balance.per_task import LEVELS, PARAMETERS
+from mbtrain.balance.per_task import LEVELS, LOOP, PARAMETERS, TASK_BACKWARDS
 from mbtrain.balance.registry import BALANCERS, default_settings, setting_fields, settings_of
 from mbtrain.checks import at_least_one, non_negative, one_of
 from mbtrain.distributed import DEVICES
@@ -145,9 +145,11 @@ class TrainConfig:
     tensorboard: bool = False  # event files under RUN/tensorboard (the mbtrain[tensorboard] extra)
     threads: int | None = None
     device: str = "auto"
+    task_backward: str = LOOP  # per-task gradients' backward passes: one per task, or batched in one (per_task.py)
 
     def check(self, group_by: str | None) -> None:
         one_of("--device", self.device, DEVICES)
+        one_of("--task-backward", self.task_backward, TASK_BACKWARDS)
         one_of("--schedule", self.schedule, SCHEDULES)
         one_of("--monitor", self.monitor, MONITORS)
         if self.monitor == "gauc" and not group_by:

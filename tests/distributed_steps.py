@@ -22,32 +22,38 @@ GLOBAL_ROWS = 16
 RATES = (0.2, 0.5, 0.8)
 
 
-def cases() -> list[tuple[str, str, str, list[int]]]:
-    """(balance, level, model, cardinalities): every balancer at each of its levels on MMoE with a table larger
-    than the batch (the gathered-rows path) and, for the gradient balancers, the funnel's coupled heads (AITM)
-    and PLE with a table smaller than the batch."""
+Case = tuple[str, str, str, list[int], str]  # balance, level, model, cardinalities, --task-backward
+
+
+def cases() -> list[Case]:
+    """Every balancer at each of its levels on MMoE with a table larger than the batch (the gathered-rows path)
+    and, for the gradient balancers, the funnel's coupled heads (AITM) and PLE with a table smaller than the
+    batch; the gradient balancers' per-task backward passes one by one, and batched on MMoE and AITM."""
     found = []
     for balance, kind in BALANCERS.items():
         for level in kind.levels or ("parameters",):
-            found.append((balance, level, "mmoe", [50, 70, 30]))
+            found.append((balance, level, "mmoe", [50, 70, 30], "loop"))
             if kind.levels:
-                found.append((balance, level, "aitm", [5, 7, 3]))
-                found.append((balance, level, "ple", [5, 7, 3]))
+                found.append((balance, level, "aitm", [5, 7, 3], "loop"))
+                found.append((balance, level, "ple", [5, 7, 3], "loop"))
+                found.append((balance, level, "mmoe", [50, 70, 30], "batched"))
+                found.append((balance, level, "aitm", [5, 7, 3], "batched"))
     return found
 
 
-def name_of(case: tuple[str, str, str, list[int]]) -> str:
-    balance, level, model, cards = case
-    return f"{balance}-{level}-{model}-{sum(cards)}"
+def name_of(case: Case) -> str:
+    balance, level, model, cards, task_backward = case
+    return f"{balance}-{level}-{model}-{sum(cards)}-{task_backward}"
 
 
-def train(case: tuple[str, str, str, list[int]], cluster: Cluster) -> dict:
+def train(case: Case, cluster: Cluster) -> dict:
     """The model's and the balancer's state after STEPS steps of SGD on this rank's share of each batch."""
-    balance, level, model_name, cards = case
+    balance, level, model_name, cards, task_backward = case
     torch.manual_seed(0)
     config = ModelConfig(model_name, embed_dim=4, hidden=[8], experts=2, tower=[4], dropout=0.0)
     model = build_model(config, Inputs(cards, num_numeric=2, num_tasks=len(RATES)))
-    balancer = build_balancer(balance, Setup.of(model, len(RATES), seed=3, cluster=cluster, level=level))
+    balancer = build_balancer(balance, Setup.of(model, len(RATES), seed=3, cluster=cluster, level=level,
+                                                task_backward=task_backward))
     optimizer = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.2)
     share = GLOBAL_ROWS // cluster.world_size
     rows = slice(cluster.rank * share, (cluster.rank + 1) * share)

@@ -149,6 +149,7 @@ FLAG_VALUES: dict[str, tuple[list[str], Any]] = {
     "memory_budget": (["--memory-budget", "2G"], "2G"),
     "threads": (["--threads", "1"], 1),
     "device": (["--device", "cpu"], "cpu"),
+    "task_backward": (["--task-backward", "batched"], "batched"),
 }
 
 

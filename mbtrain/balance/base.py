@@ -69,6 +69,7 @@ it combines the tasks' gradients: the shared parameters, the trunk's outputs; ba
     task_weights: torch.Tensor | None = None
     wants_split: bool = False
     wants_losses_after_step: bool = False
+    batched: bool = False  # per-task backward passes as one, stacked over the tasks (--task-backward batched)
 
     @classmethod
     def build(cls, setup: Setup, settings: Any) -> Balancer:

@@ -73,7 +73,8 @@ class GradNorm(Balancer):
             self.weights.clamp_(min=WEIGHT_FLOOR).mul_(n_tasks / self.weights.sum())
         w = self.weights.detach().clone()
         stacked = torch.stack(list(losses))
-        head_grads, boundary_grads = heads_backward(list((w * stacked).unbind()), self.task_params, split)
+        head_grads, boundary_grads = heads_backward(list((w * stacked).unbind()), self.task_params, split,
+                                                    self.batched)
         accumulate(self.task_params, head_grads, None)
         reached = [(b, g) for b, g in zip(split.boundary, boundary_grads, strict=True) if g is not None]
         outputs = [b for b, _ in reached]

@@ -79,6 +79,9 @@ class MetaBalance(PerTaskGradients):
         # a table without rows (no categorical column) holds no logical tensor
         self.segment_counts = [1 if seg is None else int(seg.max()) + 1 if seg.numel() else 0
                                for seg in self.segments]
+        # per shared tensor: whether each index of its first dim is a logical tensor of its own (stacked experts):
+        # its norms are one vector_norm over the other dims and its factors a slice, no segment sum or gather
+        self.by_index = [seg is not None and torch.equal(seg.cpu(), torch.arange(seg.numel())) for seg in self.segments]
         self.starts = [sum(self.segment_counts[:i]) for i in range(len(self.segments))]
         names = list(names) if names is not None else [f"shared_{i}" for i in range(len(self.shared))]
         self.ratio_names = [name if count == 1 else f"{name}/{j}"
@@ -105,13 +108,12 @@ class MetaBalance(PerTaskGradients):
         each auxiliary task's rescaled one (docs/architecture.md)."""
         moving = self._moving_norms(len(task_grads))
         segment_ids = [self._segment_ids(i, sink) for i, sink in enumerate(sinks)]
-        raw_norms = [self._norms(grads, segment_ids) for grads in task_grads]
-        for k, norms in enumerate(raw_norms):
-            moving[k].mul_(self.beta).add_(norms, alpha=1 - self.beta)
+        raw_norms = torch.stack([self._norms(grads, segment_ids) for grads in task_grads])  # [T, L]
+        moving.mul_(self.beta).add_(raw_norms, alpha=1 - self.beta)
+        scales = self._scale(moving[:1], moving[1:])  # [T − 1, L], every auxiliary task's at once
         for k, grads in enumerate(task_grads):
-            scale = None if k == 0 else self._factors(self._scale(moving[0], moving[k]), grads, segment_ids)
-            accumulate(sinks, grads, scale)
-        self._record_ratio(raw_norms)
+            accumulate(sinks, grads, None if k == 0 else self._factors(scales[k - 1], grads, segment_ids))
+        self.norm_ratios, self.grad_norm_ratio = norm_ratios(raw_norms, self.eps)
 
     def _segment_ids(self, i: int, sink: object) -> torch.Tensor | None:
         """The logical tensor of each index of sink i's gradient's first dim (on the split path the embedding
@@ -119,7 +121,8 @@ class MetaBalance(PerTaskGradients):
         seg = self.segments[i]
         if seg is None:
             return None
-        seg = seg.to(self.shared[i].device)
+        if seg.device != self.shared[i].device:  # moved once, with the model
+            seg = self.segments[i] = seg.to(self.shared[i].device)
         return seg[sink.rows] if isinstance(sink, RowGradient) and sink.rows is not None else seg
 
     def _factors(self, scale: torch.Tensor, grads: Sequence[torch.Tensor | None],
@@ -127,14 +130,19 @@ class MetaBalance(PerTaskGradients):
         """Each gradient's factor: a scalar for one logical tensor, else one per index of its first dim."""
         factors = []
         for i, (g, seg) in enumerate(zip(grads, segment_ids, strict=True)):
+            start = self.starts[i]
             if seg is None or g is None:
-                factors.append(scale[self.starts[i]])
+                factors.append(scale[start])
+            elif self._whole_dim(i, g):
+                factors.append(scale[start : start + g.shape[0]].view(-1, *[1] * (g.dim() - 1)))
             else:
-                factors.append(scale[self.starts[i] + seg].view(-1, *[1] * (g.dim() - 1)))
+                factors.append(scale[start + seg].view(-1, *[1] * (g.dim() - 1)))
         return factors
 
-    def _record_ratio(self, raw_norms: list[torch.Tensor]) -> None:
-        self.norm_ratios, self.grad_norm_ratio = norm_ratios(torch.stack(raw_norms), self.eps)
+    def _whole_dim(self, i: int, grad: torch.Tensor) -> bool:
+        """Whether `grad` (of shared tensor i) holds each of its logical tensors as one index of its first dim:
+        stacked experts, or a table whose every row is a feature's when the batch reached them all."""
+        return self.by_index[i] and grad.shape[0] == self.segment_counts[i]
 
     def state_dict(self) -> dict:
         moving = None if self.moving_norms is None else self.moving_norms.detach().clone()
@@ -178,13 +186,14 @@ class MetaBalance(PerTaskGradients):
         segment sum of their first dim's squared norms; a task that does not reach one has norm 0."""
         whole = [g for g, seg in zip(grads, segment_ids, strict=True) if g is not None and seg is None]
         found = iter(torch._foreach_norm(whole) if whole else ())
-        zero = self.shared[0].new_zeros(1)
         parts = []
         for i, (g, seg) in enumerate(zip(grads, segment_ids, strict=True)):
             if g is None or not self.segment_counts[i]:
-                parts.append(zero.expand(self.segment_counts[i]))
+                parts.append(self.shared[0].new_zeros(self.segment_counts[i]))
             elif seg is None:
                 parts.append(next(found).reshape(1))
+            elif self._whole_dim(i, g):
+                parts.append(torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1))
             else:
                 squared = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).square()
                 parts.append(g.new_zeros(self.segment_counts[i]).index_add_(0, seg, squared).sqrt())

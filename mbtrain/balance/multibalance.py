@@ -57,7 +57,7 @@ class MultiBalance(Balancer):
             raise ValueError("MultiBalance needs the model's split forward")
         self.check_losses(losses)
         n_tasks = len(losses)
-        head_grads, boundary_grads = heads_backward(losses, self.task_params, split)
+        head_grads, boundary_grads = heads_backward(losses, self.task_params, split, self.batched)
         accumulate(self.task_params, head_grads, None)
         reached = [(b, g, grouped) for b, g, grouped in zip(split.boundary, boundary_grads, split.per_expert,
                                                              strict=True) if g is not None]

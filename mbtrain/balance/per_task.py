@@ -9,6 +9,11 @@ MGDA, ...), at either level (`--balance-level`):
   torchrun a rank holds only its own rows' gradients there, so the statistics a method reads of them (dot
   products, norms) are summed across ranks (`global_sum`) before any weight is computed: every rank then
   weighs its rows alike, as one process would the whole batch.
+
+Each task's backward through the trunk (and, under the funnel, through the coupled heads) runs task by task,
+or with `batched` (--task-backward batched) as one backward whose cotangents are stacked over the tasks
+(`torch.autograd.grad(..., is_grads_batched=True)`): the same gradients, T launches of each kernel become one.
+On this project's 2-core CPU the loop is faster (docs/benchmarks.md), so it is the default.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ BITMAP_ROWS = 32  # see _distinct
 Sinks = list[Any]  # the shared parameters, the embedding table's stood in for by a RowGradient on the split path
 PARAMETERS, REPRESENTATION = "parameters", "representation"
 LEVELS = (PARAMETERS, REPRESENTATION)
+LOOP, BATCHED = "loop", "batched"
+TASK_BACKWARDS = (LOOP, BATCHED)  # --task-backward
 
 
 class PerTaskGradients(Balancer):
@@ -87,12 +94,13 @@ class PerTaskGradients(Balancer):
             return
         plain_rest = self.task_params is None or bool(self.task_params)
         total = sum(losses) if plain_rest else None
-        task_grads = [
-            list(self._summed(self.shared, torch.autograd.grad(
-                loss, self.shared, retain_graph=plain_rest or k < n_tasks - 1, allow_unused=True)))
-            for k, loss in enumerate(losses)
-        ]
-        self.combine(self.shared, task_grads)
+        if self.batched:
+            found = _batched_grads(losses, self.shared, retain_graph=plain_rest)
+            per_task = [[None if g is None else g[k] for g in found] for k in range(n_tasks)]
+        else:
+            per_task = [torch.autograd.grad(loss, self.shared, retain_graph=plain_rest or k < n_tasks - 1,
+                                            allow_unused=True) for k, loss in enumerate(losses)]
+        self.combine(self.shared, [list(self._summed(self.shared, grads)) for grads in per_task])
         if total is not None:
             self._plain_backward(total)
 
@@ -120,7 +128,7 @@ class PerTaskGradients(Balancer):
 
     def _representation_backward(self, losses: Sequence[torch.Tensor], split: SplitForward) -> None:
         """Heads once (every task's gradient at the trunk's outputs), `combine` there, the trunk once."""
-        head_grads, boundary_grads = heads_backward(losses, self.task_params, split)
+        head_grads, boundary_grads = heads_backward(losses, self.task_params, split, self.batched)
         accumulate(self.task_params, head_grads, None)
         reached = [(b, g) for b, g in zip(split.boundary, boundary_grads, strict=True) if g is not None]
         if reached:
@@ -140,18 +148,25 @@ class PerTaskGradients(Balancer):
         table_at = positions[0]
         dense = [p for i, p in enumerate(self.shared) if i != table_at]
         # heads: their plain gradient and each task's boundary gradient (heads_backward)
-        head_grads, boundary_grads = heads_backward(losses, self.task_params, split)
+        head_grads, boundary_grads = heads_backward(losses, self.task_params, split, self.batched)
         accumulate(self.task_params, self._summed(self.task_params, head_grads), None)
-        # trunk: once per task
+        # trunk: once per task, or once for all of them
         n_tasks = len(losses)
-        dense_grads, row_grads = [], []
-        for k in range(n_tasks):
-            *task_dense, row_grad = torch.autograd.grad(
-                split.boundary, [*dense, split.rows], grad_outputs=[g[k] for g in boundary_grads],
-                retain_graph=k < n_tasks - 1, allow_unused=True,
-            )
-            dense_grads.append(task_dense)
-            row_grads.append(row_grad)
+        if self.batched:
+            *found, rows_found = torch.autograd.grad(split.boundary, [*dense, split.rows],
+                                                     grad_outputs=list(boundary_grads), is_grads_batched=True,
+                                                     allow_unused=True)
+            dense_grads = [[None if g is None else g[k] for g in found] for k in range(n_tasks)]
+            row_grads = [None if rows_found is None else rows_found[k] for k in range(n_tasks)]
+        else:
+            dense_grads, row_grads = [], []
+            for k in range(n_tasks):
+                *task_dense, row_grad = torch.autograd.grad(
+                    split.boundary, [*dense, split.rows], grad_outputs=[g[k] for g in boundary_grads],
+                    retain_graph=k < n_tasks - 1, allow_unused=True,
+                )
+                dense_grads.append(task_dense)
+                row_grads.append(row_grad)
         if self.reduce is not None:  # every task's dense gradients summed across ranks in one all-reduce
             summed = self._summed(dense * n_tasks, [g for task in dense_grads for g in task])
             dense_grads = [summed[k * len(dense) : (k + 1) * len(dense)] for k in range(n_tasks)]
@@ -259,16 +274,20 @@ def _distinct(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch
     return rows, position[index]
 
 
-def heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.Tensor], split: SplitForward
-                   ) -> tuple[Sequence[torch.Tensor | None], Sequence[torch.Tensor | None]]:
+def heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.Tensor], split: SplitForward,
+                   batched: bool = False) -> tuple[Sequence[torch.Tensor | None], Sequence[torch.Tensor | None]]:
     """The backward of the losses through the heads (models/split.py): (the task parameters' gradients of their
     sum, each boundary tensor's per-task gradient [T, ...]), None where no loss reaches one. One backward of the
-    sum where each task's loss reads its own heads only; task by task where the heads are coupled (the funnel:
-    a stage's loss reads the towers before it, each on its own task's view), task k's gradient at the boundary
-    then being the sum over the views of its loss's gradient."""
+    sum where each task's loss reads its own heads only; where the heads are coupled (the funnel: a stage's loss
+    reads the towers before it, each on its own task's view) task by task, or `batched` in one backward over
+    the tasks, task k's gradient at the boundary then being the sum over the views of its loss's gradient."""
     if not split.coupled:
         grads = torch.autograd.grad(sum(losses), [*task_params, *split.per_task], allow_unused=True)
         return grads[: len(task_params)], grads[len(task_params) :]
+    if batched:
+        grads = _batched_grads(losses, [*task_params, *split.per_task])
+        return ([None if g is None else g.sum(dim=0) for g in grads[: len(task_params)]],
+                [None if g is None else g.sum(dim=1) for g in grads[len(task_params) :]])
     head_grads: list[list[torch.Tensor]] = [[] for _ in task_params]
     boundary_grads: list[list[torch.Tensor | None]] = [[] for _ in split.per_task]
     for k, loss in enumerate(losses):
@@ -281,6 +300,16 @@ def heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.T
             found.append(None if g is None else g.sum(dim=0))
     return ([torch.stack(found).sum(dim=0) if found else None for found in head_grads],
             [_stacked(found, view) for found, view in zip(boundary_grads, split.per_task, strict=True)])
+
+
+def _batched_grads(losses: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], retain_graph: bool = False
+                   ) -> tuple[torch.Tensor | None, ...]:
+    """Each loss's gradient of each input, stacked over the losses ([T, *input.shape]; None where no loss reaches
+    it), from one backward with the identity's rows as the stacked cotangents."""
+    stacked = torch.stack(list(losses))
+    eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
+    return torch.autograd.grad(stacked, list(inputs), grad_outputs=eye, is_grads_batched=True,
+                               retain_graph=retain_graph, allow_unused=True)
 
 
 def _gram(grads: Sequence[torch.Tensor | None]) -> torch.Tensor:

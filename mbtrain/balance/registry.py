@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from mbtrain.balance.base import Balancer, Gather, Reduce
+from mbtrain.balance.per_task import BATCHED, LOOP
 
 if TYPE_CHECKING:
     from mbtrain.distributed import Cluster
@@ -76,6 +77,7 @@ class Setup:
     gather: Gather | None = None  # tensors as every rank holds them (embedding-table rows)
     world_size: int = 1
     level: str = "parameters"  # --balance-level: where a gradient balancer combines the tasks' gradients
+    task_backward: str = LOOP  # --task-backward: the per-task backward passes one by one, or batched in one
 
     @property
     def every(self) -> list[torch.Tensor]:
@@ -84,14 +86,15 @@ class Setup:
 
     @classmethod
     def of(cls, model: Any, num_tasks: int, seed: int = 0, cluster: Cluster | None = None,
-           level: str = "parameters") -> Setup:
+           level: str = "parameters", task_backward: str = LOOP) -> Setup:
         """The setup for a model that meets models.base.MultiTaskModel, on `cluster`'s ranks."""
         names = {id(p): name for name, p in model.named_parameters()}
         shared = list(model.shared_parameters())
         distributed = cluster is not None and cluster.world_size > 1
         return cls(shared, list(model.task_parameters()), num_tasks, model.shared_segments(),
                    [names[id(p)] for p in shared], seed, cluster.sum_ if distributed else None,
-                   cluster.gather if distributed else None, cluster.world_size if cluster is not None else 1, level)
+                   cluster.gather if distributed else None, cluster.world_size if cluster is not None else 1, level,
+                   task_backward)
 
 
 def build_balancer(name: str, setup: Setup, settings: Any = None) -> Balancer:
@@ -99,7 +102,9 @@ def build_balancer(name: str, setup: Setup, settings: Any = None) -> Balancer:
     if name not in BALANCERS:
         raise ValueError(f"unknown balance {name!r}: choose one of {', '.join(BALANCERS)}")
     kind = BALANCERS[name]
-    return kind.build(setup, kind.settings_class() if settings is None else settings)
+    balancer = kind.build(setup, kind.settings_class() if settings is None else settings)
+    balancer.batched = setup.task_backward == BATCHED
+    return balancer
 
 
 def balancer_table() -> str:

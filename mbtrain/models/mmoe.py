@@ -92,6 +92,8 @@ class _ExpandedMixture(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         gate, shared = ctx.saved_tensors
-        grad_gate = torch.einsum("tbh,ebh->tbe", grad, shared) if ctx.needs_input_grad[0] else None
+        # a batched matmul rather than einsum, which has no rule under vmap (--task-backward batched)
+        grad_gate = torch.matmul(grad.transpose(0, 1), shared.permute(1, 2, 0)).transpose(0, 1) \
+            if ctx.needs_input_grad[0] else None
         grad_experts = gate.transpose(1, 2).unsqueeze(-1) * grad.unsqueeze(1) if ctx.needs_input_grad[1] else None
         return grad_gate, grad_experts

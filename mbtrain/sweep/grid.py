@@ -22,7 +22,7 @@ from mbtrain.errors import MbtrainError
 
 # settings every run of a sweep shares: they define the data, its split, or what selection reads
 FIXED = {"tasks", "main_task", "valid", "valid_fraction", "group_by", "categorical", "numeric", "exclude",
-         "monitor", "threads", "device", "memory_budget", "tensorboard", "seed"}
+         "monitor", "threads", "device", "memory_budget", "tensorboard", "seed", "task_backward"}
 DEFAULT_SEEDS = 3
 LEVEL = "balance_level"
 
