@@ -3,7 +3,8 @@ goes; then the step time at a small batch, where per-operation overhead dominate
 recommendation model's step is short).
 
 One generated impression log (benchmarks/synthetic.py, `--rows`, 3 tasks), the default MMoE; for each variant
-(`NAME` or `NAME@LEVEL`: `multibalance`, `pcgrad@representation`) the fit loop's step — forward (split where the
+(`NAME`, `NAME@LEVEL`, either with `/batched`: `multibalance`, `pcgrad@representation`,
+`metabalance/batched`, as in benchmarks/speed.py) the fit loop's step — forward (split where the
 balancer wants it), losses, the balancer's backward, fused Adam — is profiled with torch.profiler over
 `--profiled` steps at `--batch` rows after `--warmup` steps. Counted: every `aten::` operator event, and the
 top-level ones (dispatched from Python or autograd, not from inside another operator): the latter is what a
@@ -32,9 +33,10 @@ from rich.table import Table
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import build_variant  # noqa: E402
 from synthetic import TASKS, impressions  # noqa: E402
 
-from mbtrain.balance import Balancer, Setup, build_balancer  # noqa: E402
+from mbtrain.balance import Balancer  # noqa: E402
 from mbtrain.config import RunConfig  # noqa: E402
 from mbtrain.data.prepare import Prepared, prepare  # noqa: E402
 from mbtrain.models.scoring import ModelSpec  # noqa: E402
@@ -57,10 +59,9 @@ def batches(prepared: Prepared, rows: int, count: int, device: torch.device) -> 
 
 def trainer(spec: ModelSpec, variant: str, config: RunConfig, device: torch.device):
     """The fit loop's step for one variant, as a function of a batch."""
-    name, _, level = variant.partition("@")
     torch.manual_seed(0)
     model = spec.build().to(device)
-    balancer: Balancer = build_balancer(name, Setup.of(model, len(TASKS), level=level or "parameters"))
+    balancer: Balancer = build_variant(variant, model)
     optimizer = build_optimizer(model.parameters(), config, balancer.parameters())
 
     def step(batch: Step) -> None:

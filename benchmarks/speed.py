@@ -3,7 +3,8 @@
 Training: one generated impression log (default 200k rows, ~20k users, 3 tasks, MMoE 8 experts [64,32]),
 encoded once; the variants `none`, `metabalance` (ours) and `naive` (the widely copied per-task full
 backward with a Python loop over parameters, written here as a baseline), or any balancers (`NAME@LEVEL` for
-a --balance-level: `pcgrad@representation`; `--every-balancer`: each registered one at each of its levels), on
+a --balance-level: `pcgrad@representation`; `/batched` after either for --task-backward batched:
+`metabalance/batched`; `--every-balancer`: each registered one at each of its levels), on
 each of `--models` (MMoE by default; `ple`, `esmm`, `mmoe+funnel`, ...) train epochs in turn, interleaved, so machine
 noise hits all of them alike. Seconds per epoch are training plus validation,
 as in history.jsonl; ratios are against `none` within the same round.
@@ -102,11 +103,10 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
         for variant in args.variants:
             torch.manual_seed(0)
             model = spec.build().to(device)
-            name, _, level = variant.partition("@")
             if variant == "naive":
                 balancer: Balancer = NaiveMetaBalance(model.shared_parameters())
             else:
-                balancer = build_balancer(name, Setup.of(model, len(TASKS), level=level or "parameters"))
+                balancer = build_variant(variant, model)
             optimizer = build_optimizer(model.parameters(), config, balancer.parameters())
             runs[architecture, variant] = (model, optimizer, balancer, [], [])
     steps = prepared.train.steps(config.train.batch_size)
@@ -138,6 +138,15 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
                       " ".join(f"{r:.2f}" for r in ratios),
                       f"{statistics.median(trains) / statistics.median(first_trains):.2f}")
     console.print(table)
+
+
+def build_variant(variant: str, model: torch.nn.Module) -> Balancer:
+    """The balancer a variant names: NAME, NAME@LEVEL (a --balance-level) and, after either, /batched for
+    --task-backward batched (`metabalance/batched`, `pcgrad@representation/batched`)."""
+    spec, _, task_backward = variant.partition("/")
+    name, _, level = spec.partition("@")
+    return build_balancer(name, Setup.of(model, len(TASKS), level=level or PARAMETERS,
+                                         task_backward=task_backward or "loop"))
 
 
 def every_balancer() -> list[str]:
