@@ -37,6 +37,7 @@ from mbtrain.balance import Balancer, Setup, build_balancer
 from mbtrain.checkpoint import RESUME, Checkpoint, write_json, write_jsonl
 from mbtrain.config import HIGHER_IS_BETTER, RunConfig, peak_lr
 from mbtrain.data.batches import EncodedData, Rows
+from mbtrain.data.feed import DeviceFeed
 from mbtrain.data.prepare import Prepared, prepare
 from mbtrain.distributed import Cluster, any_rank, cluster_from_env, from_main
 from mbtrain.errors import MbtrainError, first_line
@@ -108,6 +109,7 @@ class FitRecipe:
                 shutil.rmtree(self.work)
             (self.work / "checkpoints").mkdir(parents=True, exist_ok=True)
         self._build(fresh=resumed is None)
+        self.feed = DeviceFeed(self.data.train, self.cluster.device)  # once: resident rows last every epoch
         if resumed is not None:
             self._restore(resumed, last)
 
@@ -133,7 +135,7 @@ class FitRecipe:
             self.model.set_base_rates(from_main(self.data.train.positive_rates))
         self.model.to(self.cluster.device)
         setup = Setup.of(self.model, len(self.spec.tasks), config.train.seed, self.cluster,
-                         config.balance.balance_level)
+                         config.balance.balance_level, config.train.task_backward)
         self.balancer = build_balancer(config.balance.balance, setup, config.balance.chosen())
         self.optimizer = build_optimizer(self.model.parameters(), config, self.balancer.parameters())
 
@@ -171,7 +173,8 @@ class FitRecipe:
                 while self.epoch < config.train.epochs and not self._patience_spent():
                     self.epoch += 1
                     entry = train_epoch(self.model, self.optimizer, self.balancer, train, self.data.valid,
-                                        self.spec.tasks, config, self.epoch, progress, self.cluster, log)
+                                        self.spec.tasks, config, self.epoch, progress, self.cluster, log,
+                                        feed=self.feed)
                     self._record(entry)
                     if self.main:
                         self._save_checkpoint(entry["best"], sample)
@@ -320,13 +323,15 @@ def _agreed(batches: Iterator[tuple[EncodedData, int]], cluster: Cluster) -> Ite
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Balancer, train: Rows,
                 valid: Rows, tasks: list[str], config: RunConfig, epoch: int, progress: Progress,
-                cluster: Cluster | None = None, log: RunLog | None = None) -> dict[str, Any]:
+                cluster: Cluster | None = None, log: RunLog | None = None, feed: DeviceFeed | None = None
+                ) -> dict[str, Any]:
     """One epoch: the training steps, then validation; returns the history.jsonl entry. Rank 0 alone validates
     (the exact AUC needs every row's prediction in one place) and hands the metrics to the others, which early
-    stopping needs."""
+    stopping needs. `feed` (the fit's, for `train`) brings the batches to the device; without one, this call
+    makes its own."""
     cluster = cluster or Cluster(0, 1, torch.device("cpu"))
     started = time.perf_counter()
-    trained = train_steps(model, optimizer, balancer, train, config, epoch, progress, cluster, log)
+    trained = train_steps(model, optimizer, balancer, train, config, epoch, progress, cluster, log, feed)
     valid_metrics = from_main(lambda: validate(model, valid, tasks, config.funnel_tasks))
     entry = history_row(epoch, tasks, trained, valid_metrics, time.perf_counter() - started, config, balancer)
     if log is not None:
@@ -343,12 +348,14 @@ class Trained:
     lr: float  # the last step's learning rate
     steps: int
     rows_per_second: float
+    data_share: float  # of the training seconds, spent waiting for the next batch
 
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Balancer, train: Rows,
                 config: RunConfig, epoch: int, progress: Progress, cluster: Cluster,
-                log: RunLog | None = None) -> Trained:
-    """One pass over the training rows (shuffled unless --no-shuffle).
+                log: RunLog | None = None, feed: DeviceFeed | None = None) -> Trained:
+    """One pass over the training rows (shuffled unless --no-shuffle), its batches from `feed` (a DeviceFeed of
+    `train`; made here without one).
 
     Under torchrun each rank takes its slice of every global batch of world_size × batch_size rows (in memory)
     or its own shard's batches (streamed), and its losses are divided by the global batch's rows: summed
@@ -364,14 +371,22 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     ratio_sum = torch.zeros_like(loss_sum)
     weights = torch.tensor(config.weight_vector, device=device)  # --task-weights, applied before any balancer
     model.train()
-    batches = train.batches(batch_size, generator, cluster.rank, cluster.world_size)
+    feed = feed if feed is not None else DeviceFeed(train, device)
+    batches = feed.batches(batch_size, generator, cluster.rank, cluster.world_size)
     if train.streamed:  # reads (and can fail) as it goes; data in memory cannot
         batches = _agreed(batches, cluster)
-    for step, (batch, global_rows) in enumerate(batches, start=1):
-        categorical, numeric = batch.categorical.to(device), batch.numeric.to(device)
+    waited, step = 0.0, 0  # seconds spent getting the next batch, between one step and the next one's forward
+    while True:
+        asked = time.perf_counter()
+        item = next(batches, None)
+        waited += time.perf_counter() - asked
+        if item is None:
+            break
+        step += 1
+        batch, global_rows = item
+        categorical, numeric, labels = batch.categorical, batch.numeric, batch.labels
         split = model.split_forward(categorical, numeric) if balancer.wants_split else None
         logits = split.logits if split is not None else model(categorical, numeric)
-        labels = batch.labels.to(device)
         losses = _losses(model, logits, labels, global_rows)
         optimizer.zero_grad(set_to_none=True)
         balancer.backward(list((losses * weights).unbind()), split)
@@ -397,7 +412,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     cluster.sum_([loss_sum])
     balancer.epoch_end(loss_sum / len(train))
     ratios = ratio_sum / steps if balancer.grad_norm_ratio is not None else None
-    return Trained(loss_sum / len(train), ratios, lr, steps, len(train) / seconds)
+    return Trained(loss_sum / len(train), ratios, lr, steps, len(train) / seconds, waited / seconds)
 
 
 def history_row(epoch: int, tasks: list[str], trained: Trained, valid_metrics: dict[str, dict[str, Any]],
@@ -409,6 +424,7 @@ def history_row(epoch: int, tasks: list[str], trained: Trained, valid_metrics: d
         "valid": valid_metrics,
         "seconds": round(seconds, 4),
         "rows_per_second": round(trained.rows_per_second, 1),
+        "data_share": round(trained.data_share, 4),
         "lr": trained.lr,
     }
     if trained.mean_ratios is not None:

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mbtrain.config import RunConfig
+from mbtrain.data.feed import DeviceFeed
+from mbtrain.data.prepare import prepare
 from mbtrain.models import Inputs, ModelConfig, build_model
-from tests.helpers import assert_split_metabalance_equals_full, make_bag_frame, run_cli, seeded_batch
+from tests.helpers import assert_split_metabalance_equals_full, make_bag_frame, make_frame, run_cli, seeded_batch
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CARDS = [5, 7, 3]
@@ -49,3 +52,21 @@ def test_fit_on_the_gpu_matches_the_cpu(model: list[str], budget: list[str], tmp
         assert metrics["cuda"][task]["logloss"] == pytest.approx(values["logloss"], rel=1e-3)
     exported = tmp_path / "model.pt"
     assert run_cli("export", str(tmp_path / "cuda"), "--output", str(exported)).exit_code == 0
+
+
+@pytest.mark.parametrize(("budget", "mode"), [(None, "resident"), ("1K", "prefetch")], ids=["in-memory", "streamed"])
+def test_the_feed_picks_its_mode_and_gives_the_cpu_batches(budget: str | None, mode: str, tmp_path: Path) -> None:
+    data = tmp_path / "train.parquet"
+    make_frame(500, seed=0).write_parquet(data, row_group_size=50)
+    config = RunConfig().updated({"tasks": ["purchase", "click"], "exclude": ["row_id"], "memory_budget": budget})
+    rows = prepare(config, data).train
+    feed = DeviceFeed(rows, torch.device("cuda"))
+    assert feed.mode == mode
+    for rank, world_size in ((0, 1), (1, 2)):
+        ours = feed.batches(32, torch.Generator().manual_seed(5), rank, world_size)
+        theirs = rows.batches(32, torch.Generator().manual_seed(5), rank, world_size)
+        for (batch, global_rows), (expected, expected_rows) in zip(ours, theirs, strict=True):
+            assert global_rows == expected_rows and batch.categorical.is_cuda and batch.labels.is_cuda
+            assert torch.equal(batch.categorical.cpu(), expected.categorical)
+            torch.testing.assert_close(batch.numeric.cpu(), expected.numeric, rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(batch.labels.cpu(), expected.labels)
