@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mbtrain.balance import BALANCERS, Setup, build_balancer
+from mbtrain.balance.per_task import heads_backward
 from mbtrain.models import Inputs, ModelConfig, build_model
 from mbtrain.models.scoring import ScoringModel
 from tests.helpers import FUNNEL_ORDER, funnel_labels, identity_normalizer, losses_of, run_cli, seeded_batch
@@ -30,7 +31,10 @@ MODELS = {  # id: (model, its settings, whether it predicts the funnel)
 
 def twins(key: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Two identical 3-task float64 models of MODELS[key], with the funnel over them where it says so."""
-    name, settings, funnel = MODELS[key]
+    return twins_of(*MODELS[key])
+
+
+def twins_of(name: str, settings: dict, funnel: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
     config = ModelConfig(name, **{"embed_dim": 4, "hidden": [8, 6], "experts": 3, "tower": [5], "dropout": 0.0,
                                   **settings})
     inputs = Inputs(CARDS, num_numeric=2, num_tasks=3, funnel=tuple(FUNNEL_ORDER) if funnel else None)
@@ -100,3 +104,33 @@ def test_a_fit_with_the_batched_backward_learns_what_the_loop_does(data_dir: Pat
     bad = run_cli("fit", str(data_dir / "train.parquet"), *common, "--task-backward", "vmap", "--out",
                   str(tmp_path / "bad"))
     assert bad.exit_code == 2 and "--task-backward" in bad.stderr and "vmap" in bad.stderr
+
+
+@pytest.mark.parametrize("key", ["mmoe", "shared-bottom", "ple", "ple-3-levels-layer-norm", "esmm"])
+def test_the_funnels_heads_backward_row_by_row_gives_the_task_by_task_gradients(key: str) -> None:
+    """Under the funnel over uncoupled towers the heads are back-propagated twice (split.outputs), not once per
+    task: the same gradients as task by task, dropout included."""
+    name, settings, _ = MODELS[key]
+    model, _ = twins_of(name, {**settings, "dropout": 0.3}, funnel=True)
+    categorical, numeric, _ = seeded_batch(0, CARDS)
+    labels = funnel_labels(0, categorical.shape[0])
+    found = []
+    for rowwise in (True, False):
+        torch.manual_seed(1)  # the same dropout masks
+        split = model.split_forward(categorical, numeric)
+        assert split.coupled and split.outputs is not None
+        if not rowwise:
+            split.outputs = None
+        found.append(heads_backward(losses_of(split.logits, labels), model.task_parameters(), split))
+    (ours_heads, ours_boundary), (their_heads, their_boundary) = found
+    for ours, theirs in zip([*ours_heads, *ours_boundary], [*their_heads, *their_boundary], strict=True):
+        assert (ours is None) == (theirs is None)
+        if ours is not None:
+            torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_batch_norm_in_the_heads_keeps_the_funnels_heads_task_by_task() -> None:
+    model, _ = twins("mmoe-funnel-batch-norm-dropout")
+    categorical, numeric, _ = seeded_batch(0, CARDS)
+    split = model.split_forward(categorical, numeric)
+    assert split.coupled and split.outputs is None

@@ -284,6 +284,8 @@ def heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.T
     if not split.coupled:
         grads = torch.autograd.grad(sum(losses), [*task_params, *split.per_task], allow_unused=True)
         return grads[: len(task_params)], grads[len(task_params) :]
+    if split.outputs is not None and _rows_at(split) is not None:
+        return _rowwise_heads_backward(losses, task_params, split)
     if batched:
         grads = _batched_grads(losses, [*task_params, *split.per_task])
         return ([None if g is None else g.sum(dim=0) for g in grads[: len(task_params)]],
@@ -300,6 +302,40 @@ def heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.T
             found.append(None if g is None else g.sum(dim=0))
     return ([torch.stack(found).sum(dim=0) if found else None for found in head_grads],
             [_stacked(found, view) for found, view in zip(boundary_grads, split.per_task, strict=True)])
+
+
+def _rows_at(split: SplitForward) -> list[int] | None:
+    """Per boundary tensor, the dim of its rows: [B, F] or [G, B, H]; None where a shape is neither."""
+    rows = split.outputs.shape[0]
+    found = [0 if b.dim() == 2 else 1 for b in split.boundary]
+    return found if all(b.dim() in (2, 3) and b.shape[at] == rows for b, at in zip(split.boundary, found,
+                                                                                     strict=True)) else None
+
+
+def _rowwise_heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.Tensor],
+                            split: SplitForward) -> tuple[Sequence[torch.Tensor | None], Sequence[torch.Tensor | None]]:
+    """heads_backward where the losses are coupled only through a map over the heads' outputs z [B, T] (the
+    funnel) and head t reads its view t alone, row by row. Each loss's gradient at z, c_k [B, T], comes from the
+    small backward through the map; then the heads twice: with Σ_k c_k for their parameters, and with ones for
+    u_t, each row's gradient of z[b, t] at view t. Row by row, loss k's gradient at the boundary is then
+    Σ_t c_k[b, t]·u_t[b]: one einsum per boundary tensor instead of a backward through the heads per task."""
+    outputs = split.outputs
+    at_outputs = []
+    for loss in losses:
+        (grad,) = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
+        at_outputs.append(torch.zeros_like(outputs) if grad is None else grad)
+    coefficients = torch.stack(at_outputs)  # [K, B, T]
+    head_grads = torch.autograd.grad(outputs, list(task_params), grad_outputs=coefficients.sum(dim=0),
+                                     retain_graph=True, allow_unused=True)
+    units = torch.autograd.grad(outputs, split.per_task, grad_outputs=torch.ones_like(outputs), allow_unused=True)
+    boundary_grads = []
+    for unit, row in zip(units, _rows_at(split), strict=True):
+        if unit is None:
+            boundary_grads.append(None)
+            continue
+        dims = "abcdefgh"[: unit.dim() - 1]
+        boundary_grads.append(torch.einsum(f"k{dims[row]}t,t{dims}->k{dims}", coefficients, unit))
+    return head_grads, boundary_grads
 
 
 def _batched_grads(losses: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], retain_graph: bool = False

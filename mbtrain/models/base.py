@@ -135,6 +135,7 @@ class MultiTaskNetwork(nn.Module):
         self.embedding = FusedEmbedding(inputs.cardinalities, config.embed_dim, inputs.bags, config.pooling)
         self.in_dim = self.embedding.input_dim(inputs.num_numeric)
         self.num_tasks = inputs.num_tasks
+        self.rowwise = config.norm != "batch"  # a row's outputs read that row alone (training batch norm mixes rows)
 
     @classmethod
     def describe(cls, config: ModelConfig) -> str:

@@ -78,6 +78,8 @@ class ScoringModel(nn.Module):
     def split_forward(self, categorical: torch.Tensor, numeric: torch.Tensor) -> SplitForward:
         split = self.network.split_forward(categorical, self.normalizer(numeric))
         if self.conditional_towers:  # a stage's probability multiplies the towers of the stages before it
+            if not split.coupled and self.network.rowwise:  # the funnel is the only coupling (heads_backward)
+                split.outputs = split.logits
             split.logits, split.coupled = self.funnel(split.logits), True
         return split
 

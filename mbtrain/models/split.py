@@ -28,6 +28,9 @@ class SplitForward:
     per_expert: list[bool]  # per boundary tensor, whether its first dim indexes experts ([E, B, H])
     last_shared: torch.Tensor | None  # the weight of the trunk's last layer (GradNorm's W); None without one
     coupled: bool = False  # a task's loss reads other tasks' heads too (the funnel): heads_backward goes task by task
+    # where the coupling is only a map over the heads' own outputs, row by row (the funnel over uncoupled towers),
+    # those outputs [B, T]: heads_backward then back-propagates the heads twice instead of once per task
+    outputs: torch.Tensor | None = None
 
 
 def task_views(boundary: list[torch.Tensor], num_tasks: int) -> list[torch.Tensor]:
