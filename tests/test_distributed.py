@@ -86,8 +86,8 @@ def test_two_ranks_match_one_process_with_twice_the_batch(balance: str, batch: i
 @pytest.mark.parametrize("model", [["--model", "mmoe", "--funnel"]])
 def test_two_ranks_match_one_process_on_the_new_models(model: list[str], data: Path, tmp_path: Path) -> None:
     """The funnel's heads (back-propagated twice, row by row: heads_backward) under torchrun, through the fit loop,
-    with MetaBalance (every model's
-    split, every balancer: test_every_balancer_at_each_level_takes_one_processs_steps_on_two_ranks)."""
+    with MetaBalance (every model's split, every balancer:
+    test_every_balancer_at_each_level_takes_one_processs_steps_on_two_ranks)."""
     settings = [*(a if a != "purchase,click" else "click,purchase" for a in SETTINGS), "--main-task", "purchase",
                 *model, "--balance", "metabalance", "--epochs", "2"]
     torchrun(str(data), *settings, "--batch-size", "16", "--out", str(tmp_path / "two"))
