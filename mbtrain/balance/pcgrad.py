@@ -38,14 +38,17 @@ class PCGrad(WeightedGradients):
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         """Every g_i' stays in the span of the task gradients, g_i' = Σ_j c_ij·g_j: the projections run on the
-        [T, T] coefficients and the Gram matrix, and the sinks get Σ_j (Σ_i c_ij)·g_j. No host sync."""
+        [T, T] coefficients and the Gram matrix, and the sinks get Σ_j (Σ_i c_ij)·g_j. Each g_i' depends on its
+        own row alone, so the T tasks' projections run side by side, T steps of T at once. No host sync."""
         n_tasks = gram.shape[0]
         squared = gram.diagonal().clamp(min=torch.finfo(gram.dtype).tiny)  # 0·g_j where g_j = 0
         coefficients = torch.eye(n_tasks, dtype=gram.dtype, device=gram.device)
-        for i in range(n_tasks):
-            for j in torch.randperm(n_tasks, generator=self.generator).tolist():
-                dot = coefficients[i] @ gram[:, j]  # g_i'·g_j
-                coefficients[i, j] -= dot.clamp(max=0) / squared[j]  # clamp, not an if: no host sync
+        # task i's order of the j: the i-th draw, as if drawn task after task; every task's s-th projection at once
+        orders = torch.stack([torch.randperm(n_tasks, generator=self.generator) for _ in range(n_tasks)])
+        orders, tasks = orders.to(gram.device), torch.arange(n_tasks, device=gram.device)
+        for turn in orders.unbind(1):  # turn[i]: the j of task i's next projection
+            dots = (coefficients * gram[:, turn].T).sum(dim=1)  # g_i'·g_j for every i
+            coefficients[tasks, turn] -= dots.clamp(max=0) / squared[turn]  # clamp, not an if: no host sync
         return coefficients.sum(dim=0)
 
     def state_dict(self) -> dict:
