@@ -193,14 +193,19 @@ class MetaBalance(PerTaskGradients):
             elif seg is None:
                 parts.append(next(found).reshape(1))
             elif self._whole_dim(i, g):
-                parts.append(torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1))
+                parts.append(_row_norms(g))
             else:
-                squared = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).square()
+                squared = _row_norms(g).square()
                 parts.append(g.new_zeros(self.segment_counts[i]).index_add_(0, seg, squared).sqrt())
         return torch.cat(parts)
 
     def _scale(self, main: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         return balanced_scale(main, aux, self.relax_factor, self.strategy, self.eps)
+
+def _row_norms(grad: torch.Tensor) -> torch.Tensor:
+    """[n] the L2 norm of each index of the first dim, read in whatever strides autograd made (no reshape copy)."""
+    return torch.linalg.vector_norm(grad, dim=tuple(range(1, grad.dim()))) if grad.dim() > 1 else grad.abs()
+
 
 def norm_ratios(norms: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """([T, G] each task's gradient norm over the main task's, per group; [T] their mean over the groups), the
