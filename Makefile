@@ -7,7 +7,7 @@ DEMO := demo
 
 BENCH := .venv-bench
 
-.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults bench-balancers bench-architectures bench-vocab clean
+.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults bench-balancers bench-architectures bench-vocab bench-ops clean
 
 $(BIN)/mbtrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ bench-architectures: install
 
 bench-vocab: install
 	$(BIN)/python benchmarks/vocab.py
+
+bench-ops: install
+	$(BIN)/python benchmarks/ops.py
+	$(BIN)/python benchmarks/speed.py --skip encoding --variants none metabalance pcgrad --models mmoe mmoe+funnel
+	$(BIN)/python benchmarks/speed.py --skip encoding --batch-size 64 --variants none metabalance pcgrad
 
 # The benchmarks' own environment: the reference library torch-rechub runs beside us, never as our dependency.
 $(BENCH)/.installed: pyproject.toml
