@@ -278,9 +278,10 @@ def heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.T
                    batched: bool = False) -> tuple[Sequence[torch.Tensor | None], Sequence[torch.Tensor | None]]:
     """The backward of the losses through the heads (models/split.py): (the task parameters' gradients of their
     sum, each boundary tensor's per-task gradient [T, ...]), None where no loss reaches one. One backward of the
-    sum where each task's loss reads its own heads only; where the heads are coupled (the funnel: a stage's loss
-    reads the towers before it, each on its own task's view) task by task, or `batched` in one backward over
-    the tasks, task k's gradient at the boundary then being the sum over the views of its loss's gradient."""
+    sum where each task's loss reads its own heads only. Where the heads are coupled (the funnel: a stage's loss
+    reads the towers before it, each on its own task's view), task k's gradient at the boundary is the sum over
+    the views of its loss's gradient: twice through the heads where the funnel over their outputs is the only
+    coupling (split.outputs, _rowwise_heads_backward), else task by task, or `batched` in one backward."""
     if not split.coupled:
         grads = torch.autograd.grad(sum(losses), [*task_params, *split.per_task], allow_unused=True)
         return grads[: len(task_params)], grads[len(task_params) :]
