@@ -321,6 +321,24 @@ def _agreed(batches: Iterator[tuple[EncodedData, int]], cluster: Cluster) -> Ite
         yield item
 
 
+class _Waited:
+    """The feed's batches, timing how long each takes to come (history's data_share): the wait for the data
+    alone, not _agreed's exchange with the other ranks."""
+
+    def __init__(self, batches: Iterator[tuple[EncodedData, int]]) -> None:
+        self.batches, self.seconds = batches, 0.0
+
+    def __iter__(self) -> _Waited:
+        return self
+
+    def __next__(self) -> tuple[EncodedData, int]:
+        asked = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.seconds += time.perf_counter() - asked
+
+
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Balancer, train: Rows,
                 valid: Rows, tasks: list[str], config: RunConfig, epoch: int, progress: Progress,
                 cluster: Cluster | None = None, log: RunLog | None = None, feed: DeviceFeed | None = None
@@ -372,18 +390,11 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     weights = torch.tensor(config.weight_vector, device=device)  # --task-weights, applied before any balancer
     model.train()
     feed = feed if feed is not None else DeviceFeed(train, device)
-    batches = feed.batches(batch_size, generator, cluster.rank, cluster.world_size)
+    waited = _Waited(feed.batches(batch_size, generator, cluster.rank, cluster.world_size))
+    batches: Iterator[tuple[EncodedData, int]] = waited
     if train.streamed:  # reads (and can fail) as it goes; data in memory cannot
         batches = _agreed(batches, cluster)
-    waited, step = 0.0, 0  # seconds spent getting the next batch, between one step and the next one's forward
-    while True:
-        asked = time.perf_counter()
-        item = next(batches, None)
-        waited += time.perf_counter() - asked
-        if item is None:
-            break
-        step += 1
-        batch, global_rows = item
+    for step, (batch, global_rows) in enumerate(batches, start=1):
         categorical, numeric, labels = batch.categorical, batch.numeric, batch.labels
         split = model.split_forward(categorical, numeric) if balancer.wants_split else None
         logits = split.logits if split is not None else model(categorical, numeric)
@@ -412,7 +423,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
     cluster.sum_([loss_sum])
     balancer.epoch_end(loss_sum / len(train))
     ratios = ratio_sum / steps if balancer.grad_norm_ratio is not None else None
-    return Trained(loss_sum / len(train), ratios, lr, steps, len(train) / seconds, waited / seconds)
+    return Trained(loss_sum / len(train), ratios, lr, steps, len(train) / seconds, waited.seconds / seconds)
 
 
 def history_row(epoch: int, tasks: list[str], trained: Trained, valid_metrics: dict[str, dict[str, Any]],
