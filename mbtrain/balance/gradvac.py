@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from mbtrain.balance.base import Gather, Reduce
-from mbtrain.balance.per_task import LEVELS, PARAMETERS, WeightedGradients
+from mbtrain.balance.per_task import LEVELS, PARAMETERS, WeightedGradients, drawn_on_host
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import in_unit_interval
 
@@ -76,10 +76,8 @@ class GradVac(WeightedGradients):
         orders = [[j + (j >= i) for j in torch.randperm(n_tasks - 1, generator=self.generator).tolist()]
                   for i in range(n_tasks)]
         # [T-1, T]: at step s, row i's pair (i, j) as its flat index i·T + j
-        pairs = torch.tensor([[i * n_tasks + order[s] for i, order in enumerate(orders)]
-                              for s in range(n_tasks - 1)])
-        if gram.is_cuda:  # copied from pinned memory, not waited for: no host sync
-            pairs = pairs.pin_memory().to(gram.device, non_blocking=True)
+        pairs = drawn_on_host(torch.tensor([[i * n_tasks + order[s] for i, order in enumerate(orders)]
+                                            for s in range(n_tasks - 1)]), gram)
         others = pairs % n_tasks  # j
         norms = gram.diagonal().clamp(min=0).sqrt().take(others)  # ‖g_j‖
         target = targets.take(pairs)  # φ̂_ij

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mbtrain.balance.base import Gather, Reduce
-from mbtrain.balance.per_task import PARAMETERS, WeightedGradients
+from mbtrain.balance.per_task import PARAMETERS, WeightedGradients, drawn_on_host
 from mbtrain.balance.registry import Setup, register
 
 
@@ -44,8 +44,9 @@ class PCGrad(WeightedGradients):
         squared = gram.diagonal().clamp(min=torch.finfo(gram.dtype).tiny)  # 0·g_j where g_j = 0
         coefficients = torch.eye(n_tasks, dtype=gram.dtype, device=gram.device)
         # task i's order of the j: the i-th draw, as if drawn task after task; every task's s-th projection at once
-        orders = torch.stack([torch.randperm(n_tasks, generator=self.generator) for _ in range(n_tasks)])
-        orders, tasks = orders.to(gram.device), torch.arange(n_tasks, device=gram.device)
+        orders = drawn_on_host(torch.stack([torch.randperm(n_tasks, generator=self.generator)
+                                            for _ in range(n_tasks)]), gram)
+        tasks = torch.arange(n_tasks, device=gram.device)
         for turn in orders.unbind(1):  # turn[i]: the j of task i's next projection
             dots = (coefficients * gram[:, turn].T).sum(dim=1)  # g_i'·g_j for every i
             coefficients[tasks, turn] -= dots.clamp(max=0) / squared[turn]  # clamp, not an if: no host sync

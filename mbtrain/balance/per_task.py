@@ -260,6 +260,14 @@ class WeightedGradients(PerTaskGradients):
         raise NotImplementedError
 
 
+def drawn_on_host(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`index` (drawn on the host: a seeded task order) on `like`'s device without a host sync: on CUDA copied from
+    pinned memory, not waited for (the pinned-memory cache reuses the block only once the copy has ended)."""
+    if like.is_cuda:
+        return index.pin_memory().to(like.device, non_blocking=True)
+    return index.to(like.device)
+
+
 def _distinct(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.unique(index, return_inverse=True): the sorted distinct rows and each entry's position among them.
     Up to BITMAP_ROWS table rows per entry, marking the rows in a table-sized mask beats sorting the entries
