@@ -95,8 +95,7 @@ class PerTaskGradients(Balancer):
         plain_rest = self.task_params is None or bool(self.task_params)
         total = sum(losses) if plain_rest else None
         if self.batched:
-            found = _batched_grads(losses, self.shared, retain_graph=plain_rest)
-            per_task = [[None if g is None else g[k] for g in found] for k in range(n_tasks)]
+            per_task = _unstacked(_batched_grads(losses, self.shared, retain_graph=plain_rest), n_tasks)
         else:
             per_task = [torch.autograd.grad(loss, self.shared, retain_graph=plain_rest or k < n_tasks - 1,
                                             allow_unused=True) for k, loss in enumerate(losses)]
@@ -153,20 +152,16 @@ class PerTaskGradients(Balancer):
         # trunk: once per task, or once for all of them
         n_tasks = len(losses)
         if self.batched:
-            *found, rows_found = torch.autograd.grad(split.boundary, [*dense, split.rows],
-                                                     grad_outputs=list(boundary_grads), is_grads_batched=True,
-                                                     allow_unused=True)
-            dense_grads = [[None if g is None else g[k] for g in found] for k in range(n_tasks)]
-            row_grads = [None if rows_found is None else rows_found[k] for k in range(n_tasks)]
+            per_task = _unstacked(torch.autograd.grad(split.boundary, [*dense, split.rows],
+                                                      grad_outputs=list(boundary_grads), is_grads_batched=True,
+                                                      allow_unused=True), n_tasks)
         else:
-            dense_grads, row_grads = [], []
-            for k in range(n_tasks):
-                *task_dense, row_grad = torch.autograd.grad(
-                    split.boundary, [*dense, split.rows], grad_outputs=[g[k] for g in boundary_grads],
-                    retain_graph=k < n_tasks - 1, allow_unused=True,
-                )
-                dense_grads.append(task_dense)
-                row_grads.append(row_grad)
+            per_task = [torch.autograd.grad(split.boundary, [*dense, split.rows],
+                                            grad_outputs=[g[k] for g in boundary_grads],
+                                            retain_graph=k < n_tasks - 1, allow_unused=True)
+                        for k in range(n_tasks)]
+        dense_grads = [list(grads[:-1]) for grads in per_task]
+        row_grads = [grads[-1] for grads in per_task]
         if self.reduce is not None:  # every task's dense gradients summed across ranks in one all-reduce
             summed = self._summed(dense * n_tasks, [g for task in dense_grads for g in task])
             dense_grads = [summed[k * len(dense) : (k + 1) * len(dense)] for k in range(n_tasks)]
@@ -293,8 +288,9 @@ def heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.T
     if not split.coupled:
         grads = torch.autograd.grad(sum(losses), [*task_params, *split.per_task], allow_unused=True)
         return grads[: len(task_params)], grads[len(task_params) :]
-    if split.outputs is not None and _rows_at(split) is not None:
-        return _rowwise_heads_backward(losses, task_params, split)
+    rows_at = _rows_at(split) if split.outputs is not None else None
+    if rows_at is not None:
+        return _rowwise_heads_backward(losses, task_params, split, rows_at)
     if batched:
         grads = _batched_grads(losses, [*task_params, *split.per_task])
         return ([None if g is None else g.sum(dim=0) for g in grads[: len(task_params)]],
@@ -321,13 +317,14 @@ def _rows_at(split: SplitForward) -> list[int] | None:
                                                                                      strict=True)) else None
 
 
-def _rowwise_heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.Tensor],
-                            split: SplitForward) -> tuple[Sequence[torch.Tensor | None], Sequence[torch.Tensor | None]]:
+def _rowwise_heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.Tensor], split: SplitForward,
+                            rows_at: list[int]) -> tuple[Sequence[torch.Tensor | None], Sequence[torch.Tensor | None]]:
     """heads_backward where the losses are coupled only through a map over the heads' outputs z [B, T] (the
     funnel) and head t reads its view t alone, row by row. Each loss's gradient at z, c_k [B, T], comes from the
     small backward through the map; then the heads twice: with Σ_k c_k for their parameters, and with ones for
     u_t, each row's gradient of z[b, t] at view t. Row by row, loss k's gradient at the boundary is then
-    Σ_t c_k[b, t]·u_t[b]: one einsum per boundary tensor instead of a backward through the heads per task."""
+    Σ_t c_k[b, t]·u_t[b]: one einsum per boundary tensor instead of a backward through the heads per task.
+    `rows_at`: each boundary tensor's row dim (_rows_at)."""
     outputs = split.outputs
     at_outputs = []
     for loss in losses:
@@ -338,13 +335,18 @@ def _rowwise_heads_backward(losses: Sequence[torch.Tensor], task_params: Sequenc
                                      retain_graph=True, allow_unused=True)
     units = torch.autograd.grad(outputs, split.per_task, grad_outputs=torch.ones_like(outputs), allow_unused=True)
     boundary_grads = []
-    for unit, row in zip(units, _rows_at(split), strict=True):
+    for unit, row in zip(units, rows_at, strict=True):
         if unit is None:
             boundary_grads.append(None)
             continue
         dims = "abcdefgh"[: unit.dim() - 1]
         boundary_grads.append(torch.einsum(f"k{dims[row]}t,t{dims}->k{dims}", coefficients, unit))
     return head_grads, boundary_grads
+
+
+def _unstacked(found: Sequence[torch.Tensor | None], n_tasks: int) -> list[list[torch.Tensor | None]]:
+    """Per task, its gradient of each input, out of one batched backward's [T, ...] gradients (None stays None)."""
+    return [[None if g is None else g[k] for g in found] for k in range(n_tasks)]
 
 
 def _batched_grads(losses: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], retain_graph: bool = False
