@@ -38,7 +38,7 @@ from synthetic import TASKS, impressions  # noqa: E402
 
 from mbtrain.allocator import keep_freed_memory  # noqa: E402
 from mbtrain.balance import BALANCERS, Balancer, Setup, build_balancer  # noqa: E402
-from mbtrain.balance.per_task import PARAMETERS  # noqa: E402
+from mbtrain.balance.per_task import LOOP, PARAMETERS  # noqa: E402
 from mbtrain.config import RunConfig  # noqa: E402
 from mbtrain.data.prepare import prepare  # noqa: E402
 from mbtrain.distributed import Cluster  # noqa: E402
@@ -146,7 +146,7 @@ def build_variant(variant: str, model: torch.nn.Module) -> Balancer:
     spec, _, task_backward = variant.partition("/")
     name, _, level = spec.partition("@")
     return build_balancer(name, Setup.of(model, len(TASKS), level=level or PARAMETERS,
-                                         task_backward=task_backward or "loop"))
+                                         task_backward=task_backward or LOOP))
 
 
 def every_balancer() -> list[str]:

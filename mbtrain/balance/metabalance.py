@@ -202,6 +202,7 @@ class MetaBalance(PerTaskGradients):
     def _scale(self, main: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         return balanced_scale(main, aux, self.relax_factor, self.strategy, self.eps)
 
+
 def _row_norms(grad: torch.Tensor) -> torch.Tensor:
     """[n] the L2 norm of each index of the first dim, read in whatever strides autograd made (no reshape copy)."""
     return torch.linalg.vector_norm(grad, dim=tuple(range(1, grad.dim()))) if grad.dim() > 1 else grad.abs()
