@@ -32,6 +32,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import polars as pl
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for synthetic.py as a script
 
 from synthetic import impressions  # noqa: E402
@@ -57,9 +59,10 @@ def grid(tasks: list[str], seeds: int, quick: bool) -> str:
 
 
 def sweep_each(datasets: list[str], grid_of: Callable[[str, int, bool], str], baseline: str,
-               args: argparse.Namespace) -> None:
-    """Per data set: the data (the generated funnel written once under --out), its grid (`grid_of(dataset,
-    seeds, quick)`), and `mbtrain sweep` on them against `baseline`, which prints the report."""
+               args: argparse.Namespace, generators: dict[str, Callable[[int], pl.DataFrame]] | None = None) -> None:
+    """Per data set: the data (Adult, or generated once under --out: by `generators[dataset](rows)`, by default
+    the generated funnel), its grid (`grid_of(dataset, seeds, quick)`), and `mbtrain sweep` on them against
+    `baseline`, which prints the report."""
     seeds, rows = (2, 10_000) if args.quick else (args.seeds, args.rows)
     with tempfile.TemporaryDirectory() as scratch:
         root = args.out or Path(scratch)
@@ -71,7 +74,7 @@ def sweep_each(datasets: list[str], grid_of: Callable[[str, int, bool], str], ba
             else:
                 data = root / f"{name}.parquet"
                 if not data.is_file():
-                    impressions(rows).write_parquet(data)
+                    (generators or {}).get(dataset, impressions)(rows).write_parquet(data)
             config = root / f"{name}.toml"
             config.write_text(grid_of(dataset, seeds, args.quick))
             print(f"\n== {dataset}: {data}", flush=True)

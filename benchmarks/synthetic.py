@@ -52,3 +52,24 @@ def impressions(rows: int, users: int = 20_000, items: int = 5_000, seed: int = 
         pl.Series("cart", cart.astype(np.int8)),
         pl.Series("purchase", purchase.astype(np.int8)),
     )
+
+
+def id_log(rows: int, values: int, seed: int = 0) -> pl.DataFrame:
+    """One id column (`ad_id`, `values` distinct ids: each at least once, the rest from a heavy head over a
+    uniform tail) beside two small categoricals and a number; `click` and `purchase` driven by each id's own
+    propensity and the others. The log of issue 24's scale benchmark (benchmarks/vocab.py)."""
+    rng = np.random.default_rng(seed)
+    if values > rows:
+        raise ValueError(f"{values:,} distinct ids need at least as many rows, got {rows:,}")
+    rest = rows - values
+    drawn = np.where(rng.random(rest) < 0.5, rng.zipf(1.3, rest) % values, rng.integers(0, values, rest))
+    ids = np.concatenate([np.arange(values), drawn])[rng.permutation(rows)]
+    effect = rng.normal(0, 1, values)[ids]
+    device = rng.integers(0, 3, rows)
+    region = rng.integers(0, 50, rows)
+    price = np.exp(rng.normal(3, 1, rows))
+    click_logit = -1.5 + effect + 0.3 * (device == 0) - 0.2 * np.log(price) + 0.01 * region
+    click = rng.random(rows) < 1 / (1 + np.exp(-click_logit))
+    purchase = click & (rng.random(rows) < 1 / (1 + np.exp(-(-2.0 + 0.5 * effect))))
+    return pl.DataFrame({"ad_id": ids, "device": device.astype(np.int8), "region": region.astype(np.int16),
+                         "price": price, "click": click.astype(np.int8), "purchase": purchase.astype(np.int8)})

@@ -21,6 +21,7 @@ from mbtrain.config import MONITORS, RunConfig, parse_list, parse_weights, read_
 from mbtrain.errors import MbtrainError
 from mbtrain.models import MODELS
 from mbtrain.models.mlp import NORMS
+from mbtrain.optim import TABLE_OPTIMIZERS
 
 
 class OneLineErrors(TyperGroup):
@@ -209,6 +210,12 @@ def fit(
     warmup: Annotated[float | None, typer.Option(help=_help("Epochs of linear learning-rate warm-up.",
                                                             "warmup"))] = None,
     weight_decay: Annotated[float | None, typer.Option(help=_help("Adam weight decay.", "weight_decay"))] = None,
+    table_optimizer: Annotated[str | None, typer.Option(help=_help(
+        f"The embedding table's optimizer: {' | '.join(TABLE_OPTIMIZERS)} (adam moves every row each step; the "
+        "others only the rows a batch touched, so a step's cost follows the batch, not the vocabulary).",
+        "table_optimizer"))] = None,
+    table_lr: Annotated[float | None, typer.Option(help="The embedding table's peak learning rate, on the same "
+                                                        "schedule (default: --lr's).")] = None,
     seed: Annotated[int | None, typer.Option(help=_help("Seed for split, init and shuffling.", "seed"))] = None,
     shuffle: Annotated[bool | None, typer.Option("--shuffle/--no-shuffle",
                                                  help=_help("Shuffle the training rows every epoch; off: file "

@@ -24,6 +24,7 @@ from mbtrain.checks import at_least_one, non_negative, one_of
 from mbtrain.distributed import DEVICES
 from mbtrain.errors import MbtrainError
 from mbtrain.models.base import ModelConfig
+from mbtrain.optim import ADAM, TABLE_OPTIMIZERS
 
 SCHEDULES = ("constant", "cosine")
 MONITORS = ("auc", "gauc", "logloss", "ne")
@@ -146,9 +147,19 @@ class TrainConfig:
     threads: int | None = None
     device: str = "auto"
     task_backward: str = LOOP  # per-task gradients' backward passes: one per task, or batched in one (per_task.py)
+    table_optimizer: str = ADAM  # the embedding table's optimizer (optim.py); every dense parameter's is Adam
+    table_lr: float | None = None  # the table's peak learning rate; None: --lr's
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        """A saved run without --table-optimizer trained its table with dense Adam, whatever today's default."""
+        return cls(**{"table_optimizer": ADAM, **raw})
 
     def check(self, group_by: str | None) -> None:
         one_of("--device", self.device, DEVICES)
+        one_of("--table-optimizer", self.table_optimizer, TABLE_OPTIMIZERS)
+        if self.table_lr is not None and not self.table_lr > 0:
+            raise MbtrainError(f"--table-lr must be positive: got {self.table_lr}")
         one_of("--task-backward", self.task_backward, TASK_BACKWARDS)
         one_of("--schedule", self.schedule, SCHEDULES)
         one_of("--monitor", self.monitor, MONITORS)

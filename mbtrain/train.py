@@ -43,6 +43,7 @@ from mbtrain.distributed import Cluster, any_rank, cluster_from_env, from_main
 from mbtrain.errors import MbtrainError, first_line
 from mbtrain.metrics import task_metrics
 from mbtrain.models.scoring import ModelSpec, Probabilities, ScoringModel, score_rows
+from mbtrain.optim import TrainOptimizer
 from mbtrain.report import history_line, metrics_table, model_text
 from mbtrain.tensorboard_log import LOG_EVERY, RunLog, require_tensorboard
 
@@ -137,7 +138,8 @@ class FitRecipe:
         setup = Setup.of(self.model, len(self.spec.tasks), config.train.seed, self.cluster,
                          config.balance.balance_level, config.train.task_backward)
         self.balancer = build_balancer(config.balance.balance, setup, config.balance.chosen())
-        self.optimizer = build_optimizer(self.model.parameters(), config, self.balancer.parameters())
+        self.optimizer = build_optimizer(self.model.parameters(), config, self.balancer.parameters(),
+                                         self.cluster.world_size)
 
     def _restore(self, resumed: Checkpoint, path: Path) -> None:
         try:
@@ -259,17 +261,15 @@ class FitRecipe:
         return metrics
 
 
-def build_optimizer(params: Iterable[torch.Tensor], config: RunConfig, balancer_params: Iterable[torch.Tensor] = ()
-                    ) -> torch.optim.Optimizer:
-    """Adam, fused: one kernel over every parameter instead of ~10 ops per tensor (its cost in
-    docs/benchmarks.md). train_steps sets the rate before every step. A balancer's own parameters
-    (log-variances, task weights) get no weight decay: it would pull them to 0."""
-    groups: list[dict[str, Any]] = [{"params": list(params)}]
-    extra = list(balancer_params)
-    if extra:
-        groups.append({"params": extra, "weight_decay": 0.0})
-    return torch.optim.Adam(groups, lr=peak_lr(config.train), weight_decay=config.train.weight_decay,
-                            fused=True)
+def build_optimizer(params: Iterable[torch.Tensor], config: RunConfig, balancer_params: Iterable[torch.Tensor] = (),
+                    world_size: int = 1) -> TrainOptimizer:
+    """Fused Adam over the dense parameters (one kernel over every parameter instead of ~10 ops per tensor: its
+    cost in docs/benchmarks.md) beside --table-optimizer over the embedding table (optim.py). train_steps sets
+    the rates before every step: --table-lr, where given, in place of the peak rate."""
+    settings = config.train
+    peak = peak_lr(settings, world_size)
+    return TrainOptimizer(params, settings.table_optimizer, peak, settings.weight_decay,
+                          settings.table_lr / peak if settings.table_lr else 1.0, balancer_params)
 
 
 def learning_rate(config: RunConfig, steps_per_epoch: int, step: int, world_size: int = 1) -> float:
@@ -339,7 +339,7 @@ class _Waited:
             self.seconds += time.perf_counter() - asked
 
 
-def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Balancer, train: Rows,
+def train_epoch(model: torch.nn.Module, optimizer: TrainOptimizer, balancer: Balancer, train: Rows,
                 valid: Rows, tasks: list[str], config: RunConfig, epoch: int, progress: Progress,
                 cluster: Cluster | None = None, log: RunLog | None = None, feed: DeviceFeed | None = None
                 ) -> dict[str, Any]:
@@ -369,7 +369,7 @@ class Trained:
     data_share: float  # of the training seconds, spent waiting for the next batch
 
 
-def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balancer: Balancer, train: Rows,
+def train_steps(model: torch.nn.Module, optimizer: TrainOptimizer, balancer: Balancer, train: Rows,
                 config: RunConfig, epoch: int, progress: Progress, cluster: Cluster,
                 log: RunLog | None = None, feed: DeviceFeed | None = None) -> Trained:
     """One pass over the training rows (shuffled unless --no-shuffle), its batches from `feed` (a DeviceFeed of
@@ -399,12 +399,11 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, balanc
         split = model.split_forward(categorical, numeric) if balancer.wants_split else None
         logits = split.logits if split is not None else model(categorical, numeric)
         losses = _losses(model, logits, labels, global_rows)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         balancer.backward(list((losses * weights).unbind()), split)
         global_step = (epoch - 1) * steps + step - 1
         lr = learning_rate(config, steps, global_step, cluster.world_size)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizer.set_lr(lr)
         optimizer.step()
         if balancer.wants_losses_after_step:  # the same rows under the stepped parameters (FAMO)
             with torch.no_grad():

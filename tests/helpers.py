@@ -17,6 +17,7 @@ from mbtrain.balance import Balancer, MetaBalance
 from mbtrain.cli import app
 from mbtrain.models import Inputs, ModelConfig, build_model
 from mbtrain.models.scoring import NumericNormalizer
+from mbtrain.table import dense_of
 
 
 def make_frame(rows: int = 600, seed: int = 0) -> pl.DataFrame:
@@ -84,14 +85,28 @@ def seeded_batch(step: int, cardinalities: list[int], rows: int = 32,
     return categorical, numeric, labels
 
 
+class Adam(torch.optim.Adam):
+    """torch's Adam over a model whose embedding table's gradient is its touched rows: the table's made dense
+    first, as --table-optimizer adam does (mbtrain/optim.py)."""
+
+    def step(self, closure: None = None) -> None:
+        dense_of(p for group in self.param_groups for p in group["params"])
+        super().step(closure)
+
+
+def dense(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """A gradient as a dense tensor: an embedding table's is its touched rows (mbtrain/table.py)."""
+    return grad.to_dense() if grad is not None and grad.is_sparse else grad
+
+
 def assert_same_grads_then_step(ours: torch.nn.Module, theirs: torch.nn.Module, rate: float = 0.3) -> None:
     """The two models' gradients agree; then both take the same plain gradient step."""
     for (label, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12, msg=label)
+        torch.testing.assert_close(dense(a.grad), dense(b.grad), rtol=1e-9, atol=1e-12, msg=label)
     with torch.no_grad():
         for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
-            a.sub_(rate * a.grad)
-            b.sub_(rate * b.grad)
+            a.sub_(rate * dense(a.grad))
+            b.sub_(rate * dense(b.grad))
 
 
 def assert_split_metabalance_equals_full(full: torch.nn.Module, fast: torch.nn.Module,
@@ -124,7 +139,7 @@ def flat_grads(losses: list[torch.Tensor], inputs: list[torch.Tensor]) -> torch.
     rows = []
     for loss in losses:
         grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(x) if g is None else g).reshape(-1)
+        rows.append(torch.cat([(torch.zeros_like(x) if g is None else dense(g)).reshape(-1)
                                for g, x in zip(grads, inputs, strict=True)]))
     return torch.stack(rows)
 
@@ -170,12 +185,12 @@ def assert_resumes_identically(make_model: Callable[[], nn.Module], made: Callab
     def run(split_at: int | None) -> list[torch.Tensor]:
         model = make_model()
         balancer = made(model)
-        optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
+        optimizer = Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
         for index in range(steps):
             if index == split_at:
                 saved = copy.deepcopy((balancer.state_dict(), optimizer.state_dict()))
                 balancer = made(model)
-                optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
+                optimizer = Adam([*model.parameters(), *balancer.parameters()], lr=0.05)
                 balancer.load_state_dict(saved[0])
                 optimizer.load_state_dict(saved[1])
             step(model, balancer, optimizer, index)

@@ -15,6 +15,7 @@ from mbtrain.balance.imtl import imtl_weights
 from mbtrain.balance.per_task import PARAMETERS, REPRESENTATION
 from mbtrain.models.split import SplitForward
 from tests.helpers import (
+    Adam,
     TinyThreeTasks,
     assert_resumes_identically,
     assert_same_grads_then_step,
@@ -197,9 +198,9 @@ def test_imtl_l_is_the_learned_scale_sum() -> None:
     ours, theirs = TinyThreeTasks(), TinyThreeTasks()
     balancer = build_balancer("imtl-l", Setup(list(ours.parameters()), [], TASKS))
     assert isinstance(balancer, IMTLL)
-    optimizer = torch.optim.Adam([*ours.parameters(), *balancer.parameters()], lr=0.05)
+    optimizer = Adam([*ours.parameters(), *balancer.parameters()], lr=0.05)
     scales = torch.zeros(TASKS, requires_grad=True)
-    reference = torch.optim.Adam([*theirs.parameters(), scales], lr=0.05)
+    reference = Adam([*theirs.parameters(), scales], lr=0.05)
     for step in range(6):
         optimizer.zero_grad()
         balancer.backward(ours.losses(step))

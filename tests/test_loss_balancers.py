@@ -15,7 +15,7 @@ import torch
 
 from mbtrain.balance import BALANCERS, DWA, FAMO, Balancer, Setup, Uncertainty, build_balancer
 from mbtrain.balance.registry import default_settings, settings_of
-from tests.helpers import TinyThreeTasks, assert_resumes_identically, run_cli
+from tests.helpers import Adam, TinyThreeTasks, assert_resumes_identically, run_cli
 
 TASKS = 3
 
@@ -34,7 +34,7 @@ def _train(balancer_of, reference_step, steps: int = 5) -> None:
     """Train one model with the balancer and a copy with the reference's loss; parameters must stay equal."""
     ours, theirs = TinyThreeTasks(), TinyThreeTasks()
     balancer = balancer_of(ours)
-    optimizer = torch.optim.Adam([*ours.parameters(), *balancer.parameters()], lr=0.05)
+    optimizer = Adam([*ours.parameters(), *balancer.parameters()], lr=0.05)
     reference = reference_step(theirs)
     for step in range(steps):
         _step(ours, balancer, optimizer, step)
@@ -47,7 +47,7 @@ def test_uncertainty_is_the_learned_log_variance_sum() -> None:
     log_vars = torch.zeros(TASKS, requires_grad=True)
 
     def reference(model: TinyThreeTasks):
-        optimizer = torch.optim.Adam([*model.parameters(), log_vars], lr=0.05)
+        optimizer = Adam([*model.parameters(), log_vars], lr=0.05)
 
         def step(index: int) -> None:
             optimizer.zero_grad()
@@ -90,7 +90,7 @@ class ReferenceFAMO:
 
     def __init__(self, lr: float, decay: float) -> None:
         self.w = torch.zeros(TASKS, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.w], lr=lr, weight_decay=decay)
+        self.optimizer = Adam([self.w], lr=lr, weight_decay=decay)
 
     def loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
         stacked = torch.stack(losses)
@@ -117,7 +117,7 @@ def test_famo_matches_the_reference_algorithm(lr: float, decay: float, same_batc
     famo = ReferenceFAMO(lr, decay)
 
     def reference(model: TinyThreeTasks):
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        optimizer = Adam(model.parameters(), lr=0.05)
 
         def step(index: int) -> None:
             losses = model.losses(index)

@@ -24,6 +24,7 @@ from mbtrain.models import (
 )
 from mbtrain.models.funnel import Funnel
 from mbtrain.models.mlp import hidden_norm
+from tests.helpers import Adam, dense
 
 CARDS = [5, 7, 3]
 NAMES = sorted(MODELS)
@@ -143,7 +144,8 @@ def test_every_model_meets_the_contract(name: str, variant: str) -> None:
     if variant == "funnel" and not own:
         logits = Funnel(FUNNEL).double()(logits)
     losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0).unbind()
-    grads = [torch.autograd.grad(loss, shared + task, retain_graph=True, allow_unused=True) for loss in losses]
+    grads = [[dense(g) for g in torch.autograd.grad(loss, shared + task, retain_graph=True, allow_unused=True)]
+             for loss in losses]
 
     def reaching(at: int, part: torch.Tensor | slice) -> set[int]:
         return {k for k, task_grads in enumerate(grads)
@@ -249,7 +251,7 @@ def test_fits_tiny_multitask_problem(name: str) -> None:
     cat, num = inputs(cards, 3, batch=256, seed=1)
     targets = torch.stack([(num[:, 0] > 0), (cat[:, 0] >= 2), (num[:, 1] + (cat[:, 1] == 3).float() > 0.5)], 1).float()
     model = make(name, cards, 3, num_tasks=3, embed_dim=4, hidden=[16, 8], experts=3, tower=[8])
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    opt = Adam(model.parameters(), lr=0.02)
     losses = []
     for _ in range(100):
         loss = F.binary_cross_entropy_with_logits(model(cat, num), targets)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mbtrain.balance import PCGrad, Setup, build_balancer
 from mbtrain.models import Inputs, ModelConfig, build_model
-from tests.helpers import assert_same_grads_then_step, seeded_batch, twin_models
+from tests.helpers import assert_same_grads_then_step, dense, seeded_batch, twin_models
 
 CARDS = [5, 7, 3]
 
@@ -22,7 +22,7 @@ def reference_backward(model: torch.nn.Module, losses: list[torch.Tensor], gener
     grads = []
     for loss in losses:
         per_param = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
-        grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+        grads.append(torch.cat([(torch.zeros_like(p) if g is None else dense(g)).reshape(-1)
                                 for g, p in zip(per_param, shared, strict=True)]))
     projected, projections = [], 0
     for i in range(len(losses)):

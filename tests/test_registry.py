@@ -150,6 +150,8 @@ FLAG_VALUES: dict[str, tuple[list[str], Any]] = {
     "threads": (["--threads", "1"], 1),
     "device": (["--device", "cpu"], "cpu"),
     "task_backward": (["--task-backward", "batched"], "batched"),
+    "table_optimizer": (["--table-optimizer", "rowwise-adagrad"], "rowwise-adagrad"),
+    "table_lr": (["--table-lr", "0.05"], 0.05),
 }
 
 

@@ -30,7 +30,7 @@ from mbtrain.data.stream import (
 )
 from mbtrain.errors import MbtrainError
 from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities, score_rows
-from tests.helpers import make_frame, run_cli
+from tests.helpers import Adam, make_frame, run_cli
 
 TASKS = ["purchase", "click"]
 GROUP_ROWS = 50
@@ -145,7 +145,7 @@ def test_unshuffled_batches_and_losses_equal_the_in_memory_path(dataset: tuple[P
     def losses(batches: list[EncodedData]) -> list[list[float]]:
         torch.manual_seed(0)
         model = spec.build()
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        optimizer = Adam(model.parameters(), lr=0.01)
         history = []
         for batch in batches:
             step = F.binary_cross_entropy_with_logits(model(batch.categorical, batch.numeric), batch.labels,

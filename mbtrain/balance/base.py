@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from mbtrain.models.split import SplitForward
+from mbtrain.table import is_table, sum_across_ranks
 
 if TYPE_CHECKING:
     from mbtrain.balance.registry import Setup
@@ -25,12 +26,19 @@ def restore(tensor: torch.Tensor, values: torch.Tensor, what: str) -> None:
         tensor.copy_(values)
 
 
-def reduce_grads(params: Sequence[torch.Tensor], reduce: Reduce) -> None:
-    """Sum the parameters' gradients across ranks (zeros where a rank's batch did not reach one)."""
-    for p in params:
+def reduce_grads(params: Sequence[torch.Tensor], reduce: Reduce, gather: Gather | None = None) -> None:
+    """Sum the parameters' gradients across ranks (zeros where a rank's batch did not reach one): the dense ones
+    in one all-reduce, an embedding table's as its touched rows (table.py, through `gather`)."""
+    tables = [p for p in params if is_table(p)]
+    dense = [p for p in params if not is_table(p)]
+    for p in dense:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    reduce([p.grad for p in params])
+    reduce([p.grad for p in dense])
+    if tables:
+        if gather is None:
+            raise ValueError("summing an embedding table's rows across ranks needs gather")
+        sum_across_ranks(tables, gather)
 
 
 class NoSettings:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mbtrain.balance.base import Reduce
+from mbtrain.balance.base import Gather, Reduce
 from mbtrain.balance.plain import PlainSum
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import positive
@@ -36,8 +36,8 @@ class DWA(PlainSum):
     settings_class = DWASettings
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor] = (), reduce: Reduce | None = None,
-                 temperature: float = 2.0) -> None:
-        super().__init__(params, reduce)
+                 gather: Gather | None = None, temperature: float = 2.0) -> None:
+        super().__init__(params, reduce, gather)
         self.num_tasks = num_tasks
         self.temperature = temperature
         self.device = self.params[0].device if self.params else None
@@ -46,7 +46,8 @@ class DWA(PlainSum):
 
     @classmethod
     def build(cls, setup: Setup, settings: DWASettings) -> DWA:
-        return cls(setup.num_tasks, setup.every, reduce=setup.reduce, temperature=settings.temperature)
+        return cls(setup.num_tasks, setup.every, reduce=setup.reduce, gather=setup.gather,
+                   temperature=settings.temperature)
 
     def epoch_end(self, mean_losses: torch.Tensor) -> None:
         self.history = [*self.history, mean_losses.detach().to("cpu", torch.float64)][-2:]

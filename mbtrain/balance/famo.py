@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mbtrain.balance.base import Reduce, restore
+from mbtrain.balance.base import Gather, Reduce, restore
 from mbtrain.balance.plain import PlainSum
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import non_negative, positive
@@ -50,8 +50,9 @@ class FAMO(PlainSum):
     EPS = 1e-8
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor] = (), reduce: Reduce | None = None,
-                 lr: float = 0.025, decay: float = 0.01, same_batch: bool = False) -> None:
-        super().__init__(params, reduce)
+                 gather: Gather | None = None, lr: float = 0.025, decay: float = 0.01,
+                 same_batch: bool = False) -> None:
+        super().__init__(params, reduce, gather)
         device = self.params[0].device if self.params else None
         self.logits = torch.zeros(num_tasks, device=device, requires_grad=True)
         self.logit_optimizer = torch.optim.Adam([self.logits], lr=lr, weight_decay=decay)
@@ -60,8 +61,8 @@ class FAMO(PlainSum):
 
     @classmethod
     def build(cls, setup: Setup, settings: FAMOSettings) -> FAMO:
-        return cls(setup.num_tasks, setup.every, reduce=setup.reduce, lr=settings.famo_lr, decay=settings.famo_decay,
-                   same_batch=settings.famo_same_batch)
+        return cls(setup.num_tasks, setup.every, reduce=setup.reduce, gather=setup.gather, lr=settings.famo_lr,
+                   decay=settings.famo_decay, same_batch=settings.famo_same_batch)
 
     def _global(self, losses: Sequence[torch.Tensor]) -> torch.Tensor:
         """The losses summed across ranks (each rank's is its share of the global batch's mean), plus EPS."""

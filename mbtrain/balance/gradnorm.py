@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from mbtrain.balance.base import Balancer, Reduce, reduce_grads, restore
+from mbtrain.balance.base import Balancer, Gather, Reduce, reduce_grads, restore
 from mbtrain.balance.per_task import LEVELS, PARAMETERS, REPRESENTATION, accumulate, heads_backward
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import positive
 from mbtrain.models.split import SplitForward
+from mbtrain.table import is_table, summed_rows, touched
 
 WEIGHT_FLOOR = 1e-3  # a weight Adam pushed to 0 would never move again (its gradient is w-proportional)
 
@@ -45,7 +46,8 @@ class GradNorm(Balancer):
     levels = LEVELS
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor],
-                 alpha: float = 1.5, reduce: Reduce | None = None, level: str = PARAMETERS) -> None:
+                 alpha: float = 1.5, reduce: Reduce | None = None, level: str = PARAMETERS,
+                 gather: Gather | None = None) -> None:
         self.check_level(level)
         self.level = level
         self.params = list(params)  # every model parameter: what `reduce` sums
@@ -54,12 +56,13 @@ class GradNorm(Balancer):
         self.weights = torch.nn.Parameter(like.new_ones(num_tasks))
         self.alpha = alpha
         self.reduce = reduce
+        self.gather = gather  # an embedding table's touched rows from every rank (table.py)
         self.initial: torch.Tensor | None = None  # L_k(0), summed across ranks
 
     @classmethod
     def build(cls, setup: Setup, settings: GradNormSettings) -> GradNorm:
         return cls(setup.num_tasks, setup.every, setup.task, alpha=settings.gradnorm_alpha, reduce=setup.reduce,
-                   level=setup.level)
+                   level=setup.level, gather=setup.gather)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.weights]
@@ -90,7 +93,7 @@ class GradNorm(Balancer):
         self.weights.grad = torch.sign(norms - target) * unweighted
         torch.autograd.backward(outputs, grad_tensors=[g.sum(dim=0) for _, g in reached])
         if self.reduce is not None:
-            reduce_grads(self.params, self.reduce)
+            reduce_grads(self.params, self.reduce, self.gather)
         self.task_weights = w
         self.grad_norm_ratio = norms / norms[0].clamp(min=torch.finfo(norms.dtype).tiny)
 
@@ -110,6 +113,9 @@ class GradNorm(Balancer):
             (grad,) = torch.autograd.grad(outputs, [layer], grad_outputs=[g[k] for _, g in reached],
                                           retain_graph=True, allow_unused=True)
             layer_grads.append(torch.zeros_like(layer) if grad is None else grad)
+        if is_table(layer):  # ESMM's trunk is the embedding alone: each task's gradient is the batch's rows
+            summed = [g if self.reduce is None else summed_rows(g, self.gather) for g in layer_grads]
+            return torch.stack([touched(g)[1].norm() for g in summed])
         stacked = torch.stack(layer_grads)
         if self.reduce is not None:
             self.reduce([stacked])

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mbtrain.balance.base import Reduce, restore
+from mbtrain.balance.base import Gather, Reduce, restore
 from mbtrain.balance.plain import PlainSum
 from mbtrain.balance.registry import Setup, register
 
@@ -30,15 +30,15 @@ class IMTLL(PlainSum):
     positive_weights = True  # a weight of 0 leaves e^s·0 − s: its scale runs off to +inf
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor] = (), reduce: Reduce | None = None,
-                 world_size: int = 1) -> None:
-        super().__init__(params, reduce)
+                 gather: Gather | None = None, world_size: int = 1) -> None:
+        super().__init__(params, reduce, gather)
         device = self.params[0].device if self.params else None
         self.log_scales = torch.nn.Parameter(torch.zeros(num_tasks, device=device))
         self.world_size = world_size
 
     @classmethod
     def build(cls, setup: Setup, settings: Any) -> IMTLL:
-        return cls(setup.num_tasks, setup.every, reduce=setup.reduce, world_size=setup.world_size)
+        return cls(setup.num_tasks, setup.every, reduce=setup.reduce, gather=setup.gather, world_size=setup.world_size)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.log_scales]

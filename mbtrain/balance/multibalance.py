@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from mbtrain.balance.base import Balancer, Reduce, reduce_grads
+from mbtrain.balance.base import Balancer, Gather, Reduce, reduce_grads
 from mbtrain.balance.metabalance import MetaBalanceSettings, balanced_scale, norm_ratios
 from mbtrain.balance.per_task import REPRESENTATION, accumulate, heads_backward
 from mbtrain.balance.registry import Setup, register
@@ -38,19 +38,20 @@ class MultiBalance(Balancer):
 
     def __init__(self, params: Iterable[torch.Tensor], task_params: Iterable[torch.Tensor],
                  relax_factor: float = 0.7, beta: float = 0.9, strategy: str = "both", eps: float = 1e-5,
-                 reduce: Reduce | None = None) -> None:
+                 reduce: Reduce | None = None, gather: Gather | None = None) -> None:
         MetaBalanceSettings(relax_factor, beta, strategy)
         self.params = list(params)  # every trainable parameter: what `reduce` sums
         self.task_params = [p for p in task_params if p.requires_grad]
         self.relax_factor, self.beta, self.strategy, self.eps = relax_factor, beta, strategy, eps
         self.reduce = reduce
+        self.gather = gather  # an embedding table's touched rows from every rank (table.py)
         self.moving_norms: torch.Tensor | None = None  # [T, G] over the representation groups
         self.ratio_names: list[str] | None = None  # the groups, for TensorBoard
 
     @classmethod
     def build(cls, setup: Setup, settings: MetaBalanceSettings) -> MultiBalance:
         return cls(setup.every, setup.task, settings.relax_factor, settings.beta, settings.strategy,
-                   reduce=setup.reduce)
+                   reduce=setup.reduce, gather=setup.gather)
 
     def backward(self, losses: Sequence[torch.Tensor], split: SplitForward | None = None) -> None:
         if split is None:
@@ -82,7 +83,7 @@ class MultiBalance(Balancer):
             start += width
         torch.autograd.backward([b for b, _, _ in reached], grad_tensors=combined)
         if self.reduce is not None:
-            reduce_grads(self.params, self.reduce)
+            reduce_grads(self.params, self.reduce, self.gather)
         self.norm_ratios, self.grad_norm_ratio = norm_ratios(norms, self.eps)
         if self.ratio_names is None:
             self.ratio_names = [name if not grouped else f"{name}/{e}"

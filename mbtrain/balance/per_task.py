@@ -25,6 +25,7 @@ import torch
 
 from mbtrain.balance.base import Balancer, Gather, Reduce, reduce_grads
 from mbtrain.models.split import SplitForward
+from mbtrain.table import add_rows, is_table
 
 BITMAP_ROWS = 32  # see _distinct
 Sinks = list[Any]  # the shared parameters, the embedding table's stood in for by a RowGradient on the split path
@@ -79,7 +80,6 @@ class PerTaskGradients(Balancer):
         back-propagating the heads once and only the trunk once per task (see models/split.py). At the
         representation level `split` is needed."""
         self.check_losses(losses)
-        n_tasks = len(losses)
         if self.reads_losses:  # one stack (and, across ranks, one all-reduce) a step, for the methods that use it
             self.loss_values = torch.stack([loss.detach() for loss in losses])
             if self.reduce is not None:
@@ -94,14 +94,30 @@ class PerTaskGradients(Balancer):
             return
         plain_rest = self.task_params is None or bool(self.task_params)
         total = sum(losses) if plain_rest else None
-        if self.batched:
-            per_task = _unstacked(_batched_grads(losses, self.shared, retain_graph=plain_rest), n_tasks)
-        else:
-            per_task = [torch.autograd.grad(loss, self.shared, retain_graph=plain_rest or k < n_tasks - 1,
-                                            allow_unused=True) for k, loss in enumerate(losses)]
-        self.combine(self.shared, [list(self._summed(self.shared, grads)) for grads in per_task])
+        per_task = self._full_grads(losses, retain_graph=plain_rest)
+        sinks, task_grads = _rows_of_tables(self.shared, [list(self._summed(self.shared, grads))
+                                                          for grads in per_task])
+        self.combine(sinks, task_grads)
+        for table, sink in zip(self.shared, sinks, strict=True):
+            if isinstance(sink, RowGradient) and sink.grad is not None:
+                add_rows(table, sink.rows, sink.grad)
         if total is not None:
             self._plain_backward(total)
+
+    def _full_grads(self, losses: Sequence[torch.Tensor], retain_graph: bool) -> list[list[torch.Tensor | None]]:
+        """Each task's gradient of every shared parameter by a full backward, task by task or batched (an
+        embedding table's, sparse, task by task all the same: vmap has no rule for a sparse gradient)."""
+        n_tasks = len(losses)
+        tables = [p for p in self.shared if is_table(p)] if self.batched else self.shared
+        looped = [torch.autograd.grad(loss, tables, retain_graph=retain_graph or self.batched or k < n_tasks - 1,
+                                      allow_unused=True) for k, loss in enumerate(losses)]
+        if not self.batched:
+            return [list(grads) for grads in looped]
+        dense = [p for p in self.shared if not is_table(p)]
+        stacked = _batched_grads(losses, dense, retain_graph) if dense else ()
+        found = {id(p): grads for p, grads in zip(dense, stacked, strict=True)}
+        found.update({id(p): [task[j] for task in looped] for j, p in enumerate(tables)})
+        return [[None if found[id(p)] is None else found[id(p)][k] for p in self.shared] for k in range(n_tasks)]
 
     def combine(self, sinks: Sinks, task_grads: list[list[torch.Tensor | None]]) -> None:
         """Add the combination of the tasks' gradients (task_grads[k][i]: task k's of sink i, None where the
@@ -136,7 +152,7 @@ class PerTaskGradients(Balancer):
             outputs = [(b, s.grad) for (b, _), s in zip(reached, sinks, strict=True) if s.grad is not None]
             torch.autograd.backward([b for b, _ in outputs], grad_tensors=[g for _, g in outputs])
         if self.reduce is not None:
-            reduce_grads([*self.shared, *self.task_params], self.reduce)
+            reduce_grads([*self.shared, *self.task_params], self.reduce, self.gather)
 
     def _split_backward(self, losses: Sequence[torch.Tensor], split: SplitForward) -> None:
         if self.task_params is None:
@@ -171,33 +187,21 @@ class PerTaskGradients(Balancer):
         self.combine(sinks, [[*dense_grads[k][:table_at], table_grads[k], *dense_grads[k][table_at:]]
                              for k in range(n_tasks)])
         if row_sink.grad is not None:
-            table = split.table
-            if rows is None and table.grad is None:
-                table.grad = _laid_out_like(row_sink.grad, table)
-            elif rows is None:
-                table.grad.add_(row_sink.grad)
-            else:
-                if table.grad is None:
-                    table.grad = torch.zeros_like(table)
-                table.grad.index_add_(0, rows, row_sink.grad)
+            add_rows(split.table, rows, row_sink.grad)
 
     def _table_gradients(self, split: SplitForward, row_grads: list[torch.Tensor | None]
                          ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-        """(rows, each task's gradient of the embedding table on those rows), every task's gathered rows
-        coalesced side by side in one index_add. In one process, a table no bigger than the batch: rows None,
-        gradients of the whole table; a bigger one: only the batch's distinct rows (_distinct), so no
-        table-sized gradient per task. Across ranks always the latter, with every rank's rows and their
-        gradients gathered and coalesced alike on every rank: the exchange grows with the batch, not with the
-        table, and no rank's choice can differ from another's (their batches may differ in size)."""
+        """(the batch's distinct rows, each task's gradient of the embedding table on them), every task's gathered
+        rows coalesced side by side in one index_add (_distinct): no table-sized gradient per task, and the rows a
+        lazy table optimizer steps are the ones the batch touched, however small the table. Across ranks every
+        rank's rows and their gradients are gathered and coalesced alike on every rank: the exchange grows with
+        the batch, not with the table."""
         if any(g is None for g in row_grads):  # no categorical feature reaches the trunk
             return None, [None] * len(row_grads)
         dim = split.rows.shape[-1]
         flat = split.index.reshape(-1)
         side_by_side = torch.stack([g.reshape(-1, dim) for g in row_grads], dim=1)  # [B·C, T, D]
         table_rows = split.table.shape[0]
-        if self.gather is None and table_rows <= flat.numel():
-            grads = side_by_side.new_zeros(table_rows, len(row_grads), dim).index_add_(0, flat, side_by_side)
-            return None, list(grads.unbind(1))
         rows, inverse = _distinct(flat, table_rows)
         grads = side_by_side.new_zeros(rows.numel(), len(row_grads), dim).index_add_(0, inverse, side_by_side)
         if self.gather is not None:
@@ -215,6 +219,9 @@ class PerTaskGradients(Balancer):
         """Gradients summed across ranks (zeros where a rank's batch did not reach a parameter)."""
         if self.reduce is None:
             return grads
+        if any(is_table(p) for p in params):
+            raise ValueError(f"distributed {type(self).__name__} sums an embedding table's rows on the model's split "
+                             "forward: pass it to backward")
         filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
         self.reduce(filled)
         return filled
@@ -372,6 +379,25 @@ def _stacked(grads: list[torch.Tensor | None], view: torch.Tensor) -> torch.Tens
     if all(g is None for g in grads):
         return None
     return torch.stack([view.new_zeros(view.shape[1:]) if g is None else g for g in grads])
+
+
+def _rows_of_tables(params: Sequence[torch.Tensor], task_grads: list[list[torch.Tensor | None]]
+                    ) -> tuple[Sinks, list[list[torch.Tensor | None]]]:
+    """The sinks and each task's gradients, an embedding table's sparse gradients (the full backward's) turned
+    into a RowGradient over the rows any task touched and each task's summed gradient on those rows."""
+    sinks: Sinks = list(params)
+    for i in range(len(params)):
+        if not any(task[i] is not None and task[i].is_sparse for task in task_grads):
+            continue
+        grads = [None if task[i] is None else task[i].coalesce() for task in task_grads]
+        reached = [g for g in grads if g is not None]
+        rows, inverse = torch.unique(torch.cat([g.indices()[0] for g in reached]), return_inverse=True)
+        at = iter(inverse.split([g.indices().shape[1] for g in reached]))
+        for task, g in zip(task_grads, grads, strict=True):
+            if g is not None:
+                task[i] = g.values().new_zeros(rows.numel(), *g.shape[1:]).index_add_(0, next(at), g.values())
+        sinks[i] = RowGradient(rows)
+    return sinks, task_grads
 
 
 def _laid_out_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

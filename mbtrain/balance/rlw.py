@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mbtrain.balance.base import Reduce
+from mbtrain.balance.base import Gather, Reduce
 from mbtrain.balance.plain import PlainSum
 from mbtrain.balance.registry import Setup, register
 
@@ -32,14 +32,14 @@ class RLW(PlainSum):
               "seeded by --seed")
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor] = (), reduce: Reduce | None = None,
-                 seed: int = 0) -> None:
-        super().__init__(params, reduce)
+                 gather: Gather | None = None, seed: int = 0) -> None:
+        super().__init__(params, reduce, gather)
         self.num_tasks = num_tasks
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU, the same draws on every device
 
     @classmethod
     def build(cls, setup: Setup, settings: Any) -> RLW:
-        return cls(setup.num_tasks, setup.every, reduce=setup.reduce, seed=setup.seed)
+        return cls(setup.num_tasks, setup.every, reduce=setup.reduce, gather=setup.gather, seed=setup.seed)
 
     def draw(self) -> torch.Tensor:
         """[T] the next step's weights, on the CPU."""

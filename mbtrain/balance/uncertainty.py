@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mbtrain.balance.base import Reduce, restore
+from mbtrain.balance.base import Gather, Reduce, restore
 from mbtrain.balance.plain import PlainSum
 from mbtrain.balance.registry import Setup, register
 
@@ -27,15 +27,15 @@ class Uncertainty(PlainSum):
     positive_weights = True  # a weight of 0 leaves a log-variance nothing to balance: it runs off to -inf
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor] = (), reduce: Reduce | None = None,
-                 world_size: int = 1) -> None:
-        super().__init__(params, reduce)
+                 gather: Gather | None = None, world_size: int = 1) -> None:
+        super().__init__(params, reduce, gather)
         device = self.params[0].device if self.params else None
         self.log_vars = torch.nn.Parameter(torch.zeros(num_tasks, device=device))
         self.world_size = world_size
 
     @classmethod
     def build(cls, setup: Setup, settings: Any) -> Uncertainty:
-        return cls(setup.num_tasks, setup.every, reduce=setup.reduce, world_size=setup.world_size)
+        return cls(setup.num_tasks, setup.every, reduce=setup.reduce, gather=setup.gather, world_size=setup.world_size)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.log_vars]

@@ -7,6 +7,8 @@ from itertools import accumulate
 import torch
 from torch import nn
 
+from mbtrain.table import sparse_table
+
 POOLINGS = ("mean", "sum")
 
 
@@ -14,7 +16,8 @@ class FusedEmbedding(nn.Module):
     """One ``nn.Embedding`` shared by every categorical column and bag, each owning a slice of rows.
 
     One table instead of one per feature means a single lookup kernel (forward and backward) per batch
-    and a single shared parameter tensor for the balancer. Feature ``j`` value ``v`` maps to row
+    and a single shared parameter tensor for the balancer. Its gradient is sparse: the rows the batch touched,
+    never the whole table (mbtrain/table.py). Feature ``j`` value ``v`` maps to row
     ``offsets[j] + v``; values are expected in ``[0, cardinalities[j])`` (the encoder reserves 0 for
     unknown / null). The last ``bags`` features are bags: the categorical input then holds, after the C
     columns, each bag's L slots (element indices, -1 past the list's end; L = the same for every bag), and
@@ -37,7 +40,7 @@ class FusedEmbedding(nn.Module):
         self.mean = pooling == "mean"
         self.dim = dim
         self.out_dim = self.num_features * dim
-        self.table = nn.Embedding(sum(cardinalities), dim)
+        self.table = sparse_table(sum(cardinalities), dim)  # its gradient: the batch's rows (mbtrain/table.py)
         nn.init.normal_(self.table.weight, std=0.05)
         starts = [0, *accumulate(cardinalities)][: self.num_features]
         self.register_buffer("offsets", torch.tensor(starts, dtype=torch.long))

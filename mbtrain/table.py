@@ -1,0 +1,78 @@
+"""An embedding table's gradient: the rows a batch touched and their summed gradients, never the whole table.
+
+One representation for every path: the table's ``.grad`` is a sparse COO tensor of the table's shape, what
+``nn.Embedding(sparse=True)`` gives the plain backward and what the per-task balancers set from their per-row
+combinations (`add_rows`). `touched` reads it as (distinct rows in ascending order, their summed gradients);
+under torchrun `sum_across_ranks` gathers every rank's touched rows and coalesces them in one order on every
+rank, so the exchange grows with the batch, not with the table; the table optimizers (optim.py) step those rows
+only, or, dense Adam, the whole table. So a step's cost follows the batch whatever the vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from mbtrain.balance.base import Gather
+
+
+def sparse_table(rows: int, dim: int) -> nn.Embedding:
+    """An embedding whose weight's gradient is the touched rows, marked so that every rank sums it as rows."""
+    embedding = nn.Embedding(rows, dim, sparse=True)
+    embedding.weight.is_table = True
+    return embedding
+
+
+def is_table(param: torch.Tensor) -> bool:
+    """Whether `param` is an embedding table whose gradient is touched rows (sparse_table's)."""
+    return getattr(param, "is_table", False) or (param.grad is not None and param.grad.is_sparse)
+
+
+def rows_gradient(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The table's gradient holding `values` [R, dim] at the distinct, ascending `rows` [R]."""
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, table.shape, is_coalesced=True,
+                                   check_invariants=False)
+
+
+def add_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """``table.grad += values`` at the distinct, ascending `rows`, like autograd's accumulation."""
+    grad = rows_gradient(table, rows, values)
+    table.grad = grad if table.grad is None else table.grad + grad
+
+
+def touched(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the distinct rows in ascending order [R], their summed gradients [R, dim]) of a table's gradient. A dense
+    gradient (DB-MTL's, whose moving averages reach every row they have seen) touches every row."""
+    if not grad.is_sparse:
+        return torch.arange(grad.shape[0], device=grad.device), grad
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
+
+
+def sum_across_ranks(tables: Sequence[torch.Tensor], gather: Gather) -> None:
+    """Each table's gradient summed across ranks as touched rows (summed_rows); a rank whose batch reached no
+    row adds none."""
+    for table in tables:
+        table.grad = summed_rows(table.grad if table.grad is not None else rows_gradient(
+            table, table.new_zeros(0, dtype=torch.long), table.new_zeros(0, *table.shape[1:])), gather)
+
+
+def summed_rows(grad: torch.Tensor, gather: Gather) -> torch.Tensor:
+    """A table's gradient summed across ranks: every rank's touched rows and their gradients gathered and
+    coalesced in rank order, alike on every rank; the exchange grows with the batch, not with the table."""
+    rows, values = touched(grad)
+    every_rows, every_values = gather([rows, values])
+    summed = torch.sparse_coo_tensor(torch.cat(every_rows).unsqueeze(0), torch.cat(every_values), grad.shape,
+                                     check_invariants=False)
+    return summed.coalesce()
+
+
+def dense_of(tables: Iterable[torch.Tensor]) -> None:
+    """Each table's gradient made dense in place (dense Adam's whole-table step reads it so)."""
+    for table in tables:
+        if table.grad is not None and table.grad.is_sparse:
+            table.grad = table.grad.to_dense()
