@@ -69,7 +69,7 @@ def trainer(spec: ModelSpec, variant: str, config: RunConfig, device: torch.devi
         split = model.split_forward(categorical, numeric) if balancer.wants_split else None
         logits = split.logits if split is not None else model(categorical, numeric)
         losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=0)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         balancer.backward(list(losses.unbind()), split)
         optimizer.step()
 

@@ -45,6 +45,7 @@ from mbtrain.data.batches import EncodedData  # noqa: E402
 from mbtrain.data.encoders import Encoders  # noqa: E402
 from mbtrain.data.schema import infer_schema, label_tensor  # noqa: E402
 from mbtrain.models.scoring import ModelSpec  # noqa: E402
+from mbtrain.optim import ADAM, TrainOptimizer  # noqa: E402
 
 CHUNK_ROWS = 1_000_000
 GROUP_ROWS = 131_072
@@ -76,13 +77,13 @@ def _steps(spec: ModelSpec, rates: torch.Tensor, epochs: itertools.chain, steps:
     torch.manual_seed(SEED)
     model = spec.build()
     model.set_base_rates(rates)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as fit builds it
+    optimizer = TrainOptimizer(model.parameters(), ADAM, lr=1e-3, weight_decay=0.0)  # as fit builds it
     rows = 0
     started = time.perf_counter()
     for batch, _ in itertools.islice(epochs, steps):
         losses = F.binary_cross_entropy_with_logits(model(batch.categorical, batch.numeric), batch.labels,
                                                     reduction="none").mean(dim=0)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         sum(losses.unbind()).backward()
         optimizer.step()
         rows += len(batch)
