@@ -24,7 +24,7 @@ from mbtrain.checks import at_least_one, non_negative, one_of
 from mbtrain.distributed import DEVICES
 from mbtrain.errors import MbtrainError
 from mbtrain.models.base import ModelConfig
-from mbtrain.optim import ADAM, TABLE_OPTIMIZERS
+from mbtrain.optim import ADAM, LAZY_ADAM, TABLE_OPTIMIZERS
 
 SCHEDULES = ("constant", "cosine")
 MONITORS = ("auc", "gauc", "logloss", "ne")
@@ -147,7 +147,7 @@ class TrainConfig:
     threads: int | None = None
     device: str = "auto"
     task_backward: str = LOOP  # per-task gradients' backward passes: one per task, or batched in one (per_task.py)
-    table_optimizer: str = ADAM  # the embedding table's optimizer (optim.py); every dense parameter's is Adam
+    table_optimizer: str = LAZY_ADAM  # the embedding table's (optim.py; chosen by sweep: docs/scaling.md)
     table_lr: float | None = None  # the table's peak learning rate; None: --lr's
 
     @classmethod

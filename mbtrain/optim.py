@@ -14,6 +14,7 @@ the dense optimizer's is; ``TrainOptimizer`` holds the two and sets both rates e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,7 +31,8 @@ ADAGRAD_EPS = 1e-8
 
 class LazyAdam(torch.optim.Optimizer):
     """Adam on the rows a step touched: their moments and weights move, every other row stays as it was.
-    Weight decay (Adam's L2 term) reaches the touched rows only."""
+    Weight decay (Adam's L2 term) reaches the touched rows only. The state ``moments`` [2, rows, ...] holds the first
+    and the second moments, gathered and scattered together."""
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = BETAS,
                  eps: float = ADAM_EPS, weight_decay: float = 0.0) -> None:
@@ -47,17 +49,17 @@ class LazyAdam(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     grad = grad.add(p[rows], alpha=group["weight_decay"])
                 state = self.state[p]
-                if not state:
+                if not state:  # both moments in one tensor: one gather and one scatter a step
                     state["step"] = torch.zeros((), dtype=torch.float64)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["moments"] = p.new_zeros(2, *p.shape)
                 state["step"] += 1
                 step = float(state["step"])
-                exp_avg = state["exp_avg"][rows].mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                state["exp_avg"].index_copy_(0, rows, exp_avg)
-                state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
-                denominator = exp_avg_sq.div_(1 - beta2**step).sqrt_().add_(group["eps"])
+                moments = state["moments"][:, rows]
+                exp_avg, exp_avg_sq = moments.unbind(0)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                state["moments"].index_copy_(1, rows, moments)
+                denominator = exp_avg_sq.sqrt_().div_(math.sqrt(1 - beta2**step)).add_(group["eps"])
                 p.index_add_(0, rows, exp_avg.div_(denominator), alpha=-group["lr"] / (1 - beta1**step))
 
 

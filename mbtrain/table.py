@@ -19,6 +19,8 @@ from torch import nn
 if TYPE_CHECKING:
     from mbtrain.balance.base import Gather
 
+BITMAP_ROWS = 32  # see distinct_rows
+
 
 def sparse_table(rows: int, dim: int) -> nn.Embedding:
     """An embedding whose weight's gradient is the touched rows, marked so that every rank sums it as rows."""
@@ -46,11 +48,29 @@ def add_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> N
 
 def touched(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(the distinct rows in ascending order [R], their summed gradients [R, dim]) of a table's gradient. A dense
-    gradient (DB-MTL's, whose moving averages reach every row they have seen) touches every row."""
+    gradient (DB-MTL's, whose moving averages reach every row they have seen) touches every row. Duplicates are
+    summed with distinct_rows and one index_add: a few times cheaper than torch's coalesce on the CPU."""
     if not grad.is_sparse:
         return torch.arange(grad.shape[0], device=grad.device), grad
-    grad = grad.coalesce()
-    return grad.indices()[0], grad.values()
+    if grad.is_coalesced():
+        return grad.indices()[0], grad.values()
+    rows, inverse = distinct_rows(grad._indices()[0], grad.shape[0])
+    values = grad._values()
+    return rows, values.new_zeros(rows.numel(), *values.shape[1:]).index_add_(0, inverse, values)
+
+
+def distinct_rows(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(index, return_inverse=True): the distinct rows in ascending order and each entry's position
+    among them. Up to BITMAP_ROWS table rows per entry, marking the rows in a table-sized mask beats sorting the
+    entries (docs/benchmarks.md, "Measurements behind design choices"); the mask stays batch-sized."""
+    if table_rows > BITMAP_ROWS * index.numel():
+        return torch.unique(index, return_inverse=True)
+    seen = torch.zeros(table_rows, dtype=torch.bool, device=index.device)
+    seen[index] = True
+    rows = seen.nonzero().squeeze(1)
+    position = torch.empty(table_rows, dtype=torch.long, device=index.device)
+    position[rows] = torch.arange(rows.numel(), device=index.device)
+    return rows, position[index]
 
 
 def sum_across_ranks(tables: Sequence[torch.Tensor], gather: Gather) -> None:
@@ -68,7 +88,7 @@ def summed_rows(grad: torch.Tensor, gather: Gather) -> torch.Tensor:
     every_rows, every_values = gather([rows, values])
     summed = torch.sparse_coo_tensor(torch.cat(every_rows).unsqueeze(0), torch.cat(every_values), grad.shape,
                                      check_invariants=False)
-    return summed.coalesce()
+    return rows_gradient(summed, *touched(summed))
 
 
 def dense_of(tables: Iterable[torch.Tensor]) -> None:

@@ -25,9 +25,8 @@ import torch
 
 from mbtrain.balance.base import Balancer, Gather, Reduce, reduce_grads
 from mbtrain.models.split import SplitForward
-from mbtrain.table import add_rows, is_table
+from mbtrain.table import add_rows, distinct_rows, is_table
 
-BITMAP_ROWS = 32  # see _distinct
 Sinks = list[Any]  # the shared parameters, the embedding table's stood in for by a RowGradient on the split path
 PARAMETERS, REPRESENTATION = "parameters", "representation"
 LEVELS = (PARAMETERS, REPRESENTATION)
@@ -192,21 +191,21 @@ class PerTaskGradients(Balancer):
     def _table_gradients(self, split: SplitForward, row_grads: list[torch.Tensor | None]
                          ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """(the batch's distinct rows, each task's gradient of the embedding table on them), every task's gathered
-        rows coalesced side by side in one index_add (_distinct): no table-sized gradient per task, and the rows a
-        lazy table optimizer steps are the ones the batch touched, however small the table. Across ranks every
-        rank's rows and their gradients are gathered and coalesced alike on every rank: the exchange grows with
-        the batch, not with the table."""
+        rows coalesced side by side in one index_add (table.distinct_rows): no table-sized gradient per task, and
+        the rows a lazy table optimizer steps are the ones the batch touched, however small the table. Across
+        ranks every rank's rows and their gradients are gathered and coalesced alike on every rank: the exchange
+        grows with the batch, not with the table."""
         if any(g is None for g in row_grads):  # no categorical feature reaches the trunk
             return None, [None] * len(row_grads)
         dim = split.rows.shape[-1]
         flat = split.index.reshape(-1)
         side_by_side = torch.stack([g.reshape(-1, dim) for g in row_grads], dim=1)  # [B·C, T, D]
         table_rows = split.table.shape[0]
-        rows, inverse = _distinct(flat, table_rows)
+        rows, inverse = distinct_rows(flat, table_rows)
         grads = side_by_side.new_zeros(rows.numel(), len(row_grads), dim).index_add_(0, inverse, side_by_side)
         if self.gather is not None:
             every_rows, every_grads = self.gather([rows, grads])
-            rows, inverse = _distinct(torch.cat(every_rows), table_rows)
+            rows, inverse = distinct_rows(torch.cat(every_rows), table_rows)
             grads = grads.new_zeros(rows.numel(), len(row_grads), dim)
             # rank by rank: a rank's rows are distinct, so no index_add adds twice into one row and every rank
             # sums in the same order, even where index_add is not deterministic (CUDA): the ranks stay equal
@@ -268,20 +267,6 @@ def drawn_on_host(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if like.is_cuda:
         return index.pin_memory().to(like.device, non_blocking=True)
     return index.to(like.device)
-
-
-def _distinct(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.unique(index, return_inverse=True): the sorted distinct rows and each entry's position among them.
-    Up to BITMAP_ROWS table rows per entry, marking the rows in a table-sized mask beats sorting the entries
-    (docs/benchmarks.md, "Measurements behind design choices")."""
-    if table_rows > BITMAP_ROWS * index.numel():
-        return torch.unique(index, return_inverse=True)
-    seen = torch.zeros(table_rows, dtype=torch.bool, device=index.device)
-    seen[index] = True
-    rows = seen.nonzero().squeeze(1)
-    position = torch.empty(table_rows, dtype=torch.long, device=index.device)
-    position[rows] = torch.arange(rows.numel(), device=index.device)
-    return rows, position[index]
 
 
 def heads_backward(losses: Sequence[torch.Tensor], task_params: Sequence[torch.Tensor], split: SplitForward,
