@@ -52,7 +52,8 @@ from mbtrain.data.encoders import (
     Encoders,
     NumericEncoder,
     count_tensor,
-    vocabulary_query,
+    value_counts_query,
+    vocabulary_of,
 )
 from mbtrain.data.io import PARQUET_MAGIC, read_parquet, read_table
 from mbtrain.data.schema import Schema, funnel_breaks, funnel_error, group_keys, infer_schema, label_tensor
@@ -286,8 +287,7 @@ def fit_encoders_streaming(scan: pl.LazyFrame, categorical: list[str], numeric: 
                                                   + NumericEncoder.log_moments(name))])
     return Encoders(
         [CategoricalEncoder(name, kind_of(schema[name]),
-                            _collect(vocabulary_query(scan, schema, name, min_frequency, max_vocab))
-                            .get_column(name).to_list())
+                            _streamed_vocabulary(scan, schema, name, min_frequency, max_vocab))
          for name in categorical],
         [NumericEncoder.from_moments(name, moments) for name in numeric],
         [_bag_encoder(scan, name, min_frequency, max_vocab, max_bag) for name in bags],
@@ -298,10 +298,18 @@ def _bag_encoder(scan: pl.LazyFrame, name: str, min_frequency: int, max_vocab: i
                  max_bag: int) -> BagEncoder:
     """BagEncoder.fit's result, from two streaming queries: the longest list, and the elements' vocabulary."""
     elements = _elements(scan, name, max_bag)
-    values = _collect(vocabulary_query(elements, elements.collect_schema(), name, min_frequency, max_vocab))
+    values = _streamed_vocabulary(elements, elements.collect_schema(), name, min_frequency, max_vocab)
     longest = _collect(scan.select(pl.col(name).list.len().max())).item()
-    return BagEncoder(name, bag_kind(scan.collect_schema()[name]), values.get_column(name).to_list(), max_bag,
+    return BagEncoder(name, bag_kind(scan.collect_schema()[name]), values, max_bag,
                       max(1, min(max_bag, int(longest or 0))))
+
+
+def _streamed_vocabulary(scan: pl.LazyFrame, schema: pl.Schema, name: str, min_frequency: int,
+                         max_vocab: int | None) -> pl.Series:
+    """One column's vocabulary: its value counts from the streaming engine (a hash table of its distinct values,
+    what the vocabulary holds anyway), ordered as the in-memory fit orders them, by the same code."""
+    return vocabulary_of(_collect(value_counts_query(scan, schema, name, min_frequency)), name, min_frequency,
+                         max_vocab)
 
 
 def _elements(scan: pl.LazyFrame, name: str, max_bag: int) -> pl.LazyFrame:
@@ -314,7 +322,7 @@ def value_counts_streaming(scan: pl.LazyFrame, name: str, max_bag: int | None = 
     the streaming engine."""
     if max_bag is not None:
         scan = _elements(scan, name, max_bag)
-    return count_tensor(_collect(vocabulary_query(scan, scan.collect_schema(), name, 1)).get_column("count"))
+    return count_tensor(_collect(value_counts_query(scan, scan.collect_schema(), name)).get_column("count"))
 
 
 def buffer_rows_for(memory_budget_bytes: int, encoders: Encoders, tasks: list[str]) -> int:
