@@ -9,6 +9,7 @@ from rich.table import Table
 
 from mbtrain.data.schema import Schema
 from mbtrain.models import MODELS, ModelConfig
+from mbtrain.optim import state_floats_per_row
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -101,3 +102,32 @@ def history_line(entry: dict[str, Any], main_task: str, monitor: str = "auc") ->
     flag = " *" if entry.get("best") else ""
     return (f"epoch {entry['epoch']}: loss {losses} | valid AUC {aucs}{monitored} | "
             f"{entry['seconds']:.1f}s, {entry['rows_per_second']:,.0f} rows/s{flag}")
+
+
+TABLE_COLUMNS_SHOWN = 4  # the summary names the biggest slices, and sums the rest
+
+
+def table_text(slices: list[tuple[str, int]], dim: int, optimizer: str) -> str:
+    """Each column's slice of the embedding table in rows and bytes, with --table-optimizer's state, largest
+    first (the few biggest named, the rest summed), and the whole table's."""
+    per_row = dim * 4
+    state_per_row = state_floats_per_row(optimizer, dim) * 4
+    ordered = sorted(slices, key=lambda item: -item[1])
+    shown = [f"{name} {rows:,} rows {_bytes(rows * per_row)} + {_bytes(rows * state_per_row)}"
+             for name, rows in ordered[:TABLE_COLUMNS_SHOWN]]
+    rest = ordered[TABLE_COLUMNS_SHOWN:]
+    if rest:
+        rows = sum(r for _, r in rest)
+        shown.append(f"the other {len(rest)} columns {rows:,} rows {_bytes(rows * per_row)} + "
+                     f"{_bytes(rows * state_per_row)}")
+    total = sum(rows for _, rows in slices)
+    return (f"embedding table ({dim} floats a row; + the {optimizer} state): {'; '.join(shown)}; in all "
+            f"{total:,} rows, {_bytes(total * (per_row + state_per_row))}")
+
+
+
+def _bytes(count: int) -> str:
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"

@@ -37,6 +37,7 @@ from mbtrain.balance import Balancer, Setup, build_balancer
 from mbtrain.checkpoint import RESUME, Checkpoint, write_json, write_jsonl
 from mbtrain.config import HIGHER_IS_BETTER, RunConfig, peak_lr
 from mbtrain.data.batches import EncodedData, Rows
+from mbtrain.data.encoders import table_slices
 from mbtrain.data.feed import DeviceFeed
 from mbtrain.data.prepare import Prepared, prepare
 from mbtrain.distributed import Cluster, any_rank, cluster_from_env, from_main
@@ -44,7 +45,7 @@ from mbtrain.errors import MbtrainError, first_line
 from mbtrain.metrics import task_metrics
 from mbtrain.models.scoring import ModelSpec, Probabilities, ScoringModel, score_rows
 from mbtrain.optim import TrainOptimizer
-from mbtrain.report import history_line, metrics_table, model_text
+from mbtrain.report import history_line, metrics_table, model_text, table_text
 from mbtrain.tensorboard_log import LOG_EVERY, RunLog, require_tensorboard
 
 SAMPLE_ROWS = 256  # validation rows kept in checkpoints so that export can check itself on real data
@@ -258,6 +259,8 @@ class FitRecipe:
             f"{note}{model_text(spec.model, spec.funnel)} · balance {config.balance.described}{weighted} · "
             f"{len(data.train):,} train / {len(data.valid):,} valid rows · run saved in {self.out}",
         ))
+        self.console.print(table_text(table_slices(spec.encoders), spec.model["embed_dim"],
+                                      config.train.table_optimizer), soft_wrap=True)
         return metrics
 
 
