@@ -9,7 +9,9 @@ embedding table, whose gradient is the rows the batch touched (mbtrain/table.py)
   (FBGEMM's and TorchRec's row-wise Adagrad): 1/dim of Adam's state, a step's cost follows the batch.
 
 Each is a ``torch.optim.Optimizer`` (state in ``self.state``), so its state is checkpointed and resumed as
-the dense optimizer's is; ``TrainOptimizer`` holds the two and sets both rates each step.
+the dense optimizer's is; ``TrainOptimizer`` holds the two and sets both rates each step. The rows are read with
+``index_select`` and written with ``index_copy_`` / an accumulating ``index_put_``: on the CPU several times
+cheaper than advanced indexing and ``index_add_`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -47,20 +49,21 @@ class LazyAdam(torch.optim.Optimizer):
                     continue
                 rows, grad = touched(p.grad)
                 if group["weight_decay"]:
-                    grad = grad.add(p[rows], alpha=group["weight_decay"])
+                    grad = grad.add(p.index_select(0, rows), alpha=group["weight_decay"])
                 state = self.state[p]
                 if not state:  # both moments in one tensor: one gather and one scatter a step
                     state["step"] = torch.zeros((), dtype=torch.float64)
                     state["moments"] = p.new_zeros(2, *p.shape)
                 state["step"] += 1
                 step = float(state["step"])
-                moments = state["moments"][:, rows]
+                moments = state["moments"].index_select(1, rows)
                 exp_avg, exp_avg_sq = moments.unbind(0)
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 state["moments"].index_copy_(1, rows, moments)
                 denominator = exp_avg_sq.sqrt_().div_(math.sqrt(1 - beta2**step)).add_(group["eps"])
-                p.index_add_(0, rows, exp_avg.div_(denominator), alpha=-group["lr"] / (1 - beta1**step))
+                step_size = -group["lr"] / (1 - beta1**step)
+                p.index_put_((rows,), exp_avg.div_(denominator).mul_(step_size), accumulate=True)
 
 
 class RowwiseAdagrad(torch.optim.Optimizer):
@@ -79,14 +82,14 @@ class RowwiseAdagrad(torch.optim.Optimizer):
                     continue
                 rows, grad = touched(p.grad)
                 if group["weight_decay"]:
-                    grad = grad.add(p[rows], alpha=group["weight_decay"])
+                    grad = grad.add(p.index_select(0, rows), alpha=group["weight_decay"])
                 state = self.state[p]
                 if not state:
                     state["sum"] = p.new_zeros(p.shape[0])
-                accumulated = state["sum"][rows].add_(grad.square().mean(dim=1))
+                accumulated = state["sum"].index_select(0, rows).add_(grad.square().mean(dim=1))
                 state["sum"].index_copy_(0, rows, accumulated)
                 factor = accumulated.sqrt_().add_(group["eps"]).reciprocal_().mul_(-group["lr"])
-                p.index_add_(0, rows, grad * factor.unsqueeze(1))
+                p.index_put_((rows,), grad * factor.unsqueeze(1), accumulate=True)
 
 
 TABLE_OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {

@@ -49,14 +49,15 @@ def add_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> N
 def touched(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(the distinct rows in ascending order [R], their summed gradients [R, dim]) of a table's gradient. A dense
     gradient (DB-MTL's, whose moving averages reach every row they have seen) touches every row. Duplicates are
-    summed with distinct_rows and one index_add: a few times cheaper than torch's coalesce on the CPU."""
+    summed with distinct_rows and one accumulating index_put: a few times cheaper than torch's coalesce on the CPU
+    (docs/benchmarks.md)."""
     if not grad.is_sparse:
         return torch.arange(grad.shape[0], device=grad.device), grad
     if grad.is_coalesced():
         return grad.indices()[0], grad.values()
     rows, inverse = distinct_rows(grad._indices()[0], grad.shape[0])
     values = grad._values()
-    return rows, values.new_zeros(rows.numel(), *values.shape[1:]).index_add_(0, inverse, values)
+    return rows, values.new_zeros(rows.numel(), *values.shape[1:]).index_put_((inverse,), values, accumulate=True)
 
 
 def distinct_rows(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
