@@ -328,7 +328,7 @@ def inspect(
     """Show the role fit would give every column (label, categorical, numeric, excluded); no training."""
     from mbtrain.data.prepare import describe
     from mbtrain.models.funnel import conditional_probabilities
-    from mbtrain.report import bag_lines, schema_table
+    from mbtrain.report import bag_lines, schema_table, table_text
 
     run_config = _resolve(config, _overrides(tasks=tasks, main_task=main_task, categorical=categorical,
                                              numeric=numeric, exclude=exclude, memory_budget=memory_budget,
@@ -355,6 +355,9 @@ def inspect(
         elif values:
             console.print(f"--max-vocab {run_config.data.max_vocab:,}: {name} drops {values:,} values, whose "
                           f"{rows:,} rows ({rows / seen.rows:.1%}) map to unknown", soft_wrap=True)
+    console.print(f"{table_text(seen.table, run_config.model.embed_dim, run_config.train.table_optimizer)} "
+                  "(vocabularies over every row here; fit's, over its training rows, may be a little smaller)",
+                  soft_wrap=True)
     if seen.broken is not None:
         sys.stderr.write(f"mbtrain: warning: {seen.broken}; fit refuses them\n")
 

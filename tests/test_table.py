@@ -180,3 +180,23 @@ def test_a_bad_table_optimizer_is_one_line(tmp_path: Path) -> None:
     result = run_cli("fit", str(data), "--tasks", "purchase,click", "--table-lr", "0", "--out",
                      str(tmp_path / "run"))
     assert result.exit_code == 2 and "--table-lr must be positive" in result.output
+
+
+def test_inspect_and_the_run_summary_say_each_columns_table_slice(tmp_path: Path) -> None:
+    import polars as pl
+
+    data = tmp_path / "ids.parquet"
+    rows = 400
+    pl.DataFrame({"ad": [f"a{i % 40}" for i in range(rows)], "device": [f"d{i % 3}" for i in range(rows)],
+                  "purchase": [int(i % 7 == 0) for i in range(rows)], "click": [int(i % 3 == 0) for i in range(rows)]}
+                 ).write_parquet(data)
+    result = run_cli("inspect", str(data), "--tasks", "purchase,click")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    # 40 ads and 3 devices, each seen often enough, plus each column's unknown row; lazy-adam: 2 floats a float
+    assert "ad 41 rows 1.3 KB + 2.6 KB" in text and "device 4 rows 128 B + 256 B" in text, text
+    result = run_cli("fit", str(data), "--tasks", "purchase,click", "--epochs", "1", "--table-optimizer",
+                     "rowwise-adagrad", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "rowwise-adagrad state" in text and "ad 41 rows 1.3 KB + 164 B" in text, text

@@ -490,6 +490,12 @@ def _vocabulary(values: pl.Series, counts: torch.Tensor, min_frequency: int, max
     return values.gather(order.numpy())
 
 
+def vocabulary_size(counts: torch.Tensor, min_frequency: int, max_vocab: int | None) -> int:
+    """How many values a vocabulary fitted on these value counts keeps (as `_vocabulary` keeps them)."""
+    kept = int((counts >= max(min_frequency, 1)).sum())
+    return kept if max_vocab is None else min(kept, max_vocab)
+
+
 def capped_rows(counts: torch.Tensor, min_frequency: int, max_vocab: int) -> tuple[int, int]:
     """(values that --max-vocab drops from a vocabulary, the rows holding them, which map to unknown) from a
     column's value counts (no null count)."""

@@ -13,7 +13,7 @@ import torch
 
 from mbtrain.data.batches import EncodedData, Rows, split_rows
 from mbtrain.data.coded import CodedFrame
-from mbtrain.data.encoders import Encoders, capped_rows, count_tensor, element_counts
+from mbtrain.data.encoders import Encoders, capped_rows, count_tensor, element_counts, vocabulary_size
 from mbtrain.data.io import read_coded
 from mbtrain.data.schema import Schema, check_funnel, group_keys, infer_schema, label_tensor
 from mbtrain.data.stream import (
@@ -94,6 +94,7 @@ class Description:
     broken: str | None  # with a funnel: what breaks it, where rows do
     capped: dict[str, tuple[int, int]]  # with --max-vocab: per categorical column and bag, (values dropped, their
     # rows; a bag's: its elements)
+    table: list[tuple[str, int]]  # each categorical column's and bag's rows of the embedding table, in its order
 
 
 def describe(config: RunConfig, data_path: Path) -> Description:
@@ -126,10 +127,12 @@ def describe(config: RunConfig, data_path: Path) -> Description:
         _check_funnel(config, [(labels, source)])
     except MbtrainError as exc:
         broken = str(exc)
+    counted = {name: counts(name) for name in [*schema.categorical, *schema.bags]}
     capped = {} if settings.max_vocab is None else {
-        name: capped_rows(counts(name), settings.min_frequency, settings.max_vocab)
-        for name in [*schema.categorical, *schema.bags]}
-    return Description(schema, rows, rates, broken, capped)
+        name: capped_rows(found, settings.min_frequency, settings.max_vocab) for name, found in counted.items()}
+    table = [(name, vocabulary_size(found, settings.min_frequency, settings.max_vocab) + 1)  # + unknown's row
+             for name, found in counted.items()]
+    return Description(schema, rows, rates, broken, capped, table)
 
 
 def _locate(config: RunConfig, data_path: Path) -> tuple[list[Path], int, bool]:
