@@ -7,7 +7,7 @@ DEMO := demo
 
 BENCH := .venv-bench
 
-.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults bench-balancers bench-architectures bench-vocab bench-ops clean
+.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults bench-balancers bench-architectures bench-vocab bench-table-optimizers bench-ops clean
 
 $(BIN)/mbtrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,9 @@ bench-architectures: install
 
 bench-vocab: install
 	$(BIN)/python benchmarks/vocab.py
+
+bench-table-optimizers: install
+	$(BIN)/python benchmarks/table_optimizers.py --out bench-table-optimizers
 
 bench-ops: install
 	$(BIN)/python benchmarks/ops.py
