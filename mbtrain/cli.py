@@ -214,8 +214,9 @@ def fit(
         f"The embedding table's optimizer: {' | '.join(TABLE_OPTIMIZERS)} (adam moves every row each step; the "
         "others only the rows a batch touched, so a step's cost follows the batch, not the vocabulary).",
         "table_optimizer"))] = None,
-    table_lr: Annotated[float | None, typer.Option(help="The embedding table's peak learning rate, on the same "
-                                                        "schedule (default: --lr's).")] = None,
+    table_lr: Annotated[float | None, typer.Option(help="The embedding table's peak learning rate under lazy-adam or "
+                                                        "rowwise-adagrad, on the same schedule (default: --lr's).")
+                        ] = None,
     seed: Annotated[int | None, typer.Option(help=_help("Seed for split, init and shuffling.", "seed"))] = None,
     shuffle: Annotated[bool | None, typer.Option("--shuffle/--no-shuffle",
                                                  help=_help("Shuffle the training rows every epoch; off: file "

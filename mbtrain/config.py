@@ -160,6 +160,9 @@ class TrainConfig:
         one_of("--table-optimizer", self.table_optimizer, TABLE_OPTIMIZERS)
         if self.table_lr is not None and not self.table_lr > 0:
             raise MbtrainError(f"--table-lr must be positive: got {self.table_lr}")
+        if self.table_lr is not None and self.table_optimizer == ADAM:
+            raise MbtrainError("--table-lr needs --table-optimizer lazy-adam or rowwise-adagrad: adam steps the table "
+                               "in the dense Adam, at --lr")
         one_of("--task-backward", self.task_backward, TASK_BACKWARDS)
         one_of("--schedule", self.schedule, SCHEDULES)
         one_of("--monitor", self.monitor, MONITORS)

@@ -71,7 +71,9 @@ class Cluster:
         gathered: list[list[torch.Tensor]] = [[] for _ in tensors]
         for part, count in zip(parts, counts, strict=True):
             for found, tensor, piece in zip(gathered, tensors, part[:count].split(widths, dim=1), strict=True):
-                found.append(piece.contiguous().view(tensor.dtype).reshape(count, *tensor.shape[1:]))
+                # copied into strides of its own: .contiguous() keeps a 0- or 1-row slice's, which view() refuses
+                own = torch.empty(piece.shape, dtype=torch.uint8, device=piece.device).copy_(piece)
+                found.append(own.view(tensor.dtype).reshape(count, *tensor.shape[1:]))
         return gathered
 
     def barrier(self) -> None:

@@ -125,9 +125,8 @@ def table_text(slices: list[tuple[str, int]], dim: int, optimizer: str) -> str:
             f"{total:,} rows, {_bytes(total * (per_row + state_per_row))}")
 
 
-
 def _bytes(count: int) -> str:
-    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if count >= size:
             return f"{count / size:.1f} {unit}"
     return f"{count} B"

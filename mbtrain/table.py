@@ -30,14 +30,20 @@ def sparse_table(rows: int, dim: int) -> nn.Embedding:
 
 
 def is_table(param: torch.Tensor) -> bool:
-    """Whether `param` is an embedding table whose gradient is touched rows (sparse_table's)."""
-    return getattr(param, "is_table", False) or (param.grad is not None and param.grad.is_sparse)
+    """Whether `param` is an embedding table whose gradient is touched rows (sparse_table's mark): by the mark
+    alone, never by the gradient at hand, so that every rank takes the same collectives."""
+    return getattr(param, "is_table", False)
 
 
 def rows_gradient(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """The table's gradient holding `values` [R, dim] at the distinct, ascending `rows` [R]."""
     return torch.sparse_coo_tensor(rows.unsqueeze(0), values, table.shape, is_coalesced=True,
                                    check_invariants=False)
+
+
+def no_rows(table: torch.Tensor) -> torch.Tensor:
+    """The gradient of a table no row of which was touched (a rank's empty batch, a task that does not reach it)."""
+    return rows_gradient(table, table.new_zeros(0, dtype=torch.long), table.new_zeros(0, *table.shape[1:]))
 
 
 def add_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
@@ -78,8 +84,7 @@ def sum_across_ranks(tables: Sequence[torch.Tensor], gather: Gather) -> None:
     """Each table's gradient summed across ranks as touched rows (summed_rows); a rank whose batch reached no
     row adds none."""
     for table in tables:
-        table.grad = summed_rows(table.grad if table.grad is not None else rows_gradient(
-            table, table.new_zeros(0, dtype=torch.long), table.new_zeros(0, *table.shape[1:])), gather)
+        table.grad = summed_rows(table.grad if table.grad is not None else no_rows(table), gather)
 
 
 def summed_rows(grad: torch.Tensor, gather: Gather) -> torch.Tensor:

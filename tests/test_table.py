@@ -180,6 +180,22 @@ def test_a_bad_table_optimizer_is_one_line(tmp_path: Path) -> None:
     result = run_cli("fit", str(data), "--tasks", "purchase,click", "--table-lr", "0", "--out",
                      str(tmp_path / "run"))
     assert result.exit_code == 2 and "--table-lr must be positive" in result.output
+    result = run_cli("fit", str(data), "--tasks", "purchase,click", "--table-optimizer", "adam", "--table-lr", "0.1",
+                     "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2 and "--table-lr needs --table-optimizer lazy-adam or rowwise-adagrad" in result.output
+
+
+def test_the_batched_full_backward_without_a_table() -> None:
+    """MetaBalance from Python over parameters none of which is an embedding table, its backward batched."""
+    from mbtrain.balance import MetaBalance
+
+    torch.manual_seed(0)
+    shared, heads = torch.randn(3, 2, requires_grad=True), torch.randn(2, 2, requires_grad=True)
+    losses = list(((torch.randn(5, 3) @ shared) * heads.sum(0)).square().mean(0).unbind())
+    balancer = MetaBalance([shared])
+    balancer.batched = True
+    balancer.backward(losses)
+    assert shared.grad is not None and heads.grad is not None and torch.isfinite(shared.grad).all()
 
 
 def test_inspect_and_the_run_summary_say_each_columns_table_slice(tmp_path: Path) -> None:
@@ -194,9 +210,9 @@ def test_inspect_and_the_run_summary_say_each_columns_table_slice(tmp_path: Path
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     # 40 ads and 3 devices, each seen often enough, plus each column's unknown row; lazy-adam: 2 floats a float
-    assert "ad 41 rows 1.3 KB + 2.6 KB" in text and "device 4 rows 128 B + 256 B" in text, text
+    assert "ad 41 rows 1.3 KiB + 2.6 KiB" in text and "device 4 rows 128 B + 256 B" in text, text
     result = run_cli("fit", str(data), "--tasks", "purchase,click", "--epochs", "1", "--table-optimizer",
                      "rowwise-adagrad", "--out", str(tmp_path / "run"))
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert "rowwise-adagrad state" in text and "ad 41 rows 1.3 KB + 164 B" in text, text
+    assert "rowwise-adagrad state" in text and "ad 41 rows 1.3 KiB + 164 B" in text, text

@@ -36,7 +36,7 @@ class DWA(PlainSum):
     settings_class = DWASettings
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor] = (), reduce: Reduce | None = None,
-                 gather: Gather | None = None, temperature: float = 2.0) -> None:
+                 temperature: float = 2.0, gather: Gather | None = None) -> None:
         super().__init__(params, reduce, gather)
         self.num_tasks = num_tasks
         self.temperature = temperature

@@ -50,8 +50,8 @@ class FAMO(PlainSum):
     EPS = 1e-8
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor] = (), reduce: Reduce | None = None,
-                 gather: Gather | None = None, lr: float = 0.025, decay: float = 0.01,
-                 same_batch: bool = False) -> None:
+                 lr: float = 0.025, decay: float = 0.01, same_batch: bool = False,
+                 gather: Gather | None = None) -> None:
         super().__init__(params, reduce, gather)
         device = self.params[0].device if self.params else None
         self.logits = torch.zeros(num_tasks, device=device, requires_grad=True)

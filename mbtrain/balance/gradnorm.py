@@ -23,7 +23,7 @@ from mbtrain.balance.per_task import LEVELS, PARAMETERS, REPRESENTATION, accumul
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import positive
 from mbtrain.models.split import SplitForward
-from mbtrain.table import is_table, summed_rows, touched
+from mbtrain.table import is_table, no_rows, summed_rows, touched
 
 WEIGHT_FLOOR = 1e-3  # a weight Adam pushed to 0 would never move again (its gradient is w-proportional)
 
@@ -112,7 +112,9 @@ class GradNorm(Balancer):
         for k in range(n_tasks):
             (grad,) = torch.autograd.grad(outputs, [layer], grad_outputs=[g[k] for _, g in reached],
                                           retain_graph=True, allow_unused=True)
-            layer_grads.append(torch.zeros_like(layer) if grad is None else grad)
+            if grad is None:
+                grad = no_rows(layer) if is_table(layer) else torch.zeros_like(layer)
+            layer_grads.append(grad)
         if is_table(layer):  # ESMM's trunk is the embedding alone: each task's gradient is the batch's rows
             summed = [g if self.reduce is None else summed_rows(g, self.gather) for g in layer_grads]
             return torch.stack([touched(g)[1].norm() for g in summed])

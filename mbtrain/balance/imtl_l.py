@@ -30,7 +30,7 @@ class IMTLL(PlainSum):
     positive_weights = True  # a weight of 0 leaves e^s·0 − s: its scale runs off to +inf
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor] = (), reduce: Reduce | None = None,
-                 gather: Gather | None = None, world_size: int = 1) -> None:
+                 world_size: int = 1, gather: Gather | None = None) -> None:
         super().__init__(params, reduce, gather)
         device = self.params[0].device if self.params else None
         self.log_scales = torch.nn.Parameter(torch.zeros(num_tasks, device=device))

@@ -25,7 +25,7 @@ import torch
 
 from mbtrain.balance.base import Balancer, Gather, Reduce, reduce_grads
 from mbtrain.models.split import SplitForward
-from mbtrain.table import add_rows, distinct_rows, is_table
+from mbtrain.table import add_rows, distinct_rows, is_table, touched
 
 Sinks = list[Any]  # the shared parameters, the embedding table's stood in for by a RowGradient on the split path
 PARAMETERS, REPRESENTATION = "parameters", "representation"
@@ -109,7 +109,7 @@ class PerTaskGradients(Balancer):
         n_tasks = len(losses)
         tables = [p for p in self.shared if is_table(p)] if self.batched else self.shared
         looped = [torch.autograd.grad(loss, tables, retain_graph=retain_graph or self.batched or k < n_tasks - 1,
-                                      allow_unused=True) for k, loss in enumerate(losses)]
+                                      allow_unused=True) if tables else () for k, loss in enumerate(losses)]
         if not self.batched:
             return [list(grads) for grads in looped]
         dense = [p for p in self.shared if not is_table(p)]
@@ -371,16 +371,20 @@ def _rows_of_tables(params: Sequence[torch.Tensor], task_grads: list[list[torch.
     """The sinks and each task's gradients, an embedding table's sparse gradients (the full backward's) turned
     into a RowGradient over the rows any task touched and each task's summed gradient on those rows."""
     sinks: Sinks = list(params)
-    for i in range(len(params)):
-        if not any(task[i] is not None and task[i].is_sparse for task in task_grads):
+    for i, param in enumerate(params):
+        if not is_table(param):
             continue
-        grads = [None if task[i] is None else task[i].coalesce() for task in task_grads]
-        reached = [g for g in grads if g is not None]
-        rows, inverse = torch.unique(torch.cat([g.indices()[0] for g in reached]), return_inverse=True)
-        at = iter(inverse.split([g.indices().shape[1] for g in reached]))
-        for task, g in zip(task_grads, grads, strict=True):
-            if g is not None:
-                task[i] = g.values().new_zeros(rows.numel(), *g.shape[1:]).index_add_(0, next(at), g.values())
+        found = [None if task[i] is None else touched(task[i]) for task in task_grads]
+        reached = [pair for pair in found if pair is not None]
+        if not reached:
+            continue
+        rows, inverse = distinct_rows(torch.cat([r for r, _ in reached]), param.shape[0])
+        at = iter(inverse.split([r.numel() for r, _ in reached]))
+        for task, pair in zip(task_grads, found, strict=True):
+            if pair is not None:
+                values = pair[1]
+                task[i] = values.new_zeros(rows.numel(), *values.shape[1:]).index_put_((next(at),), values,
+                                                                                       accumulate=True)
         sinks[i] = RowGradient(rows)
     return sinks, task_grads
 
@@ -426,8 +430,8 @@ class Representation:
 
 
 class RowGradient:
-    """Holds the embedding table's balanced gradient on the batch's distinct rows (`rows`; None: the whole
-    table) until it is scattered."""
+    """Holds the embedding table's balanced gradient on the batch's distinct rows (`rows`) until it becomes the
+    table's gradient (table.add_rows)."""
 
     def __init__(self, rows: torch.Tensor | None) -> None:
         self.rows = rows

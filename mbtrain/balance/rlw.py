@@ -32,7 +32,7 @@ class RLW(PlainSum):
               "seeded by --seed")
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor] = (), reduce: Reduce | None = None,
-                 gather: Gather | None = None, seed: int = 0) -> None:
+                 seed: int = 0, gather: Gather | None = None) -> None:
         super().__init__(params, reduce, gather)
         self.num_tasks = num_tasks
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU, the same draws on every device

@@ -27,7 +27,7 @@ class Uncertainty(PlainSum):
     positive_weights = True  # a weight of 0 leaves a log-variance nothing to balance: it runs off to -inf
 
     def __init__(self, num_tasks: int, params: Iterable[torch.Tensor] = (), reduce: Reduce | None = None,
-                 gather: Gather | None = None, world_size: int = 1) -> None:
+                 world_size: int = 1, gather: Gather | None = None) -> None:
         super().__init__(params, reduce, gather)
         device = self.params[0].device if self.params else None
         self.log_vars = torch.nn.Parameter(torch.zeros(num_tasks, device=device))
