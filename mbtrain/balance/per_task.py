@@ -191,10 +191,10 @@ class PerTaskGradients(Balancer):
     def _table_gradients(self, split: SplitForward, row_grads: list[torch.Tensor | None]
                          ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """(the batch's distinct rows, each task's gradient of the embedding table on them), every task's gathered
-        rows coalesced side by side in one index_add (table.distinct_rows): no table-sized gradient per task, and
-        the rows a lazy table optimizer steps are the ones the batch touched, however small the table. Across
-        ranks every rank's rows and their gradients are gathered and coalesced alike on every rank: the exchange
-        grows with the batch, not with the table."""
+        rows coalesced side by side in one accumulating index_put (table.distinct_rows): no table-sized gradient
+        per task, and the rows a lazy table optimizer steps are the ones the batch touched, however small the
+        table. Across ranks every rank's rows and their gradients are gathered and coalesced alike on every rank:
+        the exchange grows with the batch, not with the table."""
         if any(g is None for g in row_grads):  # no categorical feature reaches the trunk
             return None, [None] * len(row_grads)
         dim = split.rows.shape[-1]
@@ -202,7 +202,8 @@ class PerTaskGradients(Balancer):
         side_by_side = torch.stack([g.reshape(-1, dim) for g in row_grads], dim=1)  # [B·C, T, D]
         table_rows = split.table.shape[0]
         rows, inverse = distinct_rows(flat, table_rows)
-        grads = side_by_side.new_zeros(rows.numel(), len(row_grads), dim).index_add_(0, inverse, side_by_side)
+        grads = side_by_side.new_zeros(rows.numel(), len(row_grads), dim).index_put_((inverse,), side_by_side,
+                                                                                  accumulate=True)
         if self.gather is not None:
             every_rows, every_grads = self.gather([rows, grads])
             rows, inverse = distinct_rows(torch.cat(every_rows), table_rows)
