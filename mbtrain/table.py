@@ -61,9 +61,26 @@ def touched(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.arange(grad.shape[0], device=grad.device), grad
     if grad.is_coalesced():
         return grad.indices()[0], grad.values()
-    rows, inverse = distinct_rows(grad._indices()[0], grad.shape[0])
-    values = grad._values()
+    return coalesced(grad._indices()[0], grad._values(), grad.shape[0])
+
+
+def coalesced(index: torch.Tensor, values: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the distinct rows of `index` in ascending order, `values` [len(index), ...] summed onto them)."""
+    rows, inverse = distinct_rows(index, table_rows)
     return rows, values.new_zeros(rows.numel(), *values.shape[1:]).index_put_((inverse,), values, accumulate=True)
+
+
+def gathered_rows(rows: torch.Tensor, values: torch.Tensor, gather: Gather, table_rows: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's distinct `rows` and their `values` summed with every rank's: gathered, then added rank by rank.
+    A rank's rows are distinct, so no index_add adds twice into one row and every rank sums in the same order,
+    even where index_add is not deterministic (CUDA): the ranks stay equal."""
+    every_rows, every_values = gather([rows, values])
+    rows, inverse = distinct_rows(torch.cat(every_rows), table_rows)
+    summed = values.new_zeros(rows.numel(), *values.shape[1:])
+    for at, part in zip(inverse.split([r.numel() for r in every_rows]), every_values, strict=True):
+        summed.index_add_(0, at, part)
+    return rows, summed
 
 
 def distinct_rows(index: torch.Tensor, table_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,13 +105,9 @@ def sum_across_ranks(tables: Sequence[torch.Tensor], gather: Gather) -> None:
 
 
 def summed_rows(grad: torch.Tensor, gather: Gather) -> torch.Tensor:
-    """A table's gradient summed across ranks: every rank's touched rows and their gradients gathered and
-    coalesced in rank order, alike on every rank; the exchange grows with the batch, not with the table."""
-    rows, values = touched(grad)
-    every_rows, every_values = gather([rows, values])
-    summed = torch.sparse_coo_tensor(torch.cat(every_rows).unsqueeze(0), torch.cat(every_values), grad.shape,
-                                     check_invariants=False)
-    return rows_gradient(summed, *touched(summed))
+    """A table's gradient summed across ranks as its touched rows (gathered_rows): the exchange grows with the
+    batch, not with the table."""
+    return rows_gradient(grad, *gathered_rows(*touched(grad), gather, grad.shape[0]))
 
 
 def dense_of(tables: Iterable[torch.Tensor]) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from mbtrain.balance.base import Balancer, Gather, Reduce, reduce_grads
 from mbtrain.models.split import SplitForward
-from mbtrain.table import add_rows, distinct_rows, is_table, touched
+from mbtrain.table import add_rows, coalesced, distinct_rows, gathered_rows, is_table, touched
 
 Sinks = list[Any]  # the shared parameters, the embedding table's stood in for by a RowGradient on the split path
 PARAMETERS, REPRESENTATION = "parameters", "representation"
@@ -191,27 +191,19 @@ class PerTaskGradients(Balancer):
     def _table_gradients(self, split: SplitForward, row_grads: list[torch.Tensor | None]
                          ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """(the batch's distinct rows, each task's gradient of the embedding table on them), every task's gathered
-        rows coalesced side by side in one accumulating index_put (table.distinct_rows): no table-sized gradient
-        per task, and the rows a lazy table optimizer steps are the ones the batch touched, however small the
-        table. Across ranks every rank's rows and their gradients are gathered and coalesced alike on every rank:
-        the exchange grows with the batch, not with the table."""
+        rows coalesced side by side (table.coalesced): no table-sized gradient per task, and the rows a lazy table
+        optimizer steps are the ones the batch touched, however small the table. Across ranks every rank's rows
+        and their gradients are summed alike on every rank (table.gathered_rows): the exchange grows with the
+        batch, not with the table."""
         if any(g is None for g in row_grads):  # no categorical feature reaches the trunk
             return None, [None] * len(row_grads)
         dim = split.rows.shape[-1]
         flat = split.index.reshape(-1)
         side_by_side = torch.stack([g.reshape(-1, dim) for g in row_grads], dim=1)  # [B·C, T, D]
         table_rows = split.table.shape[0]
-        rows, inverse = distinct_rows(flat, table_rows)
-        grads = side_by_side.new_zeros(rows.numel(), len(row_grads), dim).index_put_((inverse,), side_by_side,
-                                                                                  accumulate=True)
+        rows, grads = coalesced(flat, side_by_side, table_rows)
         if self.gather is not None:
-            every_rows, every_grads = self.gather([rows, grads])
-            rows, inverse = distinct_rows(torch.cat(every_rows), table_rows)
-            grads = grads.new_zeros(rows.numel(), len(row_grads), dim)
-            # rank by rank: a rank's rows are distinct, so no index_add adds twice into one row and every rank
-            # sums in the same order, even where index_add is not deterministic (CUDA): the ranks stay equal
-            for at, part in zip(inverse.split([r.numel() for r in every_rows]), every_grads, strict=True):
-                grads.index_add_(0, at, part)
+            rows, grads = gathered_rows(rows, grads, self.gather, table_rows)
         return rows, list(grads.unbind(1))
 
     def _summed(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
