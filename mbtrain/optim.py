@@ -31,68 +31,72 @@ ADAM_EPS = 1e-8
 ADAGRAD_EPS = 1e-8
 
 
-class LazyAdam(torch.optim.Optimizer):
-    """Adam on the rows a step touched: their moments and weights move, every other row stays as it was.
-    Weight decay (Adam's L2 term) reaches the touched rows only. The state ``moments`` [2, rows, ...] holds the first
-    and the second moments, gathered and scattered together."""
+class RowOptimizer(torch.optim.Optimizer):
+    """A table optimizer: each step reads each table's touched rows (table.touched), adds weight decay (Adam's L2
+    term) to their gradients only, and hands them to ``update``, which moves those rows and their state alone."""
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                rows, grad = touched(p.grad)
+                if group["weight_decay"]:
+                    grad = grad.add(p.index_select(0, rows), alpha=group["weight_decay"])
+                self.update(p, rows, grad, group, self.state[p])
+
+    def update(self, table: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
+               state: dict[str, Any]) -> None:
+        """Move `rows` of `table` by their summed gradient `grad`, keeping `state` (empty at the first step)."""
+        raise NotImplementedError
+
+
+class LazyAdam(RowOptimizer):
+    """Adam on the rows a step touched: their moments and weights move, every other row stays as it was. The state
+    ``moments`` [2, rows, ...] holds the first and the second moments, gathered and scattered together."""
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = BETAS,
                  eps: float = ADAM_EPS, weight_decay: float = 0.0) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure: None = None) -> None:
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, grad = touched(p.grad)
-                if group["weight_decay"]:
-                    grad = grad.add(p.index_select(0, rows), alpha=group["weight_decay"])
-                state = self.state[p]
-                if not state:  # both moments in one tensor: one gather and one scatter a step
-                    state["step"] = torch.zeros((), dtype=torch.float64)
-                    state["moments"] = p.new_zeros(2, *p.shape)
-                state["step"] += 1
-                step = float(state["step"])
-                moments = state["moments"].index_select(1, rows)
-                exp_avg, exp_avg_sq = moments.unbind(0)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                state["moments"].index_copy_(1, rows, moments)
-                denominator = exp_avg_sq.sqrt_().div_(math.sqrt(1 - beta2**step)).add_(group["eps"])
-                step_size = -group["lr"] / (1 - beta1**step)
-                p.index_put_((rows,), exp_avg.div_(denominator).mul_(step_size), accumulate=True)
+    def update(self, table: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
+               state: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        if not state:  # both moments in one tensor: one gather and one scatter a step
+            state["step"] = torch.zeros((), dtype=torch.float64)
+            state["moments"] = table.new_zeros(2, *table.shape)
+        state["step"] += 1
+        step = float(state["step"])
+        moments = state["moments"].index_select(1, rows)
+        exp_avg, exp_avg_sq = moments.unbind(0)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        state["moments"].index_copy_(1, rows, moments)
+        denominator = exp_avg_sq.sqrt_().div_(math.sqrt(1 - beta2**step)).add_(group["eps"])
+        step_size = -group["lr"] / (1 - beta1**step)
+        table.index_put_((rows,), exp_avg.div_(denominator).mul_(step_size), accumulate=True)
 
 
-class RowwiseAdagrad(torch.optim.Optimizer):
+class RowwiseAdagrad(RowOptimizer):
     """Adagrad with one accumulator per row: a touched row's accumulator grows by the mean of its squared
-    gradient, and the row moves by lr·g / (√accumulator + eps). Weight decay reaches the touched rows only."""
+    gradient, and the row moves by lr·g / (√accumulator + eps)."""
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-2, eps: float = ADAGRAD_EPS,
                  weight_decay: float = 0.0) -> None:
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure: None = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, grad = touched(p.grad)
-                if group["weight_decay"]:
-                    grad = grad.add(p.index_select(0, rows), alpha=group["weight_decay"])
-                state = self.state[p]
-                if not state:
-                    state["sum"] = p.new_zeros(p.shape[0])
-                accumulated = state["sum"].index_select(0, rows).add_(grad.square().mean(dim=1))
-                state["sum"].index_copy_(0, rows, accumulated)
-                factor = accumulated.sqrt_().add_(group["eps"]).reciprocal_().mul_(-group["lr"])
-                p.index_put_((rows,), grad * factor.unsqueeze(1), accumulate=True)
+    def update(self, table: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, group: dict[str, Any],
+               state: dict[str, Any]) -> None:
+        if not state:
+            state["sum"] = table.new_zeros(table.shape[0])
+        accumulated = state["sum"].index_select(0, rows).add_(grad.square().mean(dim=1))
+        state["sum"].index_copy_(0, rows, accumulated)
+        factor = accumulated.sqrt_().add_(group["eps"]).reciprocal_().mul_(-group["lr"])
+        table.index_put_((rows,), grad * factor.unsqueeze(1), accumulate=True)
 
 
-TABLE_OPTIMIZER_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+TABLE_OPTIMIZER_CLASSES: dict[str, type[RowOptimizer]] = {
     LAZY_ADAM: LazyAdam,
     ROWWISE_ADAGRAD: RowwiseAdagrad,
 }
