@@ -27,7 +27,7 @@ from mbtrain.config import RunConfig  # noqa: E402
 from mbtrain.data.stream import read_files  # noqa: E402
 from mbtrain.export import export  # noqa: E402
 from mbtrain.inference import load_scorer, predict  # noqa: E402
-from mbtrain.models.scoring import predict_probabilities  # noqa: E402
+from mbtrain.models.scoring import predict_rows  # noqa: E402
 from mbtrain.train import fit  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def main() -> None:
                 predict(path, root / "score.parquet", [])
                 end_to_end[name].append(args.rows / (time.perf_counter() - started))
                 started = time.perf_counter()
-                predict_probabilities(scorers[name][0], *encoded)
+                predict_rows(scorers[name][0], *encoded)
                 scoring[name].append(args.rows / (time.perf_counter() - started))
     table = Table(title=f"predict, {args.rows:,} rows × 3 tasks, MMoE defaults, {args.threads} threads, median of "
                         f"{args.rounds} rounds")

@@ -6,7 +6,7 @@ first 1, 5 and 20 files, so generation never holds more than 1M rows and the dis
 
 Each measurement runs in a fresh process, so its VmHWM (peak RSS) is its own:
 - streaming: parquet_files → row_groups → infer_schema_streaming → fit_encoders_streaming → label_means
-  (positive_rates) → StreamingBatches (shuffle buffer sized from --memory-budget) → --steps steps;
+  (label_sums) → StreamingBatches (shuffle buffer sized from --memory-budget) → --steps steps;
 - in-memory (1M and 5M by default; at 20M it would need ~11 GB, 2.4 × rows × column widths as measured at
   5M, more than a shared 24 GB machine should give a benchmark): read_parquet_files → infer_schema →
   Encoders.fit → encode → the same steps over a shuffled index (EncodedData.batches).
@@ -43,11 +43,13 @@ from mbtrain.config import ModelConfig  # noqa: E402
 from mbtrain.data import stream  # noqa: E402
 from mbtrain.data.batches import EncodedData  # noqa: E402
 from mbtrain.data.encoders import Encoders  # noqa: E402
-from mbtrain.data.schema import infer_schema, label_tensor  # noqa: E402
+from mbtrain.data.labels import LabelColumns  # noqa: E402
+from mbtrain.data.schema import infer_schema  # noqa: E402
 from mbtrain.models.scoring import ModelSpec  # noqa: E402
 from mbtrain.optim import ADAM, TrainOptimizer  # noqa: E402
 
 CHUNK_ROWS = 1_000_000
+LABELS = LabelColumns(TASKS, ["binary"] * len(TASKS))
 GROUP_ROWS = 131_072
 SEED = 0
 
@@ -76,7 +78,7 @@ def _steps(spec: ModelSpec, rates: torch.Tensor, epochs: itertools.chain, steps:
     """(rows, seconds) of `steps` training steps drawn from the chained epochs' batches."""
     torch.manual_seed(SEED)
     model = spec.build()
-    model.set_base_rates(rates)
+    model.set_base_logits(torch.logit(rates))
     optimizer = TrainOptimizer(model.parameters(), ADAM, lr=1e-3, weight_decay=0.0)  # as fit builds it
     rows = 0
     started = time.perf_counter()
@@ -111,15 +113,16 @@ def run_stage(args: argparse.Namespace) -> None:
         encoders = stream.fit_encoders_streaming(stream.scan_row_groups(parts), schema.categorical, schema.numeric,
                                                  min_frequency=2)
         result["buffer_rows"] = stream.buffer_rows_for(args.memory_budget, encoders, TASKS)
-        data: EncodedData | stream.StreamingBatches = stream.StreamingBatches(parts, encoders, TASKS,
+        data: EncodedData | stream.StreamingBatches = stream.StreamingBatches(parts, encoders, LABELS,
                                                                               int(result["buffer_rows"]))
     else:
         frame = stream.read_parquet_files(files)
         schema = infer_schema(frame, str(args.data), TASKS)
         encoders = Encoders.fit(frame, schema.categorical, schema.numeric, min_frequency=2)
-        data = EncodedData(*encoders.encode(frame, str(args.data)), label_tensor(frame, str(args.data), TASKS))
+        labels = LABELS.read(frame, str(args.data))
+        data = EncodedData(*encoders.encode(frame, str(args.data)), labels)
         del frame
-    rates = data.positive_rates()
+    rates = data.label_sums().mean().float()
     result["prepare_s"] = time.perf_counter() - started
     result["prepared_mb"] = _rss_mb("VmHWM")
     keep_freed_memory()  # as `mbtrain fit` does before its first step

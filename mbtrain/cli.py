@@ -17,11 +17,13 @@ from typer.core import TyperGroup
 from mbtrain.balance import BALANCERS
 from mbtrain.balance.metabalance import STRATEGIES
 from mbtrain.balance.mgda import NORMALIZATIONS
-from mbtrain.config import MONITORS, RunConfig, parse_list, parse_weights, read_toml, setting_sections
+from mbtrain.config import RunConfig, parse_list, parse_pairs, read_toml, setting_sections
 from mbtrain.errors import MbtrainError
 from mbtrain.models import MODELS
 from mbtrain.models.mlp import NORMS
 from mbtrain.optim import TABLE_OPTIMIZERS
+from mbtrain.tasks import TASK_TYPES, monitors
+from mbtrain.tasks.regression import LOSSES, TRANSFORMS
 
 
 class OneLineErrors(TyperGroup):
@@ -100,6 +102,11 @@ MaxVocabOpt = Annotated[int | None, typer.Option(help="Each categorical column (
                                                     "no cap).")]
 MaxBagOpt = Annotated[int | None, typer.Option(help="Bags (list columns) keep each row's last N elements "
                                                   "(default: 50).")]
+TaskTypeOpt = Annotated[list[str] | None, typer.Option(
+    help=f"TASK=TYPE, the type of a task's label: {' | '.join(TASK_TYPES)} (repeatable, or comma-separated; a task "
+    "not named: binary for 0/1 or boolean labels, regression for other numbers).", show_default=False)]
+WeightColumnOpt = Annotated[str | None, typer.Option(help="A column of non-negative row weights that weighs every "
+                                                          "task's loss per row (not a feature).")]
 ConfigOpt = Annotated[Path | None, typer.Option(help="TOML file with the same keys as the flags; flags win.")]
 
 
@@ -115,7 +122,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         if key in lists and value is not None:
             value = parse_list(f"--{key.replace('_', '-')}", value, lists[key])
         if key == "task_weights" and value is not None:
-            value = parse_weights("--task-weights", value)
+            value = parse_pairs("--task-weights", value)
+        if key in ("task_type", "target_transform") and value is not None:  # repeatable, each a list of pairs
+            value = {k: v for each in value for k, v in parse_pairs(f"--{key.replace('_', '-')}", each, str).items()}
         parsed[key] = value
     return parsed
 
@@ -227,8 +236,20 @@ def fit(
     patience: Annotated[int | None, typer.Option(help=_help("Epochs without main-task validation gain (in "
                                                             "--monitor) before stopping; 0 = off.",
                                                             "patience"))] = None,
-    monitor: Annotated[str | None, typer.Option(help=_help(f"Main-task validation metric that picks the best "
-                                                           f"epoch: {' | '.join(MONITORS)}.", "monitor"))] = None,
+    monitor: Annotated[str | None, typer.Option(help=f"Main-task validation metric that picks the best epoch: "
+                                                     f"{' | '.join(monitors())} (default: auc for a binary main "
+                                                     "task, rmse for a regression one).")] = None,
+    task_type: TaskTypeOpt = None,
+    target_transform: Annotated[list[str] | None, typer.Option(
+        help=f"TASK=TRANSFORM, what a regression task learns: {' | '.join(TRANSFORMS)} (repeatable; default: log1p, "
+        "then standardised, where its training labels have no negative value, else standardize); predictions "
+        "come back in the column's units.", show_default=False)] = None,
+    regression_loss: Annotated[str | None, typer.Option(help=_help(
+        f"Every regression task's loss on its transformed target: {' | '.join(LOSSES)}.", "regression_loss"))] = None,
+    missing_labels: Annotated[str | None, typer.Option(help=_help(
+        "A missing (null) label: error | skip (the row counts for a task only where its label is present).",
+        "missing_labels"))] = None,
+    weight_column: WeightColumnOpt = None,
     group_by: GroupByOpt = None,
     tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard",
                                                      help=_help("Write TensorBoard event files under "
@@ -325,8 +346,11 @@ def inspect(
     max_vocab: MaxVocabOpt = None,
     min_frequency: Annotated[int | None, typer.Option(help="As for fit, with --max-vocab.")] = None,
     max_bag: MaxBagOpt = None,
+    task_type: TaskTypeOpt = None,
+    weight_column: WeightColumnOpt = None,
 ) -> None:
-    """Show the role fit would give every column (label, categorical, numeric, excluded); no training."""
+    """Show the role fit would give every column (label, categorical, numeric, excluded) and each task's type; no
+    training."""
     from mbtrain.data.prepare import describe
     from mbtrain.models.funnel import conditional_probabilities
     from mbtrain.report import bag_lines, schema_table, table_text
@@ -334,18 +358,18 @@ def inspect(
     run_config = _resolve(config, _overrides(tasks=tasks, main_task=main_task, categorical=categorical,
                                              numeric=numeric, exclude=exclude, memory_budget=memory_budget,
                                              funnel=funnel, max_vocab=max_vocab, min_frequency=min_frequency,
-                                             max_bag=max_bag))
+                                             max_bag=max_bag, task_type=task_type, weight_column=weight_column))
     run_config.validate()
     seen = describe(run_config, data)
     schema = seen.schema
     console.print(schema_table(schema, f"{data}: {seen.rows:,} rows, {len(schema.columns)} columns"))
     for line in bag_lines(schema, run_config.data.max_bag):
         console.print(line, soft_wrap=True)
-    shares = ", ".join(f"{task} {rate:.2%}" for task, rate in zip(schema.tasks, seen.rates.tolist(), strict=True))
-    console.print(f"positive rates: {shares}")
+    for line in _task_lines(seen):
+        console.print(line, soft_wrap=True)
     stages = run_config.funnel_tasks
     if stages is not None and seen.broken is None:
-        given = conditional_probabilities(seen.rates, [schema.tasks.index(task) for task in stages])
+        given = conditional_probabilities(seen.sums.mean().float(), [schema.tasks.index(task) for task in stages])
         steps = ", ".join(f"{task} | {before} {float(given[schema.tasks.index(task)]):.2%}"
                           for before, task in zip(stages, stages[1:], strict=False))
         console.print(f"funnel {' → '.join(stages)}: {steps}", soft_wrap=True)
@@ -363,6 +387,19 @@ def inspect(
         sys.stderr.write(f"mbtrain: warning: {seen.broken}; fit refuses them\n")
 
 
+def _task_lines(seen: Any) -> list[str]:
+    """Each task's type and why, its positive rate or mean, and the share of rows that have its label."""
+    lines = []
+    means, counts = seen.sums.mean().tolist(), seen.sums.count.tolist()
+    for i, (task, kind) in enumerate(zip(seen.schema.tasks, seen.types, strict=True)):
+        value = f"positive rate {means[i]:.2%}" if kind == "binary" else f"mean {means[i]:.4g}"
+        coverage = counts[i] / seen.rows if seen.rows else 0.0
+        covered = "every row" if counts[i] == seen.rows else f"{coverage:.1%} of rows ({int(counts[i]):,})"
+        main = " (main)" if i == 0 else ""
+        lines.append(f"task {task}{main}: {kind} ({seen.type_reasons[task]}), {value}, labelled on {covered}")
+    return lines
+
+
 @app.command(name="eval")
 @reports_errors
 def evaluate(
@@ -371,7 +408,9 @@ def evaluate(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
     group_by: GroupByOpt = None,
 ) -> None:
-    """Per-task AUC, GAUC (with --group-by), PR AUC, log loss, NE and calibration on a labelled file."""
+    """Each task's metrics on a labelled file, over the rows that have its label: a binary task's AUC, GAUC (with
+    --group-by), PR AUC, log loss, NE and calibration; a regression task's RMSE, MAE, R² and XAUC (GXAUC with
+    --group-by), in the column's units."""
     from mbtrain.checkpoint import check_writable, write_json
     from mbtrain.inference import evaluate as evaluate_file
     from mbtrain.report import metrics_table
@@ -380,7 +419,7 @@ def evaluate(
         check_writable(json_path, "--json")
     metrics = evaluate_file(run, data, group_by)
     for task, values in metrics["tasks"].items():
-        if values["auc"] is None:
+        if "auc" in values and values["auc"] is None:
             sys.stderr.write(f"mbtrain: warning: {data}: task {task!r} has a single class; its AUC is null\n")
     if json_path is not None:
         write_json(metrics, json_path, "--json")

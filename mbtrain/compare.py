@@ -27,10 +27,11 @@ from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 
-from mbtrain.config import HIGHER_IS_BETTER, RunConfig, setting_sections
+from mbtrain.config import RunConfig, setting_sections
 from mbtrain.errors import MbtrainError, first_line
-from mbtrain.report import METRIC_COLUMNS
+from mbtrain.report import HEADERS
 from mbtrain.stats import METHOD, Paired, paired
+from mbtrain.tasks import headline, higher_is_better
 
 # settings that leave a run's results alone (or, for seed, make the repeats a row averages over): never a column
 NOT_COMPARED = ("seed", "threads", "device", "memory_budget", "tensorboard")
@@ -90,7 +91,7 @@ class Baseline:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric in HIGHER_IS_BETTER
+        return higher_is_better(self.metric)
 
 
 @dataclass
@@ -242,13 +243,14 @@ def _pair(comparison: Comparison, groups: list[list[_Run]], key: str, value: str
         pairings[other] = Pairing(
             seeds=seeds, row_only=sorted(row_seeds - base_seeds), baseline_only=sorted(base_seeds - row_seeds),
             main=_paired_on(runs, base_runs, seeds, task, metric),
-            tasks={name: _paired_on(runs, base_runs, seeds, name, "auc") for name in tasks})
+            tasks={name: _paired_on(runs, base_runs, seeds, name, headline(rows[index].tasks[name]))
+                   for name in tasks})
     return Baseline(key, value, index, task, metric, pairings)
 
 
 def _paired_on(runs: list[_Run], base_runs: list[_Run], seeds: list[int], task: str, metric: str) -> Paired:
     return paired(_by_seed(runs, task, metric, seeds), _by_seed(base_runs, task, metric, seeds),
-                  higher_is_better=metric in HIGHER_IS_BETTER)
+                  higher_is_better=higher_is_better(metric))
 
 
 def _by_seed(runs: list[_Run], task: str, metric: str, seeds: list[int]) -> list[float | None]:
@@ -393,11 +395,11 @@ def _runs_table(comparison: Comparison) -> Table:
     for the terminal folds rather than cut a number short."""
     rows = comparison.rows
     main_task = Counter(row.main_task for row in rows).most_common(1)[0][0]
-    monitors = [row.settings["monitor"] for row in rows if row.main_task == main_task]
+    monitors = [row.settings["monitor"] for row in rows if row.main_task == main_task and row.settings["monitor"]]
     metric_columns = [(main_task, metric) for metric in dict.fromkeys([*MAIN_METRICS, *monitors])
-                      if metric == "auc" or any(metric in row.tasks.get(main_task, {}) for row in rows)]
-    metric_columns += [(task, "auc") for task in dict.fromkeys(task for row in rows for task in row.tasks)
-                       if task != main_task]
+                      if any(metric in row.tasks.get(main_task, {}) for row in rows)]
+    metric_columns += [(task, headline(m for row in rows for m in row.tasks.get(task, {})))
+                       for task in dict.fromkeys(task for row in rows for task in row.tasks) if task != main_task]
     repeated = any(len(row.runs) > 1 for row in rows)
     caption = "validation metrics at each run's best epoch"
     if repeated:
@@ -412,7 +414,7 @@ def _runs_table(comparison: Comparison) -> Table:
     if repeated:
         table.add_column("n", justify="right")
     for task, metric in metric_columns:
-        table.add_column(f"{escape(task)}\n{METRIC_COLUMNS.get(metric, metric)}", justify="right", no_wrap=True,
+        table.add_column(f"{escape(task)}\n{HEADERS.get(metric, metric)}", justify="right", no_wrap=True,
                          min_width=6)
     table.add_column("best\nepoch", justify="right", no_wrap=True)
     table.add_column("s/epoch", justify="right", no_wrap=True)
@@ -436,7 +438,7 @@ def _paired_table(comparison: Comparison, baseline: Baseline) -> list[Table | st
     """Per row, against the baseline row (marked): the mean difference in the main metric with its interval,
     seeds won of those paired, the verdict in a word or two; then a line per row with seeds left out."""
     labels = _labels(comparison.rows)
-    metric = f"{escape(baseline.task)} {METRIC_COLUMNS.get(baseline.metric, baseline.metric)}"
+    metric = f"{escape(baseline.task)} {HEADERS.get(baseline.metric, baseline.metric)}"
     given = escape(f"{_flag(baseline.setting)}={baseline.value}")
     table = Table(title=f"against the baseline, {given}: Δ {metric}, paired by seed",
                   caption=f"{COMPARED_ON}; Δ = row − baseline ({'higher' if baseline.higher_is_better else 'lower'} "

@@ -25,10 +25,11 @@ from mbtrain.distributed import DEVICES
 from mbtrain.errors import MbtrainError
 from mbtrain.models.base import ModelConfig
 from mbtrain.optim import ADAM, LAZY_ADAM, TABLE_OPTIMIZERS
+from mbtrain.tasks import TASK_TYPES, monitors
+from mbtrain.tasks.regression import LOSSES, TRANSFORMS
 
 SCHEDULES = ("constant", "cosine")
-MONITORS = ("auc", "gauc", "logloss", "ne")
-HIGHER_IS_BETTER = ("auc", "gauc")  # of the MONITORS; logloss and ne: lower is better
+MISSING_LABELS = ("error", "skip")
 
 
 @dataclass
@@ -45,6 +46,12 @@ class DataConfig:
     max_bag: int = 50  # a bag (list) column keeps each row's last this many elements
     memory_budget: str = "auto"  # beyond it, Parquet data is streamed; "auto" = half the physical memory
     group_by: str | None = None  # the column whose groups (users, sessions) validation's GAUC averages over
+    task_type: dict[str, str] = field(default_factory=dict)  # a task not named: inferred from its column (tasks/)
+    target_transform: dict[str, str] = field(default_factory=dict)  # per regression task; not named: log1p where
+    # the training labels have no negative value, else standardize
+    regression_loss: str = "mse"  # every regression task's: mse or huber
+    missing_labels: str = "error"  # skip: a row counts for a task only where its label is present
+    weight_column: str | None = None  # a column of non-negative row weights for every task's loss (not a feature)
 
     def check(self) -> None:
         if not self.tasks:
@@ -60,6 +67,22 @@ class DataConfig:
         at_least_one("--max-bag", self.max_bag)
         if self.max_vocab is not None:
             at_least_one("--max-vocab", self.max_vocab)
+        for task, kind in self.task_type.items():
+            if task not in self.tasks:
+                raise MbtrainError(f"--task-type names {task!r}, which is not one of --tasks ({', '.join(self.tasks)})")
+            one_of(f"--task-type {task}", kind, TASK_TYPES)
+        for task, transform in self.target_transform.items():
+            if task not in self.tasks:
+                raise MbtrainError(f"--target-transform names {task!r}, which is not one of --tasks "
+                                   f"({', '.join(self.tasks)})")
+            one_of(f"--target-transform {task}", transform, TRANSFORMS)
+        one_of("--regression-loss", self.regression_loss, LOSSES)
+        one_of("--missing-labels", self.missing_labels, MISSING_LABELS)
+        if self.weight_column is not None and self.weight_column in self.tasks:
+            raise MbtrainError(f"--weight-column {self.weight_column!r} is one of --tasks")
+        if self.weight_column is not None and self.weight_column in {*self.categorical, *self.numeric}:
+            raise MbtrainError(f"--weight-column {self.weight_column!r} cannot also be a feature (--categorical, "
+                               "--numeric)")
         roles = (set(self.categorical) & set(self.numeric)) | (set(self.exclude) & {*self.categorical,
                                                                                     *self.numeric})
         if roles:
@@ -142,7 +165,8 @@ class TrainConfig:
     seed: int = 0
     shuffle: bool = True  # off: every epoch reads the training rows in file order (each rank its shard's)
     patience: int = 3
-    monitor: str = "auc"  # the main-task validation metric that picks the best epoch and drives early stopping
+    monitor: str | None = None  # the main-task validation metric that picks the best epoch and drives early
+    # stopping; None: the main task's type's (auc for binary, rmse for regression)
     tensorboard: bool = False  # event files under RUN/tensorboard (the mbtrain[tensorboard] extra)
     threads: int | None = None
     device: str = "auto"
@@ -165,7 +189,8 @@ class TrainConfig:
                                "in the dense Adam, at --lr")
         one_of("--task-backward", self.task_backward, TASK_BACKWARDS)
         one_of("--schedule", self.schedule, SCHEDULES)
-        one_of("--monitor", self.monitor, MONITORS)
+        if self.monitor is not None:
+            one_of("--monitor", self.monitor, monitors())
         if self.monitor == "gauc" and not group_by:
             raise MbtrainError("--monitor gauc needs --group-by, the column whose groups GAUC averages over")
         if not 0 <= self.warmup <= self.epochs:
@@ -309,20 +334,23 @@ def parse_list(flag: str, text: str | None, item: type = str) -> list | None:
         raise MbtrainError(f"{flag} expects a comma-separated list of {item.__name__}: got {text!r}") from None
 
 
-def parse_weights(flag: str, text: str) -> dict[str, float]:
-    """'purchase=1,click=0.3' -> {"purchase": 1.0, "click": 0.3}; the checks on tasks and ranges are validate's."""
-    weights: dict[str, float] = {}
+def parse_pairs(flag: str, text: str, value_type: type = float) -> dict[str, Any]:
+    """'purchase=1,click=0.3' -> {"purchase": 1.0, "click": 0.3} (or text values: 'watch=regression'); the checks on
+    tasks and values are validate's."""
+    pairs: dict[str, Any] = {}
+    example = "purchase=1,click=0.3" if value_type is float else "watch_time=regression"
     for part in (part.strip() for part in text.split(",")):
         if not part:
             continue
         task, equals, value = part.partition("=")
         if not equals or not task.strip():
-            raise MbtrainError(f"{flag} expects task=weight pairs, e.g. purchase=1,click=0.3: got {part!r}")
+            raise MbtrainError(f"{flag} expects task={'weight' if value_type is float else 'value'} pairs, e.g. "
+                               f"{example}: got {part!r}")
         try:
-            weights[task.strip()] = float(value)
+            pairs[task.strip()] = value_type(value.strip())
         except ValueError:
             raise MbtrainError(f"{flag} {part}: {value.strip()!r} is not a number") from None
-    return weights
+    return pairs
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -351,7 +379,7 @@ def toml_setting(where: str, key: str, value: Any) -> tuple[str, Any]:
     if kind.startswith("list") and isinstance(value, str):
         value = parse_list(f"{where}: {key}", value, int if "int" in kind else str)
     if kind.startswith("dict") and isinstance(value, str):
-        value = parse_weights(f"{where}: {key}", value)
+        value = parse_pairs(f"{where}: {key}", value, float if "float" in kind else str)
     if not _matches(value, kind):
         raise MbtrainError(f"{where}: {key} should be {kind.replace(' | None', '')}: got {value!r}")
     return name, value
@@ -384,4 +412,6 @@ def _matches(value: Any, kind: str) -> bool:
     if kind == "dict[str, float]":
         return isinstance(value, dict) and all(isinstance(v, int | float) and not isinstance(v, bool)
                                                for v in value.values())
+    if kind == "dict[str, str]":
+        return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
     return isinstance(value, scalar[kind.replace(" | None", "")])

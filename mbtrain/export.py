@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from mbtrain.checkpoint import Checkpoint, check_writable, run_checkpoint, write_atomic
 from mbtrain.errors import MbtrainError, first_line
-from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities
+from mbtrain.models.scoring import ModelSpec, Predictions, predict_rows
 
 SPEC_FILE = "mbtrain.json"
 TOLERANCE = 1e-5
@@ -41,12 +41,12 @@ def export(run: Path, output: Path, fmt: str = "torchscript") -> dict[str, Any]:
     path = run_checkpoint(run)
     checkpoint = Checkpoint.load(path, needs=("spec", "model", "sample"))
     model, spec = checkpoint.scoring_model(path)
-    return exporters[fmt](Probabilities(model).eval(), spec, checkpoint.sample, output)
+    return exporters[fmt](Predictions(model, spec.task_set).eval(), spec, checkpoint.sample, output)
 
 
-def _torchscript(module: Probabilities, spec: ModelSpec, sample: dict[str, torch.Tensor],
+def _torchscript(module: Predictions, spec: ModelSpec, sample: dict[str, torch.Tensor],
                  output: Path) -> dict[str, Any]:
-    eager = predict_probabilities(module, sample["categorical"], sample["numeric"])
+    eager = predict_rows(module, sample["categorical"], sample["numeric"])
     check: dict[str, Any] = {}
 
     def write_checked(temporary: Path) -> None:
@@ -65,7 +65,7 @@ def _torchscript(module: Probabilities, spec: ModelSpec, sample: dict[str, torch
             "max_abs_difference": check["difference"], "tasks": spec.tasks}
 
 
-def _onnx(module: Probabilities, spec: ModelSpec, sample: dict[str, torch.Tensor], output: Path) -> dict[str, Any]:
+def _onnx(module: Predictions, spec: ModelSpec, sample: dict[str, torch.Tensor], output: Path) -> dict[str, Any]:
     """The batch size and the bags' length stay dynamic: traced on at least 2 rows and 2 slots (torch.export
     fixes a dimension it sees as 1), checked at the traced length and at a longer one."""
     import onnx

@@ -9,13 +9,13 @@ import polars as pl
 import torch
 
 from mbtrain.checkpoint import Checkpoint, is_export, run_checkpoint
-from mbtrain.data.schema import check_funnel, group_keys, label_tensor
+from mbtrain.data.labels import LabelColumns
+from mbtrain.data.schema import check_funnel, group_keys
 from mbtrain.data.stream import parquet_files, read_files
 from mbtrain.errors import MbtrainError
 from mbtrain.export import load_onnx, load_torchscript
-from mbtrain.metrics import task_metrics
 from mbtrain.models.funnel import conditional_probabilities
-from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities
+from mbtrain.models.scoring import ModelSpec, Predictions, predict_rows
 
 
 def load_scorer(path: Path) -> tuple[torch.nn.Module, ModelSpec]:
@@ -29,7 +29,7 @@ def load_scorer(path: Path) -> tuple[torch.nn.Module, ModelSpec]:
     elif path.suffix.lower() == ".onnx":
         return load_onnx(path)
     model, spec = Checkpoint.load(path).scoring_model(path)
-    return Probabilities(model).eval(), spec
+    return Predictions(model, spec.task_set).eval(), spec
 
 
 def _read(path: Path, data: Path) -> tuple[torch.nn.Module, ModelSpec, pl.DataFrame]:
@@ -38,24 +38,27 @@ def _read(path: Path, data: Path) -> tuple[torch.nn.Module, ModelSpec, pl.DataFr
 
 
 def _score(module: torch.nn.Module, spec: ModelSpec, frame: pl.DataFrame, data: Path) -> torch.Tensor:
-    return predict_probabilities(module, *spec.encoders.encode(frame, str(data)))
+    return predict_rows(module, *spec.encoders.encode(frame, str(data)))
 
 
 def evaluate(path: Path, data: Path, group_by: str | None = None) -> dict[str, Any]:
-    """Every metric of every task on a labelled file (metrics.json shape); GAUC over `group_by`'s groups.
-    Labels and group keys are checked before the rows are scored."""
+    """Every metric of every task on a labelled file (metrics.json shape), each task's over the rows that have its
+    label; the grouped metrics over `group_by`'s groups. Labels and group keys are checked before the rows are
+    scored."""
     module, spec, frame = _read(path, data)
-    labels = label_tensor(frame, str(data), spec.tasks)
+    tasks = spec.task_set
+    labels = LabelColumns(spec.tasks, tasks.types, missing="skip").read(frame, str(data))
     check_funnel(labels, spec.tasks, spec.funnel, str(data))
     groups = group_keys(frame, str(data), group_by) if group_by else None
-    probabilities = _score(module, spec, frame, data)
+    predictions = _score(module, spec, frame, data)
     return {"main_task": spec.main_task,
-            "tasks": task_metrics(probabilities, labels, spec.tasks, groups, spec.funnel),
+            "tasks": tasks.metrics(predictions, labels, groups, spec.funnel),
             "data": str(data), "model": str(path), **({"group_by": group_by} if group_by else {})}
 
 
 def predict(path: Path, data: Path, keep: list[str], conditional: bool = False) -> pl.DataFrame:
-    """`keep` columns then one pred_<task> probability column per task, rows in input order; with `conditional`
+    """`keep` columns then one pred_<task> column per task (a probability, or a regression task's prediction in the
+    column's units), rows in input order; with `conditional`
     (funnel models) then one cond_<task> column per task: its probability given the funnel stage before it."""
     module, spec, frame = _read(path, data)
     if conditional and spec.funnel_order is None:

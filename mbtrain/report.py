@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from rich import box
+from rich.console import Group
 from rich.table import Table
 
 from mbtrain.data.schema import Schema
 from mbtrain.models import MODELS, ModelConfig
 from mbtrain.optim import state_floats_per_row
+from mbtrain.tasks import headline
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -18,17 +20,39 @@ def _number(value: float | None, digits: int = 4) -> str:
 
 METRIC_COLUMNS = {"auc": "AUC", "gauc": "GAUC", "pr_auc": "PR AUC", "logloss": "log loss", "ne": "NE",
                   "calibration": "calib.", "conditional_auc": "cond. AUC"}
+REGRESSION_COLUMNS = {"rmse": "RMSE", "mae": "MAE", "r2": "R²", "xauc": "XAUC", "gxauc": "GXAUC"}
+HEADERS = {**METRIC_COLUMNS, **REGRESSION_COLUMNS}  # every metric's column header, for compare's tables too
 
 
-def metrics_table(metrics: dict[str, Any], title: str, caption: str | None = None) -> Table:
+def metrics_table(metrics: dict[str, Any], title: str, caption: str | None = None) -> Table | Group:
     """One row per task (main task first and marked) from a metrics.json-shaped dict, GAUC where the metrics
-    have it; narrow enough for an 80-column terminal."""
-    first = next(iter(metrics["tasks"].values()))
+    have it; narrow enough for an 80-column terminal. Binary and regression tasks get a table each."""
+    tasks = metrics["tasks"]
+    regression = {task: values for task, values in tasks.items() if "rmse" in values}
+    binary = {task: values for task, values in tasks.items() if task not in regression}
+    main_rows = tasks[metrics["main_task"]]["rows"]
+    tables = []
+    main_binary = metrics["main_task"] in binary
+    if binary:
+        tables.append(_binary_table(binary, metrics["main_task"],
+                                    f"{title} · {main_rows:,} rows" if main_binary else "binary tasks",
+                                    caption if not regression or not main_binary else None))
+    if regression:
+        tables.append(_regression_table(regression, metrics["main_task"],
+                                        "regression tasks" if main_binary else f"{title} · {main_rows:,} rows",
+                                        caption if main_binary else None))
+    if metrics["main_task"] in regression:  # the main task's table first
+        tables.reverse()
+    return tables[0] if len(tables) == 1 else Group(*tables)
+
+
+def _binary_table(tasks: dict[str, Any], main_task: str, title: str, caption: str | None) -> Table:
+    first = next(iter(tasks.values()))
     shown = [key for key in METRIC_COLUMNS if key in first and key != "conditional_auc"]
-    staged = {task: values for task, values in metrics["tasks"].items() if "conditional_auc" in values}
+    staged = {task: values for task, values in tasks.items() if "conditional_auc" in values}
     notes = [caption] if caption else []
     if "gauc" in shown:
-        shares = ", ".join(f"{task} {_share(values['gauc_rows'])}" for task, values in metrics["tasks"].items())
+        shares = ", ".join(f"{task} {_share(values['gauc_rows'])}" for task, values in tasks.items())
         notes.append(f"GAUC covers the rows in groups holding both classes: {shares}")
     if staged:
         shown.append("conditional_auc")
@@ -36,16 +60,34 @@ def metrics_table(metrics: dict[str, Any], title: str, caption: str | None = Non
                            for task, values in staged.items())
         notes.append(f"cond. AUC: a stage's probability given the stage before, on the rows where that one is 1: "
                      f"{stages}")
-    table = Table(title=f"{title} · {first['rows']:,} rows", caption="\n".join(notes) or None,
-                  caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table = Table(title=title, caption="\n".join(notes) or None, caption_justify="left", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False)
     table.add_column("task")
     for key in shown:
         table.add_column(METRIC_COLUMNS[key], justify="right")
     table.add_column("positives", justify="right")
-    for task, values in metrics["tasks"].items():
-        name = f"{task} (main)" if task == metrics["main_task"] else task
+    for task, values in tasks.items():
+        name = f"{task} (main)" if task == main_task else task
         share = values["positives"] / values["rows"] if values["rows"] else 0.0
         table.add_row(name, *(_number(values.get(key)) for key in shown), f"{values['positives']:,} ({share:.1%})")
+    return table
+
+
+def _regression_table(tasks: dict[str, Any], main_task: str, title: str, caption: str | None) -> Table:
+    """Errors in the column's own units; XAUC the share of pairs ordered as their targets."""
+    first = next(iter(tasks.values()))
+    shown = [key for key in REGRESSION_COLUMNS if key in first]
+    table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False)
+    table.add_column("task")
+    for key in shown:
+        table.add_column(REGRESSION_COLUMNS[key], justify="right")
+    table.add_column("mean target", justify="right")
+    table.add_column("rows", justify="right")
+    for task, values in tasks.items():
+        name = f"{task} (main)" if task == main_task else task
+        table.add_row(name, *(_number(values.get(key)) for key in shown), _number(values.get("mean_target"), 2),
+                      f"{values['rows']:,}")
     return table
 
 
@@ -66,13 +108,14 @@ def _share(value: float) -> str:
 
 
 def schema_table(schema: Schema, title: str) -> Table:
-    """Every column's role, type, distinct values (a bag's: its elements'), null share and why."""
+    """Every column's role, type, distinct values (a bag's: its elements'; a vector's: none counted), null share
+    and why (a vector's length)."""
     table = Table(title=title)
     for heading, justify in (("column", "left"), ("type", "left"), ("role", "left"), ("distinct", "right"),
                              ("null share", "right"), ("why", "left")):
         table.add_column(heading, justify=justify)
     styles = {"label": "bold magenta", "categorical": "cyan", "numeric": "green",
-              "categorical+numeric": "cyan", "bag": "cyan", "excluded": "dim"}
+              "categorical+numeric": "cyan", "bag": "cyan", "vector": "green", "excluded": "dim"}
     for column in schema.columns:
         distinct = "—" if column.distinct is None else f"{column.distinct:,}"
         table.add_row(column.name, column.dtype, f"[{styles[column.role]}]{column.role}[/]", distinct,
@@ -94,13 +137,17 @@ def bag_lines(schema: Schema, max_bag: int) -> list[str]:
 
 
 def history_line(entry: dict[str, Any], main_task: str, monitor: str = "auc") -> str:
-    """One line per epoch for logs: train losses, validation AUCs (and the main task's --monitor metric),
-    time; `*` marks a new best epoch."""
+    """One line per epoch for logs: train losses, each task's headline validation metric (AUC for a binary task,
+    RMSE for a regression one) and the main task's --monitor metric, time; `*` marks a new best epoch."""
     losses = " ".join(f"{t}={v:.4f}" for t, v in entry["train_loss"].items())
-    aucs = " ".join(f"{t}={_number(m['auc'])}" for t, m in entry["valid"].items())
-    monitored = "" if monitor == "auc" else f" | {main_task} {monitor} {_number(entry['valid'][main_task][monitor])}"
+    shown = {t: headline(m) for t, m in entry["valid"].items()}
+    values = ", ".join(f"{HEADERS.get(metric, metric)} " + " ".join(
+        f"{t}={_number(m[metric])}" for t, m in entry["valid"].items() if shown[t] == metric)
+        for metric in dict.fromkeys(shown.values()))
+    monitored = "" if monitor == shown[main_task] else \
+        f" | {main_task} {monitor} {_number(entry['valid'][main_task][monitor])}"
     flag = " *" if entry.get("best") else ""
-    return (f"epoch {entry['epoch']}: loss {losses} | valid AUC {aucs}{monitored} | "
+    return (f"epoch {entry['epoch']}: loss {losses} | valid {values}{monitored} | "
             f"{entry['seconds']:.1f}s, {entry['rows_per_second']:,.0f} rows/s{flag}")
 
 

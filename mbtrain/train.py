@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -35,17 +34,17 @@ from mbtrain import __version__
 from mbtrain.allocator import keep_freed_memory
 from mbtrain.balance import Balancer, Setup, build_balancer
 from mbtrain.checkpoint import RESUME, Checkpoint, write_json, write_jsonl
-from mbtrain.config import HIGHER_IS_BETTER, RunConfig, peak_lr
+from mbtrain.config import RunConfig, peak_lr
 from mbtrain.data.batches import EncodedData, Rows
 from mbtrain.data.encoders import table_slices
 from mbtrain.data.feed import DeviceFeed
 from mbtrain.data.prepare import Prepared, prepare
 from mbtrain.distributed import Cluster, any_rank, cluster_from_env, from_main
 from mbtrain.errors import MbtrainError, first_line
-from mbtrain.metrics import task_metrics
-from mbtrain.models.scoring import ModelSpec, Probabilities, ScoringModel, score_rows
+from mbtrain.models.scoring import ModelSpec, Predictions, ScoringModel, score_rows
 from mbtrain.optim import TrainOptimizer
 from mbtrain.report import history_line, metrics_table, model_text, table_text
+from mbtrain.tasks import TaskSet, higher_is_better
 from mbtrain.tensorboard_log import LOG_EVERY, RunLog, require_tensorboard
 
 SAMPLE_ROWS = 256  # validation rows kept in checkpoints so that export can check itself on real data
@@ -102,9 +101,13 @@ class FitRecipe:
         self.cluster.barrier()  # every rank has looked at --out before the main rank creates anything
         spec = resumed.model_spec(last) if resumed else None
         self.data = prepare(self.config, self.data_path, spec.encoders if spec else None,
-                            streamed=resumed.streamed if resumed else None)
+                            streamed=resumed.streamed if resumed else None, tasks=spec.task_set if spec else None)
         self.spec = spec or ModelSpec(self.config.ordered_tasks, self.data.encoders,
-                                      dataclasses.asdict(self.config.model), self.config.funnel_tasks)
+                                      dataclasses.asdict(self.config.model), self.config.funnel_tasks,
+                                      self.data.tasks.to_dict())
+        self.tasks = self.data.tasks
+        self.monitor = self.config.train.monitor or self.tasks.tasks[0].monitor
+        self.tasks.check_monitor(self.monitor)
         self._warn()
         if self.main:
             if self.staging and self.work.exists():
@@ -122,8 +125,9 @@ class FitRecipe:
         if self.cluster.world_size > 1 and self.config.model.norm == "batch":
             warnings.append(f"--norm batch under torchrun normalises each rank's share of the batch: "
                             f"{self.cluster.world_size} ranks no longer take one process's step (--norm layer does)")
-        for task, rate in zip(self.spec.tasks, self.data.valid.positive_rates().tolist(), strict=True):
-            if rate in (0.0, 1.0):  # the main rank validates
+        rates = self.data.valid.label_sums().mean().tolist()
+        for task, kind, rate in zip(self.spec.tasks, self.tasks.types, rates, strict=True):
+            if kind == "binary" and rate in (0.0, 1.0):  # the main rank validates
                 warnings.append(f"{self.data.valid_source}: task {task!r} has a single class in validation; its "
                                 "AUC will be null")
         for warning in warnings:
@@ -133,8 +137,8 @@ class FitRecipe:
         config = self.config
         torch.manual_seed(config.train.seed)
         self.model: ScoringModel = self.spec.build()
-        if fresh:  # a resumed model's biases come from its checkpoint; rank 0 reads the labels once
-            self.model.set_base_rates(from_main(self.data.train.positive_rates))
+        if fresh:  # a resumed model's biases come from its checkpoint
+            self.model.set_base_logits(self.tasks.base_logits(self.data.sums))
         self.model.to(self.cluster.device)
         setup = Setup.of(self.model, len(self.spec.tasks), config.train.seed, self.cluster,
                          config.balance.balance_level, config.train.task_backward)
@@ -176,12 +180,12 @@ class FitRecipe:
                 while self.epoch < config.train.epochs and not self._patience_spent():
                     self.epoch += 1
                     entry = train_epoch(self.model, self.optimizer, self.balancer, train, self.data.valid,
-                                        self.spec.tasks, config, self.epoch, progress, self.cluster, log,
+                                        self.tasks, config, self.epoch, progress, self.cluster, log,
                                         feed=self.feed)
                     self._record(entry)
                     if self.main:
                         self._save_checkpoint(entry["best"], sample)
-                    console.print(history_line(entry, self.spec.main_task, config.train.monitor), soft_wrap=True)
+                    console.print(history_line(entry, self.spec.main_task, self.monitor), soft_wrap=True)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(_interrupted(self.out, self.work, self.staging)) from None
         finally:
@@ -203,7 +207,7 @@ class FitRecipe:
 
     def _record(self, entry: dict[str, Any]) -> None:
         """The epoch's history row, marked best where the main task's --monitor metric gained."""
-        score = monitor_score(entry["valid"][self.spec.main_task], self.config.train.monitor)
+        score = monitor_score(entry["valid"][self.spec.main_task], self.monitor)
         entry["best"] = self.best is None or score > self.best["score"]
         if entry["best"]:
             self.best = {"epoch": self.epoch, "score": score, "metrics": entry["valid"]}
@@ -237,7 +241,7 @@ class FitRecipe:
             "main_task": spec.main_task,
             "tasks": best["metrics"],
             "best_epoch": best["epoch"],
-            "monitor": config.train.monitor,
+            "monitor": self.monitor,
             "epochs_run": epoch,
             "stopped_early": stopped_early,
             "evaluated_on": data.valid_source,
@@ -291,11 +295,11 @@ def learning_rate(config: RunConfig, steps_per_epoch: int, step: int, world_size
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
 
 
-def validate(model: torch.nn.Module, valid: Rows, tasks: list[str], funnel: list[str] | None = None
+def validate(model: ScoringModel, valid: Rows, tasks: TaskSet, funnel: list[str] | None = None
              ) -> dict[str, dict[str, Any]]:
-    """Every metric of every task on the validation rows (metrics.py)."""
-    probabilities, labels, groups = score_rows(Probabilities(model), valid)
-    return task_metrics(probabilities, labels, tasks, groups, funnel)
+    """Every metric of every task on the validation rows (each task's type's)."""
+    predictions, labels, groups = score_rows(Predictions(model, tasks), valid)
+    return tasks.metrics(predictions, labels, groups, funnel)
 
 
 def _sample(valid: Rows) -> dict[str, torch.Tensor]:
@@ -342,8 +346,8 @@ class _Waited:
             self.seconds += time.perf_counter() - asked
 
 
-def train_epoch(model: torch.nn.Module, optimizer: TrainOptimizer, balancer: Balancer, train: Rows,
-                valid: Rows, tasks: list[str], config: RunConfig, epoch: int, progress: Progress,
+def train_epoch(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balancer, train: Rows,
+                valid: Rows, tasks: TaskSet, config: RunConfig, epoch: int, progress: Progress,
                 cluster: Cluster | None = None, log: RunLog | None = None, feed: DeviceFeed | None = None
                 ) -> dict[str, Any]:
     """One epoch: the training steps, then validation; returns the history.jsonl entry. Rank 0 alone validates
@@ -352,9 +356,9 @@ def train_epoch(model: torch.nn.Module, optimizer: TrainOptimizer, balancer: Bal
     makes its own."""
     cluster = cluster or Cluster(0, 1, torch.device("cpu"))
     started = time.perf_counter()
-    trained = train_steps(model, optimizer, balancer, train, config, epoch, progress, cluster, log, feed)
+    trained = train_steps(model, optimizer, balancer, train, tasks, config, epoch, progress, cluster, log, feed)
     valid_metrics = from_main(lambda: validate(model, valid, tasks, config.funnel_tasks))
-    entry = history_row(epoch, tasks, trained, valid_metrics, time.perf_counter() - started, config, balancer)
+    entry = history_row(epoch, tasks.names, trained, valid_metrics, time.perf_counter() - started, config, balancer)
     if log is not None:
         log.epoch(epoch * trained.steps, entry)
     return entry
@@ -364,7 +368,7 @@ def train_epoch(model: torch.nn.Module, optimizer: TrainOptimizer, balancer: Bal
 class Trained:
     """What an epoch's training steps leave for its history row."""
 
-    mean_losses: torch.Tensor  # [T] over the epoch's training rows (every rank's)
+    mean_losses: torch.Tensor  # [T] over the epoch's training rows that have each task's label (every rank's)
     mean_ratios: torch.Tensor | None  # [T] the balancer's grad_norm_ratio averaged over the steps
     lr: float  # the last step's learning rate
     steps: int
@@ -372,15 +376,15 @@ class Trained:
     data_share: float  # of the training seconds, spent waiting for the next batch
 
 
-def train_steps(model: torch.nn.Module, optimizer: TrainOptimizer, balancer: Balancer, train: Rows,
+def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balancer, train: Rows, tasks: TaskSet,
                 config: RunConfig, epoch: int, progress: Progress, cluster: Cluster,
                 log: RunLog | None = None, feed: DeviceFeed | None = None) -> Trained:
     """One pass over the training rows (shuffled unless --no-shuffle), its batches from `feed` (a DeviceFeed of
     `train`; made here without one).
 
     Under torchrun each rank takes its slice of every global batch of world_size × batch_size rows (in memory)
-    or its own shard's batches (streamed), and its losses are divided by the global batch's rows: summed
-    across ranks, that is one process's mean."""
+    or its own shard's batches (streamed), and its losses are divided by the global batch's rows (with missing
+    labels or weights, by each task's rows or weight there): summed across ranks, that is one process's mean."""
     device = cluster.device
     started = time.perf_counter()
     batch_size = config.train.batch_size
@@ -389,7 +393,9 @@ def train_steps(model: torch.nn.Module, optimizer: TrainOptimizer, balancer: Bal
     lr = learning_rate(config, steps, (epoch - 1) * steps, cluster.world_size)
     generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + epoch) if config.train.shuffle else None
     loss_sum = torch.zeros(len(config.ordered_tasks), device=device)
+    rows_sum = torch.zeros_like(loss_sum)  # what the epoch's losses are means over: rows (or weight) with a label
     ratio_sum = torch.zeros_like(loss_sum)
+    counted = config.data.missing_labels == "skip" or config.data.weight_column is not None
     weights = torch.tensor(config.weight_vector, device=device)  # --task-weights, applied before any balancer
     model.train()
     feed = feed if feed is not None else DeviceFeed(train, device)
@@ -398,10 +404,11 @@ def train_steps(model: torch.nn.Module, optimizer: TrainOptimizer, balancer: Bal
     if train.streamed:  # reads (and can fail) as it goes; data in memory cannot
         batches = _agreed(batches, cluster)
     for step, (batch, global_rows) in enumerate(batches, start=1):
-        categorical, numeric, labels = batch.categorical, batch.numeric, batch.labels
+        categorical, numeric = batch.categorical, batch.numeric
         split = model.split_forward(categorical, numeric) if balancer.wants_split else None
         logits = split.logits if split is not None else model(categorical, numeric)
-        losses = _losses(model, logits, labels, global_rows)
+        local, denominators = _denominators(batch, global_rows, len(tasks.names), counted, cluster)
+        losses = _losses(model, tasks, logits, batch, denominators, global_rows)
         optimizer.zero_grad()
         balancer.backward(list((losses * weights).unbind()), split)
         global_step = (epoch - 1) * steps + step - 1
@@ -410,22 +417,24 @@ def train_steps(model: torch.nn.Module, optimizer: TrainOptimizer, balancer: Bal
         optimizer.step()
         if balancer.wants_losses_after_step:  # the same rows under the stepped parameters (FAMO)
             with torch.no_grad():
-                after = _losses(model, model(categorical, numeric), labels, global_rows) * weights
+                after = _losses(model, tasks, model(categorical, numeric), batch, denominators, global_rows) * weights
             balancer.after_step(list(after.unbind()))
         if log is not None and global_step % LOG_EVERY == 0:
-            log.step(global_step + 1, losses.detach() * global_rows / max(1, len(batch)), balancer.norm_ratios,
+            log.step(global_step + 1, losses.detach() * denominators / local.clamp(min=1.0), balancer.norm_ratios,
                      balancer.task_weights, balancer.ratio_names)
-        loss_sum += losses.detach() * global_rows
+        loss_sum += losses.detach() * denominators
+        rows_sum += local
         if balancer.grad_norm_ratio is not None:
             ratio_sum += balancer.grad_norm_ratio
         if step % PROGRESS_EVERY == 0 or step == steps:
             progress.update(bar, completed=step, loss=f"loss {float(losses.detach().sum()):.4f}")
     seconds = time.perf_counter() - started
     progress.remove_task(bar)
-    cluster.sum_([loss_sum])
-    balancer.epoch_end(loss_sum / len(train))
+    cluster.sum_([loss_sum, rows_sum])
+    mean_losses = loss_sum / rows_sum.clamp(min=1e-12)
+    balancer.epoch_end(mean_losses)
     ratios = ratio_sum / steps if balancer.grad_norm_ratio is not None else None
-    return Trained(loss_sum / len(train), ratios, lr, steps, len(train) / seconds, waited.seconds / seconds)
+    return Trained(mean_losses, ratios, lr, steps, len(train) / seconds, waited.seconds / seconds)
 
 
 def history_row(epoch: int, tasks: list[str], trained: Trained, valid_metrics: dict[str, dict[str, Any]],
@@ -453,15 +462,36 @@ def _weights_text(weights: dict[str, float]) -> str:
     return ",".join(f"{task}={weight:g}" for task, weight in weights.items())
 
 
-def _losses(model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor, global_rows: int) -> torch.Tensor:
-    """[T] each task's summed log loss over this rank's rows, plus the model's own terms for that task (AITM's
-    calibrator, at the later stage: models/base.py's auxiliary_losses, also summed over the rows), divided by the
-    global batch's rows: summed across ranks, one process's mean. Added here, before --task-weights and the
-    balancer, so that every balancer still sees T losses, the split forward's logits give the same terms, and
-    the terms divide like the log losses under torchrun."""
-    summed = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(dim=0)
+def _denominators(batch: EncodedData, global_rows: int, tasks: int, counted: bool, cluster: Cluster
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """([T] this rank's, [T] the global batch's) rows with each task's label, weighed by --weight-column: what each
+    task's loss is a mean over. Without missing labels or weights that is the global batch's rows, known without a
+    collective; with them, one all-reduce of T numbers."""
+    device = batch.labels.device
+    if not counted:
+        return (torch.full((tasks,), float(len(batch)), device=device),
+                torch.full((tasks,), float(global_rows), device=device))
+    present = (~torch.isnan(batch.labels)).to(batch.labels.dtype)
+    local = (present if batch.weights is None else present * batch.weights[:, None]).sum(dim=0)
+    total = local.clone()
+    cluster.sum_([total])
+    return local, total
+
+
+def _losses(model: ScoringModel, tasks: TaskSet, logits: torch.Tensor, batch: EncodedData,
+            denominators: torch.Tensor, global_rows: int) -> torch.Tensor:
+    """[T] each task's loss (its type's, tasks/) summed over this rank's rows that have its label, each row weighed
+    by --weight-column, divided by the global batch's rows with its label (`denominators`, weighed alike): summed
+    across ranks, one process's (weighted) mean. The model's own terms for a task (AITM's calibrator, at the later
+    stage: models/base.py's auxiliary_losses, summed over the rows) are divided by the global batch's rows. Added
+    here, before --task-weights and the balancer, so that every balancer still sees T losses, the split forward's
+    logits give the same terms, and the terms divide like the losses under torchrun."""
+    rows = tasks.row_losses(logits, batch.labels)
+    if batch.weights is not None:
+        rows = rows * batch.weights[:, None]
+    losses = rows.sum(dim=0) / denominators.clamp(min=1e-12)  # a task no row of the batch has a label for: 0
     extra = model.auxiliary_losses(logits)
-    return (summed if extra is None else summed + extra) / global_rows
+    return losses if extra is None else losses + extra / global_rows
 
 
 def monitor_score(main: dict[str, Any], monitor: str) -> float:
@@ -469,8 +499,8 @@ def monitor_score(main: dict[str, Any], monitor: str) -> float:
     GAUC as they are, log loss and NE negated), or minus log loss where that metric is undefined (one class)."""
     value = main.get(monitor)
     if value is None:
-        return -main["logloss"]
-    return value if monitor in HIGHER_IS_BETTER else -value
+        return -main["logloss"] if main.get("logloss") is not None else -math.inf
+    return value if higher_is_better(monitor) else -value
 
 
 def _progress(console: Console) -> Progress:

@@ -238,3 +238,23 @@ def funnel_labels(step: int, rows: int) -> torch.Tensor:
     second = first & (torch.rand(rows, generator=generator) < 0.5)
     third = second & (torch.rand(rows, generator=generator) < 0.5)
     return torch.stack([second, third, first], 1).double()
+
+
+def make_log(rows: int = 600, seed: int = 0) -> pl.DataFrame:
+    """An impression log of mixed tasks: click (binary), like (binary, null where not clicked), watch seconds
+    (log-normal regression, short where not clicked) driven by the user's taste and the item; a weight per row."""
+    rng = random.Random(seed)
+    taste = {f"u{i}": rng.gauss(0, 1.0) for i in range(30)}
+    quality = {f"i{i}": rng.gauss(0, 1.0) for i in range(20)}
+    users = [f"u{rng.randrange(30)}" for _ in range(rows)]
+    items = [f"i{rng.randrange(20)}" for _ in range(rows)]
+    length = [round(rng.uniform(5, 60), 1) for _ in range(rows)]
+    click, like, watch = [], [], []
+    for user, item, seconds in zip(users, items, length, strict=True):
+        clicked = rng.random() < 1 / (1 + math.exp(-(taste[user] + 0.5 * quality[item] - 0.5)))
+        click.append(int(clicked))
+        like.append(int(rng.random() < 1 / (1 + math.exp(-2 * quality[item]))) if clicked else None)
+        watch.append(round(seconds * math.exp(0.4 * taste[user] + 0.6 * quality[item] + rng.gauss(-1, 0.5)
+                                              - (0.0 if clicked else 2.0)), 2))
+    return pl.DataFrame({"user": users, "item": items, "length": length, "click": click, "like": like,
+                         "watch": watch, "weight": [rng.choice([1.0, 1.0, 3.0]) for _ in range(rows)]})

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 from mbtrain.balance import MetaBalance
 from mbtrain.balance.per_task import heads_backward
+from mbtrain.data.batches import EncodedData
 from mbtrain.models import AITM, Inputs, ModelConfig, build_model
 from mbtrain.models.scoring import ENTIRE_SPACE_DOC, NumericNormalizer, ScoringModel
+from mbtrain.tasks import TaskSet
 from mbtrain.train import _losses
 from tests.helpers import (
     FUNNEL_ORDER,
@@ -76,7 +78,7 @@ def test_the_network_is_the_papers_wiring() -> None:
 def test_the_towers_start_at_the_plain_rates() -> None:
     model = aitm()
     rates = torch.tensor([0.2, 0.05, 0.6], dtype=torch.double)  # entire-space rates, not given the stage before
-    model.set_base_rates(rates)
+    model.set_base_logits(torch.logit(rates))
     torch.testing.assert_close(model.network.towers.out.bias.view(3), torch.logit(rates))
 
 
@@ -92,14 +94,23 @@ def test_the_calibrator_by_hand() -> None:
     labels = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 1]], dtype=torch.double)
     log_loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(0)
     # the fit loop's losses: log loss and calibrator summed over the rows, divided by the global batch's rows
-    torch.testing.assert_close(_losses(model, logits, labels, 6), (log_loss + expected) / 6, rtol=1e-12, atol=1e-12)
-    halves = _losses(model, logits[:2], labels[:2], 3) + _losses(model, logits[2:], labels[2:], 3)  # two ranks
-    torch.testing.assert_close(halves, _losses(model, logits, labels, 3), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(losses_of(model, logits, labels, 6), (log_loss + expected) / 6, rtol=1e-12,
+                               atol=1e-12)
+    halves = losses_of(model, logits[:2], labels[:2], 3) + losses_of(model, logits[2:], labels[2:], 3)  # two ranks
+    torch.testing.assert_close(halves, losses_of(model, logits, labels, 3), rtol=1e-12, atol=1e-12)
     assert aitm(calibrator_weight=0.0).auxiliary_losses(logits) is None
 
 
+def losses_of(model: ScoringModel, logits: torch.Tensor, labels: torch.Tensor, global_rows: int) -> torch.Tensor:
+    """The fit loop's losses of these rows, binary tasks, for a global batch of `global_rows` rows."""
+    tasks = labels.shape[1]
+    batch = EncodedData(torch.empty(len(labels), 0, dtype=torch.int64), torch.empty(len(labels), 0), labels)
+    return _losses(model, TaskSet.from_dict([f"t{i}" for i in range(tasks)], None), logits, batch,
+                   torch.full((tasks,), float(global_rows), dtype=logits.dtype), global_rows)
+
+
 def fit_losses(model: ScoringModel, logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
-    return list(_losses(model, logits, labels, labels.shape[0]).unbind())
+    return list(losses_of(model, logits, labels, labels.shape[0]).unbind())
 
 
 def test_the_split_forward_gives_the_plain_sums_and_each_tasks_gradients() -> None:

@@ -194,30 +194,36 @@ def test_fit_rejects_bad_valid_file(data_dir: Path, bad: dict[str, Path], tmp_pa
 
 # ------------------------------------------------------------------------------------ columns and labels
 
-LABEL_CASES = [
-    pytest.param("label_012", ("label_012.parquet", "'purchase'", "binary"), id="values_0_1_2"),
-    pytest.param("label_null", ("label_null.parquet", "'purchase'", "null"), id="null"),
-    pytest.param("label_text", ("label_text.parquet", "'purchase'", "text"), id="yes_no_text"),
-    pytest.param("label_half", ("label_half.parquet", "'purchase'", "0.5"), id="float_half"),
+BINARY = ("--task-type", "purchase=binary")
+LABEL_CASES = [  # (file, flags, fragments of fit's line)
+    pytest.param("label_012", BINARY, ("label_012.parquet", "'purchase'", "binary"), id="values_0_1_2"),
+    pytest.param("label_null", (), ("label_null.parquet", "'purchase'", "missing", "--missing-labels skip"), id="null"),
+    pytest.param("label_text", (), ("label_text.parquet", "'purchase'", "--task-type"), id="yes_no_text"),
+    pytest.param("label_half", BINARY, ("label_half.parquet", "'purchase'", "0.5"), id="float_half"),
 ]
 
 
-@pytest.mark.parametrize("case, fragments", LABEL_CASES)
-def test_fit_rejects_bad_labels(case: str, fragments: tuple[str, ...], bad: dict[str, Path],
-                                tmp_path: Path) -> None:
+@pytest.mark.parametrize("case, flags, fragments", LABEL_CASES)
+def test_fit_rejects_bad_labels(case: str, flags: tuple[str, ...], fragments: tuple[str, ...],
+                                bad: dict[str, Path], tmp_path: Path) -> None:
     with untouched(tmp_path):
-        result = run_cli("fit", str(bad[case]), *TASKS, *FAST, "--out", str(tmp_path / "run"))
+        result = run_cli("fit", str(bad[case]), *TASKS, *FAST, *flags, "--out", str(tmp_path / "run"))
     assert_clean_error(result, *fragments)
 
 
-@pytest.mark.parametrize("case, fragments", LABEL_CASES)
-def test_inspect_and_eval_reject_bad_labels(case: str, fragments: tuple[str, ...], bad: dict[str, Path],
-                                            trained_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case, fragments", [("label_012", ("'purchase'", "binary")),
+                                             ("label_text", ("'purchase'", "text")),
+                                             ("label_half", ("'purchase'", "0.5"))])
+def test_eval_rejects_labels_its_binary_task_cannot_take(case: str, fragments: tuple[str, ...],
+                                                         bad: dict[str, Path], trained_run: Path,
+                                                         tmp_path: Path) -> None:
     with untouched(trained_run, tmp_path):
-        inspected = run_cli("inspect", str(bad[case]), *TASKS)
         evaluated = run_cli("eval", str(trained_run), str(bad[case]), "--json", str(tmp_path / "m.json"))
-    assert_clean_error(inspected, *fragments)
-    assert_clean_error(evaluated, *fragments)
+    assert_clean_error(evaluated, bad[case].name, *fragments)
+
+
+def test_inspect_names_a_label_of_no_type(bad: dict[str, Path]) -> None:
+    assert_clean_error(run_cli("inspect", str(bad["label_text"]), *TASKS), "'purchase'", "--task-type")
 
 
 def test_numeric_feature_holding_text_is_rejected(bad: dict[str, Path], tmp_path: Path) -> None:
@@ -355,7 +361,7 @@ def test_overwrite_with_bad_data_keeps_the_old_run(run_copy: Path, bad: dict[str
                                                    tmp_path: Path) -> None:
     with untouched(tmp_path):
         result = run_cli("fit", str(bad["label_null"]), *TASKS, *FAST, "--out", str(run_copy), "--overwrite")
-    assert_clean_error(result, "'purchase'", "null")
+    assert_clean_error(result, "'purchase'", "missing")
 
 
 def test_resume_on_a_directory_that_is_not_a_run(data_dir: Path, tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ from mbtrain.data.batches import EncodedData
 from mbtrain.data.coded import CodedFrame
 from mbtrain.data.encoders import Encoders, capped_rows
 from mbtrain.data.io import read_coded
-from mbtrain.data.schema import infer_schema, label_tensor
+from mbtrain.data.labels import LabelColumns
+from mbtrain.data.schema import infer_schema
 from mbtrain.errors import MbtrainError
 from tests.helpers import make_frame
 
@@ -50,17 +51,18 @@ def test_roles_are_inferred_and_overridable() -> None:
 
 def test_labels_accept_ints_bools_and_true_false_text() -> None:
     frame = pl.DataFrame({"a": [0, 1, 1], "b": [True, False, True], "c": ["true", "FALSE", "1"]})
-    assert label_tensor(frame, "f", ["a", "b", "c"]).tolist() == [[0, 1, 1], [1, 0, 0], [1, 1, 1]]
+    labels = LabelColumns(["a", "b", "c"], ["binary"] * 3).read(frame, "f")
+    assert labels.tolist() == [[0, 1, 1], [1, 0, 0], [1, 1, 1]]
 
 
 @pytest.mark.parametrize(
     ("values", "fragment"),
-    [([0, 1, 2], "not binary"), ([0.0, 0.5, 1.0], "not binary"), ([0, None, 1], "null"),
+    [([0, 1, 2], "not binary"), ([0.0, 0.5, 1.0], "not binary"), ([0, None, 1], "missing value.*--missing-labels"),
      (["yes", "no", "yes"], "text")],
 )
 def test_bad_labels_name_the_column(values: list, fragment: str) -> None:
     with pytest.raises(MbtrainError, match=rf"f: label column 'y' .*{fragment}"):
-        label_tensor(pl.DataFrame({"y": values}), "f", ["y"])
+        LabelColumns(["y"], ["binary"]).read(pl.DataFrame({"y": values}), "f")
 
 
 def test_categorical_encoder_unseen_null_and_rare_share_index_zero() -> None:
@@ -175,7 +177,7 @@ def test_parquet_text_read_as_dictionaries_gives_what_the_plain_frame_gives(tmp_
     # and both equal the per-value polars expression that encodes streamed chunks' vocabularies
     expected = frame.select([e.expression().alias(e.name) for e in fitted.categorical]).to_torch()
     assert torch.equal(categorical, expected.to(torch.int64))
-    assert label_tensor(coded.frame, "f", tasks)[:, 0].sum() == 80
+    assert LabelColumns(tasks, ["binary"] * len(tasks)).read(coded.frame, "f")[:, 0].sum() == 80
 
 
 def test_vocabulary_orders_by_count_then_value_whatever_the_row_order() -> None:
@@ -253,7 +255,7 @@ def test_a_missing_label_lists_every_column_of_a_dictionary_read_file(tmp_path) 
     path = tmp_path / "valid.parquet"
     make_frame(50).drop("purchase").write_parquet(path)
     with pytest.raises(MbtrainError, match=r"'purchase' not found; columns are row_id, user, device, hour"):
-        label_tensor(read_coded([path], plain=["purchase", "click"]), "v", ["purchase", "click"])
+        LabelColumns(["purchase", "click"], ["binary"] * 2).read(read_coded([path], plain=["purchase", "click"]), "v")
 
 
 def test_several_parquet_files_are_read_as_one_with_their_dictionaries(tmp_path) -> None:

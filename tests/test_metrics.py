@@ -8,7 +8,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 
-from mbtrain.metrics import NULL_GROUP, auc, average_precision, grouped_auc, logloss, task_metrics
+from mbtrain.metrics import NULL_GROUP, auc, average_precision, grouped_auc, logloss
+from mbtrain.tasks import TaskSet
 
 
 @pytest.mark.parametrize("levels", [3, 50, None])
@@ -32,6 +33,12 @@ def test_logloss_matches_sklearn_and_survives_certain_mistakes() -> None:
     labels = torch.tensor([0.0, 1.0, 1.0, 0.0])
     assert logloss(probabilities, labels) == pytest.approx(log_loss(labels.numpy(), probabilities.numpy()))
     assert logloss(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])) < 20  # clamped, finite
+
+
+def task_metrics(probabilities: torch.Tensor, labels: torch.Tensor, tasks: list[str],
+                 groups: torch.Tensor | None = None) -> dict:
+    """Binary tasks' metrics as validation computes them."""
+    return TaskSet.from_dict(tasks, None).metrics(probabilities, labels, groups)
 
 
 def test_task_metrics_keys_and_values() -> None:

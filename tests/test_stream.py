@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from mbtrain.config import ModelConfig
 from mbtrain.data.batches import EncodedData
 from mbtrain.data.encoders import Encoders
-from mbtrain.data.schema import infer_schema, label_tensor
+from mbtrain.data.labels import LabelColumns
+from mbtrain.data.schema import infer_schema
 from mbtrain.data.stream import (
     StreamingBatches,
     count_rows,
@@ -29,10 +30,11 @@ from mbtrain.data.stream import (
     split_row_groups,
 )
 from mbtrain.errors import MbtrainError
-from mbtrain.models.scoring import ModelSpec, Probabilities, predict_probabilities, score_rows
+from mbtrain.models.scoring import ModelSpec, Predictions, predict_rows, score_rows
 from tests.helpers import Adam, make_frame, run_cli
 
 TASKS = ["purchase", "click"]
+LABELS = LabelColumns(TASKS, ["binary"] * len(TASKS))
 GROUP_ROWS = 50
 SIZES = (250, 200, 150)  # three files, 12 row groups of 50 rows
 
@@ -65,7 +67,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pl.DataFram
 def _in_memory(frame: pl.DataFrame, min_frequency: int = 2) -> tuple[Encoders, EncodedData]:
     schema = infer_schema(frame, "f", TASKS)
     encoders = Encoders.fit(frame, schema.categorical, schema.numeric, min_frequency)
-    return encoders, EncodedData(*encoders.encode(frame, "f"), label_tensor(frame, "f", TASKS))
+    labels = LABELS.read(frame, "f")
+    return encoders, EncodedData(*encoders.encode(frame, "f"), labels)
 
 
 def _assert_same_encoders(streamed: Encoders, fitted: Encoders) -> None:
@@ -135,7 +138,7 @@ def test_streaming_schema_and_encoders_equal_the_in_memory_ones(dataset: tuple[P
 def test_unshuffled_batches_and_losses_equal_the_in_memory_path(dataset: tuple[Path, pl.DataFrame]) -> None:
     folder, frame = dataset
     encoders, data = _in_memory(frame)
-    stream = StreamingBatches(row_groups(parquet_files(folder)), encoders, TASKS, buffer_rows=70)
+    stream = StreamingBatches(row_groups(parquet_files(folder)), encoders, LABELS, buffer_rows=70)
     streamed = [batch for batch, _ in stream.batches(64)]
     assert len(stream) == len(data) and [len(b) for b in streamed] == [64] * 9 + [24]
     for i, batch in enumerate(streamed):
@@ -166,7 +169,7 @@ def test_shuffling_is_seeded_per_epoch_local_to_the_buffer_and_covers_every_row(
     parts = row_groups(parquet_files(folder))
     # row_id as the only categorical column, every value kept: its index is row_id + 1
     encoders = fit_encoders_streaming(scan_row_groups(parts), ["row_id"], [], min_frequency=1)
-    stream = StreamingBatches(parts, encoders, TASKS, buffer_rows=2 * GROUP_ROWS)
+    stream = StreamingBatches(parts, encoders, LABELS, buffer_rows=2 * GROUP_ROWS)
 
     def epoch(number: int) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(7 * 1_000_003 + number)
@@ -200,7 +203,7 @@ def test_each_rank_reads_its_own_row_groups_and_all_ranks_take_the_same_steps(tm
             frame.write_parquet(folder / f"part-{i}.parquet")
         parts = row_groups(parquet_files(folder))
         encoders = fit_encoders_streaming(scan_row_groups(parts), ["row_id"], [], min_frequency=1)
-        return StreamingBatches(parts, encoders, TASKS, buffer_rows=GROUP_ROWS)
+        return StreamingBatches(parts, encoders, LABELS, buffer_rows=GROUP_ROWS)
 
     epochs = {}
     for rank in range(2):
@@ -229,7 +232,7 @@ def test_unshuffled_ranks_together_take_one_process_batches_of_row_groups_that_h
     batch one process with twice the batch reads in file order (what the torchrun test relies on)."""
     folder, frame = dataset
     encoders, _ = _in_memory(frame)
-    stream = StreamingBatches(row_groups(parquet_files(folder)), encoders, TASKS, buffer_rows=GROUP_ROWS)
+    stream = StreamingBatches(row_groups(parquet_files(folder)), encoders, LABELS, buffer_rows=GROUP_ROWS)
     whole = list(stream.batches(2 * GROUP_ROWS))
     ranks = [list(stream.batches(GROUP_ROWS, rank=rank, world_size=2)) for rank in range(2)]
     assert [rows for _, rows in whole] == [rows for _, rows in ranks[0]] == [rows for _, rows in ranks[1]]
@@ -244,7 +247,7 @@ def test_a_bad_label_names_its_file_and_row_group(dataset: tuple[Path, pl.DataFr
     bad = frame.head(150).with_columns(pl.when(pl.col("row_id") == 120).then(2).otherwise(pl.col("click"))
                                        .alias("click"))
     bad.write_parquet(tmp_path / "bad.parquet", row_group_size=GROUP_ROWS)
-    stream = StreamingBatches(row_groups([tmp_path / "bad.parquet"]), encoders, TASKS, buffer_rows=GROUP_ROWS)
+    stream = StreamingBatches(row_groups([tmp_path / "bad.parquet"]), encoders, LABELS, buffer_rows=GROUP_ROWS)
     with pytest.raises(MbtrainError, match=r"bad.parquet \(row group 2\): label column 'click' is not binary"):
         list(stream.batches(64))
 
@@ -266,12 +269,15 @@ def test_validation_holds_out_seeded_whole_row_groups(dataset: tuple[Path, pl.Da
 def test_label_rates_and_streamed_predictions_equal_the_in_memory_ones(dataset: tuple[Path, pl.DataFrame]) -> None:
     folder, frame = dataset
     encoders, data = _in_memory(frame)
-    stream = StreamingBatches(row_groups(parquet_files(folder)), encoders, TASKS, buffer_rows=70)
-    torch.testing.assert_close(stream.positive_rates(), data.positive_rates())
+    stream = StreamingBatches(row_groups(parquet_files(folder)), encoders, LABELS, buffer_rows=70)
+    streamed, held = stream.label_sums(), data.label_sums()
+    torch.testing.assert_close(streamed.mean(), held.mean())
+    torch.testing.assert_close(streamed.count, held.count)
     torch.manual_seed(0)
-    model = Probabilities(ModelSpec(TASKS, encoders, dict(vars(ModelConfig()))).build())
+    spec = ModelSpec(TASKS, encoders, dict(vars(ModelConfig())))
+    model = Predictions(spec.build(), spec.task_set)
     probabilities, labels, groups = score_rows(model, stream)
-    torch.testing.assert_close(probabilities, predict_probabilities(model, data.categorical, data.numeric))
+    torch.testing.assert_close(probabilities, predict_rows(model, data.categorical, data.numeric))
     assert torch.equal(labels, data.labels) and groups is None
 
 
@@ -331,7 +337,7 @@ def test_inspect_streams_like_fit_and_says_the_same(dataset: tuple[Path, pl.Data
     streamed = run_cli("inspect", str(folder), "--tasks", "purchase,click", "--memory-budget", "1K")
     assert in_memory.exit_code == 0 and streamed.exit_code == 0, in_memory.output + streamed.output
     assert streamed.stdout == in_memory.stdout
-    assert "positive rates: purchase" in streamed.stdout
+    assert "task purchase (main): binary (0/1), positive rate" in streamed.stdout
 
 
 def test_streamed_training_takes_a_csv_validation_file(dataset: tuple[Path, pl.DataFrame], tmp_path: Path) -> None:

@@ -3,12 +3,14 @@ the one interface the fit loop reads data through, in memory (EncodedData) or st
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
+
+from mbtrain.tasks import LabelSums
 
 SCORE_ROWS = 65_536  # rows per chunk when a whole set is scored
 
@@ -20,8 +22,8 @@ class Rows(Protocol):
 
     def __len__(self) -> int: ...
 
-    def positive_rates(self) -> torch.Tensor:
-        """[T] share of positive labels."""
+    def label_sums(self) -> LabelSums:
+        """Per task, the sums of its labels over the rows that have one: what the task types fit from."""
         ...
 
     def steps(self, batch_size: int, world_size: int = 1) -> int:
@@ -45,24 +47,30 @@ class EncodedData:
 
     categorical: torch.Tensor  # int64 [N, C]: vocabulary indices, 0 = unknown
     numeric: torch.Tensor  # float32 [N, C]: raw values, NaN = null
-    labels: torch.Tensor  # float32 [N, T], main task first
+    labels: torch.Tensor  # float32 [N, T], main task first, in the columns' own units; NaN: no label
     rows: torch.Tensor | None = None
     groups: torch.Tensor | None = None  # int64 [N]: --group-by keys (schema.group_keys), validation sets only
+    weights: torch.Tensor | None = None  # float32 [N]: --weight-column's
     streamed: ClassVar[bool] = False
 
     def __len__(self) -> int:
         return self.categorical.shape[0] if self.rows is None else self.rows.numel()
 
-    def positive_rates(self) -> torch.Tensor:
-        """[T] share of positive labels in this set."""
-        return (self.labels if self.rows is None else self.labels[self.rows]).mean(dim=0)
+    def label_sums(self) -> LabelSums:
+        return LabelSums.of(self.labels if self.rows is None else self.labels[self.rows])
+
+    def map(self, change: Callable[[torch.Tensor], torch.Tensor]) -> EncodedData:
+        """`change` applied to each per-row tensor (a slice, an index, a copy to the device); `rows` is not kept,
+        so `change` must select the set's own rows itself."""
+        return EncodedData(change(self.categorical), change(self.numeric), change(self.labels),
+                           groups=None if self.groups is None else change(self.groups),
+                           weights=None if self.weights is None else change(self.weights))
 
     def take(self, index: torch.Tensor) -> EncodedData:
         """A compact copy of the set's rows at positions `index` (0 ≤ index < len(self))."""
         if self.rows is not None:
             index = self.rows[index]
-        return EncodedData(self.categorical[index], self.numeric[index], self.labels[index],
-                           groups=None if self.groups is None else self.groups[index])
+        return self.map(lambda tensor: tensor[index])
 
     def chunks(self) -> Iterator[EncodedData]:
         for start in range(0, len(self), SCORE_ROWS):
@@ -70,9 +78,7 @@ class EncodedData:
             if self.rows is not None:
                 yield self.take(torch.arange(start, end))
                 continue
-            groups = None if self.groups is None else self.groups[start:end]
-            yield EncodedData(self.categorical[start:end], self.numeric[start:end], self.labels[start:end],
-                              groups=groups)
+            yield self.map(lambda tensor: tensor[start:end])  # noqa: B023  (called at once)
 
     def steps(self, batch_size: int, world_size: int = 1) -> int:
         """Steps per epoch: global batches of world_size × batch_size rows."""

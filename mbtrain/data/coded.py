@@ -52,6 +52,12 @@ def bag_kind(dtype: pl.DataType) -> str | None:
     return "int" if inner.is_integer() else None
 
 
+def is_number_list(dtype: pl.DataType) -> bool:
+    """A list or fixed-size array of numbers: what a vector column is read from (one of floats by inference; one of
+    integers only by --numeric, as such a list is otherwise a bag)."""
+    return isinstance(dtype, (pl.List, pl.Array)) and dtype.inner.is_numeric()
+
+
 def is_text(dtype: pa.DataType) -> bool:
     """Arrow text types, plain or dictionary-encoded."""
     if pa.types.is_dictionary(dtype):

@@ -14,20 +14,27 @@ many slots as the longest (cut) list of any bag in the rows encoded together (th
 Numeric columns stay raw in the encoded tensors (NaN for null): the model's NumericNormalizer applies
 the statistics kept here, so the exported TorchScript file takes raw numbers and the transform lives
 in one place.
+
+A vector column (a list or array of numbers of one length d per row, such as a pretrained item embedding)
+is d numeric inputs, `name[0]` … `name[d-1]`: they follow the scalar numeric columns in the numeric tensor,
+vector after vector, each element standardised with its own training statistics (never log1p'd), a null list
+or element NaN, hence 0 once normalised. `Encoders.numeric` holds a NumericEncoder per input, the elements
+included, so that the normaliser and the model only ever see N numeric inputs; `Encoders.vectors` says which
+columns the last of them come from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
 import pyarrow.compute as pc
 import torch
 
-from mbtrain.data.coded import INT32, KINDS, CodedFrame, bag_kind, chunk_views, kind_of, tensor_view
+from mbtrain.data.coded import INT32, KINDS, CodedFrame, bag_kind, chunk_views, is_number_list, kind_of, tensor_view
 from mbtrain.errors import MbtrainError, first_line
 
 SKEWED = 2.0  # skewness above which a non-negative numeric column is log1p-transformed first
@@ -36,6 +43,8 @@ COLUMNS_AT_ONCE = 4  # encoded or measured together: enough for polars to use ev
 LOOKUP_SLACK = 4  # integer vocabularies use a lookup table when their value range is at most this × their size
 ENUM_VALUES = 1 << 17  # text vocabularies up to this size are looked up by an Enum cast (see _Lookup)
 SORT_QUERIES = 1 << 20  # a binary search of at least this many values in at least as many sorts them first
+
+FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
 
 
 class CategoricalEncoder:
@@ -316,20 +325,84 @@ class NumericEncoder:
 
 
 @dataclass
+class VectorEncoder:
+    """A vector column: `length` numbers per row, the numeric inputs `elements`. Their statistics are
+    NumericEncoders like a scalar column's (in Encoders.numeric), fitted from moments without a skew, so never
+    log1p'd: an embedding's coordinates are not counts."""
+
+    name: str
+    length: int
+
+    @property
+    def elements(self) -> list[str]:
+        return [f"{self.name}[{i}]" for i in range(self.length)]
+
+    def unnested(self, frame: FrameT, dtype: pl.DataType) -> FrameT:
+        """The column of `frame` (eager or lazy) as one column per element, named `elements`, null where the list
+        is: a scalar numeric column each, whose moments cost what a scalar column's do (a per-element list.get
+        costs 3-5× more). An array (`dtype`) is read as one, not cast to a list: polars' streaming engine fails
+        that cast where a row is null."""
+        column = pl.col(self.name)
+        lists = column.arr if isinstance(dtype, pl.Array) else column.list
+        return frame.select(lists.to_struct(fields=self.elements)).unnest(self.name)
+
+    def moments(self) -> list[pl.Expr]:
+        """NumericEncoder.moments of each element, over `unnested`'s columns."""
+        return [e for element in self.elements for e in NumericEncoder.moments(element)]
+
+    def fitted(self, row: dict[str, Any]) -> list[NumericEncoder]:
+        """The elements' encoders from `moments`' row."""
+        return [NumericEncoder.from_moments(element, row) for element in self.elements]
+
+    def encode(self, column: pl.Series, source: str, out: torch.Tensor) -> None:
+        """Writes the column into out (float32 [rows, length]), NaN for a null list or element; a list of any other
+        length is an error naming the column."""
+        if column.dtype == pl.Null:  # a column of nothing but nulls
+            out.fill_(float("nan"))
+            return
+        if not is_number_list(column.dtype):
+            raise MbtrainError(f"{source}: column {self.name!r} is {column.dtype}, but the model was trained on it as "
+                               f"a vector (a list of {self.length} numbers per row)")
+        lengths = column.arr.len() if isinstance(column.dtype, pl.Array) else column.list.len()
+        wrong = lengths.filter(lengths != self.length)
+        if wrong.len():
+            raise MbtrainError(f"{source}: vector column {self.name!r} has a list of {wrong[0]} numbers, but the "
+                               f"model was trained on lists of {self.length} (every row's list needs that length, "
+                               "or is null)")
+        present = column.is_not_null()
+        values = column.filter(present).explode().cast(pl.Float32)  # NaN for a null element, as to_numpy gives it
+        values = tensor_view(values.to_numpy()).view(-1, self.length)
+        if len(values) == len(column):
+            out.copy_(values)
+        else:
+            out.fill_(float("nan"))
+            out[tensor_view(present.to_numpy())] = values
+
+
+@dataclass
 class Encoders:
+    """Every feature's encoder. `numeric` holds one per numeric input, in the numeric tensor's order: the scalar
+    columns', then each vector's elements' (module docstring)."""
+
     categorical: list[CategoricalEncoder]
     numeric: list[NumericEncoder]
     bags: list[BagEncoder] = field(default_factory=list)
+    vectors: list[VectorEncoder] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        elements = [element for vector in self.vectors for element in vector.elements]
+        if [e.name for e in self.numeric[len(self.numeric) - len(elements) :]] != elements:
+            raise ValueError("the numeric encoders do not end with the vector columns' elements")
 
     @classmethod
     def fit(cls, frame: pl.DataFrame | CodedFrame, categorical: list[str], numeric: list[str], min_frequency: int,
             rows: torch.Tensor | None = None, source: str = "training data", max_vocab: int | None = None,
-            bags: list[str] = (), max_bag: int = 50) -> Encoders:
+            bags: list[str] = (), max_bag: int = 50, vectors: Mapping[str, int] | None = None) -> Encoders:
         """Fitted on `rows` of `frame` (all rows when None) without copying the training rows out: a value's
         training count is its count in the whole frame (which role inference has already taken) less its count
         in the held-out rest; the numeric statistics read the training rows of the numeric columns only. With
         `max_vocab`, each vocabulary keeps its most frequent values up to that many. Bag columns (`bags`) see
-        each list's last `max_bag` elements."""
+        each list's last `max_bag` elements; `vectors` maps each vector column to its length (Schema.vectors)."""
         coded = frame if isinstance(frame, CodedFrame) else CodedFrame(frame)
         held = None
         if rows is not None:
@@ -361,12 +434,30 @@ class Encoders:
                 names = [name for name in names if wanted(name, row)]
                 if names:
                     row |= values.select([e for name in names for e in later(name)]).row(0, named=True)
+        vector_encoders = [VectorEncoder(name, length) for name, length in (vectors or {}).items()]
+        for vector in vector_encoders:  # one column's training rows at a time, as the scalar columns'
+            values = coded.frame.select(vector.name)
+            values = vector.unnested(values if training is None else values.filter(training),
+                                     coded.schema[vector.name])
+            row |= values.select(vector.moments()).row(0, named=True)
         bag_encoders = []
         for name in bags:
             column = coded.frame.get_column(name)
             bag_encoders.append(BagEncoder.fit(column if rows is None else column.gather(rows.numpy()), max_bag,
                                                min_frequency, max_vocab, source))
-        return cls(vocabularies, [NumericEncoder.from_moments(name, row) for name in numeric], bag_encoders)
+        return cls(vocabularies, [*(NumericEncoder.from_moments(name, row) for name in numeric),
+                                  *(e for vector in vector_encoders for e in vector.fitted(row))],
+                   bag_encoders, vector_encoders)
+
+    @property
+    def scalar_numeric(self) -> list[NumericEncoder]:
+        """The numeric columns' encoders, without the vectors' elements."""
+        return self.numeric[: len(self.numeric) - sum(vector.length for vector in self.vectors)]
+
+    @property
+    def columns(self) -> list[str]:
+        """The feature columns the encoding reads (a categorical+numeric column twice)."""
+        return [e.name for e in [*self.categorical, *self.scalar_numeric, *self.bags, *self.vectors]]
 
     @property
     def cardinalities(self) -> list[int]:
@@ -393,19 +484,21 @@ class Encoders:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable: each vocabulary as a list of its values (the exported spec's contract)."""
         return {"categorical": [e.to_dict() for e in self.categorical], "numeric": [asdict(e) for e in self.numeric],
-                "bags": [e.to_dict() for e in self.bags]}
+                "bags": [e.to_dict() for e in self.bags], "vectors": [asdict(e) for e in self.vectors]}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Encoders:
+        """to_dict's inverse; a run saved before bags or vectors existed has no such key."""
         return cls([CategoricalEncoder(**e) for e in raw["categorical"]],
-                   [NumericEncoder(**e) for e in raw["numeric"]], [BagEncoder(**e) for e in raw.get("bags", [])])
+                   [NumericEncoder(**e) for e in raw["numeric"]], [BagEncoder(**e) for e in raw.get("bags", [])],
+                   [VectorEncoder(**e) for e in raw.get("vectors", [])])
 
     def encode(self, frame: pl.DataFrame | CodedFrame, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(categorical int64 [rows, C + the bags' slots], numeric float32 [rows, N], NaN for null), built
-        column-wise. A CodedFrame (the in-memory path, whose codes role inference and fitting have made already)
-        gathers each column's codes through its vocabulary's lookup table; a plain frame (a streamed chunk,
-        data to score) goes through polars expressions, which cost less than coding it first (docs/benchmarks.md).
-        The bags' slots (module docstring) follow the categorical columns."""
+        """(categorical int64 [rows, C + the bags' slots], numeric float32 [rows, N: the scalar columns, then the
+        vectors' elements], NaN for null), built column-wise. A CodedFrame (the in-memory path, whose codes role
+        inference and fitting have made already) gathers each column's codes through its vocabulary's lookup table;
+        a plain frame (a streamed chunk, data to score) goes through polars expressions, which cost less than coding
+        it first (docs/benchmarks.md). The bags' slots (module docstring) follow the categorical columns."""
         categorical, numeric = self._encode_columns(frame, source)
         if not self.bags:
             return categorical, numeric
@@ -416,11 +509,11 @@ class Encoders:
                                          for e, column in zip(self.bags, columns, strict=True))], 1), numeric
 
     def _encode_columns(self, frame: pl.DataFrame | CodedFrame, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-        missing = [e.name for e in [*self.categorical, *self.numeric, *self.bags] if e.name not in frame.columns]
+        missing = [name for name in self.columns if name not in frame.columns]
         if missing:
             raise MbtrainError(f"{source}: feature column {missing[0]!r} used by the model is missing"
                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        for encoder in self.numeric:
+        for encoder in self.scalar_numeric:
             dtype = frame.schema[encoder.name]
             if not (dtype.is_numeric() or dtype == pl.Boolean or dtype == pl.Null):
                 raise MbtrainError(f"{source}: numeric column {encoder.name!r} has type {dtype}, expected numbers")
@@ -436,12 +529,22 @@ class Encoders:
             for j, encoder in enumerate(self.categorical):
                 column = frame.column(encoder.name, source)
                 column.gather(encoder.lookup(column.values, source), out=categorical[:, j])
-            return categorical, _numeric_matrix(frame.frame, [e.name for e in self.numeric])
+            return categorical, self._numeric(frame.frame, source)
         for start in range(0, len(self.categorical), COLUMNS_AT_ONCE):
             part = _encoded(frame, [e.expression() for e in self.categorical[start : start + COLUMNS_AT_ONCE]], source)
             for offset, column in enumerate(part.iter_columns()):
                 categorical[:, start + offset] = tensor_view(column.to_numpy())
-        return categorical, _numeric_matrix(frame, [e.name for e in self.numeric])
+        return categorical, self._numeric(frame, source)
+
+    def _numeric(self, frame: pl.DataFrame, source: str) -> torch.Tensor:
+        """float32 [rows, N], column-major (_numeric_matrix): the scalar columns, then each vector's elements."""
+        scalars = [e.name for e in self.scalar_numeric]
+        out = _numeric_matrix(frame, scalars, len(self.numeric))
+        start = len(scalars)
+        for vector in self.vectors:
+            vector.encode(frame.get_column(vector.name), source, out[:, start : start + vector.length])
+            start += vector.length
+        return out
 
 
 def table_slices(encoders: Encoders) -> list[tuple[str, int]]:
@@ -504,11 +607,12 @@ def capped_rows(counts: torch.Tensor, min_frequency: int, max_vocab: int) -> tup
     return int(dropped.numel()), int(dropped.sum())
 
 
-def _numeric_matrix(frame: pl.DataFrame, names: list[str]) -> torch.Tensor:
-    """float32 [rows, len(names)], NaN for null, column-major as polars holds columns: no transposing copy of
-    the table, and one converted column alive at a time besides the result; gathering a batch of rows from it
-    costs a little more (docs/benchmarks.md has both figures)."""
-    out = torch.empty(len(names), frame.height, dtype=torch.float32).T
+def _numeric_matrix(frame: pl.DataFrame, names: list[str], width: int) -> torch.Tensor:
+    """float32 [rows, width], the columns `names` first (the rest left for the caller), NaN for null,
+    column-major as polars holds columns: no transposing copy of the table, and one converted column alive at a
+    time besides the result; gathering a batch of rows from it costs a little more (docs/benchmarks.md has both
+    figures)."""
+    out = torch.empty(width, frame.height, dtype=torch.float32).T
     for j, name in enumerate(names):
         column = frame.get_column(name)
         if not (column.dtype.is_float() or column.dtype.is_integer()):

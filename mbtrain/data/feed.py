@@ -63,8 +63,7 @@ class DeviceFeed:
         for start in range(0, rows, step):
             chunk = order[start : start + step]
             index = chunk[rank * batch_size : (rank + 1) * batch_size]
-            yield EncodedData(data.categorical.index_select(0, index), data.numeric.index_select(0, index),
-                              data.labels.index_select(0, index)), chunk.numel()
+            yield data.map(lambda tensor: tensor.index_select(0, index)), chunk.numel()  # noqa: B023
 
     def _prefetched(self, batches: Iterator[tuple[EncodedData, int]]) -> Iterator[tuple[EncodedData, int]]:
         """Batch k + 1's copy issued before batch k is handed out. A pinned host batch is held until the step has
@@ -72,8 +71,7 @@ class DeviceFeed:
         pin = self.device.type == "cuda"
         pending = None  # (host batch, its device copy, rows in the global batch): the copy may still run
         for batch, global_rows in batches:
-            host = EncodedData(*(t.pin_memory() for t in (batch.categorical, batch.numeric, batch.labels))) \
-                if pin else batch
+            host = batch.map(torch.Tensor.pin_memory) if pin else batch
             staged = (host, _moved(host, self.device, non_blocking=True), global_rows)
             if pending is not None:
                 yield pending[1], pending[2]
@@ -94,18 +92,15 @@ def auto_mode(rows: Rows, device: torch.device) -> str:
 
 def _bytes(data: EncodedData) -> int:
     """What the set's rows take once compact."""
-    return len(data) * sum(t.shape[1] * t.element_size() for t in (data.categorical, data.numeric, data.labels))
+    tensors = [data.categorical, data.numeric, data.labels] + ([data.weights] if data.weights is not None else [])
+    return len(data) * sum(t[:1].numel() * t.element_size() for t in tensors)
 
 
 def _compact(data: EncodedData, device: torch.device) -> EncodedData:
     """The set's own rows on the device, one tensor at a time (the host holds one compact copy at most)."""
-    tensors = (data.categorical, data.numeric, data.labels)
-    if data.rows is None:
-        return EncodedData(*(t.to(device) for t in tensors))
-    return EncodedData(*(t[data.rows].to(device) for t in tensors))
+    rows = data.rows
+    return data.map(lambda tensor: (tensor if rows is None else tensor[rows]).to(device))
 
 
 def _moved(batch: EncodedData, device: torch.device, non_blocking: bool = False) -> EncodedData:
-    return EncodedData(batch.categorical.to(device, non_blocking=non_blocking),
-                       batch.numeric.to(device, non_blocking=non_blocking),
-                       batch.labels.to(device, non_blocking=non_blocking))
+    return batch.map(lambda tensor: tensor.to(device, non_blocking=non_blocking))

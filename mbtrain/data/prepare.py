@@ -15,7 +15,8 @@ from mbtrain.data.batches import EncodedData, Rows, split_rows
 from mbtrain.data.coded import CodedFrame
 from mbtrain.data.encoders import Encoders, capped_rows, count_tensor, element_counts, vocabulary_size
 from mbtrain.data.io import read_coded
-from mbtrain.data.schema import Schema, check_funnel, group_keys, infer_schema, label_tensor
+from mbtrain.data.labels import LabelColumns, label_types
+from mbtrain.data.schema import Schema, check_funnel, group_keys, infer_schema
 from mbtrain.data.stream import (
     StreamingBatches,
     buffer_rows_for,
@@ -33,6 +34,7 @@ from mbtrain.data.stream import (
 )
 from mbtrain.distributed import any_rank, from_main
 from mbtrain.errors import MbtrainError
+from mbtrain.tasks import LabelSums, TaskSet, TaskSettings, check_funnel_types
 
 if TYPE_CHECKING:
     from mbtrain.config import RunConfig
@@ -48,27 +50,60 @@ class Prepared:
     valid: Rows
     valid_source: str
     storage: str  # how the data is held, for the summary: "in memory" or "streamed, shuffle buffer N rows"
+    tasks: TaskSet  # fitted on the training labels, or the resumed run's
+    sums: LabelSums | None  # the training labels' (None for a resumed run, which does not start its towers again)
+    labels: LabelColumns
+    type_reasons: dict[str, str]  # why each task has its type (inspect)
 
 
 def prepare(config: RunConfig, data_path: Path, encoders: Encoders | None = None,
-            streamed: bool | None = None) -> Prepared:
-    """Read, validate, split and encode; encoders are fitted on the training rows unless `encoders` (a resumed
-    run's) are given. Validation is config.data.valid, else a seeded held-out share. Data whose in-memory path
-    would exceed --memory-budget (a big Parquet file, directory or glob) is streamed instead; a resumed run
-    keeps its path (`streamed`), as the other one holds out different validation rows."""
+            streamed: bool | None = None, tasks: TaskSet | None = None) -> Prepared:
+    """Read, validate, split and encode; encoders and the tasks' statistics are fitted on the training rows unless
+    `encoders` and `tasks` (a resumed run's) are given. Validation is config.data.valid, else a seeded held-out
+    share. Data whose in-memory path would exceed --memory-budget (a big Parquet file, directory or glob) is
+    streamed instead; a resumed run keeps its path (`streamed`), as the other one holds out different validation
+    rows."""
     files, budget, fits = _locate(config, data_path)
     if streamed is None:
         streamed = any_rank(not fits)  # one path for all ranks, even where machines' budgets differ
     if streamed:
-        return _prepare_streaming(config, files, str(data_path), encoders, budget)
-    return _prepare_in_memory(config, _read_coded(files, _read_as_stored(config)), str(data_path), encoders)
+        return _prepare_streaming(config, files, str(data_path), encoders, budget, tasks)
+    return _prepare_in_memory(config, _read_coded(files, _read_as_stored(config)), str(data_path), encoders, tasks)
 
 
 def _read_as_stored(config: RunConfig, validation: bool = False) -> list[str]:
-    """Columns read as they are stored: the labels, and the --group-by column of the data validation comes from
-    (the training file's only when it holds the validation rows)."""
+    """Columns read as they are stored: the labels, the weights, and the --group-by column of the data validation
+    comes from (the training file's only when it holds the validation rows)."""
     grouped = config.data.group_by and (validation or not config.data.valid)
-    return config.ordered_tasks + ([config.data.group_by] if grouped else [])
+    weight = config.data.weight_column
+    return config.ordered_tasks + ([weight] if weight else []) + ([config.data.group_by] if grouped else [])
+
+
+def _label_columns(config: RunConfig, table: Any, source: str, tasks: TaskSet | None
+                   ) -> tuple[LabelColumns, dict[str, str]]:
+    """The labels to read: each task's type (the resumed run's, --task-type's, or inferred from `table`) and why."""
+    settings = config.data
+    if tasks is not None:
+        types = {name: (kind, "the resumed run's") for name, kind in zip(tasks.names, tasks.types, strict=True)}
+    else:
+        types = label_types(table, source, config.ordered_tasks, settings.task_type)
+    check_funnel_types({name: kind for name, (kind, _) in types.items()}, config.funnel_tasks)
+    labels = LabelColumns(config.ordered_tasks, [kind for kind, _ in types.values()], settings.missing_labels,
+                          settings.weight_column)
+    return labels, {name: reason for name, (_, reason) in types.items()}
+
+
+def _fitted(config: RunConfig, labels: LabelColumns, sums: LabelSums, source: str) -> TaskSet:
+    settings = config.data
+    tasks = TaskSet.fit(dict(zip(labels.names, labels.types, strict=True)), sums,
+                        TaskSettings(settings.task_type, settings.target_transform, settings.regression_loss), source)
+    return tasks
+
+
+def _features(config: RunConfig) -> tuple[list[str], list[str], list[str], str | None]:
+    """What decides the features' roles: --categorical, --numeric, --exclude and --weight-column (no feature)."""
+    settings = config.data
+    return settings.categorical, settings.numeric, settings.exclude, settings.weight_column
 
 
 def _check_funnel(config: RunConfig, labelled: Labelled) -> None:
@@ -90,7 +125,9 @@ class Description:
 
     schema: Schema
     rows: int
-    rates: torch.Tensor  # [T] positive rate per task
+    sums: LabelSums  # per task, over the rows with its label: the positive rate, a target's mean, the coverage
+    types: list[str]  # each task's type
+    type_reasons: dict[str, str]  # why
     broken: str | None  # with a funnel: what breaks it, where rows do
     capped: dict[str, tuple[int, int]]  # with --max-vocab: per categorical column and bag, (values dropped, their
     # rows; a bag's: its elements)
@@ -104,19 +141,22 @@ def describe(config: RunConfig, data_path: Path) -> Description:
     source = str(data_path)
     if not fits:
         parts = row_groups(files)
-        schema = infer_schema_streaming(parts, source, tasks, settings.categorical, settings.numeric,
-                                        settings.exclude)
-        labels: Any = StreamingBatches(parts, Encoders([], []), tasks, buffer_rows=1)
-        rates, rows = labels.positive_rates(), sum(part.rows for part in parts)
+        schema = infer_schema_streaming(parts, source, tasks, *_features(config))
+        reader, reasons = _label_columns(config, scan_row_groups(parts), source, None)
+        reader.missing = "skip"  # inspect reports each task's coverage instead
+        labels: Any = StreamingBatches(parts, Encoders([], []), reader, buffer_rows=1)
+        sums, rows = labels.label_sums(), sum(part.rows for part in parts)
 
         def counts(name: str) -> torch.Tensor:
             cut = settings.max_bag if name in schema.bags else None
             return value_counts_streaming(scan_row_groups(parts), name, cut)
     else:
-        coded = _read_coded(files, tasks)
-        schema = infer_schema(coded, source, tasks, settings.categorical, settings.numeric, settings.exclude)
-        labels = label_tensor(coded, source, tasks)
-        rates, rows = labels.mean(dim=0), coded.height
+        coded = _read_coded(files, _read_as_stored(config))
+        schema = infer_schema(coded, source, tasks, *_features(config))
+        reader, reasons = _label_columns(config, coded, source, None)
+        reader.missing = "skip"  # inspect reports each task's coverage instead
+        labels = reader.read(coded, source)
+        sums, rows = LabelSums.of(labels), coded.height
 
         def counts(name: str) -> torch.Tensor:
             if name in schema.bags:
@@ -132,7 +172,7 @@ def describe(config: RunConfig, data_path: Path) -> Description:
         name: capped_rows(found, settings.min_frequency, settings.max_vocab) for name, found in counted.items()}
     table = [(name, vocabulary_size(found, settings.min_frequency, settings.max_vocab) + 1)  # + unknown's row
              for name, found in counted.items()]
-    return Description(schema, rows, rates, broken, capped, table)
+    return Description(schema, rows, sums, reader.types, reasons, broken, capped, table)
 
 
 def _locate(config: RunConfig, data_path: Path) -> tuple[list[Path], int, bool]:
@@ -154,45 +194,51 @@ def _fit_encoders(config: RunConfig, frame: CodedFrame, schema: Schema, source: 
                   rows: torch.Tensor | None = None) -> Encoders:
     settings = config.data
     return Encoders.fit(frame, schema.categorical, schema.numeric, settings.min_frequency, rows=rows, source=source,
-                        max_vocab=settings.max_vocab, bags=schema.bags, max_bag=settings.max_bag)
+                        max_vocab=settings.max_vocab, bags=schema.bags, max_bag=settings.max_bag,
+                        vectors=schema.vectors)
 
 
-def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, encoders: Encoders | None) -> Prepared:
+def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, encoders: Encoders | None,
+                       tasks: TaskSet | None) -> Prepared:
     """Roles, encoders and the encoded tensors all from each column's codes, made once (data/coded.py)."""
-    tasks, settings = config.ordered_tasks, config.data
-    schema = infer_schema(frame, source, tasks, settings.categorical, settings.numeric, settings.exclude)
-    labels = label_tensor(frame, source, tasks)
+    settings = config.data
+    schema = infer_schema(frame, source, config.ordered_tasks, *_features(config))
+    reader, reasons = _label_columns(config, frame, source, tasks)
+    labels, weights = reader.read(frame, source), reader.weights(frame, source)
     _check_funnel(config, [(labels, source)])
     if settings.valid:
         valid_source = str(Path(settings.valid))
         valid_frame = _read_coded(parquet_files(Path(valid_source)), _read_as_stored(config, validation=True))
-        valid_labels = label_tensor(valid_frame, valid_source, tasks)  # bad labels fail before any fitting
+        valid_labels = reader.read(valid_frame, valid_source)  # bad labels fail before any fitting
         _check_funnel(config, [(valid_labels, valid_source)])
         valid_groups = group_keys(valid_frame, valid_source, settings.group_by) if settings.group_by else None
         encoders = encoders or _fit_encoders(config, frame, schema, source)
-        train = EncodedData(*encoders.encode(frame, source), labels)
-        valid = EncodedData(*encoders.encode(valid_frame, valid_source), valid_labels, groups=valid_groups)
-        return Prepared(schema, encoders, train, valid, valid_source, "in memory")
-    if frame.height < 2:
-        raise MbtrainError(f"{source}: needs at least 2 rows to hold out a validation split")
-    groups = group_keys(frame, source, settings.group_by) if settings.group_by else None
-    train_rows, valid_rows = split_rows(frame.height, settings.valid_fraction, config.train.seed)
-    # fitted on the training rows only, without copying them out of the frame
-    encoders = encoders or _fit_encoders(config, frame, schema, source, train_rows)
-    everything = EncodedData(*encoders.encode(frame, source), labels, groups=groups)
-    train = EncodedData(everything.categorical, everything.numeric, labels, rows=train_rows)
-    return Prepared(schema, encoders, train, everything.take(valid_rows),
-                    f"{source} (held-out {settings.valid_fraction:.0%})", "in memory")
+        train = EncodedData(*encoders.encode(frame, source), labels, weights=weights)
+        valid = EncodedData(*encoders.encode(valid_frame, valid_source), valid_labels, groups=valid_groups,
+                            weights=reader.weights(valid_frame, valid_source))
+    else:
+        if frame.height < 2:
+            raise MbtrainError(f"{source}: needs at least 2 rows to hold out a validation split")
+        groups = group_keys(frame, source, settings.group_by) if settings.group_by else None
+        train_rows, valid_rows = split_rows(frame.height, settings.valid_fraction, config.train.seed)
+        # fitted on the training rows only, without copying them out of the frame
+        encoders = encoders or _fit_encoders(config, frame, schema, source, train_rows)
+        everything = EncodedData(*encoders.encode(frame, source), labels, groups=groups, weights=weights)
+        train = EncodedData(everything.categorical, everything.numeric, labels, rows=train_rows, weights=weights)
+        valid, valid_source = everything.take(valid_rows), f"{source} (held-out {settings.valid_fraction:.0%})"
+    sums = None if tasks is not None else train.label_sums()
+    tasks = tasks or _fitted(config, reader, sums, source)
+    return Prepared(schema, encoders, train, valid, valid_source, "in memory", tasks, sums, reader, reasons)
 
 
 def _prepare_streaming(config: RunConfig, files: list[Path], source: str, encoders: Encoders | None,
-                       budget: int) -> Prepared:
+                       budget: int, tasks: TaskSet | None) -> Prepared:
     """Roles and encoders from streaming passes, batches read row group by row group (data/stream.py).
 
     The row groups of the split come from the footers, on every rank; the passes over the rows (roles, and
     encoders unless given, the funnel check) run on rank 0 alone under torchrun, which hands them to the
     others."""
-    tasks, settings = config.ordered_tasks, config.data
+    settings = config.data
     parts = row_groups(files)
     valid_files = parquet_files(Path(settings.valid)) if settings.valid else []
     if settings.valid:
@@ -204,32 +250,35 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, encode
         train_parts, valid_parts = split_row_groups(parts, settings.valid_fraction, config.train.seed)
         valid_source = f"{source} (held-out row groups, {sum(p.rows for p in valid_parts):,} rows)"
 
-    def roles_and_encoders() -> tuple[Schema, Encoders]:
-        schema = infer_schema_streaming(parts, source, tasks, settings.categorical, settings.numeric,
-                                        settings.exclude)
+    def roles_and_encoders() -> tuple[Schema, Encoders, LabelColumns, dict[str, str]]:
+        schema = infer_schema_streaming(parts, source, config.ordered_tasks, *_features(config))
         _check_columns(config, schema, valid_files[0] if settings.valid else parts[0].path, bool(valid_parts))
+        reader, reasons = _label_columns(config, scan_row_groups(parts), source, tasks)
         if encoders is not None:
-            return schema, encoders
+            return schema, encoders, reader, reasons
         return schema, fit_encoders_streaming(scan_row_groups(train_parts), schema.categorical, schema.numeric,
                                               settings.min_frequency, settings.max_vocab, schema.bags,
-                                              settings.max_bag)
+                                              settings.max_bag, schema.vectors), reader, reasons
 
-    schema, encoders = from_main(roles_and_encoders)
-    buffer = buffer_rows_for(budget, encoders, tasks)
-    train = StreamingBatches(train_parts, encoders, tasks, buffer)
+    schema, encoders, reader, reasons = from_main(roles_and_encoders)
+    buffer = buffer_rows_for(budget, encoders, config.ordered_tasks)
+    train = StreamingBatches(train_parts, encoders, reader, buffer)
     if valid_parts:
-        valid: Rows = StreamingBatches(valid_parts, encoders, tasks, buffer, settings.group_by)
+        valid: Rows = StreamingBatches(valid_parts, encoders, reader, buffer, settings.group_by)
     else:  # a CSV validation file: read whole, as CSV does not stream
         frame = read_files(valid_files)
         groups = group_keys(frame, settings.valid, settings.group_by) if settings.group_by else None
-        valid = EncodedData(*encoders.encode(frame, settings.valid), label_tensor(frame, settings.valid, tasks),
-                            groups=groups)
+        valid = EncodedData(*encoders.encode(frame, settings.valid), reader.read(frame, settings.valid),
+                            groups=groups, weights=reader.weights(frame, settings.valid))
     if config.funnel_tasks is not None:  # one pass over the label columns (held-out row groups included), rank 0
-        labelled: Labelled = [(StreamingBatches(parts, encoders, tasks, buffer), source)]
+        labelled: Labelled = [(StreamingBatches(parts, encoders, reader, buffer), source)]
         if settings.valid:
             labelled.append((valid if valid_parts else valid.labels, settings.valid))
         from_main(lambda: _check_funnel(config, labelled))
-    return Prepared(schema, encoders, train, valid, valid_source, f"streamed, shuffle buffer {buffer:,} rows")
+    sums = None if tasks is not None else from_main(train.label_sums)  # one pass over the label columns, rank 0
+    tasks = tasks or _fitted(config, reader, sums, source)
+    return Prepared(schema, encoders, train, valid, valid_source, f"streamed, shuffle buffer {buffer:,} rows",
+                    tasks, sums, reader, reasons)
 
 
 def _check_columns(config: RunConfig, schema: Schema, validation_file: Path, parquet_valid: bool) -> None:

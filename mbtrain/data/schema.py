@@ -1,4 +1,4 @@
-"""Decide each column's role (label, categorical, numeric, excluded) and validate the label columns.
+"""Decide each column's role (label, categorical, numeric, bag, vector, excluded) and validate the label columns.
 
 Inference, overridable with --categorical / --numeric / --exclude:
 - text, categorical and boolean columns are categorical;
@@ -10,6 +10,9 @@ Inference, overridable with --categorical / --numeric / --exclude:
   beyond that they are numeric;
 - lists of text or integers (a user's recent item ids, an item's tags) are categorical bags: one
   vocabulary over their elements, each row's list pooled into one embedding;
+- lists or arrays of floats of one length d (a pretrained item embedding) are vectors: d numeric inputs,
+  each element standardised (data/encoders.py); --numeric makes a list of integers one too. Lists of
+  different lengths (null rows aside) are an error: such a column needs --exclude;
 - a column whose every value is distinct (a row id), an all-null column, and types we cannot encode
   (dates, structs, lists of anything else) are excluded, with the reason shown by `mbtrain inspect`.
 """
@@ -23,21 +26,19 @@ from typing import Any
 import polars as pl
 import torch
 
-from mbtrain.data.coded import CodedFrame, bag_kind, chunk_views, codable
+from mbtrain.data.coded import CodedFrame, bag_kind, codable, is_number_list
 from mbtrain.errors import MbtrainError
 from mbtrain.metrics import NULL_GROUP
 
 SMALL_INT_CARDINALITY = 32
 DUAL_INT_CARDINALITY = 1000
 ID_NAME = re.compile(r"(?i:(^|[_\-\s])(id|code|key|idx)$)|[a-z0-9]I[dD]$")  # user_id, item-code, userId
-TRUE_TEXT = {"1", "true"}
-FALSE_TEXT = {"0", "false"}
 
 
 @dataclass
 class Column:
     name: str
-    role: str  # "label", "categorical", "numeric", "categorical+numeric", "bag" or "excluded"
+    role: str  # "label", "categorical", "numeric", "categorical+numeric", "bag", "vector" or "excluded"
     dtype: str
     reason: str
     distinct: int | None  # not counted for floats; a bag's: of its elements
@@ -52,6 +53,7 @@ class Schema:
     numeric: list[str]
     columns: list[Column]
     bags: list[str] = field(default_factory=list)
+    vectors: dict[str, int] = field(default_factory=dict)  # each vector column's length
 
 
 def infer_schema(
@@ -61,8 +63,13 @@ def infer_schema(
     categorical: list[str] = (),
     numeric: list[str] = (),
     exclude: list[str] = (),
+    weight: str | None = None,
 ) -> Schema:
-    """Roles for every column of `frame`; `tasks` must already be ordered main task first."""
+    """Roles for every column of `frame`; `tasks` must already be ordered main task first; `weight` is
+    --weight-column's, no feature."""
+    if weight is not None and weight not in frame.columns:
+        raise MbtrainError(f"{source}: --weight-column {weight!r} not found; columns are {_shown(frame.columns)}")
+    exclude = [*exclude, *([weight] if weight else [])]
     for flag, names in (("--tasks", tasks), ("--categorical", categorical), ("--numeric", numeric),
                         ("--exclude", exclude)):
         for name in names:
@@ -78,7 +85,10 @@ def infer_schema(
             raise MbtrainError(f"{source}: column {name!r} is {frame.schema[name]} and cannot be --categorical: only "
                                "lists of text or integers make bags")
     bags = [name for name in frame.columns
-            if bag_kind(frame.schema[name]) and name not in exclude and name not in tasks]
+            if bag_kind(frame.schema[name]) and name not in {*exclude, *tasks, *numeric}]  # --numeric: a vector
+    vectors = [name for name in frame.columns if name not in {*tasks, *exclude, *categorical}
+               and is_number_list(frame.schema[name]) and (frame.schema[name].inner.is_float() or name in numeric)]
+    vector_lengths = _vector_lengths(frame, vectors, source)
     stats = _column_stats(frame, source, not_features={*tasks, *exclude}) | _bag_stats(frame, bags)
     columns = []
     for name in frame.columns:
@@ -91,10 +101,14 @@ def infer_schema(
                                                                 stats[f"{name}\x00longest"] or 0)
         if name in tasks:
             role, reason = "label", "task" + (" (main)" if name == tasks[0] else "")
+        elif name == weight:
+            role, reason = "excluded", "--weight-column"
         elif name in exclude:
             role, reason = "excluded", "--exclude"
         elif name in categorical:
             role, reason = ("bag", "--categorical") if name in bags else ("categorical", "--categorical")
+        elif name in vector_lengths:
+            role, reason = _vector(dtype, vector_lengths[name], null_share, name in numeric)
         elif name in numeric:
             if not (dtype.is_numeric() or dtype == pl.Boolean):
                 raise MbtrainError(f"{source}: column {name!r} is {dtype} and cannot be --numeric")
@@ -111,7 +125,41 @@ def infer_schema(
         numeric=[c.name for c in columns if c.role.endswith("numeric")],
         columns=columns,
         bags=[c.name for c in columns if c.role == "bag"],
+        vectors={c.name: vector_lengths[c.name] for c in columns if c.role == "vector"},
     )
+
+
+def _vector_lengths(frame: pl.DataFrame | CodedFrame, vectors: list[str], source: str) -> dict[str, int | None]:
+    """Each vector column's length: an array's from its type, a list's from its rows, which must all have it (a null
+    row aside; None where every row is null)."""
+    lists = [name for name in vectors if isinstance(frame.schema[name], pl.List)]
+    found: dict[str, Any] = {}
+    if lists:
+        table = frame.frame if isinstance(frame, CodedFrame) else frame
+        found = table.select([e for name in lists for e in (pl.col(name).list.len().min().alias(f"{name}\x00shortest"),
+                                                            pl.col(name).list.len().max().alias(f"{name}\x00longest"))]
+                             ).row(0, named=True)
+    lengths = {}
+    for name in vectors:
+        if name not in lists:
+            lengths[name] = frame.schema[name].size
+            continue
+        shortest, longest = found[f"{name}\x00shortest"], found[f"{name}\x00longest"]
+        if shortest != longest:
+            raise MbtrainError(f"{source}: vector column {name!r} holds lists of different lengths ({shortest} and "
+                               f"{longest}); every row's list needs the same length, or is null (or --exclude it)")
+        lengths[name] = longest
+    return lengths
+
+
+def _vector(dtype: pl.DataType, length: int | None, null_share: float, flagged: bool) -> tuple[str, str]:
+    """A vector column's role (`flagged`: by --numeric): a vector, unless there is nothing in it."""
+    if null_share == 1.0:
+        return "excluded", "all values null"
+    if not length:
+        return "excluded", "every list empty"
+    why = "--numeric" if flagged else f"{'array' if isinstance(dtype, pl.Array) else 'list'} of floats"
+    return "vector", f"{why}, length {length}"
 
 
 def _bag_stats(frame: pl.DataFrame | CodedFrame, bags: list[str]) -> dict[str, Any]:
@@ -172,25 +220,9 @@ def _infer(name: str, dtype: pl.DataType, distinct: int | None, null_share: floa
     kind = bag_kind(dtype)
     if kind is not None:
         return "bag", f"list of {'text' if kind == 'str' else 'integers'}"
-    if isinstance(dtype, pl.List):
-        return "excluded", f"unsupported type {dtype}: bags are lists of text or integers"
+    if isinstance(dtype, (pl.List, pl.Array)):
+        return "excluded", f"unsupported type {dtype}: bags are lists of text or integers, vectors of numbers"
     return "excluded", f"unsupported type {dtype}"
-
-
-def label_tensor(frame: pl.DataFrame | CodedFrame, source: str, tasks: list[str]) -> torch.Tensor:
-    """Labels as float32 [rows, tasks]; anything but 0/1/true/false (or a null) is an error naming the column.
-    A CodedFrame holds its labels as read (read_coded's `plain`)."""
-    labels = torch.empty(frame.height, len(tasks))
-    for j, name in enumerate(tasks):
-        if name not in frame.columns:
-            raise MbtrainError(f"{source}: task column {name!r} not found; columns are {_shown(frame.columns)}")
-        column = (frame.frame if isinstance(frame, CodedFrame) else frame).get_column(name)
-        nulls = column.null_count()
-        if nulls:
-            raise MbtrainError(f"{source}: label column {name!r} has {nulls} null value(s); labels must be 0/1")
-        for start, values in chunk_views(_binary(column, source)):
-            labels[start : start + len(values), j] = values
-    return labels
 
 
 def check_funnel(labels: torch.Tensor, tasks: list[str], funnel: list[str] | None, source: str) -> None:
@@ -232,30 +264,6 @@ def group_keys(frame: pl.DataFrame | CodedFrame, source: str, column: str) -> to
     keys = pl.select(pl.when(values.is_null()).then(pl.lit(NULL_GROUP, pl.Int64))
                      .otherwise((values.hash(seed=0) // 2).cast(pl.Int64))).to_series()
     return torch.from_numpy(keys.to_numpy().copy())
-
-
-def _binary(column: pl.Series, source: str) -> pl.Series:
-    """The column as Float32 0/1, or one clear error."""
-    dtype = column.dtype
-    if dtype == pl.Boolean:
-        values = column.cast(pl.Float32)
-    elif dtype.is_numeric():
-        binary_range = dtype.is_integer() and (column.is_empty() or (column.min() >= 0 and column.max() <= 1))
-        bad = column.head(0) if binary_range else column.filter((column != 0) & (column != 1))
-        if bad.len():
-            raise MbtrainError(f"{source}: label column {column.name!r} is not binary: found value {bad[0]!r} "
-                               "(labels must be 0/1/true/false)")
-        values = column.cast(pl.Float32)
-    elif dtype == pl.String:
-        lowered = column.str.strip_chars().str.to_lowercase()
-        bad = lowered.filter(~lowered.is_in(sorted(TRUE_TEXT | FALSE_TEXT)))
-        if bad.len():
-            raise MbtrainError(f"{source}: label column {column.name!r} holds text such as {bad[0]!r}; "
-                               "labels must be 0/1/true/false")
-        values = lowered.is_in(sorted(TRUE_TEXT)).cast(pl.Float32)
-    else:
-        raise MbtrainError(f"{source}: label column {column.name!r} has type {dtype}; labels must be 0/1")
-    return values
 
 
 def _shown(names: list[str], limit: int = 12) -> str:

@@ -34,7 +34,7 @@ import glob
 import heapq
 import os
 import re
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,14 +51,17 @@ from mbtrain.data.encoders import (
     CategoricalEncoder,
     Encoders,
     NumericEncoder,
+    VectorEncoder,
     count_tensor,
     value_counts_query,
     vocabulary_of,
 )
 from mbtrain.data.io import PARQUET_MAGIC, read_parquet, read_table
-from mbtrain.data.schema import Schema, funnel_breaks, funnel_error, group_keys, infer_schema, label_tensor
+from mbtrain.data.labels import LabelColumns
+from mbtrain.data.schema import Schema, funnel_breaks, funnel_error, group_keys, infer_schema
 from mbtrain.distributed import ranks_on_this_node
 from mbtrain.errors import MbtrainError, first_line
+from mbtrain.tasks import LabelSums
 
 READ_ROWS = 131_072  # rows decoded and encoded at once: big enough to amortise polars' per-call cost
 VARIABLE_WIDTH = 16  # bytes a string takes in polars (its view), for the in-memory estimate
@@ -152,6 +155,8 @@ def estimate_in_memory_bytes(files: Sequence[Path]) -> int:
 
 
 def _width(dtype: pa.DataType) -> int:
+    if pa.types.is_fixed_size_list(dtype):  # an array column (a vector): its elements
+        return dtype.list_size * _width(dtype.value_type)
     try:
         return max(1, dtype.bit_width // 8)
     except ValueError:  # not fixed-width: strings, binary, nested
@@ -269,28 +274,33 @@ class _ScannedTable:
 
 
 def infer_schema_streaming(parts: Sequence[RowGroup], source: str, tasks: list[str], categorical: list[str] = (),
-                           numeric: list[str] = (), exclude: list[str] = ()) -> Schema:
+                           numeric: list[str] = (), exclude: list[str] = (), weight: str | None = None) -> Schema:
     """infer_schema's roles for these rows, from one streaming pass (distinct and null counts per column)."""
     table = _ScannedTable(scan_row_groups(parts), sum(p.rows for p in parts))
-    return infer_schema(table, source, tasks, categorical, numeric, exclude)  # type: ignore[arg-type]
+    return infer_schema(table, source, tasks, categorical, numeric, exclude, weight)  # type: ignore[arg-type]
 
 
 def fit_encoders_streaming(scan: pl.LazyFrame, categorical: list[str], numeric: list[str],
                            min_frequency: int, max_vocab: int | None = None, bags: list[str] = (),
-                           max_bag: int = 50) -> Encoders:
+                           max_bag: int = 50, vectors: Mapping[str, int] | None = None) -> Encoders:
     """Encoders.fit's result for the rows of `scan` (e.g. `scan_row_groups(train_parts)`), from polars'
     streaming engine one column at a time (see _collect_by_column): a group-by count per categorical column,
-    moments per numeric one."""
+    moments per numeric one and per vector column (each of its elements')."""
     schema = scan.collect_schema()
     moments = _collect_by_column(scan, [e for name in numeric
                                         for e in (NumericEncoder.moments(name) + NumericEncoder.skewness(name)
                                                   + NumericEncoder.log_moments(name))])
+    vector_encoders = [VectorEncoder(name, length) for name, length in (vectors or {}).items()]
+    for vector in vector_encoders:  # one query per vector column, as per scalar one
+        moments |= _collect(vector.unnested(scan, schema[vector.name]).select(vector.moments())).row(0, named=True)
     return Encoders(
         [CategoricalEncoder(name, kind_of(schema[name]),
                             _streamed_vocabulary(scan, schema, name, min_frequency, max_vocab))
          for name in categorical],
-        [NumericEncoder.from_moments(name, moments) for name in numeric],
+        [*(NumericEncoder.from_moments(name, moments) for name in numeric),
+         *(e for vector in vector_encoders for e in vector.fitted(moments))],
         [_bag_encoder(scan, name, min_frequency, max_vocab, max_bag) for name in bags],
+        vector_encoders,
     )
 
 
@@ -340,14 +350,15 @@ class StreamingBatches:
 
     streamed = True
 
-    def __init__(self, parts: Sequence[RowGroup], encoders: Encoders, tasks: list[str], buffer_rows: int,
+    def __init__(self, parts: Sequence[RowGroup], encoders: Encoders, labels: LabelColumns, buffer_rows: int,
                  group_by: str | None = None) -> None:
         self.parts = list(parts)
         self.encoders = encoders
-        self.tasks = list(tasks)
+        self.labels = labels
+        self.tasks = labels.names
         self.buffer_rows = buffer_rows
         self.group_by = group_by  # validation sets with --group-by: chunks() carry the group keys
-        names = ([e.name for e in [*encoders.categorical, *encoders.numeric, *encoders.bags]] + self.tasks
+        names = (encoders.columns + labels.columns
                  + [group_by] * bool(group_by))
         self.columns = list(dict.fromkeys(names))
 
@@ -389,7 +400,8 @@ class StreamingBatches:
             yield batch, global_rows(shard_rows, batch_size, taken)
             taken += 1
         empty = EncodedData(torch.empty(0, self.encoders.slots, dtype=torch.int64),
-                            torch.empty(0, len(self.encoders.numeric)), torch.empty(0, len(self.tasks)))
+                            torch.empty(0, len(self.encoders.numeric)), torch.empty(0, len(self.tasks)),
+                            weights=torch.empty(0) if self.labels.weight else None)
         for step in range(taken, self.steps(batch_size, world_size)):
             yield empty, global_rows(shard_rows, batch_size, step)
 
@@ -410,15 +422,17 @@ class StreamingBatches:
     def _concat(self, parts: list[EncodedData]) -> EncodedData:
         """The chunks as one set, their bags' slots padded to the most any chunk has."""
         width = max(part.categorical.shape[1] for part in parts)
+        weighted = self.labels.weight is not None
         return EncodedData(torch.cat([self.encoders.widened(p.categorical, width) for p in parts]),
-                           torch.cat([p.numeric for p in parts]), torch.cat([p.labels for p in parts]))
+                           torch.cat([p.numeric for p in parts]), torch.cat([p.labels for p in parts]),
+                           weights=torch.cat([p.weights for p in parts]) if weighted else None)
 
-    def positive_rates(self) -> torch.Tensor:
-        """[T] share of positive labels, reading the label columns only: the model's starting base rates."""
-        total = torch.zeros(len(self.tasks), dtype=torch.float64)
+    def label_sums(self) -> LabelSums:
+        """Per task, the sums of its labels, reading the label columns only: what the task types fit from."""
+        total = LabelSums.of(torch.empty(0, len(self.tasks)))
         for frame, source in _frames(self.parts, self.tasks):
-            total += label_tensor(frame, source, self.tasks).sum(dim=0, dtype=torch.float64)
-        return (total / len(self)).float()
+            total = total + LabelSums.of(self.labels.read(frame, source))
+        return total
 
     def check_funnel(self, funnel: list[str], source: str) -> None:
         """Refuse rows where a funnel stage is 1 and the stage before it 0 (schema.check_funnel), reading the
@@ -427,7 +441,7 @@ class StreamingBatches:
         for part in self.parts:
             row = part.offset  # of the part's next frame, within its file
             for frame, where in _frames([part], self.tasks):
-                labels = label_tensor(frame, where, self.tasks)
+                labels = self.labels.read(frame, where)
                 broken, at = funnel_breaks(labels, self.tasks, funnel)
                 if broken and first is None:
                     first = (f"row index {row + at} of {part.path}", labels[at])
@@ -442,8 +456,8 @@ class StreamingBatches:
     def _chunks(self, parts: Sequence[RowGroup]) -> Iterator[EncodedData]:
         for frame, source in _frames(parts, self.columns):
             groups = group_keys(frame, source, self.group_by) if self.group_by else None
-            yield EncodedData(*self.encoders.encode(frame, source), label_tensor(frame, source, self.tasks),
-                              groups=groups)
+            yield EncodedData(*self.encoders.encode(frame, source), self.labels.read(frame, source),
+                              groups=groups, weights=self.labels.weights(frame, source))
 
 
 def global_rows(shard_rows: Sequence[int], batch_size: int, step: int) -> int:

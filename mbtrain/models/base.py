@@ -86,7 +86,7 @@ class MultiTaskModel(Protocol):
     """Every categorical column and bag in one table, whose weight is one of shared_parameters()."""
 
     towers: Towers
-    """One head per task, logits in output order; the fit loop starts them at the base rates (set_base_rates)."""
+    """One head per task, logits in output order; the fit loop starts them at the base rates (set_base_logits)."""
 
     always_funnel: ClassVar[bool]
     """The network is ESMM's funnel: ModelConfig turns --funnel on for it and the summary names it so."""

@@ -17,15 +17,19 @@ from mbtrain.data.encoders import Encoders, NumericEncoder
 from mbtrain.models.base import MODELS, Inputs, ModelConfig, build_model
 from mbtrain.models.funnel import Funnel, conditional_probabilities
 from mbtrain.models.split import SplitForward
+from mbtrain.tasks import TaskSet
 
 SPEC_FORMAT = "mbtrain/1"
 INPUTS_DOC = (
     "categorical: int64 [B, C], the index of each value in that column's 'values' list plus 1 "
     "(0 for null or unseen); numeric: float32 [B, N], raw values in the order of 'numeric', NaN for null "
-    "(the model applies log1p / mean / std itself); bags (only where 'bags' is not empty): int64 [B, K, L] "
+    "(the model applies log1p / mean / std itself), where the scalar columns come first and then, for each "
+    "entry of 'vectors' in order, that column's 'length' elements, named 'name[0]', 'name[1]', … in 'numeric' "
+    "(a null list: all NaN); bags (only where 'bags' is not empty): int64 [B, K, L] "
     "for the K bags in the order of 'bags', each row's list as the indices of its elements in that bag's "
     "'values' plus 1 (0 for null or unseen), padded with -1 to any common length L (an empty list is all -1; "
-    "mbtrain keeps a list's last 'max_bag' elements); output: float32 [B, T] probabilities in 'tasks' order"
+    "mbtrain keeps a list's last 'max_bag' elements); output: float32 [B, T] predictions in 'tasks' order, each in "
+    "its task's units ('task_types'): a probability for a binary task, the column's own units for a regression one"
 )
 
 FUNNEL_DOC = (
@@ -87,12 +91,12 @@ class ScoringModel(nn.Module):
         """The network's own loss terms ([T], summed over the rows) from this model's logits (models/base.py)."""
         return self.network.auxiliary_losses(logits)
 
-    def set_base_rates(self, rates: torch.Tensor) -> None:
-        """Start every tower at its task's share of positives: with an ESMM funnel, the share among the rows where
-        the stage before it is positive."""
+    def set_base_logits(self, logits: torch.Tensor) -> None:
+        """Start every tower at its task's best constant prediction (TaskSet.base_logits): with an ESMM funnel (its
+        stages binary), at the share of positives among the rows where the stage before it is positive."""
         if self.conditional_towers and self.funnel_order is not None:
-            rates = conditional_probabilities(rates, self.funnel_order)
-        self.network.towers.set_base_rates(rates)
+            logits = torch.logit(conditional_probabilities(torch.sigmoid(logits), self.funnel_order), eps=1e-4)
+        self.network.towers.set_base_logits(logits)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return self.network.shared_parameters()
@@ -112,10 +116,16 @@ class ModelSpec:
     encoders: Encoders
     model: dict[str, Any]  # ModelConfig fields
     funnel: list[str] | None = None  # the tasks first stage first, for a model with the entire-space funnel
+    task_types: dict[str, dict[str, Any]] | None = None  # TaskSet.to_dict(); None: a run from before task types,
+    # whose tasks are all binary
 
     @property
     def main_task(self) -> str:
         return self.tasks[0]
+
+    @property
+    def task_set(self) -> TaskSet:
+        return TaskSet.from_dict(self.tasks, self.task_types)
 
     @property
     def funnel_order(self) -> list[int] | None:
@@ -136,6 +146,7 @@ class ModelSpec:
             "main_task": self.main_task,
             "inputs": INPUTS_DOC,
             **({"funnel": self.funnel, "outputs": self._outputs_doc()} if self.funnel is not None else {}),
+            "task_types": self.task_set.to_dict(),
             **self.encoders.to_dict(),
             "model": self.model,
         }
@@ -150,40 +161,42 @@ class ModelSpec:
             raise ValueError(f"unknown model spec format {raw.get('format')!r}")
         funnel = raw.get("funnel")
         return cls(list(raw["tasks"]), Encoders.from_dict(raw), dict(raw["model"]),
-                   None if funnel is None else list(funnel))
+                   None if funnel is None else list(funnel), raw.get("task_types"))
 
 
-class Probabilities(nn.Module):
-    """The scoring model with a sigmoid on top: what eval, predict and the exported file run. Bags come either
-    as their own [B, K, L] tensor (the exported contract, INPUTS_DOC) or, as mbtrain's encoders make them,
-    as slots after the categorical columns (models/embedding.py)."""
+class Predictions(nn.Module):
+    """The scoring model with each task's output on top (a probability, or a regression target in the column's
+    units: tasks/): what eval, predict and the exported file run. Bags come either as their own [B, K, L] tensor
+    (the exported contract, INPUTS_DOC) or, as mbtrain's encoders make them, as slots after the categorical columns
+    (models/embedding.py)."""
 
-    def __init__(self, model: ScoringModel) -> None:
+    def __init__(self, model: ScoringModel, tasks: TaskSet) -> None:
         super().__init__()
         self.model = model
+        self.outputs = tasks.outputs()
 
     def forward(self, categorical: torch.Tensor, numeric: torch.Tensor,
                 bags: torch.Tensor | None = None) -> torch.Tensor:
         if bags is not None:  # one more empty slot: a length of 0 means what it says, in ONNX's graph too
             categorical = torch.cat([categorical, F.pad(bags, (0, 1), value=-1.0).flatten(1)], dim=1)
-        return torch.sigmoid(self.model(categorical, numeric))
+        return self.outputs(self.model(categorical, numeric))
 
 
 def score_rows(module: nn.Module, data: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(probabilities [rows, T], labels [rows, T], group keys [rows] or None) of every row of `data`, chunk by
+    """(predictions [rows, T], labels [rows, T], group keys [rows] or None) of every row of `data`, chunk by
     chunk: only the outputs, labels and keys are kept, which is what the exact metrics need."""
     probabilities, labels, groups = [], [], []
     for chunk in data.chunks():
-        probabilities.append(predict_probabilities(module, chunk.categorical, chunk.numeric))
+        probabilities.append(predict_rows(module, chunk.categorical, chunk.numeric))
         labels.append(chunk.labels)
         if chunk.groups is not None:
             groups.append(chunk.groups)
     return torch.cat(probabilities), torch.cat(labels), torch.cat(groups) if groups else None
 
 
-def predict_probabilities(module: nn.Module, categorical: torch.Tensor, numeric: torch.Tensor,
-                          batch_size: int = SCORE_ROWS) -> torch.Tensor:
-    """[rows, T] outputs of a Probabilities-like module, in eval mode, in large batches without autograd."""
+def predict_rows(module: nn.Module, categorical: torch.Tensor, numeric: torch.Tensor,
+            batch_size: int = SCORE_ROWS) -> torch.Tensor:
+    """[rows, T] outputs of a Predictions-like module, in eval mode, in large batches without autograd."""
     was_training = module.training
     module.eval()
     device = next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))

@@ -30,8 +30,8 @@ class Towers(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.hidden(x)).squeeze(2).transpose(0, 1)
 
-    def set_base_rates(self, rates: torch.Tensor) -> None:
-        """Start each task's logit at log-odds of its positive rate, so the first steps learn features
-        instead of spending themselves on the prior of a rare label (purchase at 1% starts at loss 0.69)."""
+    def set_base_logits(self, logits: torch.Tensor) -> None:
+        """Start each task's logit at its best constant (a binary task's log-odds of its positive rate), so the first
+        steps learn features instead of spending themselves on the prior of a rare label."""
         with torch.no_grad():
-            self.out.bias.copy_(torch.logit(rates.clamp(1e-4, 1 - 1e-4)).view_as(self.out.bias))
+            self.out.bias.copy_(logits.view_as(self.out.bias))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mbtrain.balance.registry import BALANCERS, setting_fields, setting_names
-from mbtrain.config import RunConfig, load_toml, parse_list, parse_weights, setting_types, toml_setting
+from mbtrain.config import RunConfig, load_toml, parse_list, parse_pairs, setting_types, toml_setting
 from mbtrain.errors import MbtrainError
 
 # settings every run of a sweep shares: they define the data, its split, or what selection reads
@@ -167,7 +167,7 @@ def _parsed(flag: str, kind: str, words: list[str]) -> list[Any]:
     if kind.startswith("list"):
         return [parse_list(where, word, int if "int" in kind else str) for word in words]
     if kind.startswith("dict"):
-        return [parse_weights(where, word) for word in words]
+        return [parse_pairs(where, word, float if "float" in kind else str) for word in words]
     scalar = {"int": int, "float": float, "str": str}[kind.replace(" | None", "")]
     values = []
     for part in (part.strip() for word in words for part in word.split(",")):

@@ -55,7 +55,7 @@ def sweep(data: Path, arguments: list[str], config_file: Path | None, seeds: int
     def heard(run: Run, failure: str | None, seconds: float) -> None:
         finished[0] += 1
         timing["run_s"][run.name] = round(seconds, 3)
-        outcome = f"failed: {failure}" if failure else f"{run.config.train.monitor} " + _valid(run)
+        outcome = f"failed: {failure}" if failure else _valid(run)
         console.print(f"[{finished[0]}/{len(runs)}] {run.name}: {outcome}", soft_wrap=True)
 
     running = time.perf_counter()
@@ -130,5 +130,6 @@ def _prepare(out: Path, data: Path, grid: Grid, test: Path | None, test_fraction
 
 def _valid(run: Run) -> str:
     metrics = json.loads((run.folder / "metrics.json").read_text())
-    value = metrics["tasks"][metrics["main_task"]].get(metrics.get("monitor", "auc"))
-    return f"{value:.4f} on validation" if value is not None else "undefined on validation"
+    monitor = metrics.get("monitor", "auc")
+    value = metrics["tasks"][metrics["main_task"]].get(monitor)
+    return f"{monitor} {value:.4f} on validation" if value is not None else f"{monitor} undefined on validation"

@@ -16,11 +16,11 @@ from rich.table import Table
 
 from mbtrain.checkpoint import write_json
 from mbtrain.compare import seconds_per_epoch
-from mbtrain.config import HIGHER_IS_BETTER
 from mbtrain.errors import MbtrainError
 from mbtrain.inference import evaluate
 from mbtrain.stats import METHOD, mean_std, paired
 from mbtrain.sweep.protocol import Run
+from mbtrain.tasks import higher_is_better
 from mbtrain.train import monitor_score
 
 SUMMARY = "sweep.json"
@@ -30,8 +30,9 @@ FORMAT = "mbtrain-sweep/1"
 def summarize(runs: list[Run], methods: list[str], seeds: list[int], baseline: str) -> dict[str, Any]:
     """sweep.json's content from the runs as they stand (unfinished ones shown as such)."""
     config = runs[0].config
-    tasks, metric = config.ordered_tasks, config.train.monitor
+    tasks = config.ordered_tasks
     records = [_record(run) for run in runs]
+    metric = config.train.monitor or next((r["monitor"] for r in records if r.get("monitor")), "auc")
     by_name = {record["name"]: record for record in records}
     for method in methods:
         for seed in seeds:
@@ -40,7 +41,7 @@ def summarize(runs: list[Run], methods: list[str], seeds: list[int], baseline: s
                 by_name[pick.name]["selected"] = True
                 by_name[pick.name]["test"] = test_metrics(pick)
     summary = {"format": FORMAT, "tasks": tasks, "main_task": tasks[0], "metric": metric,
-               "higher_is_better": metric in HIGHER_IS_BETTER, "baseline": baseline, "seeds": seeds,
+               "higher_is_better": higher_is_better(metric), "baseline": baseline, "seeds": seeds,
                "interval": METHOD, "selection": f"per method and seed, the configuration with the best main-task "
                f"validation {metric}; test rows scored once, for the selected runs only",
                "methods": {method: _method(method, records, tasks, metric, seeds, baseline) for method in methods},
@@ -61,6 +62,7 @@ def _record(run: Run) -> dict[str, Any]:
         return record
     metrics = json.loads((run.folder / "metrics.json").read_text())
     record.update(valid=metrics["tasks"], best_epoch=metrics["best_epoch"], seconds=metrics["seconds"],
+                  monitor=metrics["monitor"],
                   epoch_seconds=seconds_per_epoch(run.folder / "history.jsonl"))
     return record
 
@@ -72,7 +74,7 @@ def chosen(group: list[Run]) -> Run | None:
     for run in group:
         if run.status() == "finished":
             metrics = json.loads((run.folder / "metrics.json").read_text())
-            scored.append((monitor_score(metrics["tasks"][metrics["main_task"]], run.config.train.monitor),
+            scored.append((monitor_score(metrics["tasks"][metrics["main_task"]], metrics["monitor"]),
                            -run.configuration, run))
     return max(scored, key=lambda item: item[:2])[2] if scored else None
 
@@ -93,7 +95,7 @@ def _method(method: str, records: list[dict[str, Any]], tasks: list[str], metric
     chosen = {seed: next((r for r in mine if r["seed"] == seed and r["selected"]), None) for seed in seeds}
     theirs = {seed: next((r for r in records if r["method"] == baseline and r["seed"] == seed and r["selected"]),
                          None) for seed in seeds}
-    higher = metric in HIGHER_IS_BETTER
+    higher = higher_is_better(metric)
 
     def test_values(picked: dict[int, dict[str, Any] | None], task: str) -> list[float | None]:
         return [None if r is None else r["test"][task].get(metric) for r in (picked[seed] for seed in seeds)]

@@ -1,0 +1,283 @@
+"""What kind of label a task has, found by name: a task type is one file (binary.py, regression.py) holding its
+label check, loss, output activation, metrics and prediction transform, registered with `@register(name)`.
+
+The fit loop, eval, predict and the exported file never ask which type a task is: they go through `TaskSet`, the
+run's tasks in output order. Labels travel as float32 [rows, T] in the columns' own units, NaN where a row has no
+label for a task (`--missing-labels skip`); each type turns its columns into training targets, per-row losses and,
+from the network's logits, predictions in the column's own units. Adding a type: docs/adding-a-task-type.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import polars as pl
+import torch
+from torch import nn
+
+from mbtrain.errors import MbtrainError
+from mbtrain.metrics import conditional_metrics
+
+TASK_TYPES: dict[str, type[TaskType]] = {}  # in registration order: inference tries them in it
+
+
+@dataclass
+class LabelSums:
+    """Per task, over the rows that have its label: the sums every type fits its statistics from (a positive rate,
+    a target's mean and spread), in one pass that adds up chunk by chunk (streamed data) and rank by rank."""
+
+    count: torch.Tensor  # float64 [T] rows with a label
+    total: torch.Tensor  # Σ y
+    squares: torch.Tensor  # Σ y²
+    logged: torch.Tensor  # Σ log1p(y) over the rows with y ≥ 0
+    logged_squares: torch.Tensor  # Σ log1p(y)²
+    least: torch.Tensor  # min y (+inf without a label)
+
+    @classmethod
+    def of(cls, labels: torch.Tensor) -> LabelSums:
+        y = labels.to(torch.float64)
+        present = ~torch.isnan(y)
+        zeroed = torch.where(present, y, 0.0)
+        logged = torch.log1p(zeroed.clamp(min=0.0))
+        return cls(present.sum(dim=0).to(torch.float64), zeroed.sum(dim=0), (zeroed * zeroed).sum(dim=0),
+                   logged.sum(dim=0), (logged * logged).sum(dim=0),
+                   torch.where(present, y, torch.inf).amin(dim=0) if y.shape[0] else
+                   torch.full((y.shape[1],), torch.inf, dtype=torch.float64))
+
+    def __add__(self, other: LabelSums) -> LabelSums:
+        return LabelSums(self.count + other.count, self.total + other.total, self.squares + other.squares,
+                         self.logged + other.logged, self.logged_squares + other.logged_squares,
+                         torch.minimum(self.least, other.least))
+
+    def mean(self) -> torch.Tensor:
+        """[T] each task's mean label (a binary task's positive rate), 0 where no row has one."""
+        return self.total / self.count.clamp(min=1.0)
+
+
+@dataclass
+class TaskSettings:
+    """What fit's flags say about the tasks (config.DataConfig's fields of the same names)."""
+
+    task_type: dict[str, str]
+    target_transform: dict[str, str]
+    regression_loss: str
+
+
+class TaskType:
+    """One kind of label. Class attributes and classmethods say what the type is; an instance is one task of the
+    type, with the statistics fitted on its training labels (`state`, saved in the run's spec).
+
+    Group methods (`losses`, `output`) take every task of the type at once, so that a run of binary tasks computes
+    one loss over all its columns, as it did before task types existed."""
+
+    name: ClassVar[str]
+    directions: ClassVar[dict[str, bool]]  # the metrics --monitor may name for a main task of this type: higher better?
+    monitor: ClassVar[str]  # the --monitor default for a main task of this type
+    funnel_stage: ClassVar[bool] = False  # may stand in a funnel (--funnel, ESMM, AITM)
+
+    def __init__(self, task: str, state: dict[str, Any]) -> None:
+        self.task, self.state = task, state
+
+    @classmethod
+    def claims(cls, dtype: pl.DataType, zero_one: bool) -> str | None:
+        """Why a label column of type `dtype` without --task-type is this type (shown by inspect), or None.
+        `zero_one`: every value present is 0/1 (numbers) or true/false / 0/1 (text)."""
+        return None
+
+    @classmethod
+    def read(cls, column: pl.Series, source: str) -> pl.Series:
+        """The column as Float32 labels, null where a row has none; a value the type cannot take is one clear
+        error naming `source` and the column."""
+        raise NotImplementedError
+
+    @classmethod
+    def fit(cls, task: str, sums: LabelSums, index: int, settings: TaskSettings, source: str) -> dict[str, Any]:
+        """The task's state (JSON-serialisable) from its training labels' sums."""
+        return {}
+
+    def base_logit(self, sums: LabelSums, index: int) -> float:
+        """Where the task's logit starts (its tower's bias): the best constant prediction, so the first steps
+        learn features instead of the prior."""
+        raise NotImplementedError
+
+    @classmethod
+    def losses(cls, logits: torch.Tensor, labels: torch.Tensor, tasks: list[TaskType]) -> torch.Tensor:
+        """[B, n] each row's loss for the n tasks of this type (`labels` [B, n] in their own units, 0 where
+        missing: the caller masks those rows out)."""
+        raise NotImplementedError
+
+    @classmethod
+    def output(cls, tasks: list[TaskType], columns: list[int]) -> nn.Module:
+        """A TorchScript-able module: logits [B, T] → [B, n] the tasks' predictions (output `columns`) in their
+        own units."""
+        raise NotImplementedError
+
+    def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None
+                ) -> dict[str, Any]:
+        """The task's validation / eval metrics over the rows that have its label (metrics.json)."""
+        raise NotImplementedError
+
+    def described(self) -> str:
+        """How inspect and the summary name the task's type and settings."""
+        return self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.name, **self.state}
+
+
+Kind = TypeVar("Kind", bound=type[TaskType])
+
+
+def register(name: str) -> Callable[[Kind], Kind]:
+    """Class decorator: make a TaskType `--task-type TASK=name`."""
+
+    def add(cls: Kind) -> Kind:
+        if name in TASK_TYPES:
+            raise ValueError(f"a task type called {name!r} is already registered")
+        cls.name = name
+        TASK_TYPES[name] = cls
+        return cls
+
+    return add
+
+
+def infer_type(task: str, dtype: pl.DataType, zero_one: bool, source: str) -> tuple[str, str]:
+    """(type, reason) for a label column without --task-type: the first registered type that claims it."""
+    for name, kind in TASK_TYPES.items():
+        reason = kind.claims(dtype, zero_one)
+        if reason is not None:
+            return name, reason
+    raise MbtrainError(f"{source}: label column {task!r} ({dtype}) is neither 0/1 nor numbers; name its type with "
+                       f"--task-type {task}={'|'.join(TASK_TYPES)}")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of `metric` is better, from the types' own tables: fit, compare and sweep read it."""
+    for kind in TASK_TYPES.values():
+        if metric in kind.directions:
+            return kind.directions[metric]
+    raise KeyError(metric)
+
+
+def headline(metrics: Iterable[str]) -> str:
+    """The metric that speaks for a task whose metrics are these names: its type's default --monitor."""
+    names = set(metrics)
+    return next((kind.monitor for kind in TASK_TYPES.values() if kind.monitor in names), "auc")
+
+
+def monitors() -> list[str]:
+    """Every metric --monitor may name, over the registered types."""
+    return list(dict.fromkeys(metric for kind in TASK_TYPES.values() for metric in kind.directions))
+
+
+class TaskOutputs(nn.Module):
+    """Logits [B, T] → predictions [B, T] in each column's own units (a probability, seconds, ...): each type's
+    output module on its columns, put back in output order. What eval, predict and the exported file end with."""
+
+    def __init__(self, heads: list[nn.Module], columns: list[int]) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+        self.register_buffer("inverse", torch.argsort(torch.tensor(columns, dtype=torch.long)), persistent=False)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        parts: list[torch.Tensor] = []
+        for head in self.heads:
+            parts.append(head(logits))
+        return torch.cat(parts, dim=1).index_select(1, self.inverse)
+
+
+class TaskSet:
+    """The run's tasks in output order (main task first), each an instance of its type."""
+
+    def __init__(self, tasks: list[TaskType]) -> None:
+        self.tasks = tasks
+        self.names = [task.task for task in tasks]
+        by_type: dict[type[TaskType], list[int]] = {}
+        for column, task in enumerate(tasks):
+            by_type.setdefault(type(task), []).append(column)
+        self.groups = [(kind, columns, [tasks[c] for c in columns]) for kind, columns in by_type.items()]
+        self._index = {kind: torch.tensor(columns) for kind, columns, _ in self.groups}
+        self.whole = len(self.groups) == 1  # one type: its columns are all of them, in order
+
+    @classmethod
+    def from_dict(cls, tasks: list[str], raw: dict[str, dict[str, Any]] | None) -> TaskSet:
+        """From a spec's `task_types` (a run saved before task types had binary tasks only)."""
+        raw = raw or {task: {"type": "binary"} for task in tasks}
+        made = []
+        for task in tasks:
+            state = dict(raw[task])
+            kind = state.pop("type")
+            if kind not in TASK_TYPES:
+                raise ValueError(f"task {task!r} has an unknown type {kind!r}")
+            made.append(TASK_TYPES[kind](task, state))
+        return cls(made)
+
+    @classmethod
+    def fit(cls, types: dict[str, str], sums: LabelSums, settings: TaskSettings, source: str) -> TaskSet:
+        """Each task of `types` (task: type name, output order) with its state fitted on the training sums."""
+        return cls([TASK_TYPES[kind](task, TASK_TYPES[kind].fit(task, sums, i, settings, source))
+                    for i, (task, kind) in enumerate(types.items())])
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {task.task: task.to_dict() for task in self.tasks}
+
+    @property
+    def types(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+    def row_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[B, T] each row's loss for each task, 0 where the row has no label for it."""
+        present = ~torch.isnan(labels)
+        filled = torch.where(present, labels, 0.0)
+        if self.whole:
+            kind, _, members = self.groups[0]
+            losses = kind.losses(logits, filled, members)
+        else:
+            losses = torch.empty_like(logits)
+            for kind, _, members in self.groups:
+                index = self._index[kind].to(logits.device)
+                losses = losses.index_copy(1, index, kind.losses(logits.index_select(1, index),
+                                                                 filled.index_select(1, index), members))
+        return torch.where(present, losses, 0.0)
+
+    def base_logits(self, sums: LabelSums) -> torch.Tensor:
+        return torch.tensor([task.base_logit(sums, i) for i, task in enumerate(self.tasks)], dtype=torch.float32)
+
+    def outputs(self) -> TaskOutputs:
+        return TaskOutputs([kind.output(members, columns) for kind, columns, members in self.groups],
+                           [c for _, columns, _ in self.groups for c in columns])
+
+    def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None,
+                funnel: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """{task: its type's metrics over the rows that have its label}: [rows, T] predictions and labels in
+        output order; `groups` (--group-by's keys) adds the grouped metrics, `funnel` each later stage's
+        conditional AUC (metrics.conditional_metrics)."""
+        metrics = {}
+        for i, task in enumerate(self.tasks):
+            present = ~torch.isnan(labels[:, i])
+            every = bool(present.all())
+            metrics[task.task] = task.metrics(
+                predictions[:, i] if every else predictions[present, i], labels[:, i] if every else labels[present, i],
+                groups if groups is None or every else groups[present])
+        if funnel is not None:
+            for task, values in conditional_metrics(predictions, labels, self.names, funnel).items():
+                metrics[task].update(values)
+        return metrics
+
+    def check_monitor(self, monitor: str) -> None:
+        """--monitor must be a metric of the main task's type."""
+        main = self.tasks[0]
+        if monitor not in main.directions:
+            raise MbtrainError(f"--monitor {monitor}: the main task {main.task!r} is {main.name}; its metrics are "
+                               f"{', '.join(main.directions)}")
+
+
+
+def check_funnel_types(types: dict[str, str], funnel: list[str] | None) -> None:
+    """A funnel's stages (--funnel, ESMM, AITM) must be tasks that may stand in one: binary."""
+    for task in funnel or []:
+        if not TASK_TYPES[types[task]].funnel_stage:
+            raise MbtrainError(f"task {task!r} is {types[task]}: a funnel's stages (--funnel, --model esmm or aitm) "
+                               "are binary tasks, each implying the one before it")

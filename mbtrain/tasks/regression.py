@@ -1,0 +1,120 @@
+"""Regression tasks (watch time, dwell seconds, order value, a rating): any numbers, a squared error or Huber loss
+on the target after --target-transform, predictions back in the column's own units.
+
+The transform is fitted on the training labels and saved in the run: `log1p` (the default for a column with no
+negative value: watch time's long tail) takes log1p(y) and standardises it; `standardize` standardises y; `none`
+trains on y as it is (a loss in the column's squared units: what the balancers are for). The network predicts the
+transformed target z; the output inverts it (expm1(z·σ + μ) for log1p), so eval, predict and the exported file
+speak the column's units. Under log1p the prediction is exp of a mean log, nearer the median than the mean of a
+skewed target: RMSE in the column's units pays for that, XAUC (ordering) does not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mbtrain.errors import MbtrainError
+from mbtrain.metrics import regression_metrics
+from mbtrain.tasks.base import LabelSums, TaskSettings, TaskType, register
+
+TRANSFORMS = ("log1p", "standardize", "none")
+LOSSES = ("mse", "huber")
+HUBER_DELTA = 1.0  # in the transformed target's units: one standard deviation under log1p and standardize
+
+
+class Untransform(nn.Module):
+    """The regression columns' transformed predictions z back in their own units: z·scale + shift, then expm1
+    where the target was log1p'd."""
+
+    def __init__(self, tasks: list[TaskType], columns: list[int]) -> None:
+        super().__init__()
+        self.register_buffer("columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+        self.register_buffer("scale", torch.tensor([t.state["std"] for t in tasks]), persistent=False)
+        self.register_buffer("shift", torch.tensor([t.state["mean"] for t in tasks]), persistent=False)
+        self.register_buffer("logged", torch.tensor([t.state["transform"] == "log1p" for t in tasks]),
+                             persistent=False)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        z = logits.index_select(1, self.columns) * self.scale + self.shift
+        return torch.where(self.logged, torch.expm1(z), z)
+
+
+@register("regression")
+class Regression(TaskType):
+    directions = {"rmse": False, "mae": False, "r2": True, "xauc": True, "gxauc": True}
+    monitor = "rmse"
+
+    @classmethod
+    def claims(cls, dtype: pl.DataType, zero_one: bool) -> str | None:
+        return "numbers, not only 0/1" if dtype.is_numeric() else None
+
+    @classmethod
+    def read(cls, column: pl.Series, source: str) -> pl.Series:
+        if not column.dtype.is_numeric():
+            shown = column.drop_nulls()
+            found = f" such as {shown[0]!r}" if shown.len() else ""
+            raise MbtrainError(f"{source}: label column {column.name!r} holds {column.dtype}{found}; a regression "
+                               "task's labels must be numbers")
+        values = column.cast(pl.Float64)
+        infinite = values.filter(values.is_infinite())
+        if infinite.len():
+            raise MbtrainError(f"{source}: label column {column.name!r} holds {infinite[0]}; a regression task's "
+                               "labels must be finite numbers")
+        return values.fill_nan(None).cast(pl.Float32)
+
+    @classmethod
+    def fit(cls, task: str, sums: LabelSums, index: int, settings: TaskSettings, source: str) -> dict[str, Any]:
+        count, least = float(sums.count[index]), float(sums.least[index])
+        if count == 0:
+            raise MbtrainError(f"{source}: regression task {task!r} has no label in the training rows")
+        transform = settings.target_transform.get(task) or ("log1p" if least >= 0 else "standardize")
+        if transform == "log1p" and least < 0:
+            raise MbtrainError(f"--target-transform {task}=log1p: {source} has the negative value {least:g} in "
+                               f"{task!r}; use standardize or none")
+        if transform == "none":
+            return {"transform": transform, "loss": settings.regression_loss, "mean": 0.0, "std": 1.0}
+        total, squares = ((sums.logged[index], sums.logged_squares[index]) if transform == "log1p"
+                          else (sums.total[index], sums.squares[index]))
+        mean = float(total) / count
+        std = math.sqrt(max(float(squares) / count - mean * mean, 0.0))
+        return {"transform": transform, "loss": settings.regression_loss, "mean": mean, "std": std if std > 0 else 1.0}
+
+    def base_logit(self, sums: LabelSums, index: int) -> float:
+        """The mean transformed target: 0 once standardised, the label's mean under `none`."""
+        return float(sums.mean()[index]) if self.state["transform"] == "none" else 0.0
+
+    @classmethod
+    def targets(cls, labels: torch.Tensor, tasks: list[TaskType]) -> torch.Tensor:
+        """The labels [B, n] as the network learns them (transformed)."""
+        states = [t.state for t in tasks]
+        shift = labels.new_tensor([s["mean"] for s in states])
+        scale = labels.new_tensor([s["std"] for s in states])
+        logged = torch.tensor([s["transform"] == "log1p" for s in states], device=labels.device)
+        return (torch.where(logged, torch.log1p(labels.clamp(min=0.0)), labels) - shift) / scale
+
+    @classmethod
+    def losses(cls, logits: torch.Tensor, labels: torch.Tensor, tasks: list[TaskType]) -> torch.Tensor:
+        targets = cls.targets(labels, tasks)
+        squared = F.mse_loss(logits, targets, reduction="none")
+        huber = [t.state["loss"] == "huber" for t in tasks]
+        if not any(huber):
+            return squared
+        return torch.where(torch.tensor(huber, device=logits.device),
+                           F.huber_loss(logits, targets, reduction="none", delta=HUBER_DELTA), squared)
+
+    @classmethod
+    def output(cls, tasks: list[TaskType], columns: list[int]) -> nn.Module:
+        return Untransform(tasks, columns)
+
+    def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None
+                ) -> dict[str, Any]:
+        return regression_metrics(predictions, labels, groups)
+
+    def described(self) -> str:
+        return f"regression ({self.state['loss']} on {self.state['transform']})"

@@ -1,0 +1,181 @@
+"""Task types end to end: regression beside binary tasks, labels missing for some rows, row weights; predictions in
+the column's own units through predict, eval and the exported file; one clear line for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from mbtrain.data.batches import EncodedData
+from mbtrain.tasks import TaskSet
+from mbtrain.train import _losses
+from tests.helpers import make_log, run_cli
+
+FAST = ["--epochs", "2", "--batch-size", "32", "--threads", "1", "--hidden", "16", "--tower", "8", "--patience", "0"]
+TASKS = ["--tasks", "watch,click,like"]
+SKIP = ["--missing-labels", "skip"]
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("log") / "log.parquet"
+    make_log(800, seed=1).write_parquet(path, row_group_size=100)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(log: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "mixed"
+    result = run_cli("fit", str(log), *TASKS, *FAST, *SKIP, "--weight-column", "weight", "--balance", "metabalance",
+                     "--epochs", "4", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_inspect_shows_each_tasks_type_reason_and_coverage(log: Path) -> None:
+    result = run_cli("inspect", str(log), *TASKS, "--weight-column", "weight")
+    assert result.exit_code == 0, result.output
+    assert "task watch (main): regression (numbers, not only 0/1), mean" in result.stdout
+    assert "task click: binary (0/1), positive rate" in result.stdout
+    like = next(line for line in result.stdout.splitlines() if line.startswith("task like"))
+    clicks = int(make_log(800, seed=1)["click"].sum())
+    assert f"labelled on {clicks / 800:.1%} of rows ({clicks:,})" in like
+    assert "--weight-column" in result.stdout  # the weight column is no feature: excluded, and why
+    assert "RMSE watch=" not in result.stdout
+
+
+def test_a_mixed_run_reports_each_types_metrics_and_monitors_rmse(run: Path) -> None:
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["monitor"] == "rmse"  # the main task is a regression
+    watch, like = metrics["tasks"]["watch"], metrics["tasks"]["like"]
+    assert {"rmse", "mae", "r2", "xauc"} <= set(watch) and "auc" not in watch
+    assert watch["rows"] == metrics["valid_rows"]
+    clicked = int(make_log(800, seed=1)["click"].sum())
+    assert 0 < like["rows"] < metrics["valid_rows"] and like["rows"] <= clicked  # only the rows with a label
+    assert 0.5 < watch["xauc"] <= 1.0 and math.isfinite(watch["r2"])  # it learned something of the target's order
+    spec = torch.load(run / "checkpoints" / "best.pt", weights_only=False)["spec"]
+    assert spec["task_types"]["watch"]["transform"] == "log1p"
+    assert spec["task_types"]["click"] == {"type": "binary"}
+
+
+def test_eval_rmse_is_sklearns_on_predicts_output_in_seconds(run: Path, log: Path, tmp_path: Path) -> None:
+    from sklearn.metrics import mean_absolute_error, mean_squared_error
+
+    predicted = tmp_path / "pred.parquet"
+    result = run_cli("predict", str(run), str(log), "--output", str(predicted), "--keep", "watch,like")
+    assert result.exit_code == 0, result.output
+    table = pl.read_parquet(predicted)
+    assert set(table.columns) == {"watch", "like", "pred_watch", "pred_click", "pred_like"}
+    assert table["pred_watch"].min() >= 0.0 and table["pred_watch"].max() > 1.0  # seconds, not a standard score
+    evaluated = run_cli("eval", str(run), str(log), "--json", str(tmp_path / "m.json"))
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((tmp_path / "m.json").read_text())["tasks"]
+    watch, pred = table["watch"].to_numpy(), table["pred_watch"].to_numpy()
+    assert metrics["watch"]["rmse"] == pytest.approx(math.sqrt(mean_squared_error(watch, pred)), rel=1e-5)
+    assert metrics["watch"]["mae"] == pytest.approx(mean_absolute_error(watch, pred), rel=1e-5)
+    liked = table.filter(pl.col("like").is_not_null())
+    assert metrics["like"]["rows"] == liked.height  # eval counts the rows with a label
+
+
+def test_the_exported_file_predicts_seconds_like_the_run(run: Path, log: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model.pt"
+    assert run_cli("export", str(run), "--output", str(model)).exit_code == 0
+    ours, theirs = tmp_path / "run.csv", tmp_path / "export.csv"
+    assert run_cli("predict", str(run), str(log), "--output", str(ours)).exit_code == 0
+    assert run_cli("predict", str(model), str(log), "--output", str(theirs)).exit_code == 0
+    for column in ("pred_watch", "pred_click"):
+        torch.testing.assert_close(pl.read_csv(theirs)[column].to_torch(), pl.read_csv(ours)[column].to_torch(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_a_regression_run_resumes_and_streams(log: Path, tmp_path: Path) -> None:
+    settings = [*TASKS, *FAST, *SKIP, "--exclude", "weight"]
+    straight = run_cli("fit", str(log), *settings, "--out", str(tmp_path / "straight"))
+    assert straight.exit_code == 0, straight.output
+    first = run_cli("fit", str(log), *settings, "--epochs", "1", "--out", str(tmp_path / "split"))
+    assert first.exit_code == 0, first.output
+    resumed = run_cli("fit", "--resume", "--out", str(tmp_path / "split"), "--epochs", "2")
+    assert resumed.exit_code == 0, resumed.output
+    one, two = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=False)
+                for name in ("straight", "split"))
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two["model"][name], tensor, msg=name)
+    streamed = run_cli("fit", str(log), *settings, "--memory-budget", "1K", "--out", str(tmp_path / "streamed"))
+    assert streamed.exit_code == 0, streamed.output
+    assert "streamed" in streamed.stdout
+    assert json.loads((tmp_path / "streamed" / "metrics.json").read_text())["tasks"]["watch"]["rmse"] > 0
+
+
+def test_losses_are_means_over_the_rows_with_a_label_weighed() -> None:
+    """The fit loop's loss of a task: Σ weight·loss over the rows with its label ÷ Σ weight over them, whether the
+    batch is whole or split between two ranks (each dividing by the global sum)."""
+    tasks = TaskSet.fit({"watch": "regression", "like": "binary"}, _sums(), _settings(), "t")
+    logits = torch.tensor([[0.5, 1.0], [-0.2, -1.0], [0.1, 0.3], [1.5, 2.0]])
+    labels = torch.tensor([[3.0, 1.0], [0.0, float("nan")], [10.0, 0.0], [float("nan"), float("nan")]])
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    rows = tasks.row_losses(logits, labels)
+    present = ~labels.isnan()
+    expected = (rows * weights[:, None]).sum(0) / (present * weights[:, None]).sum(0)
+    whole = _losses_of(tasks, logits, labels, weights, (present * weights[:, None]).sum(0))
+    torch.testing.assert_close(whole, expected)
+    denominators = (present * weights[:, None]).sum(0)
+    halves = (_losses_of(tasks, logits[:2], labels[:2], weights[:2], denominators)
+              + _losses_of(tasks, logits[2:], labels[2:], weights[2:], denominators))
+    torch.testing.assert_close(halves, expected)
+    assert rows[3].tolist() == [0.0, 0.0] and rows[1, 1] == 0.0  # a missing label adds nothing
+    z = (math.log1p(3.0) - tasks.tasks[0].state["mean"]) / tasks.tasks[0].state["std"]
+    assert float(rows[0, 0]) == pytest.approx((0.5 - z) ** 2)  # squared error on the log1p'd, standardised target
+
+
+def _losses_of(tasks: TaskSet, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+               denominators: torch.Tensor) -> torch.Tensor:
+    class Plain(torch.nn.Module):
+        def auxiliary_losses(self, logits: torch.Tensor) -> None:
+            return None
+
+    batch = EncodedData(torch.empty(len(labels), 0, dtype=torch.int64), torch.empty(len(labels), 0), labels,
+                        weights=weights)
+    return _losses(Plain(), tasks, logits, batch, denominators, 4)
+
+
+def _sums():  # noqa: ANN202
+    from mbtrain.tasks import LabelSums
+
+    return LabelSums.of(torch.tensor([[3.0, 1.0], [0.0, 0.0], [10.0, 1.0], [1.0, 0.0]]))
+
+
+def _settings():  # noqa: ANN202
+    from mbtrain.tasks import TaskSettings
+
+    return TaskSettings({}, {}, "mse")
+
+
+@pytest.mark.parametrize(("frame_change", "flags", "fragments"), [
+    (pl.col("user").alias("watch"), ["--task-type", "watch=regression"], ("'watch'", "regression", "numbers")),
+    (pl.col("weight") - 2.0, ["--weight-column", "weight"], ("--weight-column", "'weight'", "-1")),
+    (None, ["--funnel", "--tasks", "click,like,watch"], ("'watch'", "regression", "funnel")),
+    (None, ["--tasks", "click,watch", "--monitor", "rmse"], ("--monitor rmse", "'click'", "binary")),
+    (None, ["--task-type", "watch=ordinal"], ("--task-type watch", "ordinal")),
+    (None, ["--target-transform", "watch=log2"], ("--target-transform watch", "log2")),
+    (pl.col("watch") - 100.0, ["--target-transform", "watch=log1p"], ("--target-transform watch=log1p", "negative")),
+])
+def test_bad_task_input_is_one_line(frame_change: pl.Expr | None, flags: list[str], fragments: tuple[str, ...],
+                                    tmp_path: Path) -> None:
+    frame = make_log(200, seed=2)
+    if frame_change is not None:
+        frame = frame.with_columns(frame_change.alias(frame_change.meta.output_name()))
+    path = tmp_path / "bad.parquet"
+    frame.write_parquet(path)
+    tasks = [] if "--tasks" in flags else TASKS
+    result = run_cli("fit", str(path), *tasks, *FAST, *SKIP, *flags, "--out", str(tmp_path / "run"))
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mbtrain: error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
