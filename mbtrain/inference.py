@@ -47,7 +47,8 @@ def evaluate(path: Path, data: Path, group_by: str | None = None) -> dict[str, A
     scored."""
     module, spec, frame = _read(path, data)
     tasks = spec.task_set
-    labels = LabelColumns(spec.tasks, tasks.types, missing="skip").read(frame, str(data))
+    labels = LabelColumns(spec.tasks, tasks.types, "skip", states=[task.state for task in tasks.tasks]).read(
+        frame, str(data))
     check_funnel(labels, spec.tasks, spec.funnel, str(data))
     groups = group_keys(frame, str(data), group_by) if group_by else None
     predictions = _score(module, spec, frame, data)
@@ -57,22 +58,30 @@ def evaluate(path: Path, data: Path, group_by: str | None = None) -> dict[str, A
 
 
 def predict(path: Path, data: Path, keep: list[str], conditional: bool = False) -> pl.DataFrame:
-    """`keep` columns then one pred_<task> column per task (a probability, or a regression task's prediction in the
-    column's units), rows in input order; with `conditional`
-    (funnel models) then one cond_<task> column per task: its probability given the funnel stage before it."""
+    """`keep` columns, then each task's predictions, rows in input order: pred_<task> (a probability, or a regression
+    task's prediction in the column's units; a multiclass task's most likely class, after pred_<task>_<class>, each
+    class's probability); with `conditional` (funnel models) then one cond_<task> column per task: its probability
+    given the funnel stage before it."""
     module, spec, frame = _read(path, data)
     if conditional and spec.funnel_order is None:
         raise MbtrainError(f"--conditional: {path} has no funnel (fit with --funnel, --model esmm or --model aitm)")
+    tasks = spec.task_set
     keep = list(dict.fromkeys(keep))
-    made = {f"{prefix}_{task}" for task in spec.tasks for prefix in ("pred", "cond")[: 1 + conditional]}
+    made = {*tasks.output_names(), *(f"{prefix}_{task}" for task in spec.tasks
+                                     for prefix in ("pred", "cond")[: 1 + conditional])}
     for name in keep:
         if name not in frame.columns:
             raise MbtrainError(f"{data}: column {name!r} (from --keep) not found")
         if name in made:
             raise MbtrainError(f"--keep {name}: the output already has a column of that name")
-    probabilities = _score(module, spec, frame, data)
-    columns = {f"pred_{task}": probabilities[:, i].numpy() for i, task in enumerate(spec.tasks)}
+    predictions = _score(module, spec, frame, data)
+    columns: dict[str, Any] = {}
+    for task, names, where in zip(tasks.tasks, [t.output_names() for t in tasks.tasks], tasks.columns, strict=True):
+        columns |= {name: predictions[:, column].numpy() for name, column in zip(names, where, strict=True)}
+        if task.width > 1:  # each class's probability, then the most likely class
+            columns[f"pred_{task.task}"] = pl.Series(task.state["classes"]).gather(
+                pl.Series(predictions[:, where[0] : where[-1] + 1].argmax(dim=1).numpy()))
     if conditional:
-        given = conditional_probabilities(probabilities, spec.funnel_order)
+        given = conditional_probabilities(predictions, spec.funnel_order)
         columns |= {f"cond_{task}": given[:, i].numpy() for i, task in enumerate(spec.tasks)}
     return pl.concat([frame.select(keep), pl.DataFrame(columns)], how="horizontal")

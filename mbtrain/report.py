@@ -21,28 +21,24 @@ def _number(value: float | None, digits: int = 4) -> str:
 METRIC_COLUMNS = {"auc": "AUC", "gauc": "GAUC", "pr_auc": "PR AUC", "logloss": "log loss", "ne": "NE",
                   "calibration": "calib.", "conditional_auc": "cond. AUC"}
 REGRESSION_COLUMNS = {"rmse": "RMSE", "mae": "MAE", "r2": "R²", "xauc": "XAUC", "gxauc": "GXAUC"}
-HEADERS = {**METRIC_COLUMNS, **REGRESSION_COLUMNS}  # every metric's column header, for compare's tables too
+HEADERS = {**METRIC_COLUMNS, **REGRESSION_COLUMNS, "accuracy": "accuracy",
+           "macro_auc": "macro AUC"}  # every metric's column header, for compare's tables too
 
 
 def metrics_table(metrics: dict[str, Any], title: str, caption: str | None = None) -> Table | Group:
     """One row per task (main task first and marked) from a metrics.json-shaped dict, GAUC where the metrics
-    have it; narrow enough for an 80-column terminal. Binary and regression tasks get a table each."""
-    tasks = metrics["tasks"]
-    regression = {task: values for task, values in tasks.items() if "rmse" in values}
-    binary = {task: values for task, values in tasks.items() if task not in regression}
-    main_rows = tasks[metrics["main_task"]]["rows"]
-    tables = []
-    main_binary = metrics["main_task"] in binary
-    if binary:
-        tables.append(_binary_table(binary, metrics["main_task"],
-                                    f"{title} · {main_rows:,} rows" if main_binary else "binary tasks",
-                                    caption if not regression or not main_binary else None))
-    if regression:
-        tables.append(_regression_table(regression, metrics["main_task"],
-                                        "regression tasks" if main_binary else f"{title} · {main_rows:,} rows",
-                                        caption if main_binary else None))
-    if metrics["main_task"] in regression:  # the main task's table first
-        tables.reverse()
+    have it; narrow enough for an 80-column terminal. Each kind of task (binary, regression, multiclass, told apart
+    by its metrics) gets a table of its own, the main task's first, the caption under the last."""
+    main = metrics["main_task"]
+    kinds: dict[str, dict[str, Any]] = {}
+    for task, values in metrics["tasks"].items():
+        kind = "regression" if "rmse" in values else "multiclass" if "accuracy" in values else "binary"
+        kinds.setdefault(kind, {})[task] = values
+    order = sorted(kinds, key=lambda kind: main not in kinds[kind])
+    builders = {"binary": _binary_table, "regression": _regression_table, "multiclass": _multiclass_table}
+    rows = metrics["tasks"][main]["rows"]
+    tables = [builders[kind](kinds[kind], main, f"{title} · {rows:,} rows" if i == 0 else f"{kind} tasks",
+                             caption if i == len(order) - 1 else None) for i, kind in enumerate(order)]
     return tables[0] if len(tables) == 1 else Group(*tables)
 
 
@@ -88,6 +84,17 @@ def _regression_table(tasks: dict[str, Any], main_task: str, title: str, caption
         name = f"{task} (main)" if task == main_task else task
         table.add_row(name, *(_number(values.get(key)) for key in shown), _number(values.get("mean_target"), 2),
                       f"{values['rows']:,}")
+    return table
+
+
+def _multiclass_table(tasks: dict[str, Any], main_task: str, title: str, caption: str | None) -> Table:
+    table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False)
+    for heading in ("task", "accuracy", "macro AUC", "log loss", "rows"):
+        table.add_column(heading, justify="left" if heading == "task" else "right")
+    for task, values in tasks.items():
+        table.add_row(f"{task} (main)" if task == main_task else task, _number(values["accuracy"]),
+                      _number(values["macro_auc"]), _number(values["logloss"]), f"{values['rows']:,}")
     return table
 
 

@@ -3,7 +3,8 @@ missing label is NaN where --missing-labels skip allows one, and every failure i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 import torch
@@ -18,13 +19,14 @@ MISSING_LABELS = ("error", "skip")
 
 @dataclass
 class LabelColumns:
-    """What to read as labels: the tasks in output order, each one's type, what a missing label means, and the
-    column of row weights (or None)."""
+    """What to read as labels: the tasks in output order, each one's type, what a missing label means, the column
+    of row weights (or None), and what each type needs to read its column (a multiclass task's classes)."""
 
     names: list[str]
     types: list[str]
     missing: str = "error"
     weight: str | None = None
+    states: list[dict[str, Any]] = field(default_factory=list)  # per task, TaskType.read_state's; empty: none
 
     @property
     def columns(self) -> list[str]:
@@ -40,7 +42,7 @@ class LabelColumns:
                 listed = ", ".join(frame.columns[:12]) + (f", … ({len(frame.columns)} in all)"
                                                           if len(frame.columns) > 12 else "")
                 raise MbtrainError(f"{source}: task column {name!r} not found; columns are {listed}")
-            values = TASK_TYPES[kind].read(table.get_column(name), source)
+            values = TASK_TYPES[kind].read(table.get_column(name), source, self.states[j] if self.states else {})
             nulls = values.null_count()
             if nulls and self.missing == "error":
                 raise MbtrainError(f"{source}: label column {name!r} has {nulls:,} missing value(s); pass "
@@ -95,6 +97,22 @@ def label_types(frame: pl.DataFrame | pl.LazyFrame | CodedFrame, source: str, ta
             0, named=True)
     return {task: (given[task], "--task-type") if task in given
             else infer_type(task, schema[task], bool(zero_one[task]), source) for task in tasks}
+
+
+def read_states(frame: pl.DataFrame | pl.LazyFrame | CodedFrame, source: str, types: dict[str, str]
+                ) -> list[dict[str, Any]]:
+    """Per task (in `types` order), what its type needs to read the column: a class type's classes from the
+    column's distinct values and counts over `frame`, one pass per such task; {} for the others."""
+    table = _table(frame) if isinstance(frame, CodedFrame) else frame
+    states = []
+    for task, kind in types.items():
+        if not TASK_TYPES[kind].classes:
+            states.append({})
+            continue
+        counted = table.select(pl.col(task).drop_nulls().value_counts(name="count")).unnest(task)
+        counted = counted.collect(engine="streaming") if isinstance(counted, pl.LazyFrame) else counted
+        states.append(TASK_TYPES[kind].read_state(task, counted.get_column(task), counted.get_column("count"), source))
+    return states
 
 
 def _zero_one(name: str, dtype: pl.DataType) -> pl.Expr:

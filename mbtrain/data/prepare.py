@@ -15,7 +15,7 @@ from mbtrain.data.batches import EncodedData, Rows, split_rows
 from mbtrain.data.coded import CodedFrame
 from mbtrain.data.encoders import Encoders, capped_rows, count_tensor, element_counts, vocabulary_size
 from mbtrain.data.io import read_coded
-from mbtrain.data.labels import LabelColumns, label_types
+from mbtrain.data.labels import LabelColumns, label_types, read_states
 from mbtrain.data.schema import Schema, check_funnel, group_keys, infer_schema
 from mbtrain.data.stream import (
     StreamingBatches,
@@ -87,16 +87,19 @@ def _label_columns(config: RunConfig, table: Any, source: str, tasks: TaskSet | 
         types = {name: (kind, "the resumed run's") for name, kind in zip(tasks.names, tasks.types, strict=True)}
     else:
         types = label_types(table, source, config.ordered_tasks, settings.task_type)
-    check_funnel_types({name: kind for name, (kind, _) in types.items()}, config.funnel_tasks)
-    labels = LabelColumns(config.ordered_tasks, [kind for kind, _ in types.values()], settings.missing_labels,
-                          settings.weight_column)
+    kinds = {name: kind for name, (kind, _) in types.items()}
+    check_funnel_types(kinds, config.funnel_tasks)
+    states = [task.state for task in tasks.tasks] if tasks is not None else read_states(table, source, kinds)
+    labels = LabelColumns(config.ordered_tasks, list(kinds.values()), settings.missing_labels, settings.weight_column,
+                          states)
     return labels, {name: reason for name, (_, reason) in types.items()}
 
 
 def _fitted(config: RunConfig, labels: LabelColumns, sums: LabelSums, source: str) -> TaskSet:
     settings = config.data
     tasks = TaskSet.fit(dict(zip(labels.names, labels.types, strict=True)), sums,
-                        TaskSettings(settings.task_type, settings.target_transform, settings.regression_loss), source)
+                        TaskSettings(settings.task_type, settings.target_transform, settings.regression_loss), source,
+                        labels.states)
     return tasks
 
 

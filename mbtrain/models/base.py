@@ -75,6 +75,7 @@ class Inputs:
     num_tasks: int
     bags: int = 0  # how many of the cardinalities, the last ones, are bags
     funnel: tuple[int, ...] | None = None  # with a funnel, the output columns first stage first (ModelSpec's)
+    widths: tuple[int, ...] | None = None  # logits per task (a multiclass task's: one per class); None: one each
 
 
 @runtime_checkable

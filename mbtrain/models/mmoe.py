@@ -32,7 +32,7 @@ class MMoE(MultiTaskNetwork):
         self.num_experts = experts
         self.experts = StackedMLP(experts, self.in_dim, hidden, config.dropout, config.norm)
         self.gates = StackedLinear(self.num_tasks, self.in_dim, experts)
-        self.towers = Towers(hidden[-1], tower, self.num_tasks, config.dropout, config.norm)
+        self.towers = Towers(hidden[-1], tower, self.num_tasks, config.dropout, config.norm, inputs.widths)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Embedding table and experts: the parameters every task's loss reaches."""

@@ -120,7 +120,7 @@ class PLE(MultiTaskNetwork):
             self.levels.append(ExtractionLevel(in_dim, hidden, experts, task_experts, self.num_tasks,
                                                last=level == levels - 1, dropout=config.dropout, norm=config.norm))
             in_dim = hidden[-1]
-        self.towers = Towers(hidden[-1], tower, self.num_tasks, config.dropout, config.norm)
+        self.towers = Towers(hidden[-1], tower, self.num_tasks, config.dropout, config.norm, inputs.widths)
 
     @classmethod
     def describe(cls, config: ModelConfig) -> str:

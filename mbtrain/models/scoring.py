@@ -135,7 +135,8 @@ class ModelSpec:
     def build(self) -> ScoringModel:
         order = self.funnel_order
         inputs = Inputs(self.encoders.cardinalities, len(self.encoders.numeric), len(self.tasks),
-                        len(self.encoders.bags), None if order is None else tuple(order))
+                        len(self.encoders.bags), None if order is None else tuple(order),
+                        tuple(self.task_set.widths))
         network = build_model(ModelConfig(**self.model), inputs)  # an older run's spec lacks later fields: defaults
         return ScoringModel(NumericNormalizer(self.encoders.numeric), network, self.funnel_order)
 

@@ -20,7 +20,7 @@ class SharedBottom(MultiTaskNetwork):
         hidden, tower = list(config.hidden), list(config.tower)
         self.bottom = mlp(self.in_dim, hidden, config.dropout, config.norm)
         self.towers = Towers(hidden[-1] if hidden else self.in_dim, tower, self.num_tasks, config.dropout,
-                             config.norm)
+                             config.norm, inputs.widths)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Embedding table and shared MLP: the parameters every task's loss reaches."""

@@ -16,22 +16,32 @@ class Towers(nn.Module):
     gives exactly zero gradient to the other towers' slices.
 
     ``forward`` takes either one input [B, in] fed to every tower (shared-bottom) or one input per
-    task as [T, B, in] (MMoE's per-task mixtures), and returns logits [B, T].
+    task as [T, B, in] (MMoE's per-task mixtures), and returns logits [B, C]: each task's `widths` logits (one, or a
+    multiclass task's one per class) in task order. Towers of several widths share one stacked output layer as wide
+    as the widest; a narrower task's unused outputs are never read (and so never trained).
     """
 
-    def __init__(self, in_dim: int, hidden: list[int], num_tasks: int, dropout: float, norm: str = "none") -> None:
+    def __init__(self, in_dim: int, hidden: list[int], num_tasks: int, dropout: float, norm: str = "none",
+                 widths: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        widths = widths or (1,) * num_tasks
         self.num_tasks = num_tasks
+        self.wide = max(widths) > 1
         self.hidden = StackedMLP(num_tasks, in_dim, hidden, dropout, norm)
-        self.out = StackedLinear(num_tasks, self.hidden.out_dim, 1)
+        self.out = StackedLinear(num_tasks, self.hidden.out_dim, max(widths))
+        columns = [task * max(widths) + j for task, width in enumerate(widths) for j in range(width)]
+        self.register_buffer("columns", torch.tensor(columns, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.hidden(x)).squeeze(2).transpose(0, 1)
+        out = self.out(self.hidden(x))
+        if not self.wide:
+            return out.squeeze(2).transpose(0, 1)
+        return out.transpose(0, 1).reshape(out.shape[1], -1).index_select(1, self.columns)
 
     def set_base_logits(self, logits: torch.Tensor) -> None:
-        """Start each task's logit at its best constant (a binary task's log-odds of its positive rate), so the first
+        """Start each logit at its task's best constant (a binary task's log-odds of its positive rate), so the first
         steps learn features instead of spending themselves on the prior of a rare label."""
         with torch.no_grad():
-            self.out.bias.copy_(logits.view_as(self.out.bias))
+            self.out.bias.view(-1)[self.columns] = logits.to(self.out.bias)

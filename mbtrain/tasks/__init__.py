@@ -1,6 +1,6 @@
 """Task types, found by name (base.py's registry): importing the package registers every type's file."""
 
-from mbtrain.tasks import binary, regression  # noqa: F401  (each registers its type)
+from mbtrain.tasks import binary, multiclass, regression  # noqa: F401  (each registers its type)
 from mbtrain.tasks.base import (
     TASK_TYPES,
     LabelSums,

@@ -73,6 +73,7 @@ class TaskType:
     one loss over all its columns, as it did before task types existed."""
 
     name: ClassVar[str]
+    classes: ClassVar[bool] = False  # its labels are classes, read through a vocabulary (read_state's)
     directions: ClassVar[dict[str, bool]]  # the metrics --monitor may name for a main task of this type: higher better?
     monitor: ClassVar[str]  # the --monitor default for a main task of this type
     funnel_stage: ClassVar[bool] = False  # may stand in a funnel (--funnel, ESMM, AITM)
@@ -87,36 +88,52 @@ class TaskType:
         return None
 
     @classmethod
-    def read(cls, column: pl.Series, source: str) -> pl.Series:
+    def read_state(cls, task: str, values: pl.Series, counts: pl.Series, source: str) -> dict[str, Any]:
+        """For a type of `classes`: what reading its column needs (the classes), from the label column's distinct
+        values and their counts over the training data; saved in the task's state."""
+        return {}
+
+    @classmethod
+    def read(cls, column: pl.Series, source: str, state: dict[str, Any]) -> pl.Series:
         """The column as Float32 labels, null where a row has none; a value the type cannot take is one clear
-        error naming `source` and the column."""
+        error naming `source` and the column. `state`: read_state's (or the saved task's)."""
         raise NotImplementedError
+
+    @property
+    def width(self) -> int:
+        """The task's output columns (logits and predictions): one, or a multiclass task's one per class."""
+        return 1
+
+    def output_names(self) -> list[str]:
+        """Its prediction columns' names in predict's output."""
+        return [f"pred_{self.task}"]
 
     @classmethod
     def fit(cls, task: str, sums: LabelSums, index: int, settings: TaskSettings, source: str) -> dict[str, Any]:
         """The task's state (JSON-serialisable) from its training labels' sums."""
         return {}
 
-    def base_logit(self, sums: LabelSums, index: int) -> float:
-        """Where the task's logit starts (its tower's bias): the best constant prediction, so the first steps
+    def base_logits(self, sums: LabelSums, index: int) -> list[float]:
+        """Where the task's logits start (its tower's bias): the best constant prediction, so the first steps
         learn features instead of the prior."""
         raise NotImplementedError
 
     @classmethod
     def losses(cls, logits: torch.Tensor, labels: torch.Tensor, tasks: list[TaskType]) -> torch.Tensor:
-        """[B, n] each row's loss for the n tasks of this type (`labels` [B, n] in their own units, 0 where
-        missing: the caller masks those rows out)."""
+        """[B, n] each row's loss for the n tasks of this type from their logits [B, Σ width] (`labels` [B, n] in
+        their own units, 0 where missing: the caller masks those rows out)."""
         raise NotImplementedError
 
     @classmethod
     def output(cls, tasks: list[TaskType], columns: list[int]) -> nn.Module:
-        """A TorchScript-able module: logits [B, T] → [B, n] the tasks' predictions (output `columns`) in their
-        own units."""
+        """A TorchScript-able module: logits [B, C] → the tasks' predictions at their logit `columns` (the same
+        number, in the same order), in their own units."""
         raise NotImplementedError
 
     def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None
                 ) -> dict[str, Any]:
-        """The task's validation / eval metrics over the rows that have its label (metrics.json)."""
+        """The task's validation / eval metrics over the rows that have its label (metrics.json): `predictions`
+        [rows], or [rows, width] for a task of several columns."""
         raise NotImplementedError
 
     def described(self) -> str:
@@ -173,7 +190,7 @@ def monitors() -> list[str]:
 
 
 class TaskOutputs(nn.Module):
-    """Logits [B, T] → predictions [B, T] in each column's own units (a probability, seconds, ...): each type's
+    """Logits [B, C] → predictions [B, C] in each column's own units (a probability, seconds, ...): each type's
     output module on its columns, put back in output order. What eval, predict and the exported file end with."""
 
     def __init__(self, heads: list[nn.Module], columns: list[int]) -> None:
@@ -189,17 +206,22 @@ class TaskOutputs(nn.Module):
 
 
 class TaskSet:
-    """The run's tasks in output order (main task first), each an instance of its type."""
+    """The run's tasks in output order (main task first), each an instance of its type, and where each one's
+    logits sit among the network's output columns."""
 
     def __init__(self, tasks: list[TaskType]) -> None:
         self.tasks = tasks
         self.names = [task.task for task in tasks]
+        self.widths = [task.width for task in tasks]
+        starts = [sum(self.widths[:i]) for i in range(len(tasks))]
+        self.columns = [list(range(start, start + width)) for start, width in zip(starts, self.widths, strict=True)]
         by_type: dict[type[TaskType], list[int]] = {}
-        for column, task in enumerate(tasks):
-            by_type.setdefault(type(task), []).append(column)
-        self.groups = [(kind, columns, [tasks[c] for c in columns]) for kind, columns in by_type.items()]
-        self._index = {kind: torch.tensor(columns) for kind, columns, _ in self.groups}
-        self.whole = len(self.groups) == 1  # one type: its columns are all of them, in order
+        for index, task in enumerate(tasks):
+            by_type.setdefault(type(task), []).append(index)
+        # per type: its tasks' indices, their logit columns, the tasks
+        self.groups = [(kind, torch.tensor(indices), torch.tensor([c for i in indices for c in self.columns[i]]),
+                        [tasks[i] for i in indices]) for kind, indices in by_type.items()]
+        self.whole = len(self.groups) == 1 and max(self.widths) == 1  # one type, one column a task: all in order
 
     @classmethod
     def from_dict(cls, tasks: list[str], raw: dict[str, dict[str, Any]] | None) -> TaskSet:
@@ -215,10 +237,13 @@ class TaskSet:
         return cls(made)
 
     @classmethod
-    def fit(cls, types: dict[str, str], sums: LabelSums, settings: TaskSettings, source: str) -> TaskSet:
-        """Each task of `types` (task: type name, output order) with its state fitted on the training sums."""
-        return cls([TASK_TYPES[kind](task, TASK_TYPES[kind].fit(task, sums, i, settings, source))
-                    for i, (task, kind) in enumerate(types.items())])
+    def fit(cls, types: dict[str, str], sums: LabelSums, settings: TaskSettings, source: str,
+            read_states: list[dict[str, Any]] | None = None) -> TaskSet:
+        """Each task of `types` (task: type name, output order) with its state: read_state's (the classes) and
+        what its type fits on the training sums."""
+        read_states = read_states or [{} for _ in types]
+        return cls([TASK_TYPES[kind](task, {**read, **TASK_TYPES[kind].fit(task, sums, i, settings, source)})
+                    for i, ((task, kind), read) in enumerate(zip(types.items(), read_states, strict=True))])
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {task.task: task.to_dict() for task in self.tasks}
@@ -227,41 +252,49 @@ class TaskSet:
     def types(self) -> list[str]:
         return [task.name for task in self.tasks]
 
+    def output_names(self) -> list[str]:
+        """predict's prediction columns, in output column order."""
+        return [name for task in self.tasks for name in task.output_names()]
+
     def row_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[B, T] each row's loss for each task, 0 where the row has no label for it."""
         present = ~torch.isnan(labels)
         filled = torch.where(present, labels, 0.0)
         if self.whole:
-            kind, _, members = self.groups[0]
+            kind, _, _, members = self.groups[0]
             losses = kind.losses(logits, filled, members)
         else:
-            losses = torch.empty_like(logits)
-            for kind, _, members in self.groups:
-                index = self._index[kind].to(logits.device)
-                losses = losses.index_copy(1, index, kind.losses(logits.index_select(1, index),
-                                                                 filled.index_select(1, index), members))
+            losses = torch.empty_like(filled)
+            for kind, indices, columns, members in self.groups:
+                indices, columns = indices.to(logits.device), columns.to(logits.device)
+                losses = losses.index_copy(1, indices, kind.losses(logits.index_select(1, columns),
+                                                                   filled.index_select(1, indices), members))
         return torch.where(present, losses, 0.0)
 
     def base_logits(self, sums: LabelSums) -> torch.Tensor:
-        return torch.tensor([task.base_logit(sums, i) for i, task in enumerate(self.tasks)], dtype=torch.float32)
+        """[C] where every output column's logit starts."""
+        return torch.tensor([value for i, task in enumerate(self.tasks) for value in task.base_logits(sums, i)],
+                            dtype=torch.float32)
 
     def outputs(self) -> TaskOutputs:
-        return TaskOutputs([kind.output(members, columns) for kind, columns, members in self.groups],
-                           [c for _, columns, _ in self.groups for c in columns])
+        return TaskOutputs([kind.output(members, columns.tolist()) for kind, _, columns, members in self.groups],
+                           [c for _, _, columns, _ in self.groups for c in columns.tolist()])
 
     def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None,
                 funnel: list[str] | None = None) -> dict[str, dict[str, Any]]:
-        """{task: its type's metrics over the rows that have its label}: [rows, T] predictions and labels in
-        output order; `groups` (--group-by's keys) adds the grouped metrics, `funnel` each later stage's
-        conditional AUC (metrics.conditional_metrics)."""
+        """{task: its type's metrics over the rows that have its label}: predictions [rows, C] and labels
+        [rows, T] in output order; `groups` (--group-by's keys) adds the grouped metrics, `funnel` each later
+        stage's conditional AUC (metrics.conditional_metrics)."""
         metrics = {}
         for i, task in enumerate(self.tasks):
             present = ~torch.isnan(labels[:, i])
             every = bool(present.all())
+            columns = self.columns[i]
+            predicted = predictions[:, columns[0]] if len(columns) == 1 else predictions[:, columns[0]:columns[-1] + 1]
             metrics[task.task] = task.metrics(
-                predictions[:, i] if every else predictions[present, i], labels[:, i] if every else labels[present, i],
+                predicted if every else predicted[present], labels[:, i] if every else labels[present, i],
                 groups if groups is None or every else groups[present])
-        if funnel is not None:
+        if funnel is not None:  # a funnel's tasks are binary: one column each, in task order
             for task, values in conditional_metrics(predictions, labels, self.names, funnel).items():
                 metrics[task].update(values)
         return metrics
@@ -272,7 +305,6 @@ class TaskSet:
         if monitor not in main.directions:
             raise MbtrainError(f"--monitor {monitor}: the main task {main.task!r} is {main.name}; its metrics are "
                                f"{', '.join(main.directions)}")
-
 
 
 def check_funnel_types(types: dict[str, str], funnel: list[str] | None) -> None:

@@ -43,7 +43,7 @@ class Binary(TaskType):
         return None
 
     @classmethod
-    def read(cls, column: pl.Series, source: str) -> pl.Series:
+    def read(cls, column: pl.Series, source: str, state: dict[str, Any]) -> pl.Series:
         dtype = column.dtype
         if dtype == pl.Boolean:
             return column.cast(pl.Float32)
@@ -67,10 +67,10 @@ class Binary(TaskType):
             ).to_series().alias(column.name)
         raise MbtrainError(f"{source}: label column {column.name!r} has type {dtype}; labels must be 0/1")
 
-    def base_logit(self, sums: LabelSums, index: int) -> float:
+    def base_logits(self, sums: LabelSums, index: int) -> list[float]:
         """Log-odds of the positive rate (purchase at 1% starts at its loss, not at 0.69)."""
         rate = float(sums.mean()[index])
-        return float(torch.logit(torch.tensor(rate).clamp(1e-4, 1 - 1e-4)))
+        return [float(torch.logit(torch.tensor(rate).clamp(1e-4, 1 - 1e-4)))]
 
     @classmethod
     def losses(cls, logits: torch.Tensor, labels: torch.Tensor, tasks: list[TaskType]) -> torch.Tensor:

@@ -55,7 +55,7 @@ class Regression(TaskType):
         return "numbers, not only 0/1" if dtype.is_numeric() else None
 
     @classmethod
-    def read(cls, column: pl.Series, source: str) -> pl.Series:
+    def read(cls, column: pl.Series, source: str, state: dict[str, Any]) -> pl.Series:
         if not column.dtype.is_numeric():
             shown = column.drop_nulls()
             found = f" such as {shown[0]!r}" if shown.len() else ""
@@ -85,9 +85,9 @@ class Regression(TaskType):
         std = math.sqrt(max(float(squares) / count - mean * mean, 0.0))
         return {"transform": transform, "loss": settings.regression_loss, "mean": mean, "std": std if std > 0 else 1.0}
 
-    def base_logit(self, sums: LabelSums, index: int) -> float:
+    def base_logits(self, sums: LabelSums, index: int) -> list[float]:
         """The mean transformed target: 0 once standardised, the label's mean under `none`."""
-        return float(sums.mean()[index]) if self.state["transform"] == "none" else 0.0
+        return [float(sums.mean()[index]) if self.state["transform"] == "none" else 0.0]
 
     @classmethod
     def targets(cls, labels: torch.Tensor, tasks: list[TaskType]) -> torch.Tensor:
