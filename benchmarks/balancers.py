@@ -59,22 +59,24 @@ def grid(tasks: list[str], seeds: int, quick: bool) -> str:
 
 
 def sweep_each(datasets: list[str], grid_of: Callable[[str, int, bool], str], baseline: str,
-               args: argparse.Namespace, generators: dict[str, Callable[[int], pl.DataFrame]] | None = None) -> None:
+               args: argparse.Namespace, generators: dict[str, Callable[[int], pl.DataFrame]] | None = None,
+               reads: dict[str, str] | None = None) -> None:
     """Per data set: the data (Adult, or generated once under --out: by `generators[dataset](rows)`, by default
     the generated funnel), its grid (`grid_of(dataset, seeds, quick)`), and `mbtrain sweep` on them against
-    `baseline`, which prints the report."""
+    `baseline`, which prints the report. `reads` maps a data set that is a variant of another (other settings on
+    the same rows) to the one whose data it reads."""
     seeds, rows = (2, 10_000) if args.quick else (args.seeds, args.rows)
     with tempfile.TemporaryDirectory() as scratch:
         root = args.out or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
         for dataset in datasets:
-            name = dataset.replace(" ", "-")
-            if dataset == "adult":
+            name, source = dataset.replace(" ", "-"), (reads or {}).get(dataset, dataset)
+            if source == "adult":
                 data = args.data
             else:
-                data = root / f"{name}.parquet"
+                data = root / f"{source.replace(' ', '-')}.parquet"
                 if not data.is_file():
-                    (generators or {}).get(dataset, impressions)(rows).write_parquet(data)
+                    (generators or {}).get(source, impressions)(rows).write_parquet(data)
             config = root / f"{name}.toml"
             config.write_text(grid_of(dataset, seeds, args.quick))
             print(f"\n== {dataset}: {data}", flush=True)

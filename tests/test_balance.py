@@ -12,6 +12,7 @@ from torch import nn
 
 from mbtrain.balance import BALANCERS, MetaBalance, PlainSum, Setup, build_balancer
 from mbtrain.balance.metabalance import MetaBalanceSettings
+from mbtrain.tasks import TaskSet
 from tests.helpers import (
     assert_same_grads_then_step,
     assert_split_metabalance_equals_full,
@@ -440,10 +441,25 @@ class UnfusedMMoE(nn.Module):
         return grads
 
 
+MIXED = TaskSet.from_dict(["a", "seconds", "c"], {"a": {"type": "binary"}, "c": {"type": "binary"}, "seconds": {
+    "type": "regression", "transform": "none", "loss": "mse", "mean": 0.0, "std": 1.0}})
+
+
+def mixed_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Task 1 a regression on raw seconds (a squared error orders of magnitude above the log losses), through the
+    fit loop's task types."""
+    seconds = labels.clone()
+    seconds[:, 1] = 30.0 * labels[:, 1] + 5.0 * torch.arange(len(labels), dtype=labels.dtype) % 7
+    return MIXED.row_losses(logits, seconds).mean(0)
+
+
 @pytest.mark.parametrize("strategy", ["both", "reduce", "enlarge"])
-def test_fused_metabalance_equals_the_literal_one_on_the_unfused_model(strategy: str) -> None:
+@pytest.mark.parametrize("tasks", ["binary", "regression"])
+def test_fused_metabalance_equals_the_literal_one_on_the_unfused_model(strategy: str, tasks: str) -> None:
     """MetaBalance on the fused MMoE with the model's segments (split path) gives the gradients that the literal
-    reference gives on the paper's unfused model, step after step."""
+    reference gives on the paper's unfused model, step after step; with a regression task among binary ones too."""
+    task_losses = (lambda logits, labels: F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+                   .mean(0)) if tasks == "binary" else mixed_losses
     cards = [5, 7, 3]
     fused, _ = twin_models("mmoe", cards)
     unfused = UnfusedMMoE(fused, cards)
@@ -455,11 +471,10 @@ def test_fused_metabalance_equals_the_literal_one_on_the_unfused_model(strategy:
         weights = torch.tensor([1.0, 6.0, 0.2], dtype=torch.double)
         fused.zero_grad(set_to_none=True)
         split = fused.split_forward(categorical, numeric)
-        losses = F.binary_cross_entropy_with_logits(split.logits, labels, reduction="none").mean(0) * weights
+        losses = task_losses(split.logits, labels) * weights
         balancer.backward(list(losses.unbind()), split)
         unfused.zero_grad(set_to_none=True)
-        losses = F.binary_cross_entropy_with_logits(unfused(categorical, numeric), labels, reduction="none").mean(0)
-        losses = list((losses * weights).unbind())
+        losses = list((task_losses(unfused(categorical, numeric), labels) * weights).unbind())
         for p, g in zip(unfused.shared(), reference.shared_grads(losses, unfused.shared()), strict=True):
             p.grad = g
         for p, g in zip(unfused.task(), torch.autograd.grad(sum(losses), unfused.task()), strict=True):

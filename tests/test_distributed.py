@@ -21,6 +21,7 @@ from mbtrain.distributed import Cluster
 from mbtrain.models.scoring import ModelSpec
 from tests import distributed_steps
 from tests.helpers import make_bag_frame, make_frame, run_cli
+from tests.test_task_types import rated
 
 SETTINGS = ["--tasks", "purchase,click", "--patience", "0", "--threads", "1", "--seed", "3", "--hidden", "8",
             "--experts", "2", "--tower", "4", "--device", "cpu"]
@@ -111,6 +112,21 @@ def test_two_ranks_match_one_process_with_bags(tmp_path: Path) -> None:
     result = run_cli("fit", str(data), *settings, "--batch-size", "128", "--out", str(tmp_path / "one"))
     assert result.exit_code == 0, result.output
     assert_same_weights(weights(tmp_path / "two"), weights(tmp_path / "one"))
+
+
+def test_two_ranks_match_one_process_with_every_task_type(tmp_path: Path) -> None:
+    """A regression main task, a multiclass one, labels missing for some rows and row weights: each task's loss is
+    normalised over the global batch's weighted rows with its label, so 2 ranks still take one process's step."""
+    data = tmp_path / "mixed.parquet"
+    rated(600, seed=8).write_parquet(data)
+    settings = ["--tasks", "watch,click,like,rating", "--task-type", "rating=multiclass", "--missing-labels", "skip",
+                "--weight-column", "weight", *SETTINGS[2:], "--balance", "metabalance", "--epochs", "2"]
+    torchrun(str(data), *settings, "--batch-size", "32", "--out", str(tmp_path / "two"))
+    result = run_cli("fit", str(data), *settings, "--batch-size", "64", "--out", str(tmp_path / "one"))
+    assert result.exit_code == 0, result.output
+    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    assert_same_weights(two, one)
+    torch.testing.assert_close(two["balancer"]["moving_norms"], one["balancer"]["moving_norms"])
 
 
 @pytest.mark.parametrize("table_optimizer", ["adam", "lazy-adam"])

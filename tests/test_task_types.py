@@ -179,3 +179,61 @@ def test_bad_task_input_is_one_line(frame_change: pl.Expr | None, flags: list[st
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def rated(rows: int, seed: int) -> pl.DataFrame:
+    """make_log with a 1-5 rating (more stars for longer watches) and a mood among three words."""
+    frame = make_log(rows, seed)
+    stars = (pl.col("watch").rank("ordinal") * 5 / (rows + 1)).floor().cast(pl.Int64) + 1
+    return frame.with_columns(stars.alias("rating"), pl.col("item").str.slice(1).cast(pl.Int64).mod(3)
+                              .replace_strict({0: "sad", 1: "ok", 2: "glad"}).alias("mood"))
+
+
+def test_a_multiclass_task_end_to_end(tmp_path: Path) -> None:
+    path = tmp_path / "rated.parquet"
+    rated(800, seed=4).write_parquet(path)
+    out = tmp_path / "run"
+    result = run_cli("fit", str(path), "--tasks", "rating,click,mood", "--task-type", "rating=multiclass",
+                     "--task-type", "mood=multiclass", "--exclude", "watch,like,weight", *FAST, "--epochs", "3",
+                     "--balance", "metabalance", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["monitor"] == "accuracy"
+    assert set(metrics["tasks"]["rating"]) == {"accuracy", "logloss", "macro_auc", "rows"}
+    predicted = tmp_path / "pred.parquet"
+    assert run_cli("predict", str(out), str(path), "--output", str(predicted), "--keep", "rating").exit_code == 0
+    table = pl.read_parquet(predicted)
+    stars = [f"pred_rating_{k}" for k in range(1, 6)]
+    assert table.columns == ["rating", *stars, "pred_rating", "pred_click", "pred_mood_glad", "pred_mood_ok",
+                             "pred_mood_sad", "pred_mood"]
+    probabilities = table.select(stars).to_torch()
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(len(table)))
+    assert table["pred_rating"].to_list() == (probabilities.argmax(dim=1) + 1).tolist()
+    evaluated = run_cli("eval", str(out), str(path), "--json", str(tmp_path / "m.json"))
+    assert evaluated.exit_code == 0, evaluated.output
+    accuracy = json.loads((tmp_path / "m.json").read_text())["tasks"]["rating"]["accuracy"]
+    assert accuracy == pytest.approx(float((table["pred_rating"] == table["rating"]).mean()))
+    model = tmp_path / "model.pt"
+    assert run_cli("export", str(out), "--output", str(model)).exit_code == 0
+    exported = tmp_path / "exported.parquet"
+    assert run_cli("predict", str(model), str(path), "--output", str(exported)).exit_code == 0
+    theirs = pl.read_parquet(exported)
+    torch.testing.assert_close(theirs.select(stars).to_torch(), probabilities, rtol=1e-5, atol=1e-6)
+    assert theirs["pred_mood"].to_list() == table["pred_mood"].to_list()
+
+
+def test_multiclass_bad_input_is_one_line(tmp_path: Path) -> None:
+    many = tmp_path / "many.parquet"
+    make_log(1200, seed=5).with_columns(pl.int_range(pl.len()).alias("code")).write_parquet(many)
+    result = run_cli("fit", str(many), "--tasks", "click,code", "--task-type", "code=multiclass", *FAST,
+                     "--out", str(tmp_path / "run"))
+    assert result.exit_code != 0 and result.stderr.count("\n") == 1
+    assert "'code' has 1,200 classes; it takes at most 1,000" in result.stderr
+    train, valid = tmp_path / "train.parquet", tmp_path / "valid.parquet"
+    rated(300, seed=6).filter(pl.col("rating") < 5).write_parquet(train)
+    rated(100, seed=7).write_parquet(valid)
+    result = run_cli("fit", str(train), "--tasks", "click,rating", "--task-type", "rating=multiclass", "--valid",
+                     str(valid), *FAST, "--out", str(tmp_path / "run"))
+    assert result.exit_code != 0 and result.stderr.count("\n") == 1
+    assert "valid.parquet: label column 'rating' holds the class 5, which is not one of the task's 4" in result.stderr
+    assert not (tmp_path / "run").exists()

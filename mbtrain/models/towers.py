@@ -38,7 +38,7 @@ class Towers(nn.Module):
         out = self.out(self.hidden(x))
         if not self.wide:
             return out.squeeze(2).transpose(0, 1)
-        return out.transpose(0, 1).reshape(out.shape[1], -1).index_select(1, self.columns)
+        return out.transpose(0, 1).reshape(out.shape[1], out.shape[0] * out.shape[2]).index_select(1, self.columns)
 
     def set_base_logits(self, logits: torch.Tensor) -> None:
         """Start each logit at its task's best constant (a binary task's log-odds of its positive rate), so the first
