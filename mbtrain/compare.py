@@ -7,7 +7,8 @@ shape as runs are added.
 
 With a baseline (`--baseline KEY=VALUE`, the one row whose setting KEY has that value) every other row is paired
 with it seed by seed on the validation metrics of each run's best epoch: the baseline's main task's --monitor
-metric and every task's AUC, as a mean difference with stats.METHOD, seeds won and a verdict.
+metric, and every task in its type's default metric (AUC, RMSE), as a mean difference with stats.METHOD, seeds
+won and a verdict.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from mbtrain.tasks import headline, higher_is_better
 
 # settings that leave a run's results alone (or, for seed, make the repeats a row averages over): never a column
 NOT_COMPARED = ("seed", "threads", "device", "memory_budget", "tensorboard")
-# the metrics the table shows for a main task (and its --monitor); other tasks show AUC only; --json holds all
-MAIN_METRICS = ("auc", "gauc", "conditional_auc", "logloss", "ne")
+# the metrics the table shows for a main task, those its type has (and its --monitor, or its type's default);
+# other tasks show their type's default metric only (AUC, RMSE); --json holds all
+MAIN_METRICS = ("auc", "gauc", "conditional_auc", "logloss", "ne", "rmse", "mae", "r2", "xauc", "gxauc")
 SETTING_COLUMNS = 3  # differing settings shown a column each; beyond, one column lists them row by row
 Stats = dict[str, float | int | None]  # {"mean", "std", "n"} over the runs of a row
 COMPARED_ON = "validation metrics at each run's best epoch (metrics.json), paired by seed"
@@ -64,13 +66,14 @@ class Row:
 
 @dataclass
 class Pairing:
-    """One row against the baseline row, over the seeds both have: the main metric and every task's AUC."""
+    """One row against the baseline row, over the seeds both have: the main metric and every task's own (AUC,
+    RMSE: its type's default metric)."""
 
     seeds: list[int]  # seeds both rows have, the ones paired
     row_only: list[int]  # seeds left out: this row's without a baseline run, and the other way round
     baseline_only: list[int]
     main: Paired  # the baseline's main task and --monitor metric
-    tasks: dict[str, Paired]  # AUC of each task both rows have, in the baseline's task order
+    tasks: dict[str, Paired]  # each task both rows have, in its type's default metric, in the baseline's order
 
     def to_dict(self, baseline: Baseline) -> dict[str, Any]:
         return {"seeds": self.seeds, "left_out": {"this_row": self.row_only, "baseline": self.baseline_only},
@@ -388,14 +391,15 @@ def comparison_table(comparison: Comparison) -> Table | Group:
 
 def _runs_table(comparison: Comparison) -> Table:
     """A row per Row: its run directories, the settings that differ, n (where some row averages over more than
-    one run), then by task name the main task's AUC, GAUC, conditional AUC (funnels), log loss, NE (and --monitor
-    metric) and the other
-    tasks' AUC, '—' where a row lacks one; best epoch and seconds per epoch. The main task is that of most rows
+    one run), then by task name the main task's AUC, GAUC, conditional AUC (funnels), log loss, NE (a regression
+    main task's RMSE, MAE, R², XAUC, GXAUC), its --monitor metric, and the other tasks' default metric (AUC, RMSE),
+    '—' where a row lacks one; best epoch and seconds per epoch. The main task is that of most rows
     (the first row's on a tie). Narrow: one space between columns, a std beneath its mean, and a cell too narrow
     for the terminal folds rather than cut a number short."""
     rows = comparison.rows
     main_task = Counter(row.main_task for row in rows).most_common(1)[0][0]
-    monitors = [row.settings["monitor"] for row in rows if row.main_task == main_task and row.settings["monitor"]]
+    monitors = [row.settings["monitor"] or headline(row.tasks.get(main_task, {})) for row in rows
+                if row.main_task == main_task]  # without --monitor, the main task's type's default
     metric_columns = [(main_task, metric) for metric in dict.fromkeys([*MAIN_METRICS, *monitors])
                       if any(metric in row.tasks.get(main_task, {}) for row in rows)]
     metric_columns += [(task, headline(m for row in rows for m in row.tasks.get(task, {})))
@@ -443,7 +447,7 @@ def _paired_table(comparison: Comparison, baseline: Baseline) -> list[Table | st
     table = Table(title=f"against the baseline, {given}: Δ {metric}, paired by seed",
                   caption=f"{COMPARED_ON}; Δ = row − baseline ({'higher' if baseline.higher_is_better else 'lower'} "
                           f"is better), [ ]: {METHOD}; won: seeds where the row did better, of those paired. "
-                          "--json pairs every task's AUC too.",
+                          "--json pairs every task too, in its type's default metric (AUC, RMSE).",
                   caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   padding=(0, 1, 0, 0))
     table.add_column("run", overflow="fold")

@@ -529,6 +529,8 @@ def _config_record(config: RunConfig, data_path: Path, prepared: Prepared) -> di
             "tasks": schema.tasks,
             "categorical": schema.categorical,
             "numeric": schema.numeric,
+            "vectors": schema.vectors,
+            "task_types": dict(zip(prepared.tasks.names, prepared.tasks.types, strict=True)),
             "excluded": {c.name: c.reason for c in schema.columns if c.role == "excluded"},
         },
         "mbtrain_version": __version__,

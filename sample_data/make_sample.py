@@ -8,11 +8,20 @@ so re-running it with the same polars version rewrites the committed files byte-
 Writes, next to this script:
 
 * ``funnel_train.parquet`` -- 4,000 impressions (zstd-compressed parquet)
-* ``funnel_test.csv``      -- 1,000 impressions (CSV, to exercise the CSV reader)
+* ``funnel_test.parquet``  -- 1,000 impressions (zstd-compressed parquet; CSV cannot hold the list column)
 
-Labels follow a strict funnel (purchase => cart => click) and are drawn from latent logits that
-share a user x item affinity term (hidden random vectors, dot product), so ``user_id`` / ``item_id``
+The binary labels follow a strict funnel (purchase => cart => click) and are drawn from latent logits
+that share a user x item affinity term (hidden random vectors, dot product), so ``user_id`` / ``item_id``
 carry real signal beyond the numeric columns and the three tasks share structure.
+
+Two columns were added later and are drawn from their own generator (``EXTRA_SEED``) after every
+draw of the main one, so that all the other columns keep their values:
+
+* ``dwell_seconds`` -- a regression label: seconds on the item page after a click (log-normal, driven by
+  the same hidden affinity and quality, the price, the device and a hidden per-user pace), null where
+  ``click`` = 0;
+* ``item_vec``      -- a vector feature: 4 float32 numbers per row, a fixed noisy linear view of the item's
+  hidden taste vector and quality, like a pretrained item embedding; null for the few items without one.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ N_TEST = 1_000
 N_USERS = 600
 N_ITEMS = 300
 DIM = 3  # size of the hidden user / item taste vectors
+EXTRA_SEED = 25  # the separate generator of dwell_seconds and item_vec (module docstring)
+VEC_DIM = 4  # length of item_vec
 
 OUT_DIR = Path(__file__).resolve().parent
 
@@ -83,6 +94,16 @@ B_CLICK = -3.15
 B_CART = -3.35
 B_PURCHASE = -3.6
 
+# dwell_seconds (clicked rows only): log(dwell) = log(DWELL_MEDIAN) + the terms in add_extras + noise
+DWELL_MEDIAN = 35.0  # seconds, for an average user and item at the category's median price
+DWELL_SD = 0.6  # sd of the log-normal noise
+PACE_SD = 0.3  # sd of the hidden per-user reading pace (log scale)
+DWELL_DEVICE = {"ios": 0.0, "android": -0.1, "web": 0.2}
+DWELL_MIN, DWELL_MAX = 1.0, 1800.0
+# item_vec: a fixed random linear map of (taste vector, quality) plus per-item noise; a few items have none
+VEC_NOISE_SD = 0.25
+P_NULL_VEC = 0.03  # share of items without a vector
+
 COLUMNS = [
     "impression_id",
     "user_id",
@@ -101,6 +122,8 @@ COLUMNS = [
     "cart",
     "purchase",
 ]
+# the added columns' place: item_vec after the features, dwell_seconds after the binary labels
+EXTRA_COLUMNS = {"item_vec": "discount", "dwell_seconds": "purchase"}
 
 
 def sigmoid(x: float) -> float:
@@ -204,6 +227,7 @@ def generate(n_rows: int) -> pl.DataFrame:
     hour_weights = [1.0 + 0.8 * math.cos(2.0 * math.pi * (h - 20) / 24.0) for h in range(24)]
 
     rows: dict[str, list] = {c: [] for c in COLUMNS}
+    hidden: list[dict] = []  # per row, what dwell_seconds and item_vec depend on (no draws from rng)
     for n in range(n_rows):
         u = users[user_order[rng.choices(range(N_USERS), cum_weights=user_cum)[0]]]
         it = items[item_order[rng.choices(range(N_ITEMS), cum_weights=item_cum)[0]]]
@@ -273,6 +297,8 @@ def generate(n_rows: int) -> pl.DataFrame:
         rows["click"].append(click)
         rows["cart"].append(cart)
         rows["purchase"].append(purchase)
+        hidden.append({"user": u["user_id"], "item": it["item_id"], "device": device, "affinity": affinity,
+                       "quality": it["quality"], "log_price_rel": log_price_rel, "cart": cart})
 
     schema = {
         "impression_id": pl.Int64,
@@ -292,7 +318,47 @@ def generate(n_rows: int) -> pl.DataFrame:
         "cart": pl.Int64,
         "purchase": pl.Int64,
     }
-    return pl.DataFrame(rows, schema=schema)
+    return add_extras(pl.DataFrame(rows, schema=schema), users, items, hidden)
+
+
+def add_extras(df: pl.DataFrame, users: list[dict], items: list[dict], hidden: list[dict]) -> pl.DataFrame:
+    """dwell_seconds and item_vec, from their own generator so that the other columns keep their values."""
+    rng = random.Random(EXTRA_SEED)
+    # a pretrained-embedding-like view of each item: a fixed random map of (taste vector, quality)
+    basis = [[rng.gauss(0.0, 1.0) / math.sqrt(DIM + 1) for _ in range(DIM + 1)] for _ in range(VEC_DIM)]
+    item_vec: dict[int, list[float] | None] = {}
+    for it in items:
+        latent = [*it["vec"], it["quality"] / QUALITY_SD]
+        vec = [sum(b * x for b, x in zip(row, latent, strict=True)) + rng.gauss(0.0, VEC_NOISE_SD) for row in basis]
+        item_vec[it["item_id"]] = None if rng.random() < P_NULL_VEC else [round(v, 4) for v in vec]
+    pace = {u["user_id"]: rng.gauss(0.0, PACE_SD) for u in users}
+
+    dwell: list[float | None] = []
+    for h, click in zip(hidden, df["click"], strict=True):
+        if not click:
+            dwell.append(None)
+            continue
+        log_dwell = (
+            math.log(DWELL_MEDIAN)
+            + 0.5 * h["affinity"]  # a good match is read longer
+            + 0.25 * h["quality"]
+            + 0.2 * h["log_price_rel"]  # pricier items are studied longer
+            + DWELL_DEVICE[h["device"]]
+            + pace[h["user"]]
+            + 0.3 * h["cart"]  # a visit that ends in the cart lasts longer
+            + rng.gauss(0.0, DWELL_SD)
+        )
+        dwell.append(round(min(DWELL_MAX, max(DWELL_MIN, math.exp(log_dwell))), 1))
+
+    df = df.with_columns(
+        pl.Series("item_vec", [item_vec[h["item"]] for h in hidden], dtype=pl.List(pl.Float32)),
+        pl.Series("dwell_seconds", dwell, dtype=pl.Float64),
+    )
+    order = []
+    for name in COLUMNS:
+        order.append(name)
+        order.extend(extra for extra, after in EXTRA_COLUMNS.items() if after == name)
+    return df.select(order)
 
 
 def summarize(name: str, df: pl.DataFrame) -> None:
@@ -305,19 +371,26 @@ def summarize(name: str, df: pl.DataFrame) -> None:
         f"{carts / max(clicks, 1):.1%} of clicks) | purchase {buys / n:.2%} ({buys}, "
         f"{buys / max(carts, 1):.1%} of carts)"
     )
+    dwell = df["dwell_seconds"].drop_nulls()
+    print(
+        f"       dwell_seconds present in {dwell.len()} rows ({dwell.len() / n:.2%}) | median {dwell.median():.1f} s"
+        f" | mean {dwell.mean():.1f} s | p90 {dwell.quantile(0.9):.1f} s | max {dwell.max():.1f} s"
+        f" | item_vec null in {df['item_vec'].null_count()} rows"
+    )
 
 
 def main() -> None:
     df = generate(N_TRAIN + N_TEST)
     # funnel sanity: purchase => cart => click
     assert df.filter((pl.col("cart") > pl.col("click")) | (pl.col("purchase") > pl.col("cart"))).height == 0
+    assert df.filter(pl.col("dwell_seconds").is_null() != (pl.col("click") == 0)).height == 0
     train = df.head(N_TRAIN)
     test = df.tail(N_TEST)
 
     train_path = OUT_DIR / "funnel_train.parquet"
-    test_path = OUT_DIR / "funnel_test.csv"
-    train.write_parquet(train_path, compression="zstd", compression_level=19, statistics=False)
-    test.write_csv(test_path)
+    test_path = OUT_DIR / "funnel_test.parquet"
+    for frame, path in [(train, train_path), (test, test_path)]:
+        frame.write_parquet(path, compression="zstd", compression_level=19, statistics=False)
 
     print(
         f"wrote {train_path.name} ({train_path.stat().st_size:,} bytes), "
@@ -334,6 +407,15 @@ def main() -> None:
         rates = both.group_by(expr.fill_null(False).alias("flag")).agg(pl.col("purchase").mean()).sort("flag")
         no, yes = rates["purchase"].to_list()
         print(f"purchase rate by {name}: no {no:.2%} | yes {yes:.2%}")
+    # ...and the dwell time with the item's price and with the cart
+    clicked = both.filter(pl.col("click") == 1)
+    for name, expr in [
+        ("price above the category median", pl.col("price") > pl.col("price").median().over("category")),
+        ("cart", pl.col("cart") == 1),
+    ]:
+        medians = clicked.group_by(expr.fill_null(False).alias("flag")).agg(pl.col("dwell_seconds").median())
+        no, yes = medians.sort("flag")["dwell_seconds"].to_list()
+        print(f"median dwell_seconds by {name}: no {no:.1f} s | yes {yes:.1f} s")
 
 
 if __name__ == "__main__":

@@ -210,3 +210,16 @@ def test_the_docs_balancer_table_is_the_registrys() -> None:
         DOCS.write_text(text.replace(table, balancer_table()))
         table = balancer_table()
     assert table == balancer_table(), "docs/balancers.md: rerun with MBTRAIN_WRITE_DOCS=1"
+
+
+def test_every_task_types_metrics_are_monitors_with_one_direction() -> None:
+    """A metric two types share (log loss) is better the same way in both; each type's default --monitor is one of
+    its own metrics; every one of them passes --monitor's check."""
+    from mbtrain.config import TrainConfig
+    from mbtrain.tasks import TASK_TYPES, higher_is_better
+
+    for kind in TASK_TYPES.values():
+        assert kind.monitor in kind.directions, kind.name
+        for metric, higher in kind.directions.items():
+            assert higher_is_better(metric) == higher, (kind.name, metric)
+            TrainConfig(monitor=metric).check(group_by="user")

@@ -2,7 +2,9 @@
 
 Left: each method's paired difference to the baseline in the test metric (method − baseline, seed by seed), with
 its 95 % paired t interval, one row per method and one marker and colour per task, the main task emphasised; a
-hollow marker is a mean without an interval (fewer than 2 seeds). Right: the trade-off, one small panel per
+hollow marker is a mean without an interval (fewer than 2 seeds). Tasks reported in different metrics (a
+regression task's RMSE beside binary tasks' AUC: sweep.json's `task_metrics`) get a panel each, side by side, so
+that no axis mixes units. Right: the trade-off, one small panel per
 auxiliary task: the main task's test metric (y) against that task's (x), one point per method with its standard
 deviation over seeds as error bars, the baseline a black star with dotted guides.
 
@@ -73,23 +75,31 @@ def _draw(summary: dict[str, Any], figure_class: Any, canvas_class: Any) -> Any:
     methods: dict[str, dict[str, Any]] = summary["methods"]
     others = [method for method in methods if method != baseline]
     higher = summary.get("higher_is_better")  # optional: only words the axis labels when known
+    metrics = {task: (summary.get("task_metrics") or {}).get(task, metric) for task in tasks}
+    highers = {task: (summary.get("task_higher_is_better") or {}).get(task, higher) for task in tasks}
+    kinds = list(dict.fromkeys(metrics.values()))  # the left panels, the main task's metric first
 
     row_height = 0.2 * len(tasks) + 0.35
     height = max(4.2, row_height * max(len(others), 1) + 2.0, (2.9 * len(auxiliary) + 1.3) if auxiliary else 0)
-    width = 12.0 if auxiliary else 7.5
+    width = (12.0 if auxiliary else 7.5) + 4.0 * (len(kinds) - 1)
     figure = figure_class(figsize=(width, height), dpi=_DPI, layout="constrained")
     canvas_class(figure)  # attaches itself: the non-interactive Agg canvas
     grid = figure.add_gridspec(max(len(auxiliary), 1), 2 if auxiliary else 1,
-                               width_ratios=[1.45, 1] if auxiliary else [1])
-    _differences(figure.add_subplot(grid[:, 0]), tasks, baseline, metric, methods, others, higher)
+                               width_ratios=[1.45 * len(kinds), 1] if auxiliary else [1])
+    left = grid[:, 0].subgridspec(1, len(kinds)) if len(kinds) > 1 else None
+    for at, kind in enumerate(kinds):
+        shown = [task for task in tasks if metrics[task] == kind]
+        _differences(figure.add_subplot(left[0, at] if left is not None else grid[:, 0]), tasks, shown, baseline,
+                     kind, methods, others, highers[shown[0]], first=at == 0)
     panels = [figure.add_subplot(grid[row, 1]) for row in range(len(auxiliary))]
-    points = [_trade_off(axes, main, task, baseline, metric, methods, higher) for axes, task in zip(panels, auxiliary,
-                                                                                                     strict=True)]
+    points = [_trade_off(axes, main, task, baseline, metrics, methods, highers[task])
+              for axes, task in zip(panels, auxiliary, strict=True)]
     seeds = _seeds(methods, tasks)
-    figure.suptitle(f"Test {metric} on the test rows, {seeds} seed{'s' if seeds != 1 else ''}, against {baseline}: "
+    named = " / ".join(kinds)
+    figure.suptitle(f"Test {named} on the test rows, {seeds} seed{'s' if seeds != 1 else ''}, against {baseline}: "
                     f"95 % paired t intervals (left), trade-off with std over seeds (right)"
                     if auxiliary else
-                    f"Test {metric} on the test rows, {seeds} seed{'s' if seeds != 1 else ''}, against {baseline}: "
+                    f"Test {named} on the test rows, {seeds} seed{'s' if seeds != 1 else ''}, against {baseline}: "
                     f"95 % paired t intervals", fontsize=11)
     if auxiliary:  # labels last, on a frozen layout, so that their measured places hold
         figure.draw_without_rendering()
@@ -100,20 +110,24 @@ def _draw(summary: dict[str, Any], figure_class: Any, canvas_class: Any) -> Any:
     return figure
 
 
-def _differences(axes: Any, tasks: list[str], baseline: str, metric: str, methods: dict[str, dict[str, Any]],
-                 others: list[str], higher: bool | None) -> None:
-    """One row per method (report order, top down), one dodged marker per task: mean difference and interval."""
+def _differences(axes: Any, tasks: list[str], shown: list[str], baseline: str, metric: str,
+                 methods: dict[str, dict[str, Any]], others: list[str], higher: bool | None,
+                 first: bool = True) -> None:
+    """One row per method (report order, top down), one dodged marker per task of `shown` (those of `tasks`
+    reported in `metric`; a task keeps its style by its place in `tasks`): mean difference and interval. The
+    first panel names the methods and their verdicts on the main task."""
     from matplotlib.lines import Line2D
     from matplotlib.transforms import ScaledTranslation
 
-    axes.set_title(f"Paired difference to {baseline}, seed by seed (method − {baseline})", loc="left")
+    axes.set_title(f"Paired difference to {baseline}, seed by seed (method − {baseline})" if first
+                   else f"… in {metric}", loc="left")
     if not others:
         axes.text(0.5, 0.5, f"only {baseline} ran: nothing to compare", ha="center", va="center",
                   transform=axes.transAxes)
         axes.set_xticks([])
         axes.set_yticks([])
         return
-    offsets = [0.0] if len(tasks) == 1 else [0.32 - 0.64 * i / (len(tasks) - 1) for i in range(len(tasks))]
+    offsets = [0.0] if len(shown) == 1 else [0.32 - 0.64 * i / (len(shown) - 1) for i in range(len(shown))]
     hollow = False
     labels = []
     for row, method in enumerate(others):
@@ -121,13 +135,14 @@ def _differences(axes: Any, tasks: list[str], baseline: str, metric: str, method
         if row % 2 == 0:
             axes.axhspan(y - 0.5, y + 0.5, color="#f2f2f2", zorder=0, linewidth=0)
         pairs = methods[method].get("paired") or {}
-        for index, task in enumerate(tasks):
+        for place, task in enumerate(shown):
+            index = tasks.index(task)
             pair = pairs.get(task) or {}
             mean, low, high = _number(pair.get("mean")), _number(pair.get("low")), _number(pair.get("high"))
             if mean is None:
                 continue
             colour, marker, size, width = _task_style(index)
-            at = y + offsets[index]
+            at = y + offsets[place]
             if low is not None and high is not None:
                 axes.plot([low, high], [at, at], color=colour, linewidth=width, solid_capstyle="butt", zorder=2)
                 axes.plot([low, low, math.nan, high, high], [at - 0.05, at + 0.05, math.nan, at - 0.05, at + 0.05],
@@ -140,7 +155,7 @@ def _differences(axes: Any, tasks: list[str], baseline: str, metric: str, method
         main = pairs.get(tasks[0]) or {}
         labels.append(f"{method}\n{_short(main.get('verdict'))}, n={main.get('n', 0)}")
     axes.axvline(0.0, color="#444444", linestyle="--", linewidth=1.0, zorder=1)
-    axes.set_yticks([-row for row in range(len(others))], labels)
+    axes.set_yticks([-row for row in range(len(others))], labels if first else [])
     axes.set_ylim(-len(others) + 0.5, 0.5)
     axes.tick_params(axis="y", length=0)
     axes.margins(x=0.08)
@@ -148,7 +163,8 @@ def _differences(axes: Any, tasks: list[str], baseline: str, metric: str, method
     axes.set_xlabel(f"Δ test {metric}, method − {baseline}{direction}")
     axes.grid(axis="x", color="#dddddd", linewidth=0.6, zorder=0)
     handles = []
-    for index, task in enumerate(tasks):
+    for task in shown:
+        index = tasks.index(task)
         colour, marker, size, width = _task_style(index)
         handles.append(Line2D([], [], color=colour, marker=marker, markersize=size, linewidth=width,
                               label=f"{task} (main)" if index == 0 else task))
@@ -160,9 +176,10 @@ def _differences(axes: Any, tasks: list[str], baseline: str, metric: str, method
                 ncol=len(handles) if len(handles) <= 4 else 3, frameon=False)
 
 
-def _trade_off(axes: Any, main: str, task: str, baseline: str, metric: str, methods: dict[str, dict[str, Any]],
-               higher: bool | None) -> list[tuple[float, float, str, str]]:
-    """The main task's test metric against one auxiliary task's, one point per method; the points to label."""
+def _trade_off(axes: Any, main: str, task: str, baseline: str, metrics: dict[str, str],
+               methods: dict[str, dict[str, Any]], higher: bool | None) -> list[tuple[float, float, str, str]]:
+    """The main task's test metric against one auxiliary task's (each in its own, `metrics`; `higher`: the
+    auxiliary task's direction), one point per method; the points to label."""
     points = []
     colours = itertools.cycle(_METHOD_COLOURS)  # drawn for every method, so a method keeps its colour
     for method, block in methods.items():
@@ -183,8 +200,8 @@ def _trade_off(axes: Any, main: str, task: str, baseline: str, metric: str, meth
     if not points:
         axes.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=axes.transAxes)
     better = {True: " (higher is better)", False: " (lower is better)"}.get(higher, "")
-    axes.set_xlabel(f"{task} test {metric}{better}")
-    axes.set_ylabel(f"{main} test {metric}")
+    axes.set_xlabel(f"{task} test {metrics[task]}{better}")
+    axes.set_ylabel(f"{main} test {metrics[main]}")
     axes.set_title(f"Trade-off: {main} against {task}", loc="left")
     axes.margins(0.18)
     axes.grid(color="#e5e5e5", linewidth=0.6, zorder=0)

@@ -20,7 +20,7 @@ from mbtrain.errors import MbtrainError
 from mbtrain.inference import evaluate
 from mbtrain.stats import METHOD, mean_std, paired
 from mbtrain.sweep.protocol import Run
-from mbtrain.tasks import higher_is_better
+from mbtrain.tasks import headline, higher_is_better
 from mbtrain.train import monitor_score
 
 SUMMARY = "sweep.json"
@@ -33,6 +33,7 @@ def summarize(runs: list[Run], methods: list[str], seeds: list[int], baseline: s
     tasks = config.ordered_tasks
     records = [_record(run) for run in runs]
     metric = config.train.monitor or next((r["monitor"] for r in records if r.get("monitor")), "auc")
+    metrics = task_metrics(records, tasks, metric)
     by_name = {record["name"]: record for record in records}
     for method in methods:
         for seed in seeds:
@@ -41,13 +42,27 @@ def summarize(runs: list[Run], methods: list[str], seeds: list[int], baseline: s
                 by_name[pick.name]["selected"] = True
                 by_name[pick.name]["test"] = test_metrics(pick)
     summary = {"format": FORMAT, "tasks": tasks, "main_task": tasks[0], "metric": metric,
-               "higher_is_better": higher_is_better(metric), "baseline": baseline, "seeds": seeds,
+               "higher_is_better": higher_is_better(metric), "task_metrics": metrics,
+               "task_higher_is_better": {task: higher_is_better(name) for task, name in metrics.items()},
+               "baseline": baseline, "seeds": seeds,
                "interval": METHOD, "selection": f"per method and seed, the configuration with the best main-task "
                f"validation {metric}; test rows scored once, for the selected runs only",
-               "methods": {method: _method(method, records, tasks, metric, seeds, baseline) for method in methods},
+               "methods": {method: _method(method, records, metrics, seeds, baseline) for method in methods},
                "runs": records}
     summary["warnings"] = _warnings(summary)
     return summary
+
+
+def task_metrics(records: list[dict[str, Any]], tasks: list[str], metric: str) -> dict[str, str]:
+    """The test metric each task is reported in: the main task's --monitor `metric`; another task's the same where
+    its type has it (a binary task beside a binary main task), else its type's default (RMSE for a regression
+    task beside a binary main task, AUC for a binary one beside a regression main task), read from the metrics
+    the finished runs hold for it."""
+    chosen = {tasks[0]: metric}
+    for task in tasks[1:]:
+        names = next((record["valid"][task] for record in records if task in (record["valid"] or {})), None)
+        chosen[task] = metric if names is None or metric in names else headline(names)
+    return chosen
 
 
 def _record(run: Run) -> dict[str, Any]:
@@ -89,16 +104,17 @@ def test_metrics(run: Run) -> dict[str, Any]:
     return metrics["tasks"]
 
 
-def _method(method: str, records: list[dict[str, Any]], tasks: list[str], metric: str, seeds: list[int],
+def _method(method: str, records: list[dict[str, Any]], metrics: dict[str, str], seeds: list[int],
             baseline: str) -> dict[str, Any]:
+    """One method's block of sweep.json; `metrics` maps each task (main task first) to its metric."""
+    tasks = list(metrics)
     mine = [r for r in records if r["method"] == method]
     chosen = {seed: next((r for r in mine if r["seed"] == seed and r["selected"]), None) for seed in seeds}
     theirs = {seed: next((r for r in records if r["method"] == baseline and r["seed"] == seed and r["selected"]),
                          None) for seed in seeds}
-    higher = higher_is_better(metric)
 
     def test_values(picked: dict[int, dict[str, Any] | None], task: str) -> list[float | None]:
-        return [None if r is None else r["test"][task].get(metric) for r in (picked[seed] for seed in seeds)]
+        return [None if r is None else r["test"][task].get(metrics[task]) for r in (picked[seed] for seed in seeds)]
 
     block: dict[str, Any] = {
         "configurations": len({r["configuration"] for r in mine}),
@@ -113,8 +129,8 @@ def _method(method: str, records: list[dict[str, Any]], tasks: list[str], metric
         "seconds": sum(r["seconds"] or 0.0 for r in mine),
     }
     if method != baseline:
-        block["paired"] = {task: paired(test_values(chosen, task), test_values(theirs, task), higher).to_dict()
-                           for task in tasks}
+        block["paired"] = {task: paired(test_values(chosen, task), test_values(theirs, task),
+                                        higher_is_better(metrics[task])).to_dict() for task in tasks}
         ratios = [r["epoch_seconds"] / b["epoch_seconds"] for r, b in ((chosen[s], theirs[s]) for s in seeds)
                   if r is not None and b is not None and r["epoch_seconds"] and b["epoch_seconds"]]
         block["epoch_time_ratio"] = statistics.median(ratios) if ratios else None
@@ -163,12 +179,15 @@ def report(summary: dict[str, Any]) -> Group:
     the 95 % interval and seeds won, time over the baseline's; the auxiliary tasks' differences likewise; a verdict
     line per method; the configurations chosen; the warnings. Narrow enough for an 80-column terminal."""
     tasks, metric, baseline = summary["tasks"], summary["metric"], summary["baseline"]
+    metrics = summary.get("task_metrics") or dict.fromkeys(tasks, metric)  # a sweep.json of before task types
+    mixed = len(set(metrics.values())) > 1  # tasks of other types: each in its own metric, named beside it
     methods = summary["methods"]
     table = _table(f"test {metric} of {tasks[0]} (main) · {len(summary['seeds'])} seeds · Δ against {baseline}, "
                    f"paired by seed", ("method (configs)", f"test {metric}", "Δ", "95 % interval", "won",
                                        "time ×"))
-    auxiliary = _table(f"auxiliary tasks' test {metric}: Δ against {baseline}",
-                       ("method", "task", f"test {metric}", "Δ", "95 % interval", "won"))
+    auxiliary = _table(f"auxiliary tasks' test {'metrics (named beside each task)' if mixed else metric}: Δ against "
+                       f"{baseline}", ("method", "task", "test" if mixed else f"test {metric}", "Δ", "95 % interval",
+                                       "won"))
     lines = []
     for method, block in methods.items():
         name = f"{method} ({block['configurations']})"
@@ -179,12 +198,15 @@ def report(summary: dict[str, Any]) -> Group:
         table.add_row(name, _mean_std(block["test"][tasks[0]]), *_paired(pair),
                       f"{_ratio(block['epoch_time_ratio'])}/{_ratio(block['total_time_ratio'])}")
         for task in tasks[1:]:
-            auxiliary.add_row(method, task, _mean_std(block["test"][task]), *_paired(block["paired"][task]))
+            auxiliary.add_row(method, f"{task} {metrics[task]}" if mixed else task, _mean_std(block["test"][task]),
+                              *_paired(block["paired"][task]))
         lines.append(f"{method} against {baseline} on {tasks[0]}: {pair['verdict']}")
     chosen = [f"  {method}: " + "; ".join(f"seed {seed} {_settings(pick)}" for seed, pick in block["chosen"].items())
               for method, block in methods.items() if block["configurations"] > 1]
-    caption = (f"[ ]: {summary['interval']}; time ×: epoch time / all runs' time over the baseline's; "
-               f"{summary['selection']}.")
+    lower = list(dict.fromkeys(name for name in metrics.values() if not higher_is_better(name)))
+    direction = f" ({', '.join(lower)}: lower is better)" if lower else ""
+    caption = (f"Δ: method − baseline{direction}; [ ]: {summary['interval']}; time ×: epoch time / all runs' time "
+               f"over the baseline's; {summary['selection']}.")
     notes = [f"warning: {note}" for note in summary["warnings"]]
     return Group(table, *([auxiliary] if len(tasks) > 1 and len(methods) > 1 else []), caption, *lines,
                  *(["chosen on validation:", *chosen] if chosen else []), *notes)
