@@ -7,7 +7,7 @@ DEMO := demo
 
 BENCH := .venv-bench
 
-.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults bench-balancers bench-architectures bench-vocab bench-table-optimizers bench-ops clean
+.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults bench-balancers bench-architectures bench-vocab bench-table-optimizers bench-task-types bench-ops clean
 
 $(BIN)/mbtrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,16 @@ $(BIN)/mbtrain: pyproject.toml
 
 install: $(BIN)/mbtrain
 
+# three binary tasks and a regression one (dwell_seconds: only on clicked rows, hence --missing-labels skip);
+# item_vec enters as a vector feature by inference
+DEMO_TASKS := purchase,cart,click,dwell_seconds
 demo: install
-	$(BIN)/mbtrain inspect sample_data/funnel_train.parquet --tasks purchase,cart,click
-	$(BIN)/mbtrain fit sample_data/funnel_train.parquet --tasks purchase,cart,click \
+	$(BIN)/mbtrain inspect sample_data/funnel_train.parquet --tasks $(DEMO_TASKS)
+	$(BIN)/mbtrain fit sample_data/funnel_train.parquet --tasks $(DEMO_TASKS) --missing-labels skip \
 		--model mmoe --balance metabalance --epochs 15 --batch-size 128 --seed 0 --out $(DEMO)/run --overwrite
-	$(BIN)/mbtrain eval $(DEMO)/run sample_data/funnel_test.csv --json $(DEMO)/test_metrics.json
+	$(BIN)/mbtrain eval $(DEMO)/run sample_data/funnel_test.parquet --json $(DEMO)/test_metrics.json
 	$(BIN)/mbtrain export $(DEMO)/run --output $(DEMO)/model.pt
-	$(BIN)/mbtrain predict $(DEMO)/model.pt sample_data/funnel_test.csv --output $(DEMO)/predictions.csv \
+	$(BIN)/mbtrain predict $(DEMO)/model.pt sample_data/funnel_test.parquet --output $(DEMO)/predictions.csv \
 		--keep impression_id
 
 test: install
@@ -57,6 +60,9 @@ bench-vocab: install
 
 bench-table-optimizers: install
 	$(BIN)/python benchmarks/table_optimizers.py --out bench-table-optimizers
+
+bench-task-types: install
+	$(BIN)/python benchmarks/task_types.py --out bench-task-types
 
 bench-ops: install
 	$(BIN)/python benchmarks/ops.py

@@ -392,7 +392,9 @@ def _task_lines(seen: Any) -> list[str]:
     lines = []
     means, counts = seen.sums.mean().tolist(), seen.sums.count.tolist()
     for i, (task, kind) in enumerate(zip(seen.schema.tasks, seen.types, strict=True)):
-        value = f"positive rate {means[i]:.2%}" if kind == "binary" else f"mean {means[i]:.4g}"
+        classes = seen.states[i].get("classes")
+        value = (f"positive rate {means[i]:.2%}" if kind == "binary" else f"mean {means[i]:.4g}" if classes is None
+                 else f"{len(classes)} classes ({', '.join(map(str, classes[:8]))}{', …' if len(classes) > 8 else ''})")
         coverage = counts[i] / seen.rows if seen.rows else 0.0
         covered = "every row" if counts[i] == seen.rows else f"{coverage:.1%} of rows ({int(counts[i]):,})"
         main = " (main)" if i == 0 else ""
@@ -407,17 +409,30 @@ def evaluate(
     data: Annotated[Path, typer.Argument(help="Labelled CSV or Parquet file.", show_default=False)],
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
     group_by: GroupByOpt = None,
+    weighted_metrics: Annotated[bool, typer.Option(
+        "--weighted-metrics", help="Weigh each row by the run's --weight-column (or --weight-column's): a row of "
+        "weight w counts as w copies of it. Off: every row counts once.")] = False,
+    weight_column: Annotated[str | None, typer.Option(
+        help="With --weighted-metrics: the column of row weights (default: the one the run trained with).")] = None,
 ) -> None:
     """Each task's metrics on a labelled file, over the rows that have its label: a binary task's AUC, GAUC (with
     --group-by), PR AUC, log loss, NE and calibration; a regression task's RMSE, MAE, R² and XAUC (GXAUC with
-    --group-by), in the column's units."""
+    --group-by), in the column's units; a multiclass task's accuracy, log loss and macro AUC."""
     from mbtrain.checkpoint import check_writable, write_json
     from mbtrain.inference import evaluate as evaluate_file
+    from mbtrain.inference import trained_weight_column
     from mbtrain.report import metrics_table
 
     if json_path is not None:
         check_writable(json_path, "--json")
-    metrics = evaluate_file(run, data, group_by)
+    if weight_column is not None and not weighted_metrics:
+        raise MbtrainError("--weight-column weighs the metrics only with --weighted-metrics")
+    if weighted_metrics:
+        weight_column = weight_column or trained_weight_column(run)
+        if weight_column is None:
+            raise MbtrainError(f"--weighted-metrics: {run} does not say which column holds the weights; name it with "
+                               "--weight-column")
+    metrics = evaluate_file(run, data, group_by, weight_column)
     for task, values in metrics["tasks"].items():
         if "auc" in values and values["auc"] is None:
             sys.stderr.write(f"mbtrain: warning: {data}: task {task!r} has a single class; its AUC is null\n")

@@ -41,20 +41,33 @@ def _score(module: torch.nn.Module, spec: ModelSpec, frame: pl.DataFrame, data: 
     return predict_rows(module, *spec.encoders.encode(frame, str(data)))
 
 
-def evaluate(path: Path, data: Path, group_by: str | None = None) -> dict[str, Any]:
+def evaluate(path: Path, data: Path, group_by: str | None = None, weight_column: str | None = None
+             ) -> dict[str, Any]:
     """Every metric of every task on a labelled file (metrics.json shape), each task's over the rows that have its
-    label; the grouped metrics over `group_by`'s groups. Labels and group keys are checked before the rows are
-    scored."""
+    label; the grouped metrics over `group_by`'s groups; with `weight_column`, each row weighing its weight.
+    Labels, weights and group keys are checked before the rows are scored."""
     module, spec, frame = _read(path, data)
     tasks = spec.task_set
-    labels = LabelColumns(spec.tasks, tasks.types, "skip", states=[task.state for task in tasks.tasks]).read(
-        frame, str(data))
+    reader = LabelColumns(spec.tasks, tasks.types, "skip", weight_column, [task.state for task in tasks.tasks])
+    labels, weights = reader.read(frame, str(data)), reader.weights(frame, str(data))
     check_funnel(labels, spec.tasks, spec.funnel, str(data))
     groups = group_keys(frame, str(data), group_by) if group_by else None
     predictions = _score(module, spec, frame, data)
     return {"main_task": spec.main_task,
-            "tasks": tasks.metrics(predictions, labels, groups, spec.funnel),
-            "data": str(data), "model": str(path), **({"group_by": group_by} if group_by else {})}
+            "tasks": tasks.metrics(predictions, labels, groups, spec.funnel, weights),
+            "data": str(data), "model": str(path), **({"group_by": group_by} if group_by else {}),
+            **({"weight_column": weight_column} if weight_column else {})}
+
+
+def trained_weight_column(path: Path) -> str | None:
+    """The --weight-column a run (directory or checkpoint) trained with; None for an exported file, which does not
+    say, and for a run without one."""
+    if path.is_dir():
+        path = run_checkpoint(path)
+    if not path.is_file() or is_export(path) or path.suffix.lower() == ".onnx":
+        return None
+    config = Checkpoint.load(path).config or {}
+    return config.get("data", {}).get("weight_column")
 
 
 def predict(path: Path, data: Path, keep: list[str], conditional: bool = False) -> pl.DataFrame:

@@ -96,9 +96,24 @@ B_PURCHASE = -3.6
 
 # dwell_seconds (clicked rows only): log(dwell) = log(DWELL_MEDIAN) + the terms in add_extras + noise
 DWELL_MEDIAN = 35.0  # seconds, for an average user and item at the category's median price
-DWELL_SD = 0.6  # sd of the log-normal noise
-PACE_SD = 0.3  # sd of the hidden per-user reading pace (log scale)
-DWELL_DEVICE = {"ios": 0.0, "android": -0.1, "web": 0.2}
+DWELL_SD = 0.45  # sd of the log-normal noise
+PACE_SD = 0.25  # sd of the hidden per-user reading pace (log scale)
+DWELL_DEVICE = {"ios": 0.0, "android": -0.1, "web": 0.25}
+# spec-heavy categories are read longer, everyday ones shorter (log scale)
+DWELL_CATEGORY = {
+    "shoes": 0.0,
+    "electronics": 0.6,
+    "books": 0.35,
+    "home": 0.1,
+    "beauty": -0.15,
+    "toys": -0.15,
+    "sports": 0.0,
+    "grocery": -0.6,
+    "fashion": -0.05,
+    "garden": 0.05,
+    "jewelry": 0.4,
+    "pet": -0.25,
+}
 DWELL_MIN, DWELL_MAX = 1.0, 1800.0
 # item_vec: a fixed random linear map of (taste vector, quality) plus per-item noise; a few items have none
 VEC_NOISE_SD = 0.25
@@ -297,8 +312,18 @@ def generate(n_rows: int) -> pl.DataFrame:
         rows["click"].append(click)
         rows["cart"].append(cart)
         rows["purchase"].append(purchase)
-        hidden.append({"user": u["user_id"], "item": it["item_id"], "device": device, "affinity": affinity,
-                       "quality": it["quality"], "log_price_rel": log_price_rel, "cart": cart})
+        hidden.append(
+            {
+                "user": u["user_id"],
+                "item": it["item_id"],
+                "category": it["category"],
+                "device": device,
+                "affinity": affinity,
+                "quality": it["quality"],
+                "log_price_rel": log_price_rel,
+                "cart": cart,
+            }
+        )
 
     schema = {
         "impression_id": pl.Int64,
@@ -325,10 +350,10 @@ def add_extras(df: pl.DataFrame, users: list[dict], items: list[dict], hidden: l
     """dwell_seconds and item_vec, from their own generator so that the other columns keep their values."""
     rng = random.Random(EXTRA_SEED)
     # a pretrained-embedding-like view of each item: a fixed random map of (taste vector, quality)
-    basis = [[rng.gauss(0.0, 1.0) / math.sqrt(DIM + 1) for _ in range(DIM + 1)] for _ in range(VEC_DIM)]
+    basis = [[rng.gauss(0.0, 1.0) / math.sqrt(DIM) for _ in range(DIM)] for _ in range(VEC_DIM)]
     item_vec: dict[int, list[float] | None] = {}
     for it in items:
-        latent = [*it["vec"], it["quality"] / QUALITY_SD]
+        latent = it["vec"]
         vec = [sum(b * x for b, x in zip(row, latent, strict=True)) + rng.gauss(0.0, VEC_NOISE_SD) for row in basis]
         item_vec[it["item_id"]] = None if rng.random() < P_NULL_VEC else [round(v, 4) for v in vec]
     pace = {u["user_id"]: rng.gauss(0.0, PACE_SD) for u in users}
@@ -342,7 +367,8 @@ def add_extras(df: pl.DataFrame, users: list[dict], items: list[dict], hidden: l
             math.log(DWELL_MEDIAN)
             + 0.5 * h["affinity"]  # a good match is read longer
             + 0.25 * h["quality"]
-            + 0.2 * h["log_price_rel"]  # pricier items are studied longer
+            + 0.4 * h["log_price_rel"]  # pricier items are studied longer
+            + DWELL_CATEGORY[h["category"]]
             + DWELL_DEVICE[h["device"]]
             + pace[h["user"]]
             + 0.3 * h["cart"]  # a visit that ends in the cart lasts longer

@@ -13,7 +13,7 @@ from scipy import stats as scipy_stats
 
 from mbtrain.compare import _matches
 from mbtrain.stats import METHOD
-from tests.helpers import make_frame, run_cli
+from tests.helpers import make_frame, make_log, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +328,29 @@ def test_a_baseline_that_names_no_single_row_is_one_error_line(baseline: str, me
 ])
 def test_a_baseline_value_is_read_as_its_setting_type(setting: object, text: str, matches: bool) -> None:
     assert _matches(setting, text) is matches
+
+
+def test_a_regression_main_task_shows_its_metrics_and_pairs_each_task_in_its_own(tmp_path: Path) -> None:
+    """Without --monitor a regression main task is judged on RMSE (its type's default): the table shows its
+    regression metrics, and --baseline pairs it on RMSE (lower is better) and the binary task on AUC."""
+    data = tmp_path / "log.parquet"
+    make_log(400, seed=0).write_parquet(data)
+    for balance in ("none", "metabalance"):
+        for seed in (0, 1):
+            result = run_cli("fit", str(data), "--tasks", "watch,click", "--epochs", "2", "--batch-size", "64",
+                             "--threads", "1", "--balance", balance, "--seed", str(seed),
+                             "--out", str(tmp_path / "runs" / f"{balance}-s{seed}"))
+            assert result.exit_code == 0, result.output
+    comparison, stdout, _ = compare(str(tmp_path / "runs" / "*"), "--baseline", "balance=none",
+                                    json_path=tmp_path / "compare.json")
+    meta = next(row for row in comparison["rows"] if row["settings"]["balance"] == "metabalance")
+    for metric in ("RMSE", "MAE", "XAUC"):
+        assert metric in stdout
+    assert f"{meta['tasks']['watch']['rmse']['mean']:.4f}" in stdout
+    assert comparison["baseline"]["metric"] == "rmse" and comparison["baseline"]["higher_is_better"] is False
+    paired = meta["paired"]
+    assert paired["main"]["task"] == "watch" and paired["main"]["metric"] == "rmse"
+    assert paired["tasks"]["watch"]["higher_is_better"] is False and paired["tasks"]["click"]["higher_is_better"]
+    none = next(row for row in comparison["rows"] if row["settings"]["balance"] == "none")
+    assert paired["tasks"]["click"]["mean"] == pytest.approx(
+        meta["tasks"]["click"]["auc"]["mean"] - none["tasks"]["click"]["auc"]["mean"])

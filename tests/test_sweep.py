@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from mbtrain.stats import paired, t_quantile
-from tests.helpers import make_frame, run_cli
+from tests.helpers import make_frame, make_log, run_cli
 
 COMMON = ["--tasks", "purchase,click", "--epochs", "2", "--batch-size", "64", "--threads", "1", "--patience", "0"]
 GRID = ["--balance", "none,metabalance", "--lr", "0.01,0.003", "--seeds", "2"]
@@ -248,3 +248,32 @@ def test_two_jobs_at_once_give_the_same_sweep(swept: Path, data: Path, tmp_path:
     assert [(run["name"], run["selected"], run["valid"], run["test"]) for run in ours["runs"]] == [
         (run["name"], run["selected"], run["valid"], run["test"]) for run in theirs["runs"]]
     assert sum((Path(run["folder"]) / "test_metrics.json").is_file() for run in ours["runs"]) == 4
+
+
+@pytest.mark.parametrize("tasks", ["click,like,watch", "watch,click,like"])
+def test_tasks_of_other_types_are_each_reported_in_their_own_metric(tasks: str, tmp_path: Path) -> None:
+    """A regression task beside binary ones, main or auxiliary: each task's test metric, paired difference and
+    direction are its type's (RMSE, lower is better, beside AUC), never a blank for want of the main one's."""
+    data = tmp_path / "log.parquet"
+    make_log(600, seed=0).write_parquet(data)
+    out = tmp_path / "mixed"
+    result = run_cli("sweep", str(data), "--tasks", tasks, "--missing-labels", "skip", "--weight-column", "weight",
+                     "--epochs", "2", "--batch-size", "64", "--threads", "1", "--patience", "0",
+                     "--balance", "none,metabalance", "--seeds", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    summary = _summary(out)
+    expected = {"click": "auc", "like": "auc", "watch": "rmse"}
+    assert summary["metric"] == expected[tasks.split(",")[0]] and summary["task_metrics"] == expected
+    assert summary["task_higher_is_better"] == {"click": True, "like": True, "watch": False}
+    selected = {(run["method"], run["seed"]): run["test"] for run in summary["runs"] if run["selected"]}
+    for method, block in summary["methods"].items():
+        for task, metric in expected.items():
+            values = [selected[method, seed][task][metric] for seed in (0, 1)]
+            assert all(isinstance(value, float) for value in values)
+            assert block["test"][task]["mean"] == pytest.approx(sum(values) / 2) and block["test"][task]["n"] == 2
+    meta, none = summary["methods"]["metabalance"]["paired"]["watch"], summary["methods"]["none"]["test"]["watch"]
+    assert meta["n"] == 2 and meta["higher_is_better"] is False
+    assert meta["mean"] == pytest.approx(summary["methods"]["metabalance"]["test"]["watch"]["mean"] - none["mean"])
+    auxiliary = [task for task in tasks.split(",")[1:]]
+    assert all(f"{task} {expected[task]}" in result.output for task in auxiliary)  # the metric beside each task
+    assert "—" not in result.output and "rmse: lower is better" in result.output

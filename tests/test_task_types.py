@@ -82,9 +82,14 @@ def test_eval_rmse_is_sklearns_on_predicts_output_in_seconds(run: Path, log: Pat
     assert metrics["like"]["rows"] == liked.height  # eval counts the rows with a label
 
 
-def test_the_exported_file_predicts_seconds_like_the_run(run: Path, log: Path, tmp_path: Path) -> None:
-    model = tmp_path / "model.pt"
-    assert run_cli("export", str(run), "--output", str(model)).exit_code == 0
+@pytest.mark.parametrize("name", ["model.pt", "model.onnx"])
+def test_the_exported_file_predicts_seconds_like_the_run(name: str, run: Path, log: Path, tmp_path: Path) -> None:
+    if name.endswith(".onnx"):
+        pytest.importorskip("onnxruntime")
+    model = tmp_path / name
+    exported = run_cli("export", str(run), "--output", str(model), "--format", "onnx" if "onnx" in name else
+                       "torchscript")
+    assert exported.exit_code == 0, exported.output
     ours, theirs = tmp_path / "run.csv", tmp_path / "export.csv"
     assert run_cli("predict", str(run), str(log), "--output", str(ours)).exit_code == 0
     assert run_cli("predict", str(model), str(log), "--output", str(theirs)).exit_code == 0
@@ -162,6 +167,7 @@ def _settings():  # noqa: ANN202
     (None, ["--tasks", "click,watch", "--monitor", "rmse"], ("--monitor rmse", "'click'", "binary")),
     (None, ["--task-type", "watch=ordinal"], ("--task-type watch", "ordinal")),
     (None, ["--target-transform", "watch=log2"], ("--target-transform watch", "log2")),
+    (None, ["--target-transform", "click=none"], ("--target-transform click=none", "binary")),
     (pl.col("watch") - 100.0, ["--target-transform", "watch=log1p"], ("--target-transform watch=log1p", "negative")),
 ])
 def test_bad_task_input_is_one_line(frame_change: pl.Expr | None, flags: list[str], fragments: tuple[str, ...],
@@ -237,3 +243,26 @@ def test_multiclass_bad_input_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code != 0 and result.stderr.count("\n") == 1
     assert "valid.parquet: label column 'rating' holds the class 5, which is not one of the task's 4" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_weighted_metrics_count_a_row_of_weight_w_as_w_rows(run: Path, log: Path, tmp_path: Path) -> None:
+    """eval --weighted-metrics (the run's --weight-column; weights 1 and 3 here) equals plain eval on the file with
+    each row repeated its weight's times; without the flag, every row counts once."""
+    frame = pl.read_parquet(log)
+    repeated = tmp_path / "repeated.parquet"
+    frame.select(pl.all().repeat_by(pl.col("weight").cast(pl.Int64)).explode()).write_parquet(repeated)
+    weighted, plain, unweighted = tmp_path / "weighted.json", tmp_path / "plain.json", tmp_path / "unweighted.json"
+    assert run_cli("eval", str(run), str(log), "--weighted-metrics", "--json", str(weighted)).exit_code == 0
+    assert run_cli("eval", str(run), str(repeated), "--json", str(plain)).exit_code == 0
+    assert run_cli("eval", str(run), str(log), "--json", str(unweighted)).exit_code == 0
+    ours, theirs = (json.loads(path.read_text())["tasks"] for path in (weighted, plain))
+    for task, metric in (("watch", "rmse"), ("watch", "xauc"), ("watch", "r2"), ("click", "auc"),
+                         ("like", "logloss"), ("like", "pr_auc")):
+        assert ours[task][metric] == pytest.approx(theirs[task][metric], rel=1e-9), (task, metric)
+    assert json.loads(unweighted.read_text())["tasks"]["watch"]["rmse"] != pytest.approx(ours["watch"]["rmse"])
+    model = tmp_path / "model.pt"
+    assert run_cli("export", str(run), "--output", str(model)).exit_code == 0
+    result = run_cli("eval", str(model), str(log), "--weighted-metrics")
+    assert result.exit_code != 0 and "--weight-column" in result.stderr and result.stderr.count("\n") == 1
+    named = run_cli("eval", str(model), str(log), "--weighted-metrics", "--weight-column", "weight")
+    assert named.exit_code == 0, named.output

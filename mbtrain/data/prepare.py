@@ -97,6 +97,11 @@ def _label_columns(config: RunConfig, table: Any, source: str, tasks: TaskSet | 
 
 def _fitted(config: RunConfig, labels: LabelColumns, sums: LabelSums, source: str) -> TaskSet:
     settings = config.data
+    for task, transform in settings.target_transform.items():
+        kind = labels.types[labels.names.index(task)]
+        if kind != "regression":
+            raise MbtrainError(f"--target-transform {task}={transform}: task {task!r} is {kind}; only a regression "
+                               "task has a target transform")
     tasks = TaskSet.fit(dict(zip(labels.names, labels.types, strict=True)), sums,
                         TaskSettings(settings.task_type, settings.target_transform, settings.regression_loss), source,
                         labels.states)
@@ -131,6 +136,7 @@ class Description:
     sums: LabelSums  # per task, over the rows with its label: the positive rate, a target's mean, the coverage
     types: list[str]  # each task's type
     type_reasons: dict[str, str]  # why
+    states: list[dict[str, Any]]  # what each task's type read its column with (a multiclass task's classes)
     broken: str | None  # with a funnel: what breaks it, where rows do
     capped: dict[str, tuple[int, int]]  # with --max-vocab: per categorical column and bag, (values dropped, their
     # rows; a bag's: its elements)
@@ -175,7 +181,7 @@ def describe(config: RunConfig, data_path: Path) -> Description:
         name: capped_rows(found, settings.min_frequency, settings.max_vocab) for name, found in counted.items()}
     table = [(name, vocabulary_size(found, settings.min_frequency, settings.max_vocab) + 1)  # + unknown's row
              for name, found in counted.items()]
-    return Description(schema, rows, sums, reader.types, reasons, broken, capped, table)
+    return Description(schema, rows, sums, reader.types, reasons, reader.states, broken, capped, table)
 
 
 def _locate(config: RunConfig, data_path: Path) -> tuple[list[Path], int, bool]:

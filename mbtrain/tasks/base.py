@@ -130,10 +130,11 @@ class TaskType:
         number, in the same order), in their own units."""
         raise NotImplementedError
 
-    def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None
-                ) -> dict[str, Any]:
+    def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None,
+                weights: torch.Tensor | None = None) -> dict[str, Any]:
         """The task's validation / eval metrics over the rows that have its label (metrics.json): `predictions`
-        [rows], or [rows, width] for a task of several columns."""
+        [rows], or [rows, width] for a task of several columns; `weights` (eval --weighted-metrics): a row of
+        weight w counts as w copies of it."""
         raise NotImplementedError
 
     def described(self) -> str:
@@ -281,10 +282,10 @@ class TaskSet:
                            [c for _, _, columns, _ in self.groups for c in columns.tolist()])
 
     def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None,
-                funnel: list[str] | None = None) -> dict[str, dict[str, Any]]:
+                funnel: list[str] | None = None, weights: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
         """{task: its type's metrics over the rows that have its label}: predictions [rows, C] and labels
         [rows, T] in output order; `groups` (--group-by's keys) adds the grouped metrics, `funnel` each later
-        stage's conditional AUC (metrics.conditional_metrics)."""
+        stage's conditional AUC (metrics.conditional_metrics), `weights` [rows] weighs the rows."""
         metrics = {}
         for i, task in enumerate(self.tasks):
             present = ~torch.isnan(labels[:, i])
@@ -293,9 +294,10 @@ class TaskSet:
             predicted = predictions[:, columns[0]] if len(columns) == 1 else predictions[:, columns[0]:columns[-1] + 1]
             metrics[task.task] = task.metrics(
                 predicted if every else predicted[present], labels[:, i] if every else labels[present, i],
-                groups if groups is None or every else groups[present])
+                groups if groups is None or every else groups[present],
+                weights if weights is None or every else weights[present])
         if funnel is not None:  # a funnel's tasks are binary: one column each, in task order
-            for task, values in conditional_metrics(predictions, labels, self.names, funnel).items():
+            for task, values in conditional_metrics(predictions, labels, self.names, funnel, weights).items():
                 metrics[task].update(values)
         return metrics
 

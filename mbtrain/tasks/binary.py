@@ -80,6 +80,6 @@ class Binary(TaskType):
     def output(cls, tasks: list[TaskType], columns: list[int]) -> nn.Module:
         return Sigmoid(columns)
 
-    def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None
-                ) -> dict[str, Any]:
-        return binary_metrics(predictions, labels, groups)
+    def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None,
+                weights: torch.Tensor | None = None) -> dict[str, Any]:
+        return binary_metrics(predictions, labels, groups, weights)

@@ -103,9 +103,9 @@ class Multiclass(TaskType):
     def output(cls, tasks: list[TaskType], columns: list[int]) -> nn.Module:
         return Softmax(tasks, columns)
 
-    def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None
-                ) -> dict[str, Any]:
-        return multiclass_metrics(predictions, labels)
+    def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None,
+                weights: torch.Tensor | None = None) -> dict[str, Any]:
+        return multiclass_metrics(predictions, labels, weights)
 
     def described(self) -> str:
         return f"multiclass ({self.width} classes)"

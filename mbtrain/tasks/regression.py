@@ -112,9 +112,9 @@ class Regression(TaskType):
     def output(cls, tasks: list[TaskType], columns: list[int]) -> nn.Module:
         return Untransform(tasks, columns)
 
-    def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None
-                ) -> dict[str, Any]:
-        return regression_metrics(predictions, labels, groups)
+    def metrics(self, predictions: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None,
+                weights: torch.Tensor | None = None) -> dict[str, Any]:
+        return regression_metrics(predictions, labels, groups, weights)
 
     def described(self) -> str:
         return f"regression ({self.state['loss']} on {self.state['transform']})"
