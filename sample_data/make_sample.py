@@ -18,10 +18,10 @@ Two columns were added later and are drawn from their own generator (``EXTRA_SEE
 draw of the main one, so that all the other columns keep their values:
 
 * ``dwell_seconds`` -- a regression label: seconds on the item page after a click (log-normal, driven by
-  the same hidden affinity and quality, the price, the device and a hidden per-user pace), null where
-  ``click`` = 0;
+  the same hidden affinity and item quality, the category, the price, the device, a hidden per-user pace
+  and whether the visit ended in the cart), null where ``click`` = 0;
 * ``item_vec``      -- a vector feature: 4 float32 numbers per row, a fixed noisy linear view of the item's
-  hidden taste vector and quality, like a pretrained item embedding; null for the few items without one.
+  hidden taste vector, like a pretrained item embedding; null for the few items without one.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ DWELL_CATEGORY = {
     "pet": -0.25,
 }
 DWELL_MIN, DWELL_MAX = 1.0, 1800.0
-# item_vec: a fixed random linear map of (taste vector, quality) plus per-item noise; a few items have none
+# item_vec: a fixed random linear map of the item's hidden taste vector plus per-item noise; a few items have none
 VEC_NOISE_SD = 0.25
 P_NULL_VEC = 0.03  # share of items without a vector
 
@@ -349,12 +349,13 @@ def generate(n_rows: int) -> pl.DataFrame:
 def add_extras(df: pl.DataFrame, users: list[dict], items: list[dict], hidden: list[dict]) -> pl.DataFrame:
     """dwell_seconds and item_vec, from their own generator so that the other columns keep their values."""
     rng = random.Random(EXTRA_SEED)
-    # a pretrained-embedding-like view of each item: a fixed random map of (taste vector, quality)
-    basis = [[rng.gauss(0.0, 1.0) / math.sqrt(DIM) for _ in range(DIM)] for _ in range(VEC_DIM)]
+    # like a pretrained item embedding: a fixed random linear map of the hidden taste vector, plus per-item noise
+    projection = [[rng.gauss(0.0, 1.0) / math.sqrt(DIM) for _ in range(DIM)] for _ in range(VEC_DIM)]
     item_vec: dict[int, list[float] | None] = {}
     for it in items:
-        latent = it["vec"]
-        vec = [sum(b * x for b, x in zip(row, latent, strict=True)) + rng.gauss(0.0, VEC_NOISE_SD) for row in basis]
+        vec = [
+            sum(w * x for w, x in zip(row, it["vec"], strict=True)) + rng.gauss(0.0, VEC_NOISE_SD) for row in projection
+        ]
         item_vec[it["item_id"]] = None if rng.random() < P_NULL_VEC else [round(v, 4) for v in vec]
     pace = {u["user_id"]: rng.gauss(0.0, PACE_SD) for u in users}
 
