@@ -473,7 +473,7 @@ def export(
 
     result = export_run(run, output, format)
     console.print(f"exported {', '.join(result['tasks'])} to {output} ({result['format']}; checked on "
-                  f"{result['checked_rows']} rows, max difference {result['max_abs_difference']:.1e})")
+                  f"{result['checked_rows']} rows, max relative difference {result['max_difference']:.1e})")
 
 
 @app.command()

@@ -30,6 +30,7 @@ from mbtrain.tasks.regression import LOSSES, TRANSFORMS
 
 SCHEDULES = ("constant", "cosine")
 MISSING_LABELS = ("error", "skip")
+GROUPED = ("gauc", "gxauc")  # the metrics that average over --group-by's groups
 
 
 @dataclass
@@ -191,8 +192,8 @@ class TrainConfig:
         one_of("--schedule", self.schedule, SCHEDULES)
         if self.monitor is not None:
             one_of("--monitor", self.monitor, monitors())
-        if self.monitor == "gauc" and not group_by:
-            raise MbtrainError("--monitor gauc needs --group-by, the column whose groups GAUC averages over")
+        if self.monitor in GROUPED and not group_by:
+            raise MbtrainError(f"--monitor {self.monitor} needs --group-by, the column whose groups it averages over")
         if not 0 <= self.warmup <= self.epochs:
             raise MbtrainError(f"--warmup must be in [0, --epochs], in epochs: got {self.warmup}")
         at_least_one("--epochs", self.epochs)
@@ -259,6 +260,9 @@ class RunConfig:
         """Raise MbtrainError naming the flag for the first out-of-range or inconsistent setting."""
         self.data.check()
         self.model.check(len(self.data.tasks))
+        if self.model.funnel and self.data.missing_labels == "skip":
+            raise MbtrainError("--missing-labels skip cannot go with a funnel (--funnel, --model esmm or aitm): each "
+                               "stage is labelled on every row, 0 where the stage before it is 0")
         self.balance.check(self.data.tasks)
         self.train.check(self.data.group_by)
 

@@ -27,7 +27,7 @@ from mbtrain.errors import MbtrainError, first_line
 from mbtrain.models.scoring import ModelSpec, Predictions, predict_rows
 
 SPEC_FILE = "mbtrain.json"
-TOLERANCE = 1e-5
+TOLERANCE = 1e-5  # relative, with a floor of 1: a probability's absolute, a regression in milliseconds' relative
 
 
 def export(run: Path, output: Path, fmt: str = "torchscript") -> dict[str, Any]:
@@ -62,7 +62,7 @@ def _torchscript(module: Predictions, spec: ModelSpec, sample: dict[str, torch.T
 
     write_atomic(output, write_checked, "--output")
     return {"format": "torchscript", "output": str(output), "checked_rows": int(eager.shape[0]),
-            "max_abs_difference": check["difference"], "tasks": spec.tasks}
+            "max_difference": check["difference"], "tasks": spec.tasks}
 
 
 def _onnx(module: Predictions, spec: ModelSpec, sample: dict[str, torch.Tensor], output: Path) -> dict[str, Any]:
@@ -105,14 +105,15 @@ def _onnx(module: Predictions, spec: ModelSpec, sample: dict[str, torch.Tensor],
 
     write_atomic(output, write_checked, "--output")
     return {"format": "onnx", "output": str(output), "checked_rows": rows,
-            "max_abs_difference": check["difference"], "tasks": spec.tasks}
+            "max_difference": check["difference"], "tasks": spec.tasks}
 
 
 def _difference(output: Path, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """The largest difference between the trained model's and the exported file's outputs; past TOLERANCE the
-    file is refused (and write_atomic leaves nothing behind)."""
-    difference = max((float((ours - theirs).abs().max()) if ours.numel() else 0.0 for ours, theirs in outputs),
-                     default=0.0)
+    """The largest difference between the trained model's and the exported file's outputs, relative to the output's
+    size where that is above 1 (a regression in the column's units); past TOLERANCE the file is refused (and
+    write_atomic leaves nothing behind)."""
+    difference = max((float(((ours - theirs).abs() / ours.abs().clamp(min=1.0)).max()) if ours.numel() else 0.0
+                      for ours, theirs in outputs), default=0.0)
     if not difference <= TOLERANCE:
         raise MbtrainError(f"--output {output}: exported model disagrees with the trained one (max difference "
                            f"{difference:.2e}); nothing written")

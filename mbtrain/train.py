@@ -49,6 +49,7 @@ from mbtrain.tensorboard_log import LOG_EVERY, RunLog, require_tensorboard
 
 SAMPLE_ROWS = 256  # validation rows kept in checkpoints so that export can check itself on real data
 PROGRESS_EVERY = 20  # steps between loss read-outs in the progress bar
+SPARSE_LABELS = 10  # labelled rows a global batch may expect of a task below which fit warns (with a balancer)
 
 
 def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = False, resume: bool = False,
@@ -125,6 +126,7 @@ class FitRecipe:
         if self.cluster.world_size > 1 and self.config.model.norm == "batch":
             warnings.append(f"--norm batch under torchrun normalises each rank's share of the batch: "
                             f"{self.cluster.world_size} ranks no longer take one process's step (--norm layer does)")
+        warnings += self._sparse_label_warnings()
         rates = self.data.valid.label_sums().mean().tolist()
         for task, kind, rate in zip(self.spec.tasks, self.tasks.types, rates, strict=True):
             if kind == "binary" and rate in (0.0, 1.0):  # the main rank validates
@@ -132,6 +134,20 @@ class FitRecipe:
                                 "AUC will be null")
         for warning in warnings:
             sys.stderr.write(f"mbtrain: warning: {warning}\n")
+
+    def _sparse_label_warnings(self) -> list[str]:
+        """A task labelled on so few rows that some global batches hold none of them: the plain sum then just adds
+        nothing for it, but a balancer sees a zero loss and a zero gradient, which FAMO, GradNorm and the Gram-
+        weighted balancers take for a solved task."""
+        sums, config = self.data.sums, self.config
+        if sums is None or config.balance.balance == "none" or config.data.missing_labels != "skip":
+            return []
+        batch = config.train.batch_size * self.cluster.world_size
+        share = (sums.count / max(1, len(self.data.train))).tolist()
+        return [f"task {task!r} has a label on {rate:.1%} of the training rows, about {rate * batch:.1f} a global "
+                f"batch of {batch:,}: a batch without one gives --balance {config.balance.balance} a zero loss for it; "
+                "a bigger --batch-size avoids that" for task, rate in zip(self.spec.tasks, share, strict=True)
+                if rate * batch < SPARSE_LABELS]
 
     def _build(self, fresh: bool) -> None:
         config = self.config
@@ -420,7 +436,7 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
                 after = _losses(model, tasks, model(categorical, numeric), batch, denominators, global_rows) * weights
             balancer.after_step(list(after.unbind()))
         if log is not None and global_step % LOG_EVERY == 0:
-            log.step(global_step + 1, losses.detach() * denominators / local.clamp(min=1.0), balancer.norm_ratios,
+            log.step(global_step + 1, losses.detach() * denominators / local.clamp(min=1e-12), balancer.norm_ratios,
                      balancer.task_weights, balancer.ratio_names)
         loss_sum += losses.detach() * denominators
         rows_sum += local

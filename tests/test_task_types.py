@@ -163,16 +163,22 @@ def _settings():  # noqa: ANN202
 @pytest.mark.parametrize(("frame_change", "flags", "fragments"), [
     (pl.col("user").alias("watch"), ["--task-type", "watch=regression"], ("'watch'", "regression", "numbers")),
     (pl.col("weight") - 2.0, ["--weight-column", "weight"], ("--weight-column", "'weight'", "-1")),
-    (None, ["--funnel", "--tasks", "click,like,watch"], ("'watch'", "regression", "funnel")),
+    (None, ["--funnel", "--tasks", "click,watch", "--missing-labels", "error"], ("'watch'", "regression", "funnel")),
     (None, ["--tasks", "click,watch", "--monitor", "rmse"], ("--monitor rmse", "'click'", "binary")),
     (None, ["--task-type", "watch=ordinal"], ("--task-type watch", "ordinal")),
     (None, ["--target-transform", "watch=log2"], ("--target-transform watch", "log2")),
     (None, ["--target-transform", "click=none"], ("--target-transform click=none", "binary")),
     (pl.col("watch") - 100.0, ["--target-transform", "watch=log1p"], ("--target-transform watch=log1p", "negative")),
+    (None, ["--monitor", "gxauc"], ("--monitor gxauc", "--group-by")),
+    (None, ["--tasks", "click,like", "--funnel"], ("--missing-labels skip", "funnel")),
+    (pl.col("length").cast(pl.Int64).cast(pl.String).str.to_date("%d", strict=False).alias("day"),
+     ["--tasks", "click,day", "--task-type", "day=multiclass"], ("'day'", "Date", "text or integers")),
+    (pl.when(pl.col("like") == 1).then(pl.lit("b")).otherwise(pl.lit("c")).alias("a"),
+     ["--tasks", "a,a_b,click", "--task-type", "a=multiclass"], ("'pred_a_b'",)),
 ])
 def test_bad_task_input_is_one_line(frame_change: pl.Expr | None, flags: list[str], fragments: tuple[str, ...],
                                     tmp_path: Path) -> None:
-    frame = make_log(200, seed=2)
+    frame = make_log(200, seed=2).with_columns(pl.col("click").alias("a_b"))
     if frame_change is not None:
         frame = frame.with_columns(frame_change.alias(frame_change.meta.output_name()))
     path = tmp_path / "bad.parquet"
@@ -266,3 +272,19 @@ def test_weighted_metrics_count_a_row_of_weight_w_as_w_rows(run: Path, log: Path
     assert result.exit_code != 0 and "--weight-column" in result.stderr and result.stderr.count("\n") == 1
     named = run_cli("eval", str(model), str(log), "--weighted-metrics", "--weight-column", "weight")
     assert named.exit_code == 0, named.output
+
+
+def test_nan_is_a_missing_label_and_validation_needs_no_weights(tmp_path: Path) -> None:
+    """A float 0/1 column with NaN for "no label" is binary (inferred and read alike); a --valid file without the
+    --weight-column trains, since validation's metrics are unweighted."""
+    frame = make_log(400, seed=9).with_columns(pl.col("like").cast(pl.Float64).fill_null(float("nan")))
+    train, valid = tmp_path / "train.parquet", tmp_path / "valid.parquet"
+    frame.head(300).write_parquet(train)
+    frame.tail(100).drop("weight").write_parquet(valid)
+    inspected = run_cli("inspect", str(train), "--tasks", "like,click")
+    assert "task like (main): binary (0/1)" in inspected.stdout, inspected.output
+    result = run_cli("fit", str(train), "--tasks", "like,click", *FAST, *SKIP, "--weight-column", "weight",
+                     "--valid", str(valid), "--exclude", "watch", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["tasks"]["like"]
+    assert metrics["rows"] == int(frame.tail(100)["like"].is_not_nan().sum())

@@ -57,7 +57,9 @@ class EncodedData:
         return self.categorical.shape[0] if self.rows is None else self.rows.numel()
 
     def label_sums(self) -> LabelSums:
-        return LabelSums.of(self.labels if self.rows is None else self.labels[self.rows])
+        if self.rows is None:
+            return LabelSums.of(self.labels, self.weights)
+        return LabelSums.of(self.labels[self.rows], None if self.weights is None else self.weights[self.rows])
 
     def map(self, change: Callable[[torch.Tensor], torch.Tensor]) -> EncodedData:
         """`change` applied to each per-row tensor (a slice, an index, a copy to the device); `rows` is not kept,

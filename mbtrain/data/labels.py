@@ -14,8 +14,6 @@ from mbtrain.errors import MbtrainError
 from mbtrain.tasks import TASK_TYPES, infer_type
 from mbtrain.tasks.binary import FALSE_TEXT, TRUE_TEXT
 
-MISSING_LABELS = ("error", "skip")
-
 
 @dataclass
 class LabelColumns:
@@ -42,7 +40,10 @@ class LabelColumns:
                 listed = ", ".join(frame.columns[:12]) + (f", … ({len(frame.columns)} in all)"
                                                           if len(frame.columns) > 12 else "")
                 raise MbtrainError(f"{source}: task column {name!r} not found; columns are {listed}")
-            values = TASK_TYPES[kind].read(table.get_column(name), source, self.states[j] if self.states else {})
+            column = table.get_column(name)
+            if column.dtype.is_float():  # NaN is a missing label, like null, for every type
+                column = column.fill_nan(None)
+            values = TASK_TYPES[kind].read(column, source, self.states[j] if self.states else {})
             nulls = values.null_count()
             if nulls and self.missing == "error":
                 raise MbtrainError(f"{source}: label column {name!r} has {nulls:,} missing value(s); pass "
@@ -79,12 +80,6 @@ def label_types(frame: pl.DataFrame | pl.LazyFrame | CodedFrame, source: str, ta
     one pass over the label columns (the streaming engine's, for a LazyFrame)."""
     table = _table(frame) if isinstance(frame, CodedFrame) else frame
     schema = table.collect_schema() if isinstance(table, pl.LazyFrame) else table.schema
-    for task in given:
-        if task not in tasks:
-            raise MbtrainError(f"--task-type names {task!r}, which is not one of --tasks ({', '.join(tasks)})")
-    for task, kind in given.items():
-        if kind not in TASK_TYPES:
-            raise MbtrainError(f"--task-type {task}={kind}: choose one of {', '.join(TASK_TYPES)}")
     inferred = [task for task in tasks if task not in given]
     for task in tasks:
         if task not in schema:
@@ -106,7 +101,7 @@ def read_states(frame: pl.DataFrame | pl.LazyFrame | CodedFrame, source: str, ty
     table = _table(frame) if isinstance(frame, CodedFrame) else frame
     states = []
     for task, kind in types.items():
-        if not TASK_TYPES[kind].classes:
+        if not TASK_TYPES[kind].reads_classes:
             states.append({})
             continue
         counted = table.select(pl.col(task).drop_nulls().value_counts(name="count")).unnest(task)
@@ -116,12 +111,14 @@ def read_states(frame: pl.DataFrame | pl.LazyFrame | CodedFrame, source: str, ty
 
 
 def _zero_one(name: str, dtype: pl.DataType) -> pl.Expr:
-    """Whether every value present is 0/1 (numbers) or 0/1/true/false (text)."""
-    column = pl.col(name).drop_nulls()
+    """Whether the column has a value and every value present (NaN is missing) is 0/1 (numbers) or 0/1/true/false
+    (text)."""
+    column = (pl.col(name).fill_nan(None) if dtype.is_float() else pl.col(name)).drop_nulls()
     if dtype.is_numeric():
-        return ((column == 0) | (column == 1)).all()
+        return ((column == 0) | (column == 1)).all() & (column.len() > 0)
     if dtype == pl.String:
-        return column.str.strip_chars().str.to_lowercase().is_in(sorted(TRUE_TEXT | FALSE_TEXT)).all()
+        return column.str.strip_chars().str.to_lowercase().is_in(sorted(TRUE_TEXT | FALSE_TEXT)).all() & (
+            column.len() > 0)
     return pl.lit(False)
 
 

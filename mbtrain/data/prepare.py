@@ -4,6 +4,7 @@ streamed from Parquet row groups where memory would not hold them. `fit` and `in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,8 +53,6 @@ class Prepared:
     storage: str  # how the data is held, for the summary: "in memory" or "streamed, shuffle buffer N rows"
     tasks: TaskSet  # fitted on the training labels, or the resumed run's
     sums: LabelSums | None  # the training labels' (None for a resumed run, which does not start its towers again)
-    labels: LabelColumns
-    type_reasons: dict[str, str]  # why each task has its type (inspect)
 
 
 def prepare(config: RunConfig, data_path: Path, encoders: Encoders | None = None,
@@ -75,7 +74,7 @@ def _read_as_stored(config: RunConfig, validation: bool = False) -> list[str]:
     """Columns read as they are stored: the labels, the weights, and the --group-by column of the data validation
     comes from (the training file's only when it holds the validation rows)."""
     grouped = config.data.group_by and (validation or not config.data.valid)
-    weight = config.data.weight_column
+    weight = config.data.weight_column if not validation else None  # validation's metrics are unweighted
     return config.ordered_tasks + ([weight] if weight else []) + ([config.data.group_by] if grouped else [])
 
 
@@ -105,6 +104,11 @@ def _fitted(config: RunConfig, labels: LabelColumns, sums: LabelSums, source: st
     tasks = TaskSet.fit(dict(zip(labels.names, labels.types, strict=True)), sums,
                         TaskSettings(settings.task_type, settings.target_transform, settings.regression_loss), source,
                         labels.states)
+    names = tasks.output_names()
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise MbtrainError(f"--tasks: two tasks' predictions would both be called {repeated[0]!r} (a multiclass task's "
+                           "classes name its columns); rename a column")
     return tasks
 
 
@@ -152,7 +156,7 @@ def describe(config: RunConfig, data_path: Path) -> Description:
         parts = row_groups(files)
         schema = infer_schema_streaming(parts, source, tasks, *_features(config))
         reader, reasons = _label_columns(config, scan_row_groups(parts), source, None)
-        reader.missing = "skip"  # inspect reports each task's coverage instead
+        reader.missing, reader.weight = "skip", None  # inspect reports each task's coverage, in rows
         labels: Any = StreamingBatches(parts, Encoders([], []), reader, buffer_rows=1)
         sums, rows = labels.label_sums(), sum(part.rows for part in parts)
 
@@ -163,7 +167,7 @@ def describe(config: RunConfig, data_path: Path) -> Description:
         coded = _read_coded(files, _read_as_stored(config))
         schema = infer_schema(coded, source, tasks, *_features(config))
         reader, reasons = _label_columns(config, coded, source, None)
-        reader.missing = "skip"  # inspect reports each task's coverage instead
+        reader.missing, reader.weight = "skip", None  # inspect reports each task's coverage, in rows
         labels = reader.read(coded, source)
         sums, rows = LabelSums.of(labels), coded.height
 
@@ -212,7 +216,7 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, encode
     """Roles, encoders and the encoded tensors all from each column's codes, made once (data/coded.py)."""
     settings = config.data
     schema = infer_schema(frame, source, config.ordered_tasks, *_features(config))
-    reader, reasons = _label_columns(config, frame, source, tasks)
+    reader, _ = _label_columns(config, frame, source, tasks)
     labels, weights = reader.read(frame, source), reader.weights(frame, source)
     _check_funnel(config, [(labels, source)])
     if settings.valid:
@@ -223,8 +227,7 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, encode
         valid_groups = group_keys(valid_frame, valid_source, settings.group_by) if settings.group_by else None
         encoders = encoders or _fit_encoders(config, frame, schema, source)
         train = EncodedData(*encoders.encode(frame, source), labels, weights=weights)
-        valid = EncodedData(*encoders.encode(valid_frame, valid_source), valid_labels, groups=valid_groups,
-                            weights=reader.weights(valid_frame, valid_source))
+        valid = EncodedData(*encoders.encode(valid_frame, valid_source), valid_labels, groups=valid_groups)
     else:
         if frame.height < 2:
             raise MbtrainError(f"{source}: needs at least 2 rows to hold out a validation split")
@@ -237,7 +240,7 @@ def _prepare_in_memory(config: RunConfig, frame: CodedFrame, source: str, encode
         valid, valid_source = everything.take(valid_rows), f"{source} (held-out {settings.valid_fraction:.0%})"
     sums = None if tasks is not None else train.label_sums()
     tasks = tasks or _fitted(config, reader, sums, source)
-    return Prepared(schema, encoders, train, valid, valid_source, "in memory", tasks, sums, reader, reasons)
+    return Prepared(schema, encoders, train, valid, valid_source, "in memory", tasks, sums)
 
 
 def _prepare_streaming(config: RunConfig, files: list[Path], source: str, encoders: Encoders | None,
@@ -259,26 +262,27 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, encode
         train_parts, valid_parts = split_row_groups(parts, settings.valid_fraction, config.train.seed)
         valid_source = f"{source} (held-out row groups, {sum(p.rows for p in valid_parts):,} rows)"
 
-    def roles_and_encoders() -> tuple[Schema, Encoders, LabelColumns, dict[str, str]]:
+    def roles_and_encoders() -> tuple[Schema, Encoders, LabelColumns]:
         schema = infer_schema_streaming(parts, source, config.ordered_tasks, *_features(config))
         _check_columns(config, schema, valid_files[0] if settings.valid else parts[0].path, bool(valid_parts))
-        reader, reasons = _label_columns(config, scan_row_groups(parts), source, tasks)
+        reader, _ = _label_columns(config, scan_row_groups(parts), source, tasks)
         if encoders is not None:
-            return schema, encoders, reader, reasons
+            return schema, encoders, reader
         return schema, fit_encoders_streaming(scan_row_groups(train_parts), schema.categorical, schema.numeric,
                                               settings.min_frequency, settings.max_vocab, schema.bags,
-                                              settings.max_bag, schema.vectors), reader, reasons
+                                              settings.max_bag, schema.vectors), reader
 
-    schema, encoders, reader, reasons = from_main(roles_and_encoders)
+    schema, encoders, reader = from_main(roles_and_encoders)
+    unweighted = dataclasses.replace(reader, weight=None)  # validation reads no weights: its metrics are plain
     buffer = buffer_rows_for(budget, encoders, config.ordered_tasks)
     train = StreamingBatches(train_parts, encoders, reader, buffer)
     if valid_parts:
-        valid: Rows = StreamingBatches(valid_parts, encoders, reader, buffer, settings.group_by)
+        valid: Rows = StreamingBatches(valid_parts, encoders, unweighted, buffer, settings.group_by)
     else:  # a CSV validation file: read whole, as CSV does not stream
         frame = read_files(valid_files)
         groups = group_keys(frame, settings.valid, settings.group_by) if settings.group_by else None
         valid = EncodedData(*encoders.encode(frame, settings.valid), reader.read(frame, settings.valid),
-                            groups=groups, weights=reader.weights(frame, settings.valid))
+                            groups=groups)
     if config.funnel_tasks is not None:  # one pass over the label columns (held-out row groups included), rank 0
         labelled: Labelled = [(StreamingBatches(parts, encoders, reader, buffer), source)]
         if settings.valid:
@@ -287,7 +291,7 @@ def _prepare_streaming(config: RunConfig, files: list[Path], source: str, encode
     sums = None if tasks is not None else from_main(train.label_sums)  # one pass over the label columns, rank 0
     tasks = tasks or _fitted(config, reader, sums, source)
     return Prepared(schema, encoders, train, valid, valid_source, f"streamed, shuffle buffer {buffer:,} rows",
-                    tasks, sums, reader, reasons)
+                    tasks, sums)
 
 
 def _check_columns(config: RunConfig, schema: Schema, validation_file: Path, parquet_valid: bool) -> None:

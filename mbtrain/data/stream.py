@@ -430,8 +430,8 @@ class StreamingBatches:
     def label_sums(self) -> LabelSums:
         """Per task, the sums of its labels, reading the label columns only: what the task types fit from."""
         total = LabelSums.of(torch.empty(0, len(self.tasks)))
-        for frame, source in _frames(self.parts, self.tasks):
-            total = total + LabelSums.of(self.labels.read(frame, source))
+        for frame, source in _frames(self.parts, self.labels.columns):
+            total = total + LabelSums.of(self.labels.read(frame, source), self.labels.weights(frame, source))
         return total
 
     def check_funnel(self, funnel: list[str], source: str) -> None:

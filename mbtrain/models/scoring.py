@@ -28,8 +28,10 @@ INPUTS_DOC = (
     "(a null list: all NaN); bags (only where 'bags' is not empty): int64 [B, K, L] "
     "for the K bags in the order of 'bags', each row's list as the indices of its elements in that bag's "
     "'values' plus 1 (0 for null or unseen), padded with -1 to any common length L (an empty list is all -1; "
-    "mbtrain keeps a list's last 'max_bag' elements); output: float32 [B, T] predictions in 'tasks' order, each in "
-    "its task's units ('task_types'): a probability for a binary task, the column's own units for a regression one"
+    "mbtrain keeps a list's last 'max_bag' elements); output: float32 [B, C] predictions, each task's columns in "
+    "'tasks' order, in its units ('task_types'): a binary task's probability, a regression task's value in the "
+    "column's own units (one column each), a multiclass task's one probability per class in the order of its "
+    "'classes' (C = T without multiclass tasks)"
 )
 
 FUNNEL_DOC = (

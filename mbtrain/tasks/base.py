@@ -26,9 +26,10 @@ TASK_TYPES: dict[str, type[TaskType]] = {}  # in registration order: inference t
 @dataclass
 class LabelSums:
     """Per task, over the rows that have its label: the sums every type fits its statistics from (a positive rate,
-    a target's mean and spread), in one pass that adds up chunk by chunk (streamed data) and rank by rank."""
+    a target's mean and spread), in one pass that adds up chunk by chunk (streamed data) and rank by rank; with
+    --weight-column each row counts its weight."""
 
-    count: torch.Tensor  # float64 [T] rows with a label
+    count: torch.Tensor  # float64 [T] rows with a label (their weight)
     total: torch.Tensor  # Σ y
     squares: torch.Tensor  # Σ y²
     logged: torch.Tensor  # Σ log1p(y) over the rows with y ≥ 0
@@ -36,13 +37,14 @@ class LabelSums:
     least: torch.Tensor  # min y (+inf without a label)
 
     @classmethod
-    def of(cls, labels: torch.Tensor) -> LabelSums:
+    def of(cls, labels: torch.Tensor, weights: torch.Tensor | None = None) -> LabelSums:
         y = labels.to(torch.float64)
         present = ~torch.isnan(y)
         zeroed = torch.where(present, y, 0.0)
         logged = torch.log1p(zeroed.clamp(min=0.0))
-        return cls(present.sum(dim=0).to(torch.float64), zeroed.sum(dim=0), (zeroed * zeroed).sum(dim=0),
-                   logged.sum(dim=0), (logged * logged).sum(dim=0),
+        w = present.to(torch.float64) if weights is None else present * weights.to(torch.float64)[:, None]
+        return cls(w.sum(dim=0), (w * zeroed).sum(dim=0), (w * zeroed * zeroed).sum(dim=0),
+                   (w * logged).sum(dim=0), (w * logged * logged).sum(dim=0),
                    torch.where(present, y, torch.inf).amin(dim=0) if y.shape[0] else
                    torch.full((y.shape[1],), torch.inf, dtype=torch.float64))
 
@@ -73,7 +75,7 @@ class TaskType:
     one loss over all its columns, as it did before task types existed."""
 
     name: ClassVar[str]
-    classes: ClassVar[bool] = False  # its labels are classes, read through a vocabulary (read_state's)
+    reads_classes: ClassVar[bool] = False  # its labels are classes, read through a vocabulary (read_state's)
     directions: ClassVar[dict[str, bool]]  # the metrics --monitor may name for a main task of this type: higher better?
     monitor: ClassVar[str]  # the --monitor default for a main task of this type
     funnel_stage: ClassVar[bool] = False  # may stand in a funnel (--funnel, ESMM, AITM)
@@ -89,8 +91,8 @@ class TaskType:
 
     @classmethod
     def read_state(cls, task: str, values: pl.Series, counts: pl.Series, source: str) -> dict[str, Any]:
-        """For a type of `classes`: what reading its column needs (the classes), from the label column's distinct
-        values and their counts over the training data; saved in the task's state."""
+        """For a type that `reads_classes`: what reading its column needs (the classes), from the label column's
+        distinct values and their counts over the training data; saved in the task's state."""
         return {}
 
     @classmethod
@@ -222,7 +224,7 @@ class TaskSet:
         # per type: its tasks' indices, their logit columns, the tasks
         self.groups = [(kind, torch.tensor(indices), torch.tensor([c for i in indices for c in self.columns[i]]),
                         [tasks[i] for i in indices]) for kind, indices in by_type.items()]
-        self.whole = len(self.groups) == 1 and max(self.widths) == 1  # one type, one column a task: all in order
+        self.single_type = len(self.groups) == 1 and max(self.widths) == 1  # one column a task: all in order
 
     @classmethod
     def from_dict(cls, tasks: list[str], raw: dict[str, dict[str, Any]] | None) -> TaskSet:
@@ -261,7 +263,7 @@ class TaskSet:
         """[B, T] each row's loss for each task, 0 where the row has no label for it."""
         present = ~torch.isnan(labels)
         filled = torch.where(present, labels, 0.0)
-        if self.whole:
+        if self.single_type:
             kind, _, _, members = self.groups[0]
             losses = kind.losses(logits, filled, members)
         else:

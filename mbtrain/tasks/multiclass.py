@@ -42,7 +42,7 @@ class Softmax(nn.Module):
 
 @register("multiclass")
 class Multiclass(TaskType):
-    classes = True
+    reads_classes = True
     directions = {"accuracy": True, "macro_auc": True, "logloss": False}
     monitor = "accuracy"
 
@@ -53,9 +53,12 @@ class Multiclass(TaskType):
                                f"{MAX_CLASSES:,} (a regression task, or an id column, is more likely)")
         if values.len() < 2:
             raise MbtrainError(f"{source}: multiclass task {task!r} has {values.len()} class(es); it needs two or more")
-        if values.dtype.is_float():
-            raise MbtrainError(f"{source}: multiclass task {task!r} holds floats ({values.dtype}); classes are text "
-                               "or integers")
+        if not (values.dtype.is_integer() or values.dtype in (pl.String, pl.Categorical, pl.Enum)
+                or isinstance(values.dtype, pl.Categorical | pl.Enum)):
+            raise MbtrainError(f"{source}: multiclass task {task!r} holds {values.dtype}; classes are text or "
+                               "integers")
+        if not values.dtype.is_integer():
+            values = values.cast(pl.String)
         order = values.arg_sort()
         total = float(counts.sum())
         return {"classes": values.gather(order).to_list(),

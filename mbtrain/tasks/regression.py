@@ -61,12 +61,12 @@ class Regression(TaskType):
             found = f" such as {shown[0]!r}" if shown.len() else ""
             raise MbtrainError(f"{source}: label column {column.name!r} holds {column.dtype}{found}; a regression "
                                "task's labels must be numbers")
-        values = column.cast(pl.Float64)
-        infinite = values.filter(values.is_infinite())
+        values = column.cast(pl.Float32, strict=False).fill_nan(None)
+        infinite = column.filter(values.is_infinite())
         if infinite.len():
             raise MbtrainError(f"{source}: label column {column.name!r} holds {infinite[0]}; a regression task's "
-                               "labels must be finite numbers")
-        return values.fill_nan(None).cast(pl.Float32)
+                               "labels must be finite float32 numbers")
+        return values
 
     @classmethod
     def fit(cls, task: str, sums: LabelSums, index: int, settings: TaskSettings, source: str) -> dict[str, Any]:
