@@ -180,14 +180,14 @@ def report(summary: dict[str, Any]) -> Group:
     line per method; the configurations chosen; the warnings. Narrow enough for an 80-column terminal."""
     tasks, metric, baseline = summary["tasks"], summary["metric"], summary["baseline"]
     metrics = summary.get("task_metrics") or dict.fromkeys(tasks, metric)  # a sweep.json of before task types
-    mixed = len(set(metrics.values())) > 1  # tasks of other types: each in its own metric, named beside it
     methods = summary["methods"]
     table = _table(f"test {metric} of {tasks[0]} (main) · {len(summary['seeds'])} seeds · Δ against {baseline}, "
                    f"paired by seed", ("method (configs)", f"test {metric}", "Δ", "95 % interval", "won",
                                        "time ×"))
-    auxiliary = _table(f"auxiliary tasks' test {'metrics (named beside each task)' if mixed else metric}: Δ against "
-                       f"{baseline}", ("method", "task", "test" if mixed else f"test {metric}", "Δ", "95 % interval",
-                                       "won"))
+    # the auxiliary tasks: a table per metric they are reported in (AUC for binary tasks, RMSE for regression ones)
+    auxiliary = {name: _table(f"auxiliary tasks' test {name}: Δ against {baseline}",
+                              ("method", "task", f"test {name}", "Δ", "95 % interval", "won"))
+                 for name in dict.fromkeys(metrics[task] for task in tasks[1:])}
     lines = []
     for method, block in methods.items():
         name = f"{method} ({block['configurations']})"
@@ -198,8 +198,8 @@ def report(summary: dict[str, Any]) -> Group:
         table.add_row(name, _mean_std(block["test"][tasks[0]]), *_paired(pair),
                       f"{_ratio(block['epoch_time_ratio'])}/{_ratio(block['total_time_ratio'])}")
         for task in tasks[1:]:
-            auxiliary.add_row(method, f"{task} {metrics[task]}" if mixed else task, _mean_std(block["test"][task]),
-                              *_paired(block["paired"][task]))
+            auxiliary[metrics[task]].add_row(method, task, _mean_std(block["test"][task]),
+                                             *_paired(block["paired"][task]))
         lines.append(f"{method} against {baseline} on {tasks[0]}: {pair['verdict']}")
     chosen = [f"  {method}: " + "; ".join(f"seed {seed} {_settings(pick)}" for seed, pick in block["chosen"].items())
               for method, block in methods.items() if block["configurations"] > 1]
@@ -208,7 +208,7 @@ def report(summary: dict[str, Any]) -> Group:
     caption = (f"Δ: method − baseline{direction}; [ ]: {summary['interval']}; time ×: epoch time / all runs' time "
                f"over the baseline's; {summary['selection']}.")
     notes = [f"warning: {note}" for note in summary["warnings"]]
-    return Group(table, *([auxiliary] if len(tasks) > 1 and len(methods) > 1 else []), caption, *lines,
+    return Group(table, *(auxiliary.values() if len(methods) > 1 else []), caption, *lines,
                  *(["chosen on validation:", *chosen] if chosen else []), *notes)
 
 
