@@ -32,7 +32,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check mbtrain tests benchmarks
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2  # two workers (pytest-xdist): the suite is mostly single-threaded fits and torchrun
 
 lint: install
 	$(BIN)/ruff check mbtrain tests benchmarks

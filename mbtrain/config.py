@@ -260,9 +260,6 @@ class RunConfig:
         """Raise MbtrainError naming the flag for the first out-of-range or inconsistent setting."""
         self.data.check()
         self.model.check(len(self.data.tasks))
-        if self.model.funnel and self.data.missing_labels == "skip":
-            raise MbtrainError("--missing-labels skip cannot go with a funnel (--funnel, --model esmm or aitm): each "
-                               "stage is labelled on every row, 0 where the stage before it is 0")
         self.balance.check(self.data.tasks)
         self.train.check(self.data.group_by)
 

@@ -88,6 +88,9 @@ def _label_columns(config: RunConfig, table: Any, source: str, tasks: TaskSet | 
         types = label_types(table, source, config.ordered_tasks, settings.task_type)
     kinds = {name: kind for name, (kind, _) in types.items()}
     check_funnel_types(kinds, config.funnel_tasks)
+    if config.funnel_tasks and settings.missing_labels == "skip":
+        raise MbtrainError("--missing-labels skip cannot go with a funnel (--funnel, --model esmm or aitm): each "
+                           "stage is labelled on every row, 0 where the stage before it is 0")
     states = [task.state for task in tasks.tasks] if tasks is not None else read_states(table, source, kinds)
     labels = LabelColumns(config.ordered_tasks, list(kinds.values()), settings.missing_labels, settings.weight_column,
                           states)
