@@ -22,7 +22,8 @@ from mbtrain.errors import MbtrainError
 
 # settings every run of a sweep shares: they define the data, its split, or what selection reads
 FIXED = {"tasks", "main_task", "valid", "valid_fraction", "group_by", "categorical", "numeric", "exclude",
-         "monitor", "threads", "device", "memory_budget", "tensorboard", "seed", "task_backward"}
+         "monitor", "threads", "device", "memory_budget", "tensorboard", "seed", "task_backward",
+         "task_type", "missing_labels"}  # a task's type names its metrics; skip or not, the rows that count
 DEFAULT_SEEDS = 3
 LEVEL = "balance_level"
 
