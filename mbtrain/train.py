@@ -33,6 +33,7 @@ from rich.progress import (
 from mbtrain import __version__
 from mbtrain.allocator import keep_freed_memory
 from mbtrain.balance import Balancer, Setup, build_balancer
+from mbtrain.balance.per_task import LOOP, PARAMETERS
 from mbtrain.checkpoint import RESUME, Checkpoint, write_json, write_jsonl
 from mbtrain.config import RunConfig, peak_lr
 from mbtrain.data.batches import EncodedData, Rows
@@ -136,17 +137,17 @@ class FitRecipe:
             sys.stderr.write(f"mbtrain: warning: {warning}\n")
 
     def _sparse_label_warnings(self) -> list[str]:
-        """A task labelled on so few rows that some global batches hold none of them: the plain sum then just adds
-        nothing for it, but a balancer sees a zero loss and a zero gradient, which FAMO, GradNorm and the Gram-
-        weighted balancers take for a solved task."""
+        """A task labelled on so few rows that many global batches hold none of them: those batches take the plain
+        sum (train_steps), so the balancer sees only part of the epoch."""
         sums, config = self.data.sums, self.config
         if sums is None or config.balance.balance == "none" or config.data.missing_labels != "skip":
             return []
         batch = config.train.batch_size * self.cluster.world_size
         share = (sums.count / max(1, len(self.data.train))).tolist()
         return [f"task {task!r} has a label on {rate:.1%} of the training rows, about {rate * batch:.1f} a global "
-                f"batch of {batch:,}: a batch without one gives --balance {config.balance.balance} a zero loss for it; "
-                "a bigger --batch-size avoids that" for task, rate in zip(self.spec.tasks, share, strict=True)
+                f"batch of {batch:,}: a batch without one takes the plain sum of the other tasks, not --balance "
+                f"{config.balance.balance}; a bigger --batch-size avoids that" for task, rate in
+                zip(self.spec.tasks, share, strict=True)
                 if rate * batch < SPARSE_LABELS]
 
     def _build(self, fresh: bool) -> None:
@@ -400,7 +401,12 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
 
     Under torchrun each rank takes its slice of every global batch of world_size × batch_size rows (in memory)
     or its own shard's batches (streamed), and its losses are divided by the global batch's rows (with missing
-    labels or weights, by each task's rows or weight there): summed across ranks, that is one process's mean."""
+    labels or weights, by each task's rows or weight there): summed across ranks, that is one process's mean.
+
+    A global batch that holds no label of some task (--missing-labels skip) takes the plain sum of the others'
+    losses: a balancer would take that task's zero loss and gradient for a solved task (FAMO's weights of the
+    others collapse, GradNorm's first loss stays 0, MGDA's minimum-norm point is the zero gradient), so it sees only
+    the batches where every task has a label."""
     device = cluster.device
     started = time.perf_counter()
     batch_size = config.train.batch_size
@@ -411,7 +417,10 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
     loss_sum = torch.zeros(len(config.ordered_tasks), device=device)
     rows_sum = torch.zeros_like(loss_sum)  # what the epoch's losses are means over: rows (or weight) with a label
     ratio_sum = torch.zeros_like(loss_sum)
+    balanced = 0  # steps the balancer took (the others: a task had no label in the global batch)
     counted = config.data.missing_labels == "skip" or config.data.weight_column is not None
+    plain = None if config.balance.balance == "none" or config.data.missing_labels != "skip" else build_balancer(
+        "none", Setup.of(model, len(tasks.names), config.train.seed, cluster, PARAMETERS, LOOP))
     weights = torch.tensor(config.weight_vector, device=device)  # --task-weights, applied before any balancer
     model.train()
     feed = feed if feed is not None else DeviceFeed(train, device)
@@ -421,17 +430,18 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
         batches = _agreed(batches, cluster)
     for step, (batch, global_rows) in enumerate(batches, start=1):
         categorical, numeric = batch.categorical, batch.numeric
-        split = model.split_forward(categorical, numeric) if balancer.wants_split else None
-        logits = split.logits if split is not None else model(categorical, numeric)
         local, denominators = _denominators(batch, global_rows, len(tasks.names), counted, cluster)
+        stepper = plain if plain is not None and bool((denominators == 0).any()) else balancer  # same on every rank
+        split = model.split_forward(categorical, numeric) if stepper.wants_split else None
+        logits = split.logits if split is not None else model(categorical, numeric)
         losses = _losses(model, tasks, logits, batch, denominators, global_rows)
         optimizer.zero_grad()
-        balancer.backward(list((losses * weights).unbind()), split)
+        stepper.backward(list((losses * weights).unbind()), split)
         global_step = (epoch - 1) * steps + step - 1
         lr = learning_rate(config, steps, global_step, cluster.world_size)
         optimizer.set_lr(lr)
         optimizer.step()
-        if balancer.wants_losses_after_step:  # the same rows under the stepped parameters (FAMO)
+        if stepper.wants_losses_after_step:  # the same rows under the stepped parameters (FAMO)
             with torch.no_grad():
                 after = _losses(model, tasks, model(categorical, numeric), batch, denominators, global_rows) * weights
             balancer.after_step(list(after.unbind()))
@@ -440,8 +450,10 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
                      balancer.task_weights, balancer.ratio_names)
         loss_sum += losses.detach() * denominators
         rows_sum += local
-        if balancer.grad_norm_ratio is not None:
-            ratio_sum += balancer.grad_norm_ratio
+        if stepper is balancer:
+            balanced += 1
+            if balancer.grad_norm_ratio is not None:
+                ratio_sum += balancer.grad_norm_ratio
         if step % PROGRESS_EVERY == 0 or step == steps:
             progress.update(bar, completed=step, loss=f"loss {float(losses.detach().sum()):.4f}")
     seconds = time.perf_counter() - started
@@ -449,7 +461,7 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
     cluster.sum_([loss_sum, rows_sum])
     mean_losses = loss_sum / rows_sum.clamp(min=1e-12)
     balancer.epoch_end(mean_losses)
-    ratios = ratio_sum / steps if balancer.grad_norm_ratio is not None else None
+    ratios = ratio_sum / max(1, balanced) if balancer.grad_norm_ratio is not None else None
     return Trained(mean_losses, ratios, lr, steps, len(train) / seconds, waited.seconds / seconds)
 
 

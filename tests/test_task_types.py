@@ -288,3 +288,19 @@ def test_nan_is_a_missing_label_and_validation_needs_no_weights(tmp_path: Path) 
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["tasks"]["like"]
     assert metrics["rows"] == int(frame.tail(100)["like"].is_not_nan().sum())
+
+
+def test_a_batch_without_a_tasks_label_takes_the_plain_sum(tmp_path: Path) -> None:
+    """A task labelled on 3% of the rows is absent from most batches of 32: FAMO sees only the batches holding every
+    task's label (otherwise its weights of the others collapse to ~1e-8 on the absent task's zero loss), and fit
+    says so."""
+    frame = make_log(1200, seed=11)
+    sparse = pl.when(pl.int_range(pl.len()) % 33 == 0).then(pl.col("click")).otherwise(None).alias("rare")
+    path = tmp_path / "rare.parquet"
+    frame.with_columns(sparse).write_parquet(path)
+    result = run_cli("fit", str(path), "--tasks", "click,rare", *FAST, *SKIP, "--exclude", "like,watch,weight",
+                     "--balance", "famo", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert "task 'rare' has a label on 3." in result.stderr and "takes the plain sum" in result.stderr
+    last = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[-1])
+    assert min(last["balance_weights"].values()) > 0.1, last["balance_weights"]
