@@ -503,11 +503,14 @@ def _plain_labels(rows: list[Row]) -> list[str]:
 
 
 def _setting(key: str, value: Any) -> str:
-    """Lists comma-joined; data files under the working directory relative to it."""
+    """Lists comma-joined, dicts as task=value pairs (as --baseline spells them); data files under the working
+    directory relative to it."""
     if value is None:
         return "—"
     if key in ("data", "valid") and isinstance(value, str) and Path(value).is_relative_to(Path.cwd()):
         value = str(Path(value).relative_to(Path.cwd()))
+    if isinstance(value, dict):
+        return escape(_plain(value))
     return escape(", ".join(map(str, value)) if isinstance(value, list) else str(value))
 
 
