@@ -114,7 +114,7 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         for round_ in range(args.rounds + 1):  # round 0 warms up and is not counted
             for model, optimizer, balancer, epochs, trains in runs.values():
-                entry = train_epoch(model, optimizer, balancer, prepared.train, prepared.valid, TASKS,
+                entry = train_epoch(model, optimizer, balancer, prepared.train, prepared.valid, prepared.tasks,
                                     config, round_ + 1, progress, cluster)
                 if round_:
                     epochs.append(entry["seconds"])
