@@ -11,47 +11,47 @@ from rich.table import Table
 from mbtrain.data.schema import Schema
 from mbtrain.models import MODELS, ModelConfig
 from mbtrain.optim import state_floats_per_row
-from mbtrain.tasks import headline
+from mbtrain.tasks import TASK_TYPES, TaskType, headline, type_of_metrics
 
 
 def _number(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-METRIC_COLUMNS = {"auc": "AUC", "gauc": "GAUC", "pr_auc": "PR AUC", "logloss": "log loss", "ne": "NE",
-                  "calibration": "calib.", "conditional_auc": "cond. AUC"}
-REGRESSION_COLUMNS = {"rmse": "RMSE", "mae": "MAE", "r2": "R²", "xauc": "XAUC", "gxauc": "GXAUC"}
-HEADERS = {**METRIC_COLUMNS, **REGRESSION_COLUMNS, "accuracy": "accuracy",
-           "macro_auc": "macro AUC"}  # every metric's column header, for compare's tables too
+HEADERS = {metric: header for kind in TASK_TYPES.values() for metric, header in kind.table.items()}
+"""Every metric's column header, the task types' own (compare's tables read it too)."""
 
 
 def metrics_table(metrics: dict[str, Any], title: str, caption: str | None = None) -> Table | Group:
-    """One row per task (main task first and marked) from a metrics.json-shaped dict, GAUC where the metrics
-    have it; narrow enough for an 80-column terminal. Each kind of task (binary, regression, multiclass, told apart
-    by its metrics) gets a table of its own, the main task's first, the caption under the last."""
+    """One row per task (main task first and marked) from a metrics.json-shaped dict; narrow enough for an
+    80-column terminal. Each type of task, told by its metrics (tasks.type_of_metrics), gets a table of its own
+    with its type's columns (TaskType.table), the main task's first, the caption under the last."""
     main = metrics["main_task"]
-    kinds: dict[str, dict[str, Any]] = {}
+    kinds: dict[type[TaskType], dict[str, Any]] = {}
     for task, values in metrics["tasks"].items():
-        kind = "regression" if "rmse" in values else "multiclass" if "accuracy" in values else "binary"
-        kinds.setdefault(kind, {})[task] = values
+        kinds.setdefault(type_of_metrics(values), {})[task] = values
     order = sorted(kinds, key=lambda kind: main not in kinds[kind])
-    builders = {"binary": _binary_table, "regression": _regression_table, "multiclass": _multiclass_table}
     rows = metrics["tasks"][main]["rows"]
-    tables = [builders[kind](kinds[kind], main, f"{title} · {rows:,} rows" if i == 0 else f"{kind} tasks",
-                             caption if i == len(order) - 1 else None) for i, kind in enumerate(order)]
+    return _stacked([_table(kind, kinds[kind], main, f"{title} · {rows:,} rows" if i == 0 else f"{kind.name} tasks",
+                            caption if i == len(order) - 1 else None) for i, kind in enumerate(order)])
+
+
+def _stacked(tables: list[Table]) -> Table | Group:
     return tables[0] if len(tables) == 1 else Group(*tables)
 
 
-def _binary_table(tasks: dict[str, Any], main_task: str, title: str, caption: str | None) -> Table:
-    first = next(iter(tasks.values()))
-    shown = [key for key in METRIC_COLUMNS if key in first and key != "conditional_auc"]
-    staged = {task: values for task, values in tasks.items() if "conditional_auc" in values}
+def _table(kind: type[TaskType], tasks: dict[str, Any], main_task: str, title: str, caption: str | None) -> Table:
+    """The tasks of one type: its columns where some task has the metric, its count column, notes on what the
+    grouped and conditional metrics cover."""
+    shown = [key for key in kind.table if any(key in values for values in tasks.values())]
     notes = [caption] if caption else []
-    if "gauc" in shown:
-        shares = ", ".join(f"{task} {_share(values['gauc_rows'])}" for task, values in tasks.items())
-        notes.append(f"GAUC covers the rows in groups holding both classes: {shares}")
+    for key, rows, holding in (("gauc", "gauc_rows", "both classes"), ("gxauc", "gxauc_rows", "a pair of targets "
+                                                                                             "that differ")):
+        if key in shown:
+            shares = ", ".join(f"{task} {_share(values[rows])}" for task, values in tasks.items())
+            notes.append(f"{HEADERS[key]} covers the rows in groups holding {holding}: {shares}")
+    staged = {task: values for task, values in tasks.items() if "conditional_auc" in values}
     if staged:
-        shown.append("conditional_auc")
         stages = ", ".join(f"{task} | {values['conditional_on']} on {values['conditional_rows']:,} rows"
                            for task, values in staged.items())
         notes.append(f"cond. AUC: a stage's probability given the stage before, on the rows where that one is 1: "
@@ -60,41 +60,11 @@ def _binary_table(tasks: dict[str, Any], main_task: str, title: str, caption: st
                   show_edge=False, pad_edge=False)
     table.add_column("task")
     for key in shown:
-        table.add_column(METRIC_COLUMNS[key], justify="right")
-    table.add_column("positives", justify="right")
+        table.add_column(kind.table[key], justify="right")
+    table.add_column(kind.count_header, justify="right")
     for task, values in tasks.items():
         name = f"{task} (main)" if task == main_task else task
-        share = values["positives"] / values["rows"] if values["rows"] else 0.0
-        table.add_row(name, *(_number(values.get(key)) for key in shown), f"{values['positives']:,} ({share:.1%})")
-    return table
-
-
-def _regression_table(tasks: dict[str, Any], main_task: str, title: str, caption: str | None) -> Table:
-    """Errors in the column's own units; XAUC the share of pairs ordered as their targets."""
-    first = next(iter(tasks.values()))
-    shown = [key for key in REGRESSION_COLUMNS if key in first]
-    table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
-                  pad_edge=False)
-    table.add_column("task")
-    for key in shown:
-        table.add_column(REGRESSION_COLUMNS[key], justify="right")
-    table.add_column("mean target", justify="right")
-    table.add_column("rows", justify="right")
-    for task, values in tasks.items():
-        name = f"{task} (main)" if task == main_task else task
-        table.add_row(name, *(_number(values.get(key)) for key in shown), _number(values.get("mean_target"), 2),
-                      f"{values['rows']:,}")
-    return table
-
-
-def _multiclass_table(tasks: dict[str, Any], main_task: str, title: str, caption: str | None) -> Table:
-    table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
-                  pad_edge=False)
-    for heading in ("task", "accuracy", "macro AUC", "log loss", "rows"):
-        table.add_column(heading, justify="left" if heading == "task" else "right")
-    for task, values in tasks.items():
-        table.add_row(f"{task} (main)" if task == main_task else task, _number(values["accuracy"]),
-                      _number(values["macro_auc"]), _number(values["logloss"]), f"{values['rows']:,}")
+        table.add_row(name, *(_number(values.get(key)) for key in shown), kind.count_cell(values))
     return table
 
 

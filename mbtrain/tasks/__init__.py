@@ -13,7 +13,8 @@ from mbtrain.tasks.base import (
     infer_type,
     monitors,
     register,
+    type_of_metrics,
 )
 
 __all__ = ["TASK_TYPES", "LabelSums", "TaskSet", "TaskSettings", "TaskType", "check_funnel_types", "headline",
-           "higher_is_better", "infer_type", "monitors", "register"]
+           "higher_is_better", "infer_type", "monitors", "register", "type_of_metrics"]

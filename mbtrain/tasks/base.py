@@ -79,6 +79,13 @@ class TaskType:
     directions: ClassVar[dict[str, bool]]  # the metrics --monitor may name for a main task of this type: higher better?
     monitor: ClassVar[str]  # the --monitor default for a main task of this type
     funnel_stage: ClassVar[bool] = False  # may stand in a funnel (--funnel, ESMM, AITM)
+    table: ClassVar[dict[str, str]] = {}  # the summary table's columns for a task of this type: metric → header
+    count_header: ClassVar[str] = "rows"  # the summary's last column, count_cell's
+
+    @classmethod
+    def count_cell(cls, metrics: dict[str, Any]) -> str:
+        """How many rows the task's metrics are over, as the summary's last column shows it."""
+        return f"{metrics['rows']:,}"
 
     def __init__(self, task: str, state: dict[str, Any]) -> None:
         self.task, self.state = task, state
@@ -181,10 +188,16 @@ def higher_is_better(metric: str) -> bool:
     raise KeyError(metric)
 
 
+def type_of_metrics(metrics: Iterable[str]) -> type[TaskType]:
+    """The type whose metrics these are (metrics.json names no type): the first whose default --monitor is among
+    them."""
+    names = set(metrics)
+    return next((kind for kind in TASK_TYPES.values() if kind.monitor in names), next(iter(TASK_TYPES.values())))
+
+
 def headline(metrics: Iterable[str]) -> str:
     """The metric that speaks for a task whose metrics are these names: its type's default --monitor."""
-    names = set(metrics)
-    return next((kind.monitor for kind in TASK_TYPES.values() if kind.monitor in names), "auc")
+    return type_of_metrics(metrics).monitor
 
 
 def monitors() -> list[str]:

@@ -33,6 +33,14 @@ class Binary(TaskType):
     directions = {"auc": True, "gauc": True, "logloss": False, "ne": False}
     monitor = "auc"
     funnel_stage = True
+    table = {"auc": "AUC", "gauc": "GAUC", "pr_auc": "PR AUC", "logloss": "log loss", "ne": "NE",
+             "calibration": "calib.", "conditional_auc": "cond. AUC"}
+    count_header = "positives"
+
+    @classmethod
+    def count_cell(cls, metrics: dict[str, Any]) -> str:
+        share = metrics["positives"] / metrics["rows"] if metrics["rows"] else 0.0
+        return f"{metrics['positives']:,} ({share:.1%})"
 
     @classmethod
     def claims(cls, dtype: pl.DataType, zero_one: bool) -> str | None:

@@ -45,6 +45,7 @@ class Multiclass(TaskType):
     reads_classes = True
     directions = {"accuracy": True, "macro_auc": True, "logloss": False}
     monitor = "accuracy"
+    table = {"accuracy": "accuracy", "macro_auc": "macro AUC", "logloss": "log loss"}
 
     @classmethod
     def read_state(cls, task: str, values: pl.Series, counts: pl.Series, source: str) -> dict[str, Any]:

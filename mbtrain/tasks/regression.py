@@ -49,6 +49,7 @@ class Untransform(nn.Module):
 class Regression(TaskType):
     directions = {"rmse": False, "mae": False, "r2": True, "xauc": True, "gxauc": True}
     monitor = "rmse"
+    table = {"rmse": "RMSE", "mae": "MAE", "r2": "R²", "xauc": "XAUC", "gxauc": "GXAUC", "mean_target": "mean target"}
 
     @classmethod
     def claims(cls, dtype: pl.DataType, zero_one: bool) -> str | None:
