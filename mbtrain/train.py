@@ -419,7 +419,7 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
     ratio_sum = torch.zeros_like(loss_sum)
     balanced = 0  # steps the balancer took (the others: a task had no label in the global batch)
     counted = config.data.missing_labels == "skip" or config.data.weight_column is not None
-    plain = None if config.balance.balance == "none" or config.data.missing_labels != "skip" else build_balancer(
+    plain = None if config.balance.balance == "none" or not counted else build_balancer(
         "none", Setup.of(model, len(tasks.names), config.train.seed, cluster, PARAMETERS, LOOP))
     weights = torch.tensor(config.weight_vector, device=device)  # --task-weights, applied before any balancer
     model.train()
