@@ -390,7 +390,7 @@ def inspect(
 def _task_lines(seen: Any) -> list[str]:
     """Each task's type and why, its positive rate or mean, and the share of rows that have its label."""
     lines = []
-    means, counts = seen.sums.mean().tolist(), seen.sums.count.tolist()
+    means, counts = seen.sums.mean().tolist(), seen.sums.rows.tolist()
     for i, (task, kind) in enumerate(zip(seen.schema.tasks, seen.types, strict=True)):
         classes = seen.states[i].get("classes")
         value = (f"positive rate {means[i]:.2%}" if kind == "binary" else f"mean {means[i]:.4g}" if classes is None
@@ -438,7 +438,8 @@ def evaluate(
             sys.stderr.write(f"mbtrain: warning: {data}: task {task!r} has a single class; its AUC is null\n")
     if json_path is not None:
         write_json(metrics, json_path, "--json")
-    console.print(metrics_table(metrics, f"{data} scored by {run}"))
+    weighted = f", rows weighted by {weight_column}" if weight_column else ""
+    console.print(metrics_table(metrics, f"{data} scored by {run}{weighted}"))
 
 
 @app.command()

@@ -143,7 +143,7 @@ class FitRecipe:
         if sums is None or config.balance.balance == "none" or config.data.missing_labels != "skip":
             return []
         batch = config.train.batch_size * self.cluster.world_size
-        share = (sums.count / max(1, len(self.data.train))).tolist()
+        share = (sums.rows / max(1, len(self.data.train))).tolist()
         return [f"task {task!r} has a label on {rate:.1%} of the training rows, about {rate * batch:.1f} a global "
                 f"batch of {batch:,}: a batch without one takes the plain sum of the other tasks, not --balance "
                 f"{config.balance.balance}; a bigger --batch-size avoids that" for task, rate in
@@ -403,10 +403,10 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
     or its own shard's batches (streamed), and its losses are divided by the global batch's rows (with missing
     labels or weights, by each task's rows or weight there): summed across ranks, that is one process's mean.
 
-    A global batch that holds no label of some task (--missing-labels skip) takes the plain sum of the others'
-    losses: a balancer would take that task's zero loss and gradient for a solved task (FAMO's weights of the
-    others collapse, GradNorm's first loss stays 0, MGDA's minimum-norm point is the zero gradient), so it sees only
-    the batches where every task has a label."""
+    A global batch that holds no label of some task (--missing-labels skip; or whose rows of it all weigh 0) takes
+    the plain sum of the others' losses (one host sync a step, to choose): a balancer would take that task's zero
+    loss and gradient for a solved task (FAMO's weights of the others collapse, GradNorm's first loss stays 0,
+    MGDA's minimum-norm point is the zero gradient), so it sees only the batches where every task has a label."""
     device = cluster.device
     started = time.perf_counter()
     batch_size = config.train.batch_size
@@ -446,8 +446,10 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
                 after = _losses(model, tasks, model(categorical, numeric), batch, denominators, global_rows) * weights
             balancer.after_step(list(after.unbind()))
         if log is not None and global_step % LOG_EVERY == 0:
-            log.step(global_step + 1, losses.detach() * denominators / local.clamp(min=1e-12), balancer.norm_ratios,
-                     balancer.task_weights, balancer.ratio_names)
+            balancing = stepper is balancer  # a plain step has no balancer's ratios or weights to show
+            log.step(global_step + 1, losses.detach() * denominators / local.clamp(min=1e-12),
+                     balancer.norm_ratios if balancing else None, balancer.task_weights if balancing else None,
+                     balancer.ratio_names)
         loss_sum += losses.detach() * denominators
         rows_sum += local
         if stepper is balancer:
@@ -461,7 +463,7 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
     cluster.sum_([loss_sum, rows_sum])
     mean_losses = loss_sum / rows_sum.clamp(min=1e-12)
     balancer.epoch_end(mean_losses)
-    ratios = ratio_sum / max(1, balanced) if balancer.grad_norm_ratio is not None else None
+    ratios = ratio_sum / balanced if balancer.grad_norm_ratio is not None and balanced else None
     return Trained(mean_losses, ratios, lr, steps, len(train) / seconds, waited.seconds / seconds)
 
 

@@ -29,7 +29,8 @@ class LabelSums:
     a target's mean and spread), in one pass that adds up chunk by chunk (streamed data) and rank by rank; with
     --weight-column each row counts its weight."""
 
-    count: torch.Tensor  # float64 [T] rows with a label (their weight)
+    rows: torch.Tensor  # float64 [T] rows with a label
+    count: torch.Tensor  # their weight (rows again without --weight-column)
     total: torch.Tensor  # Σ y
     squares: torch.Tensor  # Σ y²
     logged: torch.Tensor  # Σ log1p(y) over the rows with y ≥ 0
@@ -43,19 +44,20 @@ class LabelSums:
         zeroed = torch.where(present, y, 0.0)
         logged = torch.log1p(zeroed.clamp(min=0.0))
         w = present.to(torch.float64) if weights is None else present * weights.to(torch.float64)[:, None]
-        return cls(w.sum(dim=0), (w * zeroed).sum(dim=0), (w * zeroed * zeroed).sum(dim=0),
-                   (w * logged).sum(dim=0), (w * logged * logged).sum(dim=0),
+        return cls(present.sum(dim=0).to(torch.float64), w.sum(dim=0), (w * zeroed).sum(dim=0),
+                   (w * zeroed * zeroed).sum(dim=0), (w * logged).sum(dim=0), (w * logged * logged).sum(dim=0),
                    torch.where(present, y, torch.inf).amin(dim=0) if y.shape[0] else
                    torch.full((y.shape[1],), torch.inf, dtype=torch.float64))
 
     def __add__(self, other: LabelSums) -> LabelSums:
-        return LabelSums(self.count + other.count, self.total + other.total, self.squares + other.squares,
-                         self.logged + other.logged, self.logged_squares + other.logged_squares,
+        return LabelSums(self.rows + other.rows, self.count + other.count, self.total + other.total,
+                         self.squares + other.squares, self.logged + other.logged,
+                         self.logged_squares + other.logged_squares,
                          torch.minimum(self.least, other.least))
 
     def mean(self) -> torch.Tensor:
         """[T] each task's mean label (a binary task's positive rate), 0 where no row has one."""
-        return self.total / self.count.clamp(min=1.0)
+        return self.total / torch.where(self.count > 0, self.count, 1.0)
 
 
 @dataclass

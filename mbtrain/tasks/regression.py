@@ -73,7 +73,8 @@ class Regression(TaskType):
     def fit(cls, task: str, sums: LabelSums, index: int, settings: TaskSettings, source: str) -> dict[str, Any]:
         count, least = float(sums.count[index]), float(sums.least[index])
         if count == 0:
-            raise MbtrainError(f"{source}: regression task {task!r} has no label in the training rows")
+            raise MbtrainError(f"{source}: regression task {task!r} has no label (of a positive weight) in the "
+                               "training rows")
         transform = settings.target_transform.get(task) or ("log1p" if least >= 0 else "standardize")
         if transform == "log1p" and least < 0:
             raise MbtrainError(f"--target-transform {task}=log1p: {source} has the negative value {least:g} in "
