@@ -95,6 +95,7 @@ class Checkpoint:
     rng: torch.Tensor
     sample: dict[str, torch.Tensor] | None  # {"categorical", "numeric"}: a few validation rows
     cuda_rng: torch.Tensor | None = None  # on a GPU
+    position: dict[str, Any] | None = None  # a mid-epoch checkpoint's place in epoch `epoch` + 1 (train.Position)
 
     def save(self, path: Path) -> None:
         state = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

@@ -59,7 +59,8 @@ app = typer.Typer(
 console = Console()
 DEFAULTS = RunConfig().flat()
 # settings a resumed run may change
-RESUMABLE = {"epochs", "patience", "threads", "device", "memory_budget", "tensorboard", "task_backward"}
+RESUMABLE = {"epochs", "patience", "threads", "device", "memory_budget", "tensorboard", "task_backward",
+             "checkpoint_every"}
 FIT_ONLY = {"data", "out", "overwrite", "resume", "config"}  # fit's parameters that are not settings
 
 
@@ -273,6 +274,9 @@ def fit(
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's choice).")] = None,
     device: Annotated[str | None, typer.Option(help=_help("auto (a GPU where there is one) | cpu | cuda.",
                                                           "device"))] = None,
+    checkpoint_every: Annotated[str | None, typer.Option(
+        help="Write checkpoints/last.pt every N training steps inside an epoch too, to resume at the next batch "
+        "(default: at each epoch's end only).")] = None,
     task_backward: Annotated[str | None, typer.Option(help=_help(
         "loop | batched: a per-task-gradient balancer's backward passes task by task, or as one backward "
         "stacked over the tasks (the same gradients; faster on a GPU, not on a small CPU).", "task_backward"))] = None,

@@ -174,6 +174,7 @@ class TrainConfig:
     task_backward: str = LOOP  # per-task gradients' backward passes: one per task, or batched in one (per_task.py)
     table_optimizer: str = LAZY_ADAM  # the embedding table's (optim.py; chosen by sweep: docs/scaling.md)
     table_lr: float | None = None  # the table's peak learning rate; None: --lr's
+    checkpoint_every: str | None = None  # checkpoints/last.pt every N steps ("5000") inside an epoch; None: per epoch
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
@@ -207,6 +208,8 @@ class TrainConfig:
             raise MbtrainError(f"--seed must be in [0, 2^32): got {self.seed}")
         if self.threads is not None:
             at_least_one("--threads", self.threads)
+        if self.checkpoint_every is not None:
+            checkpoint_steps(self.checkpoint_every)
 
 
 @dataclass
@@ -262,6 +265,13 @@ class RunConfig:
         self.model.check(len(self.data.tasks))
         self.balance.check(self.data.tasks)
         self.train.check(self.data.group_by)
+
+
+def checkpoint_steps(text: str) -> int:
+    """--checkpoint-every's steps, or one error line naming the flag."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise MbtrainError(f"--checkpoint-every takes a number of steps, at least 1: got {text!r}")
+    return int(text)
 
 
 BASE_LR = 1e-2  # the default learning rate from BASE_BATCH rows of global batch up

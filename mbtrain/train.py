@@ -9,12 +9,13 @@ config.json, checkpoints/{last,best}.pt (checkpoint.Checkpoint), history.jsonl, 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from mbtrain.allocator import keep_freed_memory
 from mbtrain.balance import Balancer, Setup, build_balancer
 from mbtrain.balance.per_task import LOOP, PARAMETERS
 from mbtrain.checkpoint import RESUME, Checkpoint, write_json, write_jsonl
-from mbtrain.config import RunConfig, peak_lr
+from mbtrain.config import RunConfig, checkpoint_steps, peak_lr
 from mbtrain.data.batches import EncodedData, Rows
 from mbtrain.data.encoders import table_slices
 from mbtrain.data.feed import DeviceFeed
@@ -87,6 +88,7 @@ class FitRecipe:
         self.best: dict[str, Any] | None = None  # {"epoch", "score", "metrics"} of the best epoch so far
         self.bad_epochs = 0  # epochs since the best one
         self.epoch = 0  # the last finished epoch
+        self.position: Position | None = None  # a resumed mid-epoch checkpoint's place in epoch self.epoch + 1
         self.seconds = 0.0
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -174,6 +176,7 @@ class FitRecipe:
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise MbtrainError(f"{path}: cannot resume from it ({type(exc).__name__}: {first_line(exc)})") from None
         self.best, self.bad_epochs, self.epoch = resumed.best, resumed.bad_epochs, resumed.epoch
+        self.position = Position.from_dict(resumed.position, self.cluster.device) if resumed.position else None
         self.history = [row for row in _read_history(self.out / "history.jsonl") if row["epoch"] <= self.epoch]
         if self.main and self.best is not None and self.best["epoch"] == self.epoch:
             resumed.save(self.out / "checkpoints" / "best.pt")  # an interruption may have beaten best.pt
@@ -198,7 +201,8 @@ class FitRecipe:
                     self.epoch += 1
                     entry = train_epoch(self.model, self.optimizer, self.balancer, train, self.data.valid,
                                         self.tasks, config, self.epoch, progress, self.cluster, log,
-                                        feed=self.feed)
+                                        feed=self.feed, start=self.position, on_step=self._mid_epoch(sample))
+                    self.position = None
                     self._record(entry)
                     if self.main:
                         self._save_checkpoint(entry["best"], sample)
@@ -233,15 +237,31 @@ class FitRecipe:
             self.bad_epochs += 1
         self.history.append(entry)
 
-    def _save_checkpoint(self, best: bool, sample: dict[str, torch.Tensor] | None) -> None:
-        """History first (resume drops lines past last.pt), best.pt last (never ahead of last.pt)."""
+    def _mid_epoch(self, sample: dict[str, torch.Tensor] | None) -> Callable[[Position], None] | None:
+        """With --checkpoint-every N: what the epoch's steps call after every N-th step, last.pt with the place in
+        the epoch (the main rank writes; the others go on to the next step's collective)."""
+        every = self.config.train.checkpoint_every
+        if every is None:
+            return None
+        steps = checkpoint_steps(every)
+
+        def save(position: Position) -> None:
+            if position.step % steps == 0 and self.main:
+                self._save_checkpoint(False, sample, position)
+        return save
+
+    def _save_checkpoint(self, best: bool, sample: dict[str, torch.Tensor] | None,
+                         position: Position | None = None) -> None:
+        """History first (resume drops lines past last.pt), best.pt last (never ahead of last.pt). Mid-epoch
+        (`position`), last.pt alone, as of the last finished epoch and the steps taken since."""
         cuda = self.cluster.device.type == "cuda"
         checkpoint = Checkpoint(
             config=self.config.to_dict(), spec=self.spec.to_dict(), model=self.model.state_dict(),
-            optimizer=self.optimizer.state_dict(), balancer=self.balancer.state_dict(), epoch=self.epoch,
-            best=self.best, bad_epochs=self.bad_epochs, streamed=self.data.train.streamed,
-            rng=torch.get_rng_state(), sample=sample,
+            optimizer=self.optimizer.state_dict(), balancer=self.balancer.state_dict(),
+            epoch=self.epoch - (position is not None), best=self.best, bad_epochs=self.bad_epochs,
+            streamed=self.data.train.streamed, rng=torch.get_rng_state(), sample=sample,
             cuda_rng=torch.cuda.get_rng_state(self.cluster.device) if cuda else None,
+            position=None if position is None else position.to_dict(),
         )
         write_jsonl(self.history, self.work / "history.jsonl")
         checkpoint.save(self.work / "checkpoints" / "last.pt")
@@ -365,20 +385,41 @@ class _Waited:
 
 def train_epoch(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balancer, train: Rows,
                 valid: Rows, tasks: TaskSet, config: RunConfig, epoch: int, progress: Progress,
-                cluster: Cluster | None = None, log: RunLog | None = None, feed: DeviceFeed | None = None
-                ) -> dict[str, Any]:
+                cluster: Cluster | None = None, log: RunLog | None = None, feed: DeviceFeed | None = None,
+                start: Position | None = None, on_step: Callable[[Position], None] | None = None) -> dict[str, Any]:
     """One epoch: the training steps, then validation; returns the history.jsonl entry. Rank 0 alone validates
     (the exact AUC needs every row's prediction in one place) and hands the metrics to the others, which early
     stopping needs. `feed` (the fit's, for `train`) brings the batches to the device; without one, this call
-    makes its own."""
+    makes its own. `start` and `on_step`: train_steps'."""
     cluster = cluster or Cluster(0, 1, torch.device("cpu"))
     started = time.perf_counter()
-    trained = train_steps(model, optimizer, balancer, train, tasks, config, epoch, progress, cluster, log, feed)
+    trained = train_steps(model, optimizer, balancer, train, tasks, config, epoch, progress, cluster, log, feed,
+                          start, on_step)
     valid_metrics = from_main(lambda: validate(model, valid, tasks, config.funnel_tasks))
     entry = history_row(epoch, tasks.names, trained, valid_metrics, time.perf_counter() - started, config, balancer)
     if log is not None:
         log.epoch(epoch * trained.steps, entry)
     return entry
+
+
+@dataclass
+class Position:
+    """Where an epoch's training stands after `step` steps: what a mid-epoch checkpoint keeps so that the rest of
+    the epoch, resumed, takes the very steps and gives the very history row of the uninterrupted run."""
+
+    step: int
+    loss_sum: torch.Tensor  # [T] the epoch's summed weighted losses so far (this rank's)
+    rows_sum: torch.Tensor  # [T] the rows (weight) with a label they are over (this rank's)
+    ratio_sum: torch.Tensor  # [T] the balancer's grad_norm_ratio summed over the balanced steps
+    balanced: int  # steps the balancer took
+
+    def to_dict(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], device: torch.device) -> Position:
+        return cls(**{key: value.to(device) if isinstance(value, torch.Tensor) else value
+                      for key, value in raw.items()})
 
 
 @dataclass
@@ -395,13 +436,18 @@ class Trained:
 
 def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balancer, train: Rows, tasks: TaskSet,
                 config: RunConfig, epoch: int, progress: Progress, cluster: Cluster,
-                log: RunLog | None = None, feed: DeviceFeed | None = None) -> Trained:
+                log: RunLog | None = None, feed: DeviceFeed | None = None, start: Position | None = None,
+                on_step: Callable[[Position], None] | None = None) -> Trained:
     """One pass over the training rows (shuffled unless --no-shuffle), its batches from `feed` (a DeviceFeed of
     `train`; made here without one).
 
     Under torchrun each rank takes its slice of every global batch of world_size × batch_size rows (in memory)
     or its own shard's batches (streamed), and its losses are divided by the global batch's rows (with missing
     labels or weights, by each task's rows or weight there): summed across ranks, that is one process's mean.
+
+    `start` (a mid-epoch checkpoint's) skips the batches the epoch already took, drawn again in the same seeded
+    order (in memory: cut and dropped; streamed: read and dropped, the shuffle buffer rebuilt as it was), and
+    carries on its sums; `on_step` is called with the position after every step (mid-epoch checkpoints).
 
     A global batch that holds no label of some task (--missing-labels skip; or whose rows of it all weigh 0) takes
     the plain sum of the others' losses (one host sync a step, to choose): a balancer would take that task's zero
@@ -418,6 +464,10 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
     rows_sum = torch.zeros_like(loss_sum)  # what the epoch's losses are means over: rows (or weight) with a label
     ratio_sum = torch.zeros_like(loss_sum)
     balanced = 0  # steps the balancer took (the others: a task had no label in the global batch)
+    done = 0  # steps taken before `start`'s checkpoint
+    if start is not None:
+        done, balanced = start.step, start.balanced
+        loss_sum, rows_sum, ratio_sum = start.loss_sum.clone(), start.rows_sum.clone(), start.ratio_sum.clone()
     counted = config.data.missing_labels == "skip" or config.data.weight_column is not None
     plain = None if config.balance.balance == "none" or not counted else build_balancer(
         "none", Setup.of(model, len(tasks.names), config.train.seed, cluster, PARAMETERS, LOOP))
@@ -425,10 +475,10 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
     model.train()
     feed = feed if feed is not None else DeviceFeed(train, device)
     waited = _Waited(feed.batches(batch_size, generator, cluster.rank, cluster.world_size))
-    batches: Iterator[tuple[EncodedData, int]] = waited
+    batches: Iterator[tuple[EncodedData, int]] = itertools.islice(waited, done, None)
     if train.streamed:  # reads (and can fail) as it goes; data in memory cannot
         batches = _agreed(batches, cluster)
-    for step, (batch, global_rows) in enumerate(batches, start=1):
+    for step, (batch, global_rows) in enumerate(batches, start=done + 1):
         categorical, numeric = batch.categorical, batch.numeric
         local, denominators = _denominators(batch, global_rows, len(tasks.names), counted, cluster)
         stepper = plain if plain is not None and bool((denominators == 0).any()) else balancer  # same on every rank
@@ -456,6 +506,8 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
             balanced += 1
             if balancer.grad_norm_ratio is not None:
                 ratio_sum += balancer.grad_norm_ratio
+        if on_step is not None and step < steps:
+            on_step(Position(step, loss_sum, rows_sum, ratio_sum, balanced))
         if step % PROGRESS_EVERY == 0 or step == steps:
             progress.update(bar, completed=step, loss=f"loss {float(losses.detach().sum()):.4f}")
     seconds = time.perf_counter() - started

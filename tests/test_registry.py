@@ -145,6 +145,7 @@ FLAG_VALUES: dict[str, tuple[list[str], Any]] = {
     "regression_loss": (["--regression-loss", "huber"], "huber"),
     "missing_labels": (["--missing-labels", "skip"], "skip"),
     "weight_column": (["--weight-column", "w"], "w"),
+    "checkpoint_every": (["--checkpoint-every", "500"], "500"),
     "tensorboard": (["--tensorboard"], True),
     "categorical": (["--categorical", "hour"], ["hour"]),
     "numeric": (["--numeric", "price"], ["price"]),
