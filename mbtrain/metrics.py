@@ -43,6 +43,19 @@ def _row_weights(weights: torch.Tensor | None, rows: int) -> torch.Tensor | None
     return w
 
 
+def _in_groups(columns: tuple[torch.Tensor, ...], groups: torch.Tensor | None, weights: torch.Tensor | None
+               ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, torch.Tensor | None, float]:
+    """The grouped metrics' rows: (the columns, groups and checked weights of the rows in a group, NULL_GROUP's
+    dropped; the share's denominator, every row's count or weight)."""
+    weights = _row_weights(weights, columns[0].numel())
+    total = columns[0].numel() if weights is None else float(weights.sum())
+    if groups is not None:
+        keep = groups != NULL_GROUP
+        columns, groups = tuple(column[keep] for column in columns), groups[keep]
+        weights = None if weights is None else weights[keep]
+    return columns, groups, weights, total
+
+
 def auc(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> float | None:
     """Area under the ROC curve via the rank-sum statistic with average ranks for ties; None for one class. With
     `weights` a pair of a positive and a negative row weighs w_i·w_j."""
@@ -60,12 +73,7 @@ def grouped_auc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor
     One sort by (group, score) groups the rows into tie blocks; each positive weight in a block beats the negative
     weight of the group's lower blocks and half of its own block's, which summed per group gives each group's
     Mann-Whitney AUC at once (exact for integer weights, unweighted rows weighing 1)."""
-    weights = _row_weights(weights, scores.numel())
-    total = scores.numel() if weights is None else float(weights.sum())
-    if groups is not None:
-        keep = groups != NULL_GROUP
-        scores, labels, groups = scores[keep], labels[keep], groups[keep]
-        weights = None if weights is None else weights[keep]
+    (scores, labels), groups, weights, total = _in_groups((scores, labels), groups, weights)
     scores, labels = scores.to(torch.float64), labels.to(torch.float64)
     rows = scores.numel()
     if rows == 0:
@@ -158,12 +166,7 @@ def grouped_xauc(predictions: torch.Tensor, targets: torch.Tensor, groups: torch
     XAUC = (P - D - T/2) / P. Twice P and T come from the squared weights of tie blocks after sorts (the pairs in a
     block of weights w_i are ((Σw)² - Σw²)/2, and the Σw² cancel); D is a weighted inversion count. Unweighted all
     in int64, so exact; weighted in float64 (exact for integer weights): no pair is ever formed (O(n log n))."""
-    weights = _row_weights(weights, predictions.numel())
-    total = predictions.numel() if weights is None else float(weights.sum())
-    if groups is not None:
-        keep = groups != NULL_GROUP
-        predictions, targets, groups = predictions[keep], targets[keep], groups[keep]
-        weights = None if weights is None else weights[keep]
+    (predictions, targets), groups, weights, total = _in_groups((predictions, targets), groups, weights)
     p, t = predictions.to(torch.float64), targets.to(torch.float64)
     rows = p.numel()
     if rows == 0:

@@ -157,7 +157,7 @@ def _sums():  # noqa: ANN202
 def _settings():  # noqa: ANN202
     from mbtrain.tasks import TaskSettings
 
-    return TaskSettings({}, {}, "mse")
+    return TaskSettings({}, "mse")
 
 
 @pytest.mark.parametrize(("frame_change", "flags", "fragments"), [

@@ -105,7 +105,7 @@ def _fitted(config: RunConfig, labels: LabelColumns, sums: LabelSums, source: st
             raise MbtrainError(f"--target-transform {task}={transform}: task {task!r} is {kind}; only a regression "
                                "task has a target transform")
     tasks = TaskSet.fit(dict(zip(labels.names, labels.types, strict=True)), sums,
-                        TaskSettings(settings.task_type, settings.target_transform, settings.regression_loss), source,
+                        TaskSettings(settings.target_transform, settings.regression_loss), source,
                         labels.states)
     names = tasks.output_names()
     repeated = sorted({name for name in names if names.count(name) > 1})

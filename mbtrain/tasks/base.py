@@ -64,7 +64,6 @@ class LabelSums:
 class TaskSettings:
     """What fit's flags say about the tasks (config.DataConfig's fields of the same names)."""
 
-    task_type: dict[str, str]
     target_transform: dict[str, str]
     regression_loss: str
 
