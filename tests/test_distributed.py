@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import Result
 
 from mbtrain.balance import BALANCERS, Setup, build_balancer
 from mbtrain.config import ModelConfig
@@ -41,6 +42,15 @@ def torchrun(*args: str) -> None:
 
 def weights(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+
+
+def two_ranks_and_one(args: list[str], batch: int, tmp_path: Path) -> tuple[dict, dict, Result]:
+    """The same fit on 2 torchrun ranks at `batch` (tmp_path/two) and in one process at twice it (tmp_path/one,
+    checked to succeed): their last.pt, and the one process's CLI result."""
+    torchrun(*args, "--batch-size", str(batch), "--out", str(tmp_path / "two"))
+    result = run_cli("fit", *args, "--batch-size", str(2 * batch), "--out", str(tmp_path / "one"))
+    assert result.exit_code == 0, result.output
+    return weights(tmp_path / "two"), weights(tmp_path / "one"), result
 
 
 def assert_same_weights(ours: dict, theirs: dict) -> None:
@@ -78,10 +88,7 @@ def test_two_ranks_match_one_process_with_twice_the_batch(balance: str, batch: i
                                                           data: Path, tmp_path: Path) -> None:
     settings = [*SETTINGS, "--balance", balance, "--epochs", "2", "--table-optimizer", table_optimizer,
                 "--embed-dim", str(dim)]
-    torchrun(str(data), *settings, "--batch-size", str(batch), "--out", str(tmp_path / "two"))
-    result = run_cli("fit", str(data), *settings, "--batch-size", str(2 * batch), "--out", str(tmp_path / "one"))
-    assert result.exit_code == 0, result.output
-    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    two, one, _ = two_ranks_and_one([str(data), *settings], batch, tmp_path)
     assert_same_weights(two, one)
     if balance == "metabalance":
         torch.testing.assert_close(two["balancer"]["moving_norms"], one["balancer"]["moving_norms"])
@@ -95,10 +102,7 @@ def test_two_ranks_match_one_process_on_the_new_models(model: list[str], data: P
     test_every_balancer_at_each_level_takes_one_processs_steps_on_two_ranks)."""
     settings = [*(a if a != "purchase,click" else "click,purchase" for a in SETTINGS), "--main-task", "purchase",
                 *model, "--balance", "metabalance", "--epochs", "2"]
-    torchrun(str(data), *settings, "--batch-size", "16", "--out", str(tmp_path / "two"))
-    result = run_cli("fit", str(data), *settings, "--batch-size", "32", "--out", str(tmp_path / "one"))
-    assert result.exit_code == 0, result.output
-    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    two, one, _ = two_ranks_and_one([str(data), *settings], 16, tmp_path)
     assert_same_weights(two, one)
     torch.testing.assert_close(two["balancer"]["moving_norms"], one["balancer"]["moving_norms"])
 
@@ -108,10 +112,8 @@ def test_two_ranks_match_one_process_with_bags(tmp_path: Path) -> None:
     data = tmp_path / "bags.parquet"
     make_bag_frame(600, seed=3).write_parquet(data)
     settings = [*SETTINGS, "--balance", "metabalance", "--epochs", "2", "--max-bag", "6"]
-    torchrun(str(data), *settings, "--batch-size", "64", "--out", str(tmp_path / "two"))
-    result = run_cli("fit", str(data), *settings, "--batch-size", "128", "--out", str(tmp_path / "one"))
-    assert result.exit_code == 0, result.output
-    assert_same_weights(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    two, one, _ = two_ranks_and_one([str(data), *settings], 64, tmp_path)
+    assert_same_weights(two, one)
 
 
 def test_two_ranks_match_one_process_with_every_task_type(tmp_path: Path) -> None:
@@ -121,10 +123,7 @@ def test_two_ranks_match_one_process_with_every_task_type(tmp_path: Path) -> Non
     rated(600, seed=8).write_parquet(data)
     settings = ["--tasks", "watch,click,like,rating", "--task-type", "rating=multiclass", "--missing-labels", "skip",
                 "--weight-column", "weight", *SETTINGS[2:], "--balance", "metabalance", "--epochs", "2"]
-    torchrun(str(data), *settings, "--batch-size", "32", "--out", str(tmp_path / "two"))
-    result = run_cli("fit", str(data), *settings, "--batch-size", "64", "--out", str(tmp_path / "one"))
-    assert result.exit_code == 0, result.output
-    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    two, one, _ = two_ranks_and_one([str(data), *settings], 32, tmp_path)
     assert_same_weights(two, one)
     torch.testing.assert_close(two["balancer"]["moving_norms"], one["balancer"]["moving_norms"])
 
@@ -149,11 +148,8 @@ def test_streamed_ranks_reading_their_own_row_groups_match_one_process_with_twic
     batch one process with twice the batch reads. 13 groups: rank 1's shard runs out one step early."""
     common = [str(batch_groups), *SETTINGS, *STREAMED, "--balance", "metabalance", "--epochs", "2",
               "--no-shuffle"]
-    torchrun(*common, "--batch-size", "32", "--out", str(tmp_path / "two"))
-    result = run_cli("fit", *common, "--batch-size", "64", "--out", str(tmp_path / "one"))
-    assert result.exit_code == 0, result.output
+    two, one, result = two_ranks_and_one(common, 32, tmp_path)
     assert "streamed" in result.stdout
-    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
     assert_same_weights(two, one)
     torch.testing.assert_close(two["balancer"]["moving_norms"], one["balancer"]["moving_norms"])
     assert two["streamed"] and one["streamed"]
