@@ -43,7 +43,7 @@ from mbtrain.config import RunConfig  # noqa: E402
 from mbtrain.data.prepare import prepare  # noqa: E402
 from mbtrain.distributed import Cluster  # noqa: E402
 from mbtrain.models.scoring import ModelSpec  # noqa: E402
-from mbtrain.train import build_optimizer, train_epoch  # noqa: E402
+from mbtrain.train import Bar, build_optimizer, train_epoch  # noqa: E402
 
 
 class NaiveMetaBalance(Balancer):
@@ -114,8 +114,10 @@ def bench_training(args: argparse.Namespace, console: Console) -> None:
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         for round_ in range(args.rounds + 1):  # round 0 warms up and is not counted
             for model, optimizer, balancer, epochs, trains in runs.values():
+                bar = Bar.over_run(progress, steps, args.rounds + 1, round_ * steps, config.train.batch_size)
                 entry = train_epoch(model, optimizer, balancer, prepared.train, prepared.valid, prepared.tasks,
-                                    config, round_ + 1, progress, cluster)
+                                    config, round_ + 1, bar, cluster)
+                progress.remove_task(bar.task)
                 if round_:
                     epochs.append(entry["seconds"])
                     trains.append(len(prepared.train) / entry["rows_per_second"])

@@ -275,7 +275,11 @@ def fit(
     device: Annotated[str | None, typer.Option(help=_help("auto (a GPU where there is one) | cpu | cuda.",
                                                           "device"))] = None,
     checkpoint_every: Annotated[str | None, typer.Option(
-        help="Write checkpoints/last.pt every N training steps inside an epoch too, to resume at the next batch "
+        help="Write checkpoints/last.pt inside an epoch too, to resume at the next batch: every N training steps "
+        "(5000) or every duration of training (90s, 15m, 2h) (default: at each epoch's end only).")] = None,
+    validate_every: Annotated[int | None, typer.Option(
+        help="Validate every N training steps inside an epoch too: a history row, best.pt and --patience (which "
+        "then counts validations) on a step schedule; --epochs 1 --validate-every 5000 is the one-pass recipe "
         "(default: at each epoch's end only).")] = None,
     task_backward: Annotated[str | None, typer.Option(help=_help(
         "loop | batched: a per-task-gradient balancer's backward passes task by task, or as one backward "

@@ -338,12 +338,16 @@ def _load(path: Path, name: str) -> dict[str, Any]:
 
 
 def seconds_per_epoch(history: Path) -> float | None:
-    """Mean epoch wall time; None where history.jsonl is missing or damaged: the metrics still compare."""
+    """Wall time per epoch: the rows' seconds (each row's are since the one before) over the epochs they cover
+    (a row inside an epoch, --validate-every, says how far through it is). None where history.jsonl is missing
+    or damaged: the metrics still compare."""
     try:
-        seconds = [json.loads(line).get("seconds") for line in history.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError, AttributeError):
+        rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+        seconds = sum(row["seconds"] for row in rows)
+        epochs = rows[-1]["epoch"] - 1 + rows[-1].get("progress", 1.0) if rows else 0.0
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
-    return _stats(seconds)["mean"]
+    return seconds / epochs if epochs > 0 else None
 
 
 def _nothing_to_compare(skipped: list[str]) -> str:

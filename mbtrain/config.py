@@ -174,7 +174,9 @@ class TrainConfig:
     task_backward: str = LOOP  # per-task gradients' backward passes: one per task, or batched in one (per_task.py)
     table_optimizer: str = LAZY_ADAM  # the embedding table's (optim.py; chosen by sweep: docs/scaling.md)
     table_lr: float | None = None  # the table's peak learning rate; None: --lr's
-    checkpoint_every: str | None = None  # checkpoints/last.pt every N steps ("5000") inside an epoch; None: per epoch
+    checkpoint_every: str | None = None  # checkpoints/last.pt inside an epoch too: every N steps ("5000") or every
+    # duration ("15m", rank 0's clock); None: at each epoch's end only
+    validate_every: int | None = None  # validate (history row, best.pt, --patience) every N steps inside an epoch too
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
@@ -209,7 +211,9 @@ class TrainConfig:
         if self.threads is not None:
             at_least_one("--threads", self.threads)
         if self.checkpoint_every is not None:
-            checkpoint_steps(self.checkpoint_every)
+            Every.parse(self.checkpoint_every)
+        if self.validate_every is not None:
+            at_least_one("--validate-every", self.validate_every)
 
 
 @dataclass
@@ -267,11 +271,29 @@ class RunConfig:
         self.train.check(self.data.group_by)
 
 
-def checkpoint_steps(text: str) -> int:
-    """--checkpoint-every's steps, or one error line naming the flag."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise MbtrainError(f"--checkpoint-every takes a number of steps, at least 1: got {text!r}")
-    return int(text)
+UNITS = {"s": 1, "m": 60, "h": 3600}  # --checkpoint-every's duration suffixes
+
+
+@dataclass(frozen=True)
+class Every:
+    """--checkpoint-every: a number of steps inside an epoch, or a duration (seconds of rank 0's clock)."""
+
+    steps: int | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Every:
+        """`5000` (steps) or `90s`, `15m`, `2h`; anything else is one error line naming the flag."""
+        text = text.strip().lower()
+        number, unit = (text[:-1], text[-1]) if text[-1:] in UNITS else (text, "")
+        try:
+            value = float(number) if unit else int(number)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise MbtrainError(f"--checkpoint-every takes a number of steps (5000) or a duration (90s, 15m, 2h), "
+                               f"above 0: got {text!r}")
+        return cls(seconds=value * UNITS[unit]) if unit else cls(steps=int(value))
 
 
 BASE_LR = 1e-2  # the default learning rate from BASE_BATCH rows of global batch up

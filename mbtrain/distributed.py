@@ -128,6 +128,15 @@ def any_rank(flag: bool) -> bool:
     return bool(value)
 
 
+def main_says(flag: bool) -> bool:
+    """Rank 0's `flag` on every rank (through the hand-off group): a decision rank 0's clock alone makes."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.broadcast(value, src=0, group=_handoff_group)
+    return bool(value)
+
+
 def from_main(compute: Callable[[], T]) -> T:
     """`compute()` run on rank 0 alone and its result handed to every rank (pickled); in one process, just
     `compute()`. An MbtrainError on rank 0 is raised on every rank, so that none waits for a result that will

@@ -2,8 +2,8 @@
 
 Every LOG_EVERY steps: each task's training loss and the balancer's per-task weights or scales (MetaBalance:
 each auxiliary task's gradient-norm ratio to the main task per logical shared tensor; MultiBalance: per
-representation tensor and expert); every epoch: every validation
-metric of every task and the learning rate. The x axis counts the steps taken, so a resumed run appends
+representation tensor and expert); at each validation (every epoch's end, and every --validate-every steps):
+every validation metric of every task and the learning rate. The x axis counts the steps taken, so a resumed run appends
 where its last checkpoint ended (events an interrupted epoch wrote past it are purged).
 """
 
@@ -51,8 +51,8 @@ class RunLog:
                 for name, ratio in zip(ratio_names or map(str, range(len(ratios))), ratios, strict=True):
                     self.writer.add_scalar(f"grad_norm_ratio/{task}/{name}", ratio, step)
 
-    def epoch(self, step: int, entry: dict[str, Any]) -> None:
-        """After `step` steps: the epoch's validation metrics (each one that has a value) and learning rate."""
+    def validation(self, step: int, entry: dict[str, Any]) -> None:
+        """After `step` steps: a history row's validation metrics (each one that has a value) and learning rate."""
         for task, metrics in entry["valid"].items():
             for name, value in metrics.items():
                 if value is not None and name not in ("positives", "rows"):

@@ -26,22 +26,26 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from mbtrain import __version__
 from mbtrain.allocator import keep_freed_memory
 from mbtrain.balance import Balancer, Setup, build_balancer
 from mbtrain.balance.per_task import LOOP, PARAMETERS
 from mbtrain.checkpoint import RESUME, Checkpoint, write_json, write_jsonl
-from mbtrain.config import RunConfig, checkpoint_steps, peak_lr
+from mbtrain.config import Every, RunConfig, peak_lr
 from mbtrain.data.batches import EncodedData, Rows
 from mbtrain.data.encoders import table_slices
 from mbtrain.data.feed import DeviceFeed
 from mbtrain.data.prepare import Prepared, prepare
-from mbtrain.distributed import Cluster, any_rank, cluster_from_env, from_main
+from mbtrain.distributed import Cluster, any_rank, cluster_from_env, from_main, main_says
 from mbtrain.errors import MbtrainError, first_line
 from mbtrain.models.scoring import ModelSpec, Predictions, ScoringModel, score_rows
 from mbtrain.optim import TrainOptimizer
@@ -51,6 +55,7 @@ from mbtrain.tensorboard_log import LOG_EVERY, RunLog, require_tensorboard
 
 SAMPLE_ROWS = 256  # validation rows kept in checkpoints so that export can check itself on real data
 PROGRESS_EVERY = 20  # steps between loss read-outs in the progress bar
+CLOCK_EVERY = 20  # steps between rank 0's readings of its clock for a --checkpoint-every duration, on several ranks
 SPARSE_LABELS = 10  # labelled rows a global batch may expect of a task below which fit warns (with a balancer)
 
 
@@ -85,10 +90,12 @@ class FitRecipe:
         self.main = cluster.is_main
         self.console = console if self.main else Console(quiet=True)
         self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] | None = None  # {"epoch", "score", "metrics"} of the best epoch so far
-        self.bad_epochs = 0  # epochs since the best one
-        self.epoch = 0  # the last finished epoch
+        self.best: dict[str, Any] | None = None  # {"epoch", "step", "score", "metrics"} of the best validation so far
+        self.bad_epochs = 0  # validations since the best one (epochs, without --validate-every)
+        self.epoch = 0  # the last finished epoch (while training: the one under way)
         self.position: Position | None = None  # a resumed mid-epoch checkpoint's place in epoch self.epoch + 1
+        self.cut_short = False  # --patience ran out inside an epoch (--validate-every)
+        self.row_started = 0.0  # when the time of the next history row began (the epoch's start, or the last row)
         self.seconds = 0.0
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -106,6 +113,7 @@ class FitRecipe:
         spec = resumed.model_spec(last) if resumed else None
         self.data = prepare(self.config, self.data_path, spec.encoders if spec else None,
                             streamed=resumed.streamed if resumed else None, tasks=spec.task_set if spec else None)
+        self.steps = self.data.train.steps(self.config.train.batch_size, self.cluster.world_size)  # per epoch
         self.spec = spec or ModelSpec(self.config.ordered_tasks, self.data.encoders,
                                       dataclasses.asdict(self.config.model), self.config.funnel_tasks,
                                       self.data.tasks.to_dict())
@@ -177,17 +185,23 @@ class FitRecipe:
             raise MbtrainError(f"{path}: cannot resume from it ({type(exc).__name__}: {first_line(exc)})") from None
         self.best, self.bad_epochs, self.epoch = resumed.best, resumed.bad_epochs, resumed.epoch
         self.position = Position.from_dict(resumed.position, self.cluster.device) if resumed.position else None
-        self.history = [row for row in _read_history(self.out / "history.jsonl") if row["epoch"] <= self.epoch]
-        if self.main and self.best is not None and self.best["epoch"] == self.epoch:
+        done = self._steps_done()
+        self.history = [row for row in _read_history(self.out / "history.jsonl")
+                        if row.get("step", row["epoch"] * self.steps) <= done]  # rows before 0.3 have no step
+        if self.main and self.best is not None and self.best.get("step", self.best["epoch"] * self.steps) == done:
             resumed.save(self.out / "checkpoints" / "best.pt")  # an interruption may have beaten best.pt
+
+    def _steps_done(self) -> int:
+        """Steps of the run taken so far: the finished epochs' and the epoch under way's (a resumed position's)."""
+        return self.epoch * self.steps + (self.position.step if self.position else 0)
 
     # ------------------------------------------------------------------------------------------------ train
 
     def train(self) -> None:
-        """Epochs until --epochs or until --patience epochs bring no gain; a checkpoint after each."""
-        config, console, train = self.config, self.console, self.data.train
-        steps = train.steps(config.train.batch_size, self.cluster.world_size)
-        log = RunLog(self.work / "tensorboard", self.spec.tasks, steps_done=self.epoch * steps) \
+        """Epochs until --epochs or until --patience validations bring no gain; a checkpoint after each epoch,
+        and inside one with --checkpoint-every or --validate-every."""
+        config, console = self.config, self.console
+        log = RunLog(self.work / "tensorboard", self.spec.tasks, steps_done=self._steps_done()) \
             if self.main and config.train.tensorboard else None
         if self.main:
             write_json(_config_record(config, self.data_path, self.data), self.work / "config.json")
@@ -197,13 +211,21 @@ class FitRecipe:
         started = time.perf_counter()
         try:
             with _progress(console) as progress:
+                bar = Bar.over_run(progress, self.steps, config.train.epochs, self._steps_done(),
+                                   config.train.batch_size * self.cluster.world_size)
+                clock = CheckpointClock(config.train.checkpoint_every, self.cluster)
                 while self.epoch < config.train.epochs and not self._patience_spent():
                     self.epoch += 1
-                    entry = train_epoch(self.model, self.optimizer, self.balancer, train, self.data.valid,
-                                        self.tasks, config, self.epoch, progress, self.cluster, log,
-                                        feed=self.feed, start=self.position, on_step=self._mid_epoch(sample))
+                    self.row_started = time.perf_counter()
+                    entry = train_epoch(self.model, self.optimizer, self.balancer, self.data.train, self.data.valid,
+                                        self.tasks, config, self.epoch, bar, self.cluster, log, feed=self.feed,
+                                        start=self.position, on_step=self._mid_epoch(sample, clock, log))
                     self.position = None
+                    if entry is None:  # --patience ran out at a validation inside the epoch
+                        self.cut_short = True
+                        break
                     self._record(entry)
+                    clock.restart()
                     if self.main:
                         self._save_checkpoint(entry["best"], sample)
                     console.print(history_line(entry, self.spec.main_task, self.monitor), soft_wrap=True)
@@ -227,33 +249,64 @@ class FitRecipe:
         return bool(patience and self.bad_epochs >= patience)
 
     def _record(self, entry: dict[str, Any]) -> None:
-        """The epoch's history row, marked best where the main task's --monitor metric gained."""
+        """A validation's history row (the time since the last row), marked best where the main task's --monitor
+        metric gained."""
+        now = time.perf_counter()
+        entry["seconds"], self.row_started = round(now - self.row_started, 4), now
         score = monitor_score(entry["valid"][self.spec.main_task], self.monitor)
         entry["best"] = self.best is None or score > self.best["score"]
         if entry["best"]:
-            self.best = {"epoch": self.epoch, "score": score, "metrics": entry["valid"]}
+            self.best = {"epoch": self.epoch, "step": entry["step"], "score": score, "metrics": entry["valid"]}
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1
         self.history.append(entry)
 
-    def _mid_epoch(self, sample: dict[str, torch.Tensor] | None) -> Callable[[Position], None] | None:
-        """With --checkpoint-every N: what the epoch's steps call after every N-th step, last.pt with the place in
-        the epoch (the main rank writes; the others go on to the next step's collective)."""
-        every = self.config.train.checkpoint_every
-        if every is None:
+    def _mid_epoch(self, sample: dict[str, torch.Tensor] | None, clock: CheckpointClock, log: RunLog | None
+                   ) -> Callable[[Position, Callable[[], Trained]], bool] | None:
+        """With --validate-every or --checkpoint-every: what every rank calls after each step inside the epoch,
+        given the place in it and the epoch's training so far; True once --patience has run out (the epoch stops).
+        Each rank takes the same decisions at the same steps: validation and a checkpoint are collectives."""
+        validate_every = self.config.train.validate_every
+        if validate_every is None and not clock.on:
             return None
-        steps = checkpoint_steps(every)
 
-        def save(position: Position) -> None:
-            if position.step % steps == 0 and self.main:
+        def after(position: Position, trained: Callable[[], Trained]) -> bool:
+            if validate_every and position.step % validate_every == 0:
+                entry = history_row(self.epoch, self.tasks.names, trained(), self._validation(), self.config,
+                                    self.balancer, self._steps_done_at(position), position.step / self.steps)
+                if log is not None:
+                    log.validation(entry["step"], entry)
+                self._record(entry)
+                self._save_checkpoint(entry["best"], sample, position)
+                clock.restart()
+                self.console.print(history_line(entry, self.spec.main_task, self.monitor), soft_wrap=True)
+                return self._patience_spent()
+            if clock.due(position.step):
                 self._save_checkpoint(False, sample, position)
-        return save
+                clock.restart()
+            return False
+        return after
+
+    def _validation(self) -> dict[str, dict[str, Any]]:
+        """Every task's validation metrics, from rank 0 to all; the model back in training mode after."""
+        metrics = from_main(lambda: validate(self.model, self.data.valid, self.tasks, self.config.funnel_tasks))
+        self.model.train()
+        return metrics
+
+    def _steps_done_at(self, position: Position) -> int:
+        return (self.epoch - 1) * self.steps + position.step
 
     def _save_checkpoint(self, best: bool, sample: dict[str, torch.Tensor] | None,
                          position: Position | None = None) -> None:
         """History first (resume drops lines past last.pt), best.pt last (never ahead of last.pt). Mid-epoch
-        (`position`), last.pt alone, as of the last finished epoch and the steps taken since."""
+        (`position`; every rank calls it, to sum the epoch's losses so far), as of the last finished epoch and
+        the steps taken since, with a line saying so."""
+        if position is not None:
+            position = position.summed(self.cluster)
+        if not self.main:
+            return
+        written = time.perf_counter()
         cuda = self.cluster.device.type == "cuda"
         checkpoint = Checkpoint(
             config=self.config.to_dict(), spec=self.spec.to_dict(), model=self.model.state_dict(),
@@ -267,17 +320,22 @@ class FitRecipe:
         checkpoint.save(self.work / "checkpoints" / "last.pt")
         if best:
             checkpoint.save(self.work / "checkpoints" / "best.pt")
+        if position is not None:
+            self.console.print(f"checkpoint: epoch {self.epoch}, step {position.step:,}/{self.steps:,} in "
+                               f"{self.work / 'checkpoints' / 'last.pt'} ({time.perf_counter() - written:.2f}s)",
+                               soft_wrap=True, highlight=False)
 
     # ----------------------------------------------------------------------------------------------- finish
 
     def finish(self) -> dict[str, Any]:
         """metrics.json (the best epoch's validation metrics), the run directory swapped in, the summary."""
         config, spec, data, best, epoch = self.config, self.spec, self.data, self.best, self.epoch
-        stopped_early = self._patience_spent() and epoch < config.train.epochs
+        stopped_early = self._patience_spent() and (epoch < config.train.epochs or self.cut_short)
         metrics = {
             "main_task": spec.main_task,
             "tasks": best["metrics"],
             "best_epoch": best["epoch"],
+            "best_step": best.get("step"),
             "monitor": self.monitor,
             "epochs_run": epoch,
             "stopped_early": stopped_early,
@@ -292,11 +350,12 @@ class FitRecipe:
             write_json(metrics, self.work / "metrics.json")
             if self.staging:
                 _swap(self.work, self.out)
-        note = f"stopped early after epoch {epoch}; " if stopped_early else ""
+        note = f"stopped early in epoch {epoch}; " if stopped_early else ""
+        at_step = f" (step {best['step']:,})" if config.train.validate_every and best.get("step") else ""
         weights = config.balance.task_weights
         weighted = f" · task weights {_weights_text(weights)}" if weights else ""
         self.console.print(metrics_table(
-            metrics, f"validation metrics, best epoch {best['epoch']} of {epoch}",
+            metrics, f"validation metrics, best epoch {best['epoch']}{at_step} of {epoch}",
             f"{note}{model_text(spec.model, spec.funnel)} · balance {config.balance.described}{weighted} · "
             f"{len(data.train):,} train / {len(data.valid):,} valid rows · run saved in {self.out}",
         ))
@@ -384,21 +443,24 @@ class _Waited:
 
 
 def train_epoch(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balancer, train: Rows,
-                valid: Rows, tasks: TaskSet, config: RunConfig, epoch: int, progress: Progress,
+                valid: Rows, tasks: TaskSet, config: RunConfig, epoch: int, bar: Bar,
                 cluster: Cluster | None = None, log: RunLog | None = None, feed: DeviceFeed | None = None,
-                start: Position | None = None, on_step: Callable[[Position], None] | None = None) -> dict[str, Any]:
-    """One epoch: the training steps, then validation; returns the history.jsonl entry. Rank 0 alone validates
-    (the exact AUC needs every row's prediction in one place) and hands the metrics to the others, which early
-    stopping needs. `feed` (the fit's, for `train`) brings the batches to the device; without one, this call
-    makes its own. `start` and `on_step`: train_steps'."""
+                start: Position | None = None, on_step: OnStep | None = None) -> dict[str, Any] | None:
+    """One epoch: the training steps, then validation; returns the history.jsonl entry, or None where `on_step`
+    stopped the epoch. Rank 0 alone validates (the exact AUC needs every row's prediction in one place) and hands
+    the metrics to the others, which early stopping needs. `feed` (the fit's, for `train`) brings the batches to
+    the device; without one, this call makes its own. `start` and `on_step`: train_steps'."""
     cluster = cluster or Cluster(0, 1, torch.device("cpu"))
     started = time.perf_counter()
-    trained = train_steps(model, optimizer, balancer, train, tasks, config, epoch, progress, cluster, log, feed,
+    trained = train_steps(model, optimizer, balancer, train, tasks, config, epoch, bar, cluster, log, feed,
                           start, on_step)
+    if trained is None:
+        return None
     valid_metrics = from_main(lambda: validate(model, valid, tasks, config.funnel_tasks))
-    entry = history_row(epoch, tasks.names, trained, valid_metrics, time.perf_counter() - started, config, balancer)
+    entry = history_row(epoch, tasks.names, trained, valid_metrics, config, balancer, epoch * trained.steps)
+    entry["seconds"] = round(time.perf_counter() - started, 4)
     if log is not None:
-        log.epoch(epoch * trained.steps, entry)
+        log.validation(entry["step"], entry)
     return entry
 
 
@@ -408,10 +470,16 @@ class Position:
     the epoch, resumed, takes the very steps and gives the very history row of the uninterrupted run."""
 
     step: int
-    loss_sum: torch.Tensor  # [T] the epoch's summed weighted losses so far (this rank's)
-    rows_sum: torch.Tensor  # [T] the rows (weight) with a label they are over (this rank's)
-    ratio_sum: torch.Tensor  # [T] the balancer's grad_norm_ratio summed over the balanced steps
+    loss_sum: torch.Tensor  # [T] the epoch's summed weighted losses so far (this rank's; a checkpoint's: all ranks')
+    rows_sum: torch.Tensor  # [T] the rows (weight) with a label they are over (likewise)
+    ratio_sum: torch.Tensor  # [T] the balancer's grad_norm_ratio summed over the balanced steps (alike on all ranks)
     balanced: int  # steps the balancer took
+
+    def summed(self, cluster: Cluster) -> Position:
+        """A copy whose sums are every rank's (a collective): what a checkpoint keeps, for rank 0 to resume with."""
+        sums = [self.loss_sum.clone(), self.rows_sum.clone()]
+        cluster.sum_(sums)
+        return dataclasses.replace(self, loss_sum=sums[0], rows_sum=sums[1])
 
     def to_dict(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -424,7 +492,7 @@ class Position:
 
 @dataclass
 class Trained:
-    """What an epoch's training steps leave for its history row."""
+    """What an epoch's training steps (or those so far) leave for its history row."""
 
     mean_losses: torch.Tensor  # [T] over the epoch's training rows that have each task's label (every rank's)
     mean_ratios: torch.Tensor | None  # [T] the balancer's grad_norm_ratio averaged over the steps
@@ -434,10 +502,59 @@ class Trained:
     data_share: float  # of the training seconds, spent waiting for the next batch
 
 
+OnStep = Callable[[Position, Callable[[], Trained]], bool]  # FitRecipe._mid_epoch's: True stops the epoch
+
+
+@dataclass
+class Bar:
+    """The progress bar over the whole run, every epoch's steps: rows a second and the time left to the end."""
+
+    progress: Progress
+    task: TaskID
+    steps: int  # per epoch
+
+    @classmethod
+    def over_run(cls, progress: Progress, steps: int, epochs: int, done: int, rows_per_step: int) -> Bar:
+        return cls(progress, progress.add_task("", total=steps * epochs, completed=done, loss="",
+                                               rows_per_step=rows_per_step), steps)
+
+    def show(self, epoch: int, epochs: int, step: int, loss: torch.Tensor) -> None:
+        self.progress.update(self.task, completed=(epoch - 1) * self.steps + step,
+                             description=f"epoch {epoch}/{epochs}", loss=f"loss {float(loss):.4f}")
+
+
+class CheckpointClock:
+    """--checkpoint-every, in steps or rank 0's seconds. Every rank must take a mid-epoch checkpoint at the same
+    step (its losses so far are summed), so on several ranks rank 0 reads its clock every CLOCK_EVERY steps and
+    says what it read."""
+
+    def __init__(self, every: str | None, cluster: Cluster) -> None:
+        self.every = Every.parse(every) if every is not None else None
+        self.cluster = cluster
+        self.restart()
+
+    @property
+    def on(self) -> bool:
+        return self.every is not None
+
+    def restart(self) -> None:
+        self.since = time.perf_counter()
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint falls after the epoch's `step`-th step."""
+        if self.every is None:
+            return False
+        if self.every.steps is not None:
+            return step % self.every.steps == 0
+        if self.cluster.world_size > 1 and step % CLOCK_EVERY:
+            return False
+        return main_says(time.perf_counter() - self.since >= self.every.seconds)
+
+
 def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balancer, train: Rows, tasks: TaskSet,
-                config: RunConfig, epoch: int, progress: Progress, cluster: Cluster,
+                config: RunConfig, epoch: int, bar: Bar, cluster: Cluster,
                 log: RunLog | None = None, feed: DeviceFeed | None = None, start: Position | None = None,
-                on_step: Callable[[Position], None] | None = None) -> Trained:
+                on_step: OnStep | None = None) -> Trained | None:
     """One pass over the training rows (shuffled unless --no-shuffle), its batches from `feed` (a DeviceFeed of
     `train`; made here without one).
 
@@ -447,7 +564,9 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
 
     `start` (a mid-epoch checkpoint's) skips the batches the epoch already took, drawn again in the same seeded
     order (in memory: cut and dropped; streamed: read and dropped, the shuffle buffer rebuilt as it was), and
-    carries on its sums; `on_step` is called with the position after every step (mid-epoch checkpoints).
+    carries on its sums (rank 0 holds every rank's). `on_step` is called after every step but the last with the
+    position and a way to read the training so far (mid-epoch checkpoints and validation); when it says stop,
+    the pass ends there and returns None.
 
     A global batch that holds no label of some task (--missing-labels skip; or whose rows of it all weigh 0) takes
     the plain sum of the others' losses (one host sync a step, to choose): a balancer would take that task's zero
@@ -457,7 +576,6 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
     started = time.perf_counter()
     batch_size = config.train.batch_size
     steps = train.steps(batch_size, cluster.world_size)
-    bar = progress.add_task(f"epoch {epoch}/{config.train.epochs}", total=steps, loss="")
     lr = learning_rate(config, steps, (epoch - 1) * steps, cluster.world_size)
     generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + epoch) if config.train.shuffle else None
     loss_sum = torch.zeros(len(config.ordered_tasks), device=device)
@@ -466,8 +584,9 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
     balanced = 0  # steps the balancer took (the others: a task had no label in the global batch)
     done = 0  # steps taken before `start`'s checkpoint
     if start is not None:
-        done, balanced = start.step, start.balanced
-        loss_sum, rows_sum, ratio_sum = start.loss_sum.clone(), start.rows_sum.clone(), start.ratio_sum.clone()
+        done, balanced, ratio_sum = start.step, start.balanced, start.ratio_sum.clone()
+        if cluster.is_main:  # the others' shares are in rank 0's sums
+            loss_sum, rows_sum = start.loss_sum.clone(), start.rows_sum.clone()
     counted = config.data.missing_labels == "skip" or config.data.weight_column is not None
     plain = None if config.balance.balance == "none" or not counted else build_balancer(
         "none", Setup.of(model, len(tasks.names), config.train.seed, cluster, PARAMETERS, LOOP))
@@ -478,6 +597,18 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
     batches: Iterator[tuple[EncodedData, int]] = itertools.islice(waited, done, None)
     if train.streamed:  # reads (and can fail) as it goes; data in memory cannot
         batches = _agreed(batches, cluster)
+    rows_taken = 0  # global rows trained on in this call
+    aside = 0.0  # seconds on_step took (validation, checkpoints): not training time
+
+    def so_far() -> Trained:
+        """The epoch's training up to here (a collective: its losses summed over ranks)."""
+        seconds = max(time.perf_counter() - started - aside, 1e-9)
+        sums = [loss_sum.clone(), rows_sum.clone()]
+        cluster.sum_(sums)
+        ratios = ratio_sum / balanced if balancer.grad_norm_ratio is not None and balanced else None
+        return Trained(sums[0] / sums[1].clamp(min=1e-12), ratios, lr, steps, rows_taken / seconds,
+                       waited.seconds / seconds)
+
     for step, (batch, global_rows) in enumerate(batches, start=done + 1):
         categorical, numeric = batch.categorical, batch.numeric
         local, denominators = _denominators(batch, global_rows, len(tasks.names), counted, cluster)
@@ -502,40 +633,45 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
                      balancer.ratio_names)
         loss_sum += losses.detach() * denominators
         rows_sum += local
+        rows_taken += global_rows
         if stepper is balancer:
             balanced += 1
             if balancer.grad_norm_ratio is not None:
                 ratio_sum += balancer.grad_norm_ratio
-        if on_step is not None and step < steps:
-            on_step(Position(step, loss_sum, rows_sum, ratio_sum, balanced))
         if step % PROGRESS_EVERY == 0 or step == steps:
-            progress.update(bar, completed=step, loss=f"loss {float(losses.detach().sum()):.4f}")
-    seconds = time.perf_counter() - started
-    progress.remove_task(bar)
-    cluster.sum_([loss_sum, rows_sum])
-    mean_losses = loss_sum / rows_sum.clamp(min=1e-12)
-    balancer.epoch_end(mean_losses)
-    ratios = ratio_sum / balanced if balancer.grad_norm_ratio is not None and balanced else None
-    return Trained(mean_losses, ratios, lr, steps, len(train) / seconds, waited.seconds / seconds)
+            bar.show(epoch, config.train.epochs, step, losses.detach().sum())
+        if on_step is not None and step < steps:
+            paused = time.perf_counter()
+            stop = on_step(Position(step, loss_sum, rows_sum, ratio_sum, balanced), so_far)
+            aside += time.perf_counter() - paused
+            if stop:
+                return None
+    trained = so_far()
+    balancer.epoch_end(trained.mean_losses)
+    return trained
 
 
 def history_row(epoch: int, tasks: list[str], trained: Trained, valid_metrics: dict[str, dict[str, Any]],
-                seconds: float, config: RunConfig, balancer: Balancer) -> dict[str, Any]:
-    """The epoch's history.jsonl entry."""
+                config: RunConfig, balancer: Balancer, step: int, progress: float = 1.0) -> dict[str, Any]:
+    """A validation's history.jsonl entry: after `step` steps of the run, `progress` of the way through `epoch`
+    (written below 1 only: a validation inside the epoch, --validate-every); its training figures are the
+    epoch's so far. The caller adds its seconds."""
     entry: dict[str, Any] = {
         "epoch": epoch,
+        "step": step,
         "train_loss": dict(zip(tasks, trained.mean_losses.tolist(), strict=True)),
         "valid": valid_metrics,
-        "seconds": round(seconds, 4),
         "rows_per_second": round(trained.rows_per_second, 1),
         "data_share": round(trained.data_share, 4),
         "lr": trained.lr,
     }
+    if progress < 1:
+        entry["progress"] = round(progress, 4)
     if trained.mean_ratios is not None:
         entry["grad_norm_ratio"] = dict(zip(tasks, trained.mean_ratios.tolist(), strict=True))
     if config.balance.task_weights:
         entry["task_weights"] = dict(zip(tasks, config.weight_vector, strict=True))
-    if balancer.task_weights is not None:  # the epoch's last step's
+    if balancer.task_weights is not None:  # the last step's
         entry["balance_weights"] = dict(zip(tasks, balancer.task_weights.tolist(), strict=True))
     return entry
 
@@ -585,10 +721,18 @@ def monitor_score(main: dict[str, Any], monitor: str) -> float:
     return value if higher_is_better(monitor) else -value
 
 
+class RowsPerSecond(ProgressColumn):
+    """Rows a second over the last half minute of steps (rich's speed estimate, in steps, times the global batch)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.speed
+        return Text("" if speed is None else f"{speed * task.fields['rows_per_step']:,.0f} rows/s")
+
+
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+        RowsPerSecond(), TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
         disable=not console.is_terminal,
     )
 

@@ -1,15 +1,18 @@
-"""--checkpoint-every: last.pt written inside an epoch, from which --resume takes the very steps the uninterrupted run
-takes (in memory and streamed, with a balancer that keeps state)."""
+"""--checkpoint-every and --validate-every: last.pt written inside an epoch, from which --resume takes the very steps
+the uninterrupted run takes (in memory and streamed, with a balancer that keeps state); validation, best.pt and
+--patience on a step schedule, which changes nothing of the steps."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 
 import mbtrain.train
+from mbtrain.compare import seconds_per_epoch
 from tests.helpers import make_frame, run_cli
 
 SETTINGS = ["--tasks", "purchase,click", "--epochs", "2", "--batch-size", "32", "--threads", "1", "--patience", "0",
@@ -29,13 +32,20 @@ def interrupt_at(monkeypatch: pytest.MonkeyPatch, epoch: int, step: int) -> None
     monkeypatch.setattr(mbtrain.train.FitRecipe, "_save_checkpoint", saved_then_stopped)
 
 
-@pytest.mark.parametrize("streamed", [False, True])
-@pytest.mark.parametrize("balance", ["famo", "metabalance"])
-def test_a_mid_epoch_checkpoint_resumes_to_the_uninterrupted_run(streamed: bool, balance: str, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("streamed", "balance", "validate"),
+                         [(False, "famo", False), (True, "famo", False), (False, "metabalance", False),
+                          (True, "metabalance", True), (False, "metabalance", True)])
+def test_a_mid_epoch_checkpoint_resumes_to_the_uninterrupted_run(streamed: bool, balance: str, validate: bool,
+                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
     data = tmp_path / "train.parquet"
     make_frame(400, seed=5).write_parquet(data, row_group_size=40)
-    settings = [*SETTINGS, "--balance", balance, *(["--memory-budget", "1K"] if streamed else [])]
+    settings = [*SETTINGS, "--balance", balance, *(["--memory-budget", "1K"] if streamed else []),
+                *(["--validate-every", "2"] if validate else [])]
     straight = run_cli("fit", str(data), *settings, "--out", str(tmp_path / "straight"))
     assert straight.exit_code == 0, straight.output
     with monkeypatch.context() as patch:
@@ -51,13 +61,82 @@ def test_a_mid_epoch_checkpoint_resumes_to_the_uninterrupted_run(streamed: bool,
     assert two["epoch"] == 2 and two["position"] is None
     for name, tensor in one["model"].items():
         torch.testing.assert_close(two["model"][name], tensor, rtol=0, atol=0, msg=name)
-    history = [(tmp_path / name / "history.jsonl").read_text().splitlines() for name in ("straight", "split")]
-    for ours, theirs in zip(*history, strict=True):
-        ours, theirs = json.loads(ours), json.loads(theirs)
+    for ours, theirs in zip(rows(tmp_path / "straight"), rows(tmp_path / "split"), strict=True):
+        assert ours["step"] == theirs["step"] and ours.get("progress") == theirs.get("progress")
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-6) and ours["valid"] == theirs["valid"]
+    assert json.loads((tmp_path / "split" / "metrics.json").read_text())["tasks"] == \
+        json.loads((tmp_path / "straight" / "metrics.json").read_text())["tasks"]
 
 
-@pytest.mark.parametrize("value", ["0", "ten", "-3"])
+def test_validating_inside_the_epoch_changes_no_step_and_picks_the_best_validation(tmp_path: Path) -> None:
+    data = tmp_path / "train.parquet"
+    make_frame(400, seed=5).write_parquet(data)
+    common = [str(data), *SETTINGS[:-4], "--exclude", "row_id", "--balance", "metabalance"]  # no --checkpoint-every
+    plain = run_cli("fit", *common, "--out", str(tmp_path / "plain"))
+    assert plain.exit_code == 0, plain.output
+    stepped = run_cli("fit", *common, "--validate-every", "4", "--out", str(tmp_path / "stepped"))
+    assert stepped.exit_code == 0, stepped.output
+    one, two = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
+                for name in ("plain", "stepped"))
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two["model"][name], tensor, rtol=0, atol=0, msg=name)
+    history = rows(tmp_path / "stepped")
+    steps = rows(tmp_path / "plain")[0]["step"]  # per epoch: 360 training rows at batch 32
+    assert steps == 12
+    assert [row["step"] for row in history] == [4, 8, 12, 16, 20, 24]
+    assert [row.get("progress") for row in history] == [0.3333, 0.6667, None] * 2
+    assert [row["epoch"] for row in history] == [1, 1, 1, 2, 2, 2]
+    assert history[2]["valid"] == rows(tmp_path / "plain")[0]["valid"]  # the epochs' ends are as without
+    metrics = json.loads((tmp_path / "stepped" / "metrics.json").read_text())
+    best = max(history, key=lambda row: row["valid"]["purchase"]["auc"])
+    assert metrics["best_step"] == best["step"] and metrics["tasks"] == best["valid"]
+    assert "at 33% (step 4)" in stepped.stdout
+    best_pt = torch.load(tmp_path / "stepped" / "checkpoints" / "best.pt", weights_only=True)
+    assert best_pt["best"]["step"] == best["step"]
+    assert (best_pt["epoch"] + 1, best_pt["position"]["step"]) == (best["epoch"], best["step"] % steps) \
+        if "progress" in best else best_pt["position"] is None
+
+
+def test_patience_counts_validations_and_stops_inside_the_one_pass(tmp_path: Path) -> None:
+    """Random labels: the validation AUC soon stops gaining, and with --patience 2 the pass ends there; the run
+    resumed with more patience carries on from that step to the uninterrupted run's weights."""
+    data = tmp_path / "train.parquet"
+    frame = make_frame(800, seed=1)
+    noise = torch.Generator().manual_seed(0)
+    frame = frame.with_columns(purchase=pl.Series((torch.rand(800, generator=noise) < 0.3).int().tolist()))
+    frame.write_parquet(data)
+    common = [str(data), *SETTINGS[:-4], "--exclude", "row_id", "--epochs", "1", "--validate-every", "2"]
+    stopped = run_cli("fit", *common, "--patience", "2", "--out", str(tmp_path / "stopped"))
+    assert stopped.exit_code == 0, stopped.output
+    metrics = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
+    history = rows(tmp_path / "stopped")
+    assert metrics["stopped_early"] and "stopped early in epoch 1" in stopped.stdout
+    assert history[-1]["progress"] < 1 and len(history) >= 3
+    assert sum(not row["best"] for row in history[-2:]) == 2
+    resumed = run_cli("fit", "--resume", "--out", str(tmp_path / "stopped"), "--patience", "0")
+    assert resumed.exit_code == 0, resumed.output
+    straight = run_cli("fit", *common, "--patience", "0", "--out", str(tmp_path / "straight"))
+    assert straight.exit_code == 0, straight.output
+    one, two = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
+                for name in ("straight", "stopped"))
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two["model"][name], tensor, rtol=0, atol=0, msg=name)
+    assert [row["valid"] for row in rows(tmp_path / "stopped")] == [row["valid"] for row in rows(tmp_path / "straight")]
+
+
+def test_a_duration_interval_checkpoints_by_the_clock(tmp_path: Path) -> None:
+    data = tmp_path / "train.parquet"
+    make_frame(200).write_parquet(data)
+    common = [str(data), "--tasks", "purchase,click", "--epochs", "1", "--batch-size", "32", "--exclude", "row_id"]
+    often = run_cli("fit", *common, "--checkpoint-every", "0.000001s", "--out", str(tmp_path / "often"))
+    assert often.exit_code == 0, often.output
+    assert often.stdout.count("checkpoint: epoch 1, step ") == 5  # every step but the epoch's last (6 steps)
+    rarely = run_cli("fit", *common, "--checkpoint-every", "2h", "--out", str(tmp_path / "rarely"))
+    assert rarely.exit_code == 0, rarely.output
+    assert "checkpoint:" not in rarely.stdout
+
+
+@pytest.mark.parametrize("value", ["0", "ten", "-3", "15x", "0s", "m", "1.5"])
 def test_a_bad_interval_is_one_line(value: str, tmp_path: Path) -> None:
     data = tmp_path / "train.parquet"
     make_frame(100).write_parquet(data)
@@ -65,3 +144,19 @@ def test_a_bad_interval_is_one_line(value: str, tmp_path: Path) -> None:
                      str(tmp_path / "run"))
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--checkpoint-every" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_validate_every_must_be_at_least_one(tmp_path: Path) -> None:
+    data = tmp_path / "train.parquet"
+    make_frame(100).write_parquet(data)
+    result = run_cli("fit", str(data), "--tasks", "purchase,click", "--validate-every", "0", "--out",
+                     str(tmp_path / "run"))
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--validate-every" in result.stderr
+
+
+def test_compare_times_an_epoch_over_rows_inside_epochs(tmp_path: Path) -> None:
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"epoch": 1, "step": 4, "progress": 0.5, "seconds": 2.0}, {"epoch": 1, "step": 8, "seconds": 2.5},
+        {"epoch": 2, "step": 12, "progress": 0.5, "seconds": 3.5}]))
+    assert seconds_per_epoch(history) == pytest.approx(8.0 / 1.5)

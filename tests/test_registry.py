@@ -146,6 +146,7 @@ FLAG_VALUES: dict[str, tuple[list[str], Any]] = {
     "missing_labels": (["--missing-labels", "skip"], "skip"),
     "weight_column": (["--weight-column", "w"], "w"),
     "checkpoint_every": (["--checkpoint-every", "500"], "500"),
+    "validate_every": (["--validate-every", "250"], 250),
     "tensorboard": (["--tensorboard"], True),
     "categorical": (["--categorical", "hour"], ["hour"]),
     "numeric": (["--numeric", "price"], ["price"]),
