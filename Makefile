@@ -7,7 +7,7 @@ DEMO := demo
 
 BENCH := .venv-bench
 
-.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults bench-balancers bench-architectures bench-vocab bench-table-optimizers bench-task-types bench-ops clean
+.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults bench-balancers bench-architectures bench-vocab bench-table-optimizers bench-task-types bench-checkpoints bench-ops clean
 
 $(BIN)/mbtrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,9 @@ bench-table-optimizers: install
 
 bench-task-types: install
 	$(BIN)/python benchmarks/task_types.py --out bench-task-types
+
+bench-checkpoints: install
+	$(BIN)/python benchmarks/checkpoint_cost.py
 
 bench-ops: install
 	$(BIN)/python benchmarks/ops.py
