@@ -46,6 +46,7 @@ from mbtrain.data.encoders import table_slices
 from mbtrain.data.feed import DeviceFeed
 from mbtrain.data.prepare import Prepared, prepare
 from mbtrain.distributed import Cluster, any_rank, cluster_from_env, from_main, main_says
+from mbtrain.elastic import JOB_KEY, staging_dir, torchrun_job
 from mbtrain.errors import MbtrainError, first_line
 from mbtrain.models.scoring import ModelSpec, Predictions, ScoringModel, score_rows
 from mbtrain.optim import TrainOptimizer
@@ -60,9 +61,10 @@ SPARSE_LABELS = 10  # labelled rows a global batch may expect of a task below wh
 
 
 def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = False, resume: bool = False,
-        console: Console | None = None) -> dict[str, Any]:
-    """Train into `out` and return the metrics.json content (validation metrics of the best epoch).
+        staged: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """Train into `out` and return the metrics.json content (validation metrics of the best validation).
 
+    `staged` (with `resume`): continue the staging directory of an --overwrite run torchrun restarted (elastic.py).
     A KeyboardInterrupt comes back with a message saying where the finished epochs are."""
     config.validate()
     if config.train.tensorboard:
@@ -72,7 +74,7 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = Fals
     cluster = cluster_from_env(config.train.device)
     try:
         recipe = FitRecipe(config, data_path, out, cluster, console or Console())
-        recipe.setup(overwrite, resume)
+        recipe.setup(overwrite, resume, staged)
         recipe.train()
         metrics = recipe.finish()
     except BaseException:
@@ -100,15 +102,17 @@ class FitRecipe:
 
     # ------------------------------------------------------------------------------------------------ setup
 
-    def setup(self, overwrite: bool, resume: bool) -> None:
+    def setup(self, overwrite: bool, resume: bool, staged: bool = False) -> None:
         """The data, model, balancer and optimizer; a resumed run's state; the staging directory."""
-        last = self.out / "checkpoints" / "last.pt"
-        resumed = Checkpoint.load(last, needs=RESUME) if resume else None
         if not resume and self.out.exists() and any(self.out.iterdir()) and not overwrite:
             raise MbtrainError(f"--out {self.out} already exists: pass --overwrite to replace it or --resume to "
                                "continue it")
-        self.staging = not resume and self.out.exists()  # a finished run is replaced only once this one ends
-        self.work = self.out.parent / f".{self.out.name}.partial" if self.staging else self.out
+        self.staging = staged or (not resume and self.out.exists())  # an old run is replaced once this one ends
+        self.work = staging_dir(self.out) if self.staging else self.out
+        last = self.work / "checkpoints" / "last.pt"
+        resumed = Checkpoint.load(last, needs=RESUME) if resume else None
+        if resumed is not None and self.cluster.world_size > 1:
+            self._check_ranks_agree(resumed, last)
         self.cluster.barrier()  # every rank has looked at --out before the main rank creates anything
         spec = resumed.model_spec(last) if resumed else None
         self.data = prepare(self.config, self.data_path, spec.encoders if spec else None,
@@ -122,7 +126,7 @@ class FitRecipe:
         self.tasks.check_monitor(self.monitor)
         self._warn()
         if self.main:
-            if self.staging and self.work.exists():
+            if self.staging and self.work.exists() and not resume:
                 shutil.rmtree(self.work)
             (self.work / "checkpoints").mkdir(parents=True, exist_ok=True)
         self._build(fresh=resumed is None)
@@ -186,10 +190,18 @@ class FitRecipe:
         self.best, self.bad_epochs, self.epoch = resumed.best, resumed.bad_epochs, resumed.epoch
         self.position = Position.from_dict(resumed.position, self.cluster.device) if resumed.position else None
         done = self._steps_done()
-        self.history = [row for row in _read_history(self.out / "history.jsonl")
+        self.history = [row for row in _read_history(self.work / "history.jsonl")
                         if row.get("step", row["epoch"] * self.steps) <= done]  # rows before 0.3 have no step
         if self.main and self.best is not None and self.best.get("step", self.best["epoch"] * self.steps) == done:
-            resumed.save(self.out / "checkpoints" / "best.pt")  # an interruption may have beaten best.pt
+            resumed.save(self.work / "checkpoints" / "best.pt")  # an interruption may have beaten best.pt
+
+    def _check_ranks_agree(self, resumed: Checkpoint, path: Path) -> None:
+        """Every rank read the checkpoint rank 0 read (a rank that read it while the file was being replaced
+        would otherwise take other steps), or every rank stops with one line."""
+        place = (resumed.epoch, (resumed.position or {}).get("step"))
+        if any_rank(from_main(lambda: place) != place):
+            raise MbtrainError(f"{path}: the ranks read different checkpoints (it changed while they read it); "
+                               "run again")
 
     def _steps_done(self) -> int:
         """Steps of the run taken so far: the finished epochs' and the epoch under way's (a resumed position's)."""
@@ -760,6 +772,7 @@ def _config_record(config: RunConfig, data_path: Path, prepared: Prepared) -> di
             "excluded": {c.name: c.reason for c in schema.columns if c.role == "excluded"},
         },
         "mbtrain_version": __version__,
+        JOB_KEY: torchrun_job(),
     }
 
 

@@ -160,3 +160,79 @@ def test_compare_times_an_epoch_over_rows_inside_epochs(tmp_path: Path) -> None:
         {"epoch": 1, "step": 4, "progress": 0.5, "seconds": 2.0}, {"epoch": 1, "step": 8, "seconds": 2.5},
         {"epoch": 2, "step": 12, "progress": 0.5, "seconds": 3.5}]))
     assert seconds_per_epoch(history) == pytest.approx(8.0 / 1.5)
+
+
+def same_weights(ours: Path, theirs: Path) -> None:
+    one, two = (torch.load(run / "checkpoints" / "last.pt", weights_only=True) for run in (ours, theirs))
+    assert one["position"] is None and two["position"] is None
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two["model"][name], tensor, rtol=0, atol=0, msg=name)
+
+
+def as_torchrun(monkeypatch: pytest.MonkeyPatch, job: str, restart: int) -> None:
+    """The environment torchrun gives attempt `restart` of job `job` (one rank)."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(restart))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_fit_torchrun_restarts_continues_its_own_run(overwrite: bool, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same command line, started again by torchrun (--max-restarts) after a failure, resumes the run its job
+    was writing (with --overwrite: the staging directory, swapped in at the end) and ends as the straight run."""
+    data = tmp_path / "train.parquet"
+    make_frame(400, seed=5).write_parquet(data)
+    out = tmp_path / "run"
+    fit = ["fit", str(data), *SETTINGS, "--balance", "metabalance"]
+    command = [*fit, "--out", str(out), *(["--overwrite"] if overwrite else [])]
+    straight = run_cli(*fit, "--out", str(tmp_path / "straight"))
+    assert straight.exit_code == 0, straight.output
+    if overwrite:  # an older run the new one replaces once it ends
+        assert run_cli("fit", str(data), "--tasks", "purchase,click", "--epochs", "1", "--out", str(out)).exit_code == 0
+    with monkeypatch.context() as patch:
+        as_torchrun(patch, "job1", 0)
+        interrupt_at(patch, epoch=2, step=3)
+        assert run_cli(*command).exit_code == 130
+    with monkeypatch.context() as patch:
+        as_torchrun(patch, "job1", 1)
+        restarted = run_cli(*command)
+    assert restarted.exit_code == 0, restarted.output
+    resumed = tmp_path / (".run.partial" if overwrite else "run")
+    assert f"resuming {resumed} from its last checkpoint" in restarted.stdout
+    same_weights(tmp_path / "straight", out)
+    assert not (tmp_path / ".run.partial").exists()
+    assert [row["step"] for row in rows(out)] == [row["step"] for row in rows(tmp_path / "straight")]
+
+
+def test_a_restart_before_the_first_checkpoint_starts_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "train.parquet"
+    make_frame(400, seed=5).write_parquet(data)
+    command = ["fit", str(data), *SETTINGS[:-4], "--exclude", "row_id"]
+    assert run_cli(*command, "--out", str(tmp_path / "straight")).exit_code == 0
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"torchrun_job": "job1"}))  # the first attempt's
+    with monkeypatch.context() as patch:
+        as_torchrun(patch, "job1", 1)
+        restarted = run_cli(*command, "--out", str(tmp_path / "run"))
+    assert restarted.exit_code == 0, restarted.output
+    assert "before its first checkpoint: starting" in restarted.stdout
+    same_weights(tmp_path / "straight", tmp_path / "run")
+
+
+def test_a_restart_leaves_another_jobs_run_or_other_settings_alone(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "train.parquet"
+    make_frame(200).write_parquet(data)
+    command = ["fit", str(data), "--tasks", "purchase,click", "--epochs", "1", "--out", str(tmp_path / "run")]
+    with monkeypatch.context() as patch:
+        as_torchrun(patch, "job1", 0)
+        assert run_cli(*command).exit_code == 0
+    before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    with monkeypatch.context() as patch:
+        as_torchrun(patch, "job2", 1)  # another job's run: the error it always was
+        other = run_cli(*command)
+        as_torchrun(patch, "job1", 1)  # this job's run, but other settings
+        changed = run_cli(*command, "--lr", "0.5")
+    assert other.exit_code == 2 and "already exists" in other.stderr
+    assert changed.exit_code == 2 and changed.stderr.count("\n") == 1 and "--lr" in changed.stderr
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before

@@ -60,6 +60,7 @@ def test_without_the_extra_the_flag_is_one_error_line(data_dir: Path, tmp_path: 
 def test_validations_inside_epochs_land_at_their_steps(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = run_cli("fit", str(data_dir / "train.parquet"), "--tasks", "purchase,click", "--tensorboard",
-                     "--epochs", "2", "--batch-size", "32", "--validate-every", "8", "--threads", "1", "--out", str(out))
+                     "--epochs", "2", "--batch-size", "32", "--validate-every", "8", "--threads", "1",
+                     "--out", str(out))
     assert result.exit_code == 0, result.output
     assert [step for step, _ in _scalars(out)["valid/purchase/auc"]] == [8, 16, 17, 25, 33, 34]  # 17 steps an epoch
