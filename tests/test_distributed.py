@@ -4,8 +4,11 @@ every rank slices each global batch, and streamed, where each rank reads its own
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -286,3 +289,53 @@ def test_a_distributed_run_resumes_inside_an_epoch(tmp_path: Path) -> None:
     assert [row["step"] for row in ours] == [row["step"] for row in theirs]
     for mine, expected in zip(ours, theirs, strict=True):
         assert mine["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
+
+
+def _workers(agent: int) -> dict[int, int]:
+    """{rank: pid} of the workers torchrun's agent `agent` started (its children with a RANK)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == agent:
+                env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+                found[int(env["RANK"])] = int(proc.name)
+        except (OSError, KeyError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+def test_a_rank_killed_mid_epoch_under_max_restarts_ends_as_the_uninterrupted_run(tmp_path: Path) -> None:
+    """kill -9 of rank 1 once a checkpoint inside the first epoch is written: torchrun starts the group again with
+    the same command, which resumes the run from it by itself and ends with the straight run's weights and
+    metrics (one process at twice the batch, which 2 straight ranks equal)."""
+    data = tmp_path / "train.parquet"
+    make_frame(3000, seed=4).write_parquet(data)
+    common = [str(data), *SETTINGS, "--balance", "metabalance", "--epochs", "2", "--checkpoint-every", "5",
+              "--exclude", "row_id"]
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--max-restarts", "1", "-m", "mbtrain", "fit", *common, "--batch-size", "8", "--out", str(out)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as agent:
+        killed = None
+        deadline = time.monotonic() + 60
+        while killed is None and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            try:
+                position = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["position"]
+            except (OSError, RuntimeError, EOFError, KeyError):
+                continue
+            workers = _workers(agent.pid)
+            if position is not None and 1 in workers:
+                os.kill(workers[1], signal.SIGKILL)
+                killed = position["step"]
+        stdout, stderr = agent.communicate(timeout=120)
+    assert killed is not None, "the run ended before a checkpoint inside the epoch: make it longer"
+    assert agent.returncode == 0, stdout + stderr
+    assert "torchrun restarted this fit: resuming" in stdout
+    result = run_cli("fit", *common, "--batch-size", "16", "--out", str(tmp_path / "one"))
+    assert result.exit_code == 0, result.output
+    assert_same_weights(weights(out), weights(tmp_path / "one"))
+    ours, theirs = (json.loads((run / "metrics.json").read_text()) for run in (out, tmp_path / "one"))
+    for task, metrics in theirs["tasks"].items():
+        assert ours["tasks"][task] == pytest.approx(metrics, rel=1e-5)
