@@ -339,3 +339,16 @@ def test_a_rank_killed_mid_epoch_under_max_restarts_ends_as_the_uninterrupted_ru
     ours, theirs = (json.loads((run / "metrics.json").read_text()) for run in (out, tmp_path / "one"))
     for task, metrics in theirs["tasks"].items():
         assert ours["tasks"][task] == pytest.approx(metrics, rel=1e-5)
+
+
+def test_a_distributed_streamed_run_resumes_inside_an_epoch(batch_groups: Path, tmp_path: Path) -> None:
+    """Streamed, each rank rebuilds its own shard's shuffle buffer at the checkpoint's step: 2 ranks stopped by
+    --patience inside the pass and resumed end where 2 ranks straight do."""
+    common = [str(batch_groups), *SETTINGS[:2], *SETTINGS[4:], *STREAMED, "--balance", "metabalance", "--epochs",
+              "1", "--batch-size", "16", "--validate-every", "1"]
+    torchrun(*common, "--patience", "1", "--out", str(tmp_path / "split"))
+    stopped = weights(tmp_path / "split")
+    assert stopped["streamed"] and stopped["position"] is not None
+    torchrun("--resume", "--out", str(tmp_path / "split"), "--patience", "0")
+    torchrun(*common, "--patience", "0", "--out", str(tmp_path / "straight"))
+    assert_same_weights(weights(tmp_path / "split"), weights(tmp_path / "straight"))

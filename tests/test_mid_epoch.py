@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import mbtrain.train
+from mbtrain.balance import BALANCERS
 from mbtrain.compare import seconds_per_epoch
 from tests.helpers import make_frame, run_cli
 
@@ -236,3 +237,22 @@ def test_a_restart_leaves_another_jobs_run_or_other_settings_alone(tmp_path: Pat
     assert other.exit_code == 2 and "already exists" in other.stderr
     assert changed.exit_code == 2 and changed.stderr.count("\n") == 1 and "--lr" in changed.stderr
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("balance", [name for name in BALANCERS if name not in ("none", "famo", "metabalance")])
+def test_every_balancer_resumes_inside_an_epoch_to_the_uninterrupted_run(balance: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The balancer's state in the middle of an epoch (step counters, moving averages, generators, the last
+    losses) comes back with it (FAMO and MetaBalance: the test above)."""
+    data = tmp_path / "train.parquet"
+    make_frame(200, seed=5).write_parquet(data)
+    settings = ["--tasks", "purchase,click", "--epochs", "2", "--batch-size", "32", "--threads", "1", "--patience",
+                "0", "--hidden", "8", "--tower", "4", "--checkpoint-every", "2", "--exclude", "row_id",
+                "--balance", balance]
+    assert run_cli("fit", str(data), *settings, "--out", str(tmp_path / "straight")).exit_code == 0
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, epoch=2, step=2)
+        assert run_cli("fit", str(data), *settings, "--out", str(tmp_path / "split")).exit_code == 130
+    resumed = run_cli("fit", "--resume", "--out", str(tmp_path / "split"))
+    assert resumed.exit_code == 0, resumed.output
+    same_weights(tmp_path / "straight", tmp_path / "split")
