@@ -413,6 +413,8 @@ def toml_setting(where: str, key: str, value: Any) -> tuple[str, Any]:
         value = parse_list(f"{where}: {key}", value, int if "int" in kind else str)
     if kind.startswith("dict") and isinstance(value, str):
         value = parse_pairs(f"{where}: {key}", value, float if "float" in kind else str)
+    if kind.startswith("str") and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # as the flag reads it: checkpoint_every = 5000
     if not _matches(value, kind):
         raise MbtrainError(f"{where}: {key} should be {kind.replace(' | None', '')}: got {value!r}")
     return name, value

@@ -256,3 +256,15 @@ def test_every_balancer_resumes_inside_an_epoch_to_the_uninterrupted_run(balance
     resumed = run_cli("fit", "--resume", "--out", str(tmp_path / "split"))
     assert resumed.exit_code == 0, resumed.output
     same_weights(tmp_path / "straight", tmp_path / "split")
+
+
+def test_the_intervals_are_toml_keys(tmp_path: Path) -> None:
+    data = tmp_path / "train.parquet"
+    make_frame(200).write_parquet(data)
+    config = tmp_path / "run.toml"
+    config.write_text('tasks = "purchase,click"\nepochs = 1\nbatch_size = 32\ncheckpoint_every = 2\n'
+                      'validate_every = 3\nexclude = "row_id"\n')
+    result = run_cli("fit", str(data), "--config", str(config), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("checkpoint: epoch 1, step") == 3  # after steps 2, 3 (a validation) and 4 of 6
+    assert [row["step"] for row in rows(tmp_path / "run")] == [3, 6]
