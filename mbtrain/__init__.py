@@ -1,3 +1,3 @@
 """mbtrain: multi-task recommendation training with MetaBalance."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

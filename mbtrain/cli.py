@@ -15,6 +15,7 @@ from rich.console import Console
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click since 0.29
 from typer.core import TyperGroup
 
+from mbtrain import __version__
 from mbtrain.balance import BALANCERS
 from mbtrain.balance.metabalance import STRATEGIES
 from mbtrain.balance.mgda import NORMALIZATIONS
@@ -60,6 +61,18 @@ app = typer.Typer(
 )
 console = Console()
 DEFAULTS = RunConfig().flat()
+
+
+def _show_version(asked: bool) -> None:
+    if asked:
+        console.print(f"mbtrain {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                   help="Print mbtrain's version and exit.")] = False) -> None:
+    """Train, evaluate, export and serve multi-task recommendation models."""
 # settings a resumed run may change
 RESUMABLE = {"epochs", "patience", "threads", "device", "memory_budget", "tensorboard", "task_backward",
              "checkpoint_every"}
@@ -542,7 +555,7 @@ def sweep(
     data: Annotated[Path | None, typer.Argument(help="Data as for fit: every seed splits it into training, "
                                                      "validation and test rows.", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(help="The sweep folder: splits, runs/, sweep.json, sweep.png.")] = None,
-    seeds: Annotated[int | None, typer.Option(help="Seeds 0..N-1, each its own split of the rows (default: 3; "
+    seeds: Annotated[int | None, typer.Option(help="Seeds 0..N-1, each its own split of the rows (default: 5; "
                                                    "or --seed 0,1,2).")] = None,
     test: Annotated[Path | None, typer.Option(help="Test rows from this file (else a seeded --test-fraction).")] = None,
     test_fraction: Annotated[float, typer.Option(help="Share of the rows held out for the test, per seed.")] = 0.2,

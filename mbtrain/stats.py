@@ -4,6 +4,11 @@ and the verdict they allow. What `mbtrain sweep` and `mbtrain compare --baseline
 The interval is mean ± t(0.975, n−1)·s/√n over the n seeds where both sides finished, s the differences' sample
 standard deviation: the paired t interval. Its half-width is the smallest difference these seeds could tell
 from zero. Two seeds at least: one difference has no spread to estimate.
+
+Several methods against one baseline are several tests: at 95 % each, about 5 % of the methods that differ in
+nothing read "better" or "worse" by chance. `holm` adjusts the tests' p-values for their number (Holm's
+step-down, which keeps the chance of any false verdict among them at 5 % whatever their dependence); a verdict
+reads the adjusted p-value where one is given, and the interval stays the unadjusted one beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ T_975 = {
 }
 NORMAL_975 = 1.959964
 METHOD = "paired t interval over seeds (95 %)"
+ADJUSTMENT = "Holm's step-down over the methods compared with the baseline"
+LEVEL = 0.05
 
 
 def t_quantile(df: int) -> float:
@@ -40,6 +47,52 @@ def t_quantile(df: int) -> float:
     return T_975[lower] + (high - T_975[lower]) * weight
 
 
+def t_p_value(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t statistic `t` on `df` degrees of freedom: I_x(df/2, 1/2), x = df/(df+t²)."""
+    if math.isinf(t):
+        return 0.0
+    return _incomplete_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz), on the side
+    where it converges fast."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _incomplete_beta(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * fraction
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-adjusted p-values, in the given order (None stays None and is not counted): the i-th smallest of k
+    is multiplied by k − i + 1, kept at least its predecessor's and at most 1."""
+    ranked = sorted((p, index) for index, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, index) in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - rank) * p))
+        adjusted[index] = running
+    return adjusted
+
+
 @dataclass
 class Paired:
     """One method against the baseline on one metric, over the seeds both finished."""
@@ -51,6 +104,9 @@ class Paired:
     high: float | None
     won: int  # seeds where the method was better
     higher_is_better: bool
+    p: float | None = None  # the paired t-test's two-sided p-value (None for one seed)
+    adjusted_p: float | None = None  # p adjusted for the methods compared (holm), where set
+    compared: int = 1  # how many methods' tests `adjusted_p` accounts for
 
     @property
     def half_width(self) -> float | None:
@@ -64,16 +120,18 @@ class Paired:
             return "no interval: at least 2 seeds are needed"
         if self.std == 0 and self.mean == 0:
             return "identical on every seed"
-        better = self.low > 0 if self.higher_is_better else self.high < 0
-        worse = self.high < 0 if self.higher_is_better else self.low > 0
-        if better:
-            return "better"
-        if worse:
-            return "worse"
+        ahead = self.mean > 0 if self.higher_is_better else self.mean < 0
+        unadjusted = (self.low > 0 or self.high < 0) and ("better" if ahead else "worse")
+        if self.adjusted_p is not None and unadjusted and self.adjusted_p >= LEVEL:
+            return (f"no difference once adjusted for {self.compared} methods compared (Holm p "
+                    f"{self.adjusted_p:.3f}; alone it would read {unadjusted})")
+        if unadjusted:
+            return unadjusted
         return f"no difference this sweep can detect (it would see about ±{self.half_width:.4f})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "verdict": self.verdict(), "method": METHOD}
+        return {**asdict(self), "verdict": self.verdict(), "method": METHOD,
+                **({"adjustment": ADJUSTMENT} if self.adjusted_p is not None else {})}
 
 
 def paired(method: Sequence[float | None], baseline: Sequence[float | None], higher_is_better: bool = True) -> Paired:
@@ -88,7 +146,8 @@ def paired(method: Sequence[float | None], baseline: Sequence[float | None], hig
         return Paired(n, mean, None, None, None, won, higher_is_better)
     std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     half = t_quantile(n - 1) * std / math.sqrt(n)
-    return Paired(n, mean, std, mean - half, mean + half, won, higher_is_better)
+    p = t_p_value(math.inf if std == 0 else mean / (std / math.sqrt(n)), n - 1) if std or mean else 1.0
+    return Paired(n, mean, std, mean - half, mean + half, won, higher_is_better, p)
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:

@@ -191,7 +191,7 @@ class FitRecipe:
         self.position = Position.from_dict(resumed.position, self.cluster.device) if resumed.position else None
         done = self._steps_done()
         self.history = [row for row in _read_history(self.work / "history.jsonl")
-                        if row.get("step", row["epoch"] * self.steps) <= done]  # rows before 0.3 have no step
+                        if row.get("step", row["epoch"] * self.steps) <= done]  # older rows have no step
         if self.main and self.best is not None and self.best.get("step", self.best["epoch"] * self.steps) == done:
             resumed.save(self.work / "checkpoints" / "best.pt")  # an interruption may have beaten best.pt
 

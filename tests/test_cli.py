@@ -233,3 +233,10 @@ def test_max_vocab_caps_every_vocabulary_and_inspect_counts_what_it_drops(budget
     spec = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["spec"]
     assert max(len(column["values"]) for column in spec["categorical"]) == 3
     assert run_cli("fit", train, "--tasks", "purchase", "--max-vocab", "0", "--out", str(tmp_path / "x")).exit_code == 2
+
+
+def test_version_is_the_installed_packages() -> None:
+    from importlib.metadata import version
+
+    result = run_cli("--version")
+    assert result.exit_code == 0 and result.stdout == f"mbtrain {version('mbtrain')}\n"

@@ -13,7 +13,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from mbtrain.stats import paired, t_quantile
+from mbtrain.stats import T_975, holm, paired, t_p_value, t_quantile
 from tests.helpers import make_frame, make_log, run_cli
 
 COMMON = ["--tasks", "purchase,click", "--epochs", "2", "--batch-size", "64", "--threads", "1", "--patience", "0"]
@@ -212,6 +212,35 @@ def test_the_paired_interval_is_students_t() -> None:
     assert paired([0.80, 0.81, 0.82], [0.70, 0.70, 0.71]).verdict() == "better"
     assert paired([0.7, 0.6], [0.7, 0.6]).verdict() == "identical on every seed"
     assert paired([0.5, 0.4, 0.45], [0.3, 0.3, 0.31], higher_is_better=False).verdict() == "worse"
+
+
+def test_the_p_value_is_students_and_holm_adjusts_it_for_the_methods_compared() -> None:
+    for df, quantile in T_975.items():  # the tabulated 97.5 % quantiles are where the two-sided p is 5 %
+        assert t_p_value(quantile, df) == pytest.approx(0.05, abs=1e-6)
+    assert t_p_value(1.0, 1) == pytest.approx(0.5) and t_p_value(0.0, 4) == pytest.approx(1.0)
+    assert holm([0.01, 0.04, 0.03, None, 0.5]) == pytest.approx([0.04, 0.09, 0.09, None, 0.5])
+    # three methods each "better" alone, at p 0.0033, 0.035 and 0.035 (paired differences over 3 seeds)
+    base = [0.70, 0.71, 0.74]
+    pairs = [paired([b + d for b, d in zip(base, diffs, strict=True)], base)
+             for diffs in ([0.09, 0.10, 0.11], [0.04, 0.08, 0.06], [0.06, 0.08, 0.04])]
+    assert [pair.verdict() for pair in pairs] == ["better"] * 3
+    for pair, adjusted in zip(pairs, holm([pair.p for pair in pairs]), strict=True):
+        pair.adjusted_p, pair.compared = adjusted, 3
+    assert pairs[0].verdict() == "better" and pairs[0].adjusted_p == pytest.approx(3 * pairs[0].p)
+    assert pairs[1].adjusted_p == pytest.approx(2 * pairs[1].p)
+    assert pairs[1].verdict() == ("no difference once adjusted for 3 methods compared (Holm p 0.070; alone it would "
+                                  "read better)")
+    scipy = pytest.importorskip("scipy.stats")
+    for t, df in ((2.1, 3), (0.4, 9), (5.0, 2), (1.7, 40)):
+        assert t_p_value(t, df) == pytest.approx(2 * scipy.t.sf(t, df), rel=1e-9)
+
+
+def test_the_report_gives_the_adjusted_p_beside_the_interval(swept: Path) -> None:
+    pair = _summary(swept)["methods"]["metabalance"]["paired"]["purchase"]
+    assert pair["adjusted_p"] == pair["p"] and pair["compared"] == 1  # one method against the baseline
+    assert "Holm" in pair["adjustment"]
+    result = run_cli("sweep", "--report", str(swept))
+    assert result.exit_code == 0 and "Holm p" in result.stdout
 
 
 def test_the_picture_or_how_to_get_it(swept: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,7 @@ from mbtrain.errors import MbtrainError
 FIXED = {"tasks", "main_task", "valid", "valid_fraction", "group_by", "categorical", "numeric", "exclude",
          "monitor", "threads", "device", "memory_budget", "tensorboard", "seed", "task_backward",
          "task_type", "missing_labels"}  # a task's type names its metrics; skip or not, the rows that count
-DEFAULT_SEEDS = 3
+DEFAULT_SEEDS = 5
 LEVEL = "balance_level"
 
 

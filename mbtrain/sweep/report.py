@@ -18,7 +18,7 @@ from mbtrain.checkpoint import write_json
 from mbtrain.compare import seconds_per_epoch
 from mbtrain.errors import MbtrainError
 from mbtrain.inference import evaluate
-from mbtrain.stats import METHOD, mean_std, paired
+from mbtrain.stats import ADJUSTMENT, METHOD, holm, mean_std, paired
 from mbtrain.sweep.protocol import Run
 from mbtrain.tasks import headline, higher_is_better
 from mbtrain.train import monitor_score
@@ -47,7 +47,8 @@ def summarize(runs: list[Run], methods: list[str], seeds: list[int], baseline: s
                "baseline": baseline, "seeds": seeds,
                "interval": METHOD, "selection": f"per method and seed, the configuration with the best main-task "
                f"validation {metric}; test rows scored once, for the selected runs only",
-               "methods": {method: _method(method, records, metrics, seeds, baseline) for method in methods},
+               "methods": _adjusted({method: _method(method, records, metrics, seeds, baseline)
+                                     for method in methods}, tasks),
                "runs": records}
     summary["warnings"] = _warnings(summary)
     return summary
@@ -130,7 +131,7 @@ def _method(method: str, records: list[dict[str, Any]], metrics: dict[str, str],
     }
     if method != baseline:
         block["paired"] = {task: paired(test_values(chosen, task), test_values(theirs, task),
-                                        higher_is_better(metrics[task])).to_dict() for task in tasks}
+                                        higher_is_better(metrics[task])) for task in tasks}
         ratios = [r["epoch_seconds"] / b["epoch_seconds"] for r, b in ((chosen[s], theirs[s]) for s in seeds)
                   if r is not None and b is not None and r["epoch_seconds"] and b["epoch_seconds"]]
         block["epoch_time_ratio"] = statistics.median(ratios) if ratios else None
@@ -138,6 +139,19 @@ def _method(method: str, records: list[dict[str, Any]], metrics: dict[str, str],
         finished = block["finished"] and base_seconds  # a method whose every run failed took no comparable time
         block["total_time_ratio"] = block["seconds"] / base_seconds if finished else None
     return block
+
+
+def _adjusted(blocks: dict[str, dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, Any]]:
+    """The blocks with each task's paired tests (stats.Paired) adjusted for the methods compared with the
+    baseline (stats.holm), as JSON."""
+    compared = [block for block in blocks.values() if "paired" in block]
+    for task in tasks:
+        pairs = [block["paired"][task] for block in compared]
+        for pair, adjusted in zip(pairs, holm([pair.p for pair in pairs]), strict=True):
+            pair.adjusted_p, pair.compared = adjusted, sum(p.p is not None for p in pairs)
+    for block in compared:
+        block["paired"] = {task: pair.to_dict() for task, pair in block["paired"].items()}
+    return blocks
 
 
 def _warnings(summary: dict[str, Any]) -> list[str]:
@@ -182,17 +196,17 @@ def report(summary: dict[str, Any]) -> Group:
     metrics = summary.get("task_metrics") or dict.fromkeys(tasks, metric)  # a sweep.json of before task types
     methods = summary["methods"]
     table = _table(f"test {metric} of {tasks[0]} (main) · {len(summary['seeds'])} seeds · Δ against {baseline}, "
-                   f"paired by seed", ("method (configs)", f"test {metric}", "Δ", "95 % interval", "won",
-                                       "time ×"))
+                   f"paired by seed", ("method (configs)", f"test {metric}", "Δ", "95 % interval", "Holm p",
+                                       "won", "time ×"))
     # the auxiliary tasks: a table per metric they are reported in (AUC for binary tasks, RMSE for regression ones)
     auxiliary = {name: _table(f"auxiliary tasks' test {name}: Δ against {baseline}",
-                              ("method", "task", f"test {name}", "Δ", "95 % interval", "won"))
+                              ("method", "task", f"test {name}", "Δ", "95 % interval", "Holm p", "won"))
                  for name in dict.fromkeys(metrics[task] for task in tasks[1:])}
     lines = []
     for method, block in methods.items():
         name = f"{method} ({block['configurations']})"
         if method == baseline:
-            table.add_row(name, _mean_std(block["test"][tasks[0]]), "baseline", "", "", "1.00/1.00")
+            table.add_row(name, _mean_std(block["test"][tasks[0]]), "baseline", "", "", "", "1.00/1.00")
             continue
         pair = block["paired"][tasks[0]]
         table.add_row(name, _mean_std(block["test"][tasks[0]]), *_paired(pair),
@@ -205,8 +219,9 @@ def report(summary: dict[str, Any]) -> Group:
               for method, block in methods.items() if block["configurations"] > 1]
     lower = list(dict.fromkeys(name for name in metrics.values() if not higher_is_better(name)))
     direction = f" ({', '.join(lower)}: lower is better)" if lower else ""
-    caption = (f"Δ: method − baseline{direction}; [ ]: {summary['interval']}; time ×: epoch time / all runs' time "
-               f"over the baseline's; {summary['selection']}.")
+    caption = (f"Δ: method − baseline{direction}; [ ]: {summary['interval']}; Holm p: the paired t-test's p-value "
+               f"adjusted for the methods compared ({ADJUSTMENT}), which the verdicts read; time ×: epoch time / all "
+               f"runs' time over the baseline's; {summary['selection']}.")
     notes = [f"warning: {note}" for note in summary["warnings"]]
     return Group(table, *(auxiliary.values() if len(methods) > 1 else []), caption, *lines,
                  *(["chosen on validation:", *chosen] if chosen else []), *notes)
@@ -221,12 +236,14 @@ def _table(title: str, headings: tuple[str, ...]) -> Table:
     return table
 
 
-def _paired(pair: dict[str, Any]) -> tuple[str, str, str]:
-    """(Δ, its interval, seeds won) cells."""
+def _paired(pair: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(Δ, its interval, its Holm-adjusted p-value, seeds won) cells."""
     if not pair["n"]:
-        return "—", "", "0/0"
+        return "—", "", "", "0/0"
     interval = "" if pair["low"] is None else f"[{pair['low']:+.4f}, {pair['high']:+.4f}]"
-    return f"{pair['mean']:+.4f}", interval, f"{pair['won']}/{pair['n']}"
+    adjusted = pair.get("adjusted_p")  # a sweep.json of before the adjustment has none
+    return (f"{pair['mean']:+.4f}", interval, "" if adjusted is None else f"{adjusted:.3f}",
+            f"{pair['won']}/{pair['n']}")
 
 
 def _mean_std(values: dict[str, Any]) -> str:
