@@ -31,7 +31,8 @@ from rich.table import Table
 from mbtrain.config import RunConfig, setting_sections
 from mbtrain.errors import MbtrainError, first_line
 from mbtrain.report import HEADERS
-from mbtrain.stats import METHOD, Paired, paired
+from mbtrain.stats import ADJUSTMENT, METHOD, Paired, holm, paired
+from mbtrain.sweep.protocol import SPLITS
 from mbtrain.tasks import headline, higher_is_better
 
 # settings that leave a run's results alone (or, for seed, make the repeats a row averages over): never a column
@@ -248,7 +249,16 @@ def _pair(comparison: Comparison, groups: list[list[_Run]], key: str, value: str
             main=_paired_on(runs, base_runs, seeds, task, metric),
             tasks={name: _paired_on(runs, base_runs, seeds, name, headline(rows[index].tasks[name]))
                    for name in tasks})
+    _adjust([pairing.main for pairing in pairings.values()])
+    for name in rows[index].tasks:
+        _adjust([pairing.tasks[name] for pairing in pairings.values() if name in pairing.tasks])
     return Baseline(key, value, index, task, metric, pairings)
+
+
+def _adjust(pairs: list[Paired]) -> None:
+    """The rows' tests against the baseline, adjusted for their number (stats.holm), in place."""
+    for pair, adjusted in zip(pairs, holm([pair.p for pair in pairs]), strict=True):
+        pair.adjusted_p, pair.compared = adjusted, sum(p.p is not None for p in pairs)
 
 
 def _paired_on(runs: list[_Run], base_runs: list[_Run], seeds: list[int], task: str, metric: str) -> Paired:
@@ -314,15 +324,27 @@ def _read(path: Path) -> _Run:
     except (TypeError, AttributeError) as exc:
         raise MbtrainError(f"{path}: config.json holds settings this mbtrain cannot read ({first_line(exc)})") from None
     paths = raw.get("paths") if isinstance(raw.get("paths"), dict) else {}
-    settings = {"data": paths.get("data"), **{k: v for k, v in flat.items() if k not in NOT_COMPARED}}
+    settings = {"data": _seeds_split(paths.get("data"), flat["seed"]),
+                **{k: v for k, v in flat.items() if k not in NOT_COMPARED}}
     if paths.get("valid"):  # absolute, where the flag may be relative to wherever fit ran
-        settings["valid"] = paths["valid"]
+        settings["valid"] = _seeds_split(paths["valid"], flat["seed"])
     metrics = _load(path, "metrics.json")
     main, tasks = metrics.get("main_task"), metrics.get("tasks")
     if not (isinstance(tasks, dict) and isinstance(main, str) and main in tasks
             and all(isinstance(values, dict) for values in tasks.values())):
         raise MbtrainError(f"{path}: metrics.json is not an mbtrain metrics file (no metrics for its main task)")
     return _Run(str(path), flat["seed"], settings, metrics, seconds_per_epoch(path / "history.jsonl"))
+
+
+def _seeds_split(path: str | None, seed: int) -> str | None:
+    """A sweep's run reads its seed's split (SWEEP/splits/seed<k>/train.parquet): runs of the same settings on
+    the seeds' splits are one row, paired by seed, so the path is named for every seed's split at once."""
+    if path is None:
+        return None
+    file = Path(path)
+    if file.parent.name == f"seed{seed}" and file.parent.parent.name == SPLITS:
+        return str(file.parent.parent / "seed*" / file.name)
+    return path
 
 
 def _load(path: Path, name: str) -> dict[str, Any]:
@@ -450,7 +472,8 @@ def _paired_table(comparison: Comparison, baseline: Baseline) -> list[Table | st
     given = escape(f"{_flag(baseline.setting)}={baseline.value}")
     table = Table(title=f"against the baseline, {given}: Δ {metric}, paired by seed",
                   caption=f"{COMPARED_ON}; Δ = row − baseline ({'higher' if baseline.higher_is_better else 'lower'} "
-                          f"is better), [ ]: {METHOD}; won: seeds where the row did better, of those paired. "
+                          f"is better), [ ]: {METHOD}; won: seeds where the row did better, of those paired; the "
+                          f"verdicts are adjusted for the rows compared ({ADJUSTMENT}). "
                           "--json pairs every task too, in its type's default metric (AUC, RMSE).",
                   caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
                   padding=(0, 1, 0, 0))
@@ -490,6 +513,8 @@ def _verdict_word(pair: Paired, seeds: list[int]) -> str:
     if pair.low is None:
         return "at least 2 seeds needed"
     verdict = pair.verdict()
+    if verdict.startswith("no difference once adjusted"):
+        return f"none after Holm (p {pair.adjusted_p:.3f})"
     return verdict if verdict in ("better", "worse") else "no difference detected"
 
 

@@ -306,3 +306,14 @@ def test_tasks_of_other_types_are_each_reported_in_their_own_metric(tasks: str, 
     tables = {expected[task] for task in tasks.split(",")[1:]}  # the auxiliary tasks: a table per metric
     assert all(f"auxiliary tasks' test {name}: Δ against none" in result.output for name in tables)
     assert "—" not in result.output and "rmse: lower is better" in result.output
+
+
+def test_compare_pairs_a_sweeps_runs_by_seed(swept: Path, tmp_path: Path) -> None:
+    """Each seed's runs read that seed's split files: compare takes them for one row per configuration anyway."""
+    out = tmp_path / "comparison.json"
+    result = run_cli("compare", str(swept / "runs" / "*-0-seed*"), "--baseline", "balance=none", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    comparison = json.loads(out.read_text())
+    assert [len(row["runs"]) for row in comparison["rows"]] == [2, 2]
+    paired_rows = [row["paired"] for row in comparison["rows"] if row.get("paired")]
+    assert len(paired_rows) == 1 and paired_rows[0]["seeds"] == [0, 1]
