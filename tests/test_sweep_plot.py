@@ -128,3 +128,38 @@ def test_have_matplotlib_is_false_when_its_import_is_blocked(monkeypatch: pytest
 @needs_matplotlib
 def test_have_matplotlib_is_true_when_installed() -> None:
     assert have_matplotlib() is True
+
+
+@needs_matplotlib
+def test_twenty_six_methods_stay_readable() -> None:
+    """Beyond NAMED_POINTS methods the trade-off points carry numbers keyed to the left panel's rows, on axes
+    that fit the means (std over seeds ten times their spread, as a real sweep had), and no two labels overlap."""
+    import random
+
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from mbtrain.sweep.plot import _STYLE, draw
+
+    rng = random.Random(0)
+    tasks = ["purchase", "click"]
+    methods: dict[str, Any] = {"none": {"test": {task: _test(0.7, 0.01) for task in tasks}}}
+    for i in range(25):
+        methods[f"balancer-{i}-representation"] = {
+            "test": {task: _test(0.7 + rng.gauss(0, 0.001), 0.01) for task in tasks},
+            "paired": {task: _pair(rng.gauss(0, 0.002), 0.003) for task in tasks}}
+    summary = {"tasks": tasks, "main_task": "purchase", "baseline": "none", "metric": "auc", "methods": methods}
+    with matplotlib.rc_context(_STYLE):
+        figure = draw(summary, Figure, FigureCanvasAgg)
+    renderer = figure.canvas.get_renderer()
+    trade_off = next(axes for axes in figure.axes if axes.get_title(loc="left").startswith("Trade-off"))
+    labels = [text for text in trade_off.texts if text.get_text() != "none" and not text.get_text().startswith("means")]
+    assert sorted(int(text.get_text()) for text in labels) == list(range(1, 26))
+    boxes = [text.get_window_extent(renderer) for text in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    means = [block["test"]["click"]["mean"] for block in methods.values()]
+    low, high = trade_off.get_xlim()
+    assert min(means) > low and max(means) < high and high - low < 2 * (max(means) - min(means))
+    left = figure.axes[0].get_yticklabels()
+    assert left[0].get_text().startswith("1 · balancer-0-representation")

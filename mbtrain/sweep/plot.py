@@ -6,7 +6,9 @@ hollow marker is a mean without an interval (fewer than 2 seeds). Tasks reported
 regression task's RMSE beside binary tasks' AUC: sweep.json's `task_metrics`) get a panel each, side by side, so
 that no axis mixes units. Right: the trade-off, one small panel per
 auxiliary task: the main task's test metric (y) against that task's (x), one point per method with its standard
-deviation over seeds as error bars, the baseline a black star with dotted guides.
+deviation over seeds as error bars, the baseline a black star with dotted guides. Beyond NAMED_POINTS methods
+the points carry numbers instead of names, keyed by the left panel's rows ("3 · famo"), on axes that fit the
+means, without the bars (the widest is noted; the intervals are on the left), so that 26 methods stay readable.
 
 matplotlib is an optional extra (`pip install 'mbtrain[plot]'`): callers check `have_matplotlib()` first. The
 figure is drawn on its own Agg canvas, never through pyplot, so no global backend or figure registry is touched;
@@ -32,6 +34,7 @@ _METHOD_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c56
 _STYLE = {"svg.hashsalt": "mbtrain-sweep", "svg.fonttype": "path", "font.size": 9, "axes.titlesize": 10,
           "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 8}
 _DPI = 150
+NAMED_POINTS = 8  # methods whose trade-off points carry their names; beyond, numbers keyed by the left panel
 
 
 def have_matplotlib() -> bool:
@@ -57,7 +60,7 @@ def write_picture(summary: dict[str, Any], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / name for name in PICTURES]
     with matplotlib.rc_context(_STYLE):  # restored on exit: nothing global changes
-        figure = _draw(summary, Figure, FigureCanvasAgg)
+        figure = draw(summary, Figure, FigureCanvasAgg)
         try:
             for path in paths:
                 figure.savefig(path, format=path.suffix[1:], dpi=_DPI, metadata={"Date": None})
@@ -66,7 +69,8 @@ def write_picture(summary: dict[str, Any], folder: Path) -> list[Path]:
     return paths
 
 
-def _draw(summary: dict[str, Any], figure_class: Any, canvas_class: Any) -> Any:
+def draw(summary: dict[str, Any], figure_class: Any, canvas_class: Any) -> Any:
+    """The picture as a matplotlib figure of `figure_class` on a `canvas_class` (write_picture's Agg)."""
     tasks: list[str] = list(summary["tasks"])
     main = summary["main_task"]
     tasks = [main] + [task for task in tasks if task != main]
@@ -78,6 +82,7 @@ def _draw(summary: dict[str, Any], figure_class: Any, canvas_class: Any) -> Any:
     metrics = {task: (summary.get("task_metrics") or {}).get(task, metric) for task in tasks}
     highers = {task: (summary.get("task_higher_is_better") or {}).get(task, higher) for task in tasks}
     kinds = list(dict.fromkeys(metrics.values()))  # the left panels, the main task's metric first
+    numbers = {method: str(row + 1) for row, method in enumerate(others)} if len(others) > NAMED_POINTS else {}
 
     row_height = 0.2 * len(tasks) + 0.35
     height = max(4.2, row_height * max(len(others), 1) + 2.0, (2.9 * len(auxiliary) + 1.3) if auxiliary else 0)
@@ -90,14 +95,15 @@ def _draw(summary: dict[str, Any], figure_class: Any, canvas_class: Any) -> Any:
     for at, kind in enumerate(kinds):
         shown = [task for task in tasks if metrics[task] == kind]
         _differences(figure.add_subplot(left[0, at] if left is not None else grid[:, 0]), tasks, shown, baseline,
-                     kind, methods, others, highers[shown[0]], first=at == 0)
+                     kind, methods, others, highers[shown[0]], first=at == 0, numbers=numbers)
     panels = [figure.add_subplot(grid[row, 1]) for row in range(len(auxiliary))]
-    points = [_trade_off(axes, main, task, baseline, metrics, methods, highers[task])
+    points = [_trade_off(axes, main, task, baseline, metrics, methods, highers[task], numbers)
               for axes, task in zip(panels, auxiliary, strict=True)]
     seeds = _seeds(methods, tasks)
     named = " / ".join(kinds)
+    right = "trade-off of the means (right)" if numbers else "trade-off with std over seeds (right)"
     figure.suptitle(f"Test {named} on the test rows, {seeds} seed{'s' if seeds != 1 else ''}, against {baseline}: "
-                    f"95 % paired t intervals (left), trade-off with std over seeds (right)"
+                    f"95 % paired t intervals (left), {right}"
                     if auxiliary else
                     f"Test {named} on the test rows, {seeds} seed{'s' if seeds != 1 else ''}, against {baseline}: "
                     f"95 % paired t intervals", fontsize=11)
@@ -112,10 +118,11 @@ def _draw(summary: dict[str, Any], figure_class: Any, canvas_class: Any) -> Any:
 
 def _differences(axes: Any, tasks: list[str], shown: list[str], baseline: str, metric: str,
                  methods: dict[str, dict[str, Any]], others: list[str], higher: bool | None,
-                 first: bool = True) -> None:
+                 first: bool = True, numbers: dict[str, str] | None = None) -> None:
     """One row per method (report order, top down), one dodged marker per task of `shown` (those of `tasks`
     reported in `metric`; a task keeps its style by its place in `tasks`): mean difference and interval. The
-    first panel names the methods and their verdicts on the main task."""
+    first panel names the methods (after their `numbers`, where the trade-off panels use them) and their verdicts
+    on the main task."""
     from matplotlib.lines import Line2D
     from matplotlib.transforms import ScaledTranslation
 
@@ -153,7 +160,8 @@ def _differences(axes: Any, tasks: list[str], shown: list[str], baseline: str, m
             axes.plot([mean], [at], marker=marker, markersize=size, color=colour, markerfacecolor=face,
                       markeredgewidth=1.4, linestyle="none", zorder=3)
         main = pairs.get(tasks[0]) or {}
-        labels.append(f"{method}\n{_short(main.get('verdict'))}, n={main.get('n', 0)}")
+        name = f"{numbers[method]} · {method}" if numbers else method
+        labels.append(f"{name}\n{_short(main.get('verdict'))}, n={main.get('n', 0)}")
     axes.axvline(0.0, color="#444444", linestyle="--", linewidth=1.0, zorder=1)
     axes.set_yticks([-row for row in range(len(others))], labels if first else [])
     axes.set_ylim(-len(others) + 0.5, 0.5)
@@ -177,10 +185,13 @@ def _differences(axes: Any, tasks: list[str], shown: list[str], baseline: str, m
 
 
 def _trade_off(axes: Any, main: str, task: str, baseline: str, metrics: dict[str, str],
-               methods: dict[str, dict[str, Any]], higher: bool | None) -> list[tuple[float, float, str, str]]:
+               methods: dict[str, dict[str, Any]], higher: bool | None, numbers: dict[str, str]
+               ) -> list[tuple[float, float, str, str]]:
     """The main task's test metric against one auxiliary task's (each in its own, `metrics`; `higher`: the
-    auxiliary task's direction), one point per method; the points to label."""
+    auxiliary task's direction), one point per method; the points to label, by name or by `numbers`."""
     points = []
+    crowded = bool(numbers)  # many methods: the means alone, on axes that fit them, which the bars would swamp
+    spreads = []
     colours = itertools.cycle(_METHOD_COLOURS)  # drawn for every method, so a method keeps its colour
     for method, block in methods.items():
         test = block.get("test") or {}
@@ -190,15 +201,25 @@ def _trade_off(axes: Any, main: str, task: str, baseline: str, metrics: dict[str
         colour = "black" if is_baseline else next(colours)
         if x is None or y is None:
             continue
-        axes.errorbar([x], [y], xerr=_bar(theirs.get("std")), yerr=_bar(mine.get("std")),
-                      marker="*" if is_baseline else "o", markersize=11 if is_baseline else 6, color=colour,
-                      ecolor=colour, elinewidth=1.0, capsize=2.5, linestyle="none", zorder=3)
+        bars = (None, None) if crowded else (_bar(theirs.get("std")), _bar(mine.get("std")))
+        spreads += [value for value in (_bar(theirs.get("std")), _bar(mine.get("std"))) if value is not None]
+        axes.errorbar([x], [y], xerr=bars[0], yerr=bars[1], marker="*" if is_baseline else "o",
+                      markersize=11 if is_baseline else 6, color=colour, ecolor=colour, elinewidth=1.0, capsize=2.5,
+                      linestyle="none", zorder=3)
         if is_baseline:
             axes.axhline(y, color="#888888", linestyle=":", linewidth=0.9, zorder=1)
             axes.axvline(x, color="#888888", linestyle=":", linewidth=0.9, zorder=1)
-        points.append((x, y, method, colour))
+        points.append((x, y, numbers.get(method, method), colour))
     if not points:
         axes.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=axes.transAxes)
+    elif crowded:
+        for values, limits in (([p[0] for p in points], axes.set_xlim), ([p[1] for p in points], axes.set_ylim)):
+            low, high = min(values), max(values)
+            pad = 0.15 * (high - low) or 0.01 * abs(high) or 0.01
+            limits(low - pad, high + pad)
+        widest = f", std up to {max(spreads):.4f}" if spreads else ""
+        axes.text(0.01, 0.005, f"means over seeds{widest}; numbers: rows at left", fontsize=7,
+                  color="#555555", transform=axes.transAxes, ha="left", va="bottom")
     better = {True: " (higher is better)", False: " (lower is better)"}.get(higher, "")
     axes.set_xlabel(f"{task} test {metrics[task]}{better}")
     axes.set_ylabel(f"{main} test {metrics[main]}")
