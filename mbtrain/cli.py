@@ -559,6 +559,11 @@ def sweep(
                                                    "or --seed 0,1,2).")] = None,
     test: Annotated[Path | None, typer.Option(help="Test rows from this file (else a seeded --test-fraction).")] = None,
     test_fraction: Annotated[float, typer.Option(help="Share of the rows held out for the test, per seed.")] = 0.2,
+    split_time: Annotated[str | None, typer.Option(help="Hold out by time: the test rows are the latest by this "
+                                                        "column, validation the ones before; one split every seed "
+                                                        "shares.")] = None,
+    split_group: Annotated[str | None, typer.Option(help="Hold out whole groups of this column (a user's rows in "
+                                                         "one part), seeded per seed.")] = None,
     baseline: Annotated[str | None, typer.Option(help="The method the others are compared with (default: the "
                                                       "first of --balance).")] = None,
     jobs: Annotated[int, typer.Option(help="Fits at once; the CPU threads are shared between them.")] = 1,
@@ -572,6 +577,7 @@ def sweep(
     """Does balancing help on my data? Any fit flag may be a list (--balance none,metabalance --lr 0.01,0.003
     --seeds 5 ...): every method is tuned on validation, seed by seed, and only its chosen run's test rows count;
     methods are compared with the baseline paired by seed, with a 95 % interval."""
+    from mbtrain.sweep.protocol import Holdout
     from mbtrain.sweep.recipe import report_again
     from mbtrain.sweep.recipe import sweep as run_sweep
 
@@ -582,8 +588,8 @@ def sweep(
         raise MbtrainError("mbtrain sweep needs DATA and --out (or --report SWEEP), e.g. mbtrain sweep data.parquet "
                            "--tasks click,purchase --balance none,metabalance --seeds 5 --out sweep")
     try:
-        run_sweep(data, list(context.args), config, seeds, out, test, test_fraction, baseline, jobs, plan, overwrite,
-                  _switches(), console)
+        run_sweep(data, list(context.args), config, seeds, out, Holdout(test, test_fraction, split_time, split_group),
+                  baseline, jobs, plan, overwrite, _switches(), console)
     except KeyboardInterrupt as exc:
         raise _fail(str(exc) or "interrupted", 130) from None
 

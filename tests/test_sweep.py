@@ -317,3 +317,40 @@ def test_compare_pairs_a_sweeps_runs_by_seed(swept: Path, tmp_path: Path) -> Non
     assert [len(row["runs"]) for row in comparison["rows"]] == [2, 2]
     paired_rows = [row["paired"] for row in comparison["rows"] if row.get("paired")]
     assert len(paired_rows) == 1 and paired_rows[0]["seeds"] == [0, 1]
+
+
+def _split(out: Path, seed: int | str, part: str) -> pl.DataFrame:
+    return pl.read_parquet(out / "splits" / (seed if isinstance(seed, str) else f"seed{seed}") / f"{part}.parquet")
+
+
+def test_a_time_split_holds_out_the_latest_rows_for_every_seed(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "by-time"
+    result = _sweep(data / "train.parquet", out, "--split-time", "row_id", "--exclude", "row_id", "--plan")
+    assert result.exit_code == 0, result.output
+    train, valid, test = (_split(out, "by-time", part)["row_id"] for part in ("train", "valid", "test"))
+    assert (len(train), len(valid), len(test)) == (432, 48, 120)  # 600 rows: 20 % test, 10 % of the rest valid
+    assert train.max() < valid.min() and valid.max() < test.min()
+    configs = [(out / "configs" / f"none-0-seed{seed}.toml").read_text() for seed in (0, 1)]
+    assert all("splits/by-time/valid.parquet" in text for text in configs)  # every seed reads the one split
+
+
+def test_a_group_split_keeps_each_groups_rows_together(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "by-group"
+    result = _sweep(data / "train.parquet", out, "--split-group", "user", "--plan")
+    assert result.exit_code == 0, result.output
+    for seed in (0, 1):
+        parts = {part: set(_split(out, seed, part)["user"]) for part in ("train", "valid", "test")}
+        assert not parts["train"] & parts["valid"] and not parts["train"] & parts["test"]
+        assert not parts["valid"] & parts["test"] and all(parts.values())
+        assert len(_split(out, seed, "test")) >= 120  # whole groups until a fifth of the rows
+    assert set(_split(out, 0, "test")["user"]) != set(_split(out, 1, "test")["user"])
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--split-time", "when"], "--split-time when: "),
+    (["--split-time", "price"], "--split-time price: "),  # price has nulls
+    (["--split-group", "user", "--split-time", "row_id"], "contradict each other"),
+])
+def test_a_bad_split_column_is_one_line(flags: list[str], message: str, data: Path, tmp_path: Path) -> None:
+    result = _sweep(data / "train.parquet", tmp_path / "bad", *flags, "--plan")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr

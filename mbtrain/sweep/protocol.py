@@ -67,49 +67,121 @@ class Run:
         return "pending"
 
 
-def definition(data: Path, grid: Grid, test: Path | None, test_fraction: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Holdout:
+    """How the sweep holds rows out: test rows from `test`, else a `test_fraction` of the data; validation rows
+    from --valid, else a --valid-fraction of the rest. By row, seeded per seed (the default); by `time_column`,
+    the latest rows (test), the ones before them (validation), the same split for every seed, which then varies
+    the initialisation and the order only; by `group_column`, whole groups (a user's rows never straddle two
+    parts), seeded per seed."""
+
+    test: Path | None = None
+    test_fraction: float = 0.2
+    time_column: str | None = None
+    group_column: str | None = None
+
+    def check(self) -> None:
+        if self.test is None and not 0.0 < self.test_fraction < 1.0:
+            raise MbtrainError(f"--test-fraction must be in (0, 1): got {self.test_fraction}")
+        if self.time_column and self.group_column:
+            raise MbtrainError("--split-time and --split-group contradict each other: pick one")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"test": str(self.test.resolve()) if self.test else None, "test_fraction": self.test_fraction,
+                "split_time": self.time_column, "split_group": self.group_column}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Holdout:
+        """A sweep's definition.json (one of before --split-time holds no split keys: by row)."""
+        return cls(Path(saved["test"]) if saved["test"] else None, saved["test_fraction"], saved.get("split_time"),
+                   saved.get("split_group"))
+
+
+def definition(data: Path, grid: Grid, holdout: Holdout) -> dict[str, Any]:
     """What makes two sweeps the same sweep: running another into the same folder is refused."""
     valid = grid.fixed.get("valid")
-    return {"data": str(data.resolve()), "test": str(test.resolve()) if test else None, "test_fraction": test_fraction,
-            "valid": str(Path(valid).resolve()) if valid else None, "grid": grid.to_dict()}
+    return {"data": str(data.resolve()), **holdout.to_dict(), "valid": str(Path(valid).resolve()) if valid else None,
+            "grid": grid.to_dict()}
 
 
-def check_test_fraction(test: Path | None, test_fraction: float) -> None:
-    if test is None and not 0.0 < test_fraction < 1.0:
-        raise MbtrainError(f"--test-fraction must be in (0, 1): got {test_fraction}")
-
-
-def write_splits(folder: Path, data: Path, grid: Grid, test: Path | None, test_fraction: float) -> dict[int, Split]:
+def write_splits(folder: Path, data: Path, grid: Grid, holdout: Holdout) -> dict[int, Split]:
     """Each seed's split, written once (a file already there is that seed's: the split is a function of the
-    data and the seed). Test rows: --test FILE, else a seeded --test-fraction of the data; validation rows: --valid
-    FILE, else a seeded --valid-fraction of the rest; training rows: what remains."""
+    data and the seed); by time, one split that every seed shares. Training rows are what remains."""
     valid = grid.fixed.get("valid")
     valid_fraction = grid.fixed.get("valid_fraction", RunConfig().data.valid_fraction)
     splits, frame = {}, None
     for seed in grid.seeds:
-        where = folder / SPLITS / f"seed{seed}"
+        where = folder / SPLITS / ("by-time" if holdout.time_column else f"seed{seed}")
         split = Split(where / "train.parquet", Path(valid) if valid else where / "valid.parquet",
-                      test or where / "test.parquet")
+                      holdout.test or where / "test.parquet")
         if not split.train.is_file():
             frame = frame if frame is not None else read_files(parquet_files(data))
-            _write_split(frame, data, split, seed, test is None, valid is None, test_fraction, valid_fraction)
+            _write_split(frame, data, split, seed, holdout, valid is None, valid_fraction)
         splits[seed] = split
     return splits
 
 
-def _write_split(frame: pl.DataFrame, data: Path, split: Split, seed: int, hold_test: bool, hold_valid: bool,
-                 test_fraction: float, valid_fraction: float) -> None:
+def _write_split(frame: pl.DataFrame, data: Path, split: Split, seed: int, holdout: Holdout, hold_valid: bool,
+                 valid_fraction: float) -> None:
     rows = frame.height
-    order = np.random.default_rng(seed).permutation(rows)
-    tests = min(max(1, round(rows * test_fraction)), rows - 2) if hold_test else 0
+    tests = min(max(1, round(rows * holdout.test_fraction)), rows - 2) if holdout.test is None else 0
     valids = min(max(1, round((rows - tests) * valid_fraction)), rows - tests - 1) if hold_valid else 0
     if rows - tests - valids < 1:
         raise MbtrainError(f"{data}: {rows} rows are too few to split into training, validation and test rows")
-    parts = {"test": order[:tests], "valid": order[tests : tests + valids], "train": order[tests + valids :]}
+    if holdout.time_column:
+        order = _by_time(frame, data, holdout.time_column)
+        parts = {"test": order[rows - tests :], "valid": order[rows - tests - valids : rows - tests],
+                 "train": order[: rows - tests - valids]}
+    elif holdout.group_column:
+        parts = _by_group(frame, data, holdout.group_column, seed, tests, valids)
+    else:
+        order = np.random.default_rng(seed).permutation(rows)
+        parts = {"test": order[:tests], "valid": order[tests : tests + valids], "train": order[tests + valids :]}
     split.train.parent.mkdir(parents=True, exist_ok=True)
     for name, rows_of in parts.items():
         if len(rows_of):  # the training file last: its presence says the seed's split is complete
             _write_parquet(frame[np.sort(rows_of)], getattr(split, name))
+
+
+def _column(frame: pl.DataFrame, data: Path, name: str, flag: str) -> pl.Series:
+    if name not in frame.columns:
+        raise MbtrainError(f"{flag} {name}: {data} has no such column")
+    column = frame[name]
+    if column.null_count():
+        raise MbtrainError(f"{flag} {name}: {column.null_count():,} rows of {data} have no value there")
+    return column
+
+
+def _by_time(frame: pl.DataFrame, data: Path, name: str) -> np.ndarray:
+    """Row indices from the earliest to the latest by the column (ties in file order)."""
+    column = _column(frame, data, name, "--split-time")
+    try:
+        ordered = pl.DataFrame({"time": column, "row": np.arange(len(column))}).sort(["time", "row"])
+        return ordered["row"].to_numpy()
+    except pl.exceptions.PolarsError as exc:
+        raise MbtrainError(f"--split-time {name}: its values cannot be ordered ({exc})") from None
+
+
+def _by_group(frame: pl.DataFrame, data: Path, name: str, seed: int, tests: int, valids: int
+              ) -> dict[str, np.ndarray]:
+    """Whole groups in a seeded order: the first ones to the test rows until they hold `tests` rows, the next
+    to validation until `valids`, the rest to training."""
+    codes = _column(frame, data, name, "--split-group").rank("dense").to_numpy().astype(np.int64) - 1
+    sizes = np.bincount(codes)
+    order = np.random.default_rng(seed).permutation(len(sizes))
+    ends = np.cumsum(sizes[order])
+    test_groups = order[: int(np.searchsorted(ends, tests)) + 1] if tests else order[:0]
+    taken = int(sizes[test_groups].sum())
+    rest = order[len(test_groups):]
+    valid_groups = rest[: int(np.searchsorted(np.cumsum(sizes[rest]), valids)) + 1] if valids else rest[:0]
+    part = np.full(len(sizes), 2)  # 0 test, 1 validation, 2 training, by group
+    part[test_groups], part[valid_groups] = 0, 1
+    where = part[codes]
+    if not (where == 2).any() or taken >= len(codes):
+        raise MbtrainError(f"--split-group {name}: {len(sizes):,} groups are too few to split into training, "
+                           "validation and test rows")
+    return {"test": np.flatnonzero(where == 0), "valid": np.flatnonzero(where == 1),
+            "train": np.flatnonzero(where == 2)}
 
 
 def plan_runs(folder: Path, grid: Grid, splits: dict[int, Split]) -> list[Run]:
@@ -142,6 +214,7 @@ def read_definition(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        saved = json.loads(path.read_text())
     except ValueError:
         raise MbtrainError(f"{path}: not a sweep definition (corrupt JSON)") from None
+    return {"split_time": None, "split_group": None, **saved}  # a sweep of before the split flags: by row

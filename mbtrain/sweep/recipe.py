@@ -17,8 +17,8 @@ from mbtrain.sweep import plot
 from mbtrain.sweep.grid import Grid, read_grid
 from mbtrain.sweep.protocol import (
     DEFINITION,
+    Holdout,
     Run,
-    check_test_fraction,
     definition,
     plan_runs,
     read_definition,
@@ -30,15 +30,15 @@ from mbtrain.sweep.runner import execute, plan, threads_per_job
 
 
 def sweep(data: Path, arguments: list[str], config_file: Path | None, seeds: int | None, out: Path,
-          test: Path | None, test_fraction: float, baseline: str | None, jobs: int, plan_only: bool, overwrite: bool,
+          holdout: Holdout, baseline: str | None, jobs: int, plan_only: bool, overwrite: bool,
           switches: dict[str, tuple[str, bool]], console: Console) -> None:
     grid = read_grid(arguments, config_file, seeds, switches)
     baseline = _baseline(grid, baseline)
-    check_test_fraction(test, test_fraction)
+    holdout.check()
     if jobs < 1:
         raise MbtrainError(f"--jobs must be at least 1: got {jobs}")
     started = time.perf_counter()
-    runs = _prepare(out, data, grid, test, test_fraction, baseline, overwrite)
+    runs = _prepare(out, data, grid, holdout, baseline, overwrite)
     timing: dict[str, Any] = {"prepare_s": time.perf_counter() - started, "run_s": {}}
     if plan_only:
         pending = plan(runs, out / "plan.txt")
@@ -75,8 +75,7 @@ def report_again(out: Path, console: Console) -> None:
         read_summary(out)  # a clear line: not a sweep folder
         return
     grid = Grid(**saved["grid"])
-    test = Path(saved["test"]) if saved["test"] else None
-    runs = plan_runs(out, grid, write_splits(out, Path(saved["data"]), grid, test, saved["test_fraction"]))
+    runs = plan_runs(out, grid, write_splits(out, Path(saved["data"]), grid, Holdout.from_dict(saved)))
     finish(out, runs, grid, saved["baseline"], console)
 
 
@@ -106,11 +105,10 @@ def _baseline(grid: Grid, baseline: str | None) -> str:
     return baseline
 
 
-def _prepare(out: Path, data: Path, grid: Grid, test: Path | None, test_fraction: float, baseline: str,
-             overwrite: bool) -> list[Run]:
+def _prepare(out: Path, data: Path, grid: Grid, holdout: Holdout, baseline: str, overwrite: bool) -> list[Run]:
     """The sweep folder for this grid: a new one, or the same sweep's to continue; each seed's split, each run's
     settings. Every run's settings are checked before anything is written."""
-    wanted = json.loads(json.dumps(definition(data, grid, test, test_fraction)))
+    wanted = json.loads(json.dumps(definition(data, grid, holdout)))
     for method in grid.methods:
         for configuration in grid.configurations(method):
             grid.config(method, configuration, grid.seeds[0]).validate()
@@ -123,7 +121,7 @@ def _prepare(out: Path, data: Path, grid: Grid, test: Path | None, test_fraction
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json({**wanted, "baseline": baseline}, out / DEFINITION)
-    runs = plan_runs(out, grid, write_splits(out, data, grid, test, test_fraction))
+    runs = plan_runs(out, grid, write_splits(out, data, grid, holdout))
     write_configs(runs)
     return runs
 
