@@ -96,6 +96,8 @@ class Checkpoint:
     sample: dict[str, torch.Tensor] | None  # {"categorical", "numeric"}: a few validation rows
     cuda_rng: torch.Tensor | None = None  # on a GPU
     position: dict[str, Any] | None = None  # a mid-epoch checkpoint's place in epoch `epoch` + 1 (train.Position)
+    rank_rngs: list[dict[str, torch.Tensor]] | None = None  # under torchrun: each rank's {"cpu"[, "cuda"]} RNG state
+    # (`rng` and `cuda_rng` are rank 0's), so that each rank's dropout resumes where it stood
 
     def save(self, path: Path) -> None:
         state = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

@@ -135,6 +135,16 @@ def any_rank(flag: bool) -> bool:
     return bool(value)
 
 
+def every_rank(value: T) -> list[T]:
+    """`value` as every rank holds it, in rank order (pickled, through the hand-off group, whatever the training
+    backend); in one process, [value]."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=_handoff_group)
+    return values
+
+
 def main_says(flag: bool) -> bool:
     """Rank 0's `flag` on every rank (through the hand-off group): a decision rank 0's clock alone makes."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

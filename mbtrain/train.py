@@ -45,7 +45,7 @@ from mbtrain.data.batches import EncodedData, Rows
 from mbtrain.data.encoders import table_slices
 from mbtrain.data.feed import DeviceFeed
 from mbtrain.data.prepare import Prepared, prepare
-from mbtrain.distributed import Cluster, any_rank, cluster_from_env, from_main, main_says
+from mbtrain.distributed import Cluster, any_rank, cluster_from_env, every_rank, from_main, main_says
 from mbtrain.elastic import JOB_KEY, staging_dir, torchrun_job
 from mbtrain.errors import MbtrainError, first_line
 from mbtrain.models.scoring import ModelSpec, Predictions, ScoringModel, score_rows
@@ -182,13 +182,21 @@ class FitRecipe:
             self.model.load_state_dict(resumed.model)
             self.optimizer.load_state_dict(resumed.optimizer)
             self.balancer.load_state_dict(resumed.balancer)
-            torch.set_rng_state(resumed.rng)
-            if self.cluster.device.type == "cuda" and resumed.cuda_rng is not None:
-                torch.cuda.set_rng_state(resumed.cuda_rng, self.cluster.device)
+            rngs = resumed.rank_rngs
+            own = rngs[self.cluster.rank] if rngs and len(rngs) == self.cluster.world_size else \
+                {"cpu": resumed.rng, "cuda": resumed.cuda_rng}  # rank 0's, on another number of ranks
+            torch.set_rng_state(own["cpu"])
+            if self.cluster.device.type == "cuda" and own.get("cuda") is not None:
+                torch.cuda.set_rng_state(own["cuda"], self.cluster.device)
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise MbtrainError(f"{path}: cannot resume from it ({type(exc).__name__}: {first_line(exc)})") from None
         self.best, self.bad_epochs, self.epoch = resumed.best, resumed.bad_epochs, resumed.epoch
         self.position = Position.from_dict(resumed.position, self.cluster.device) if resumed.position else None
+        ranks = self.position.loss_sum.shape[0] if self.position else self.cluster.world_size
+        if ranks != self.cluster.world_size:
+            raise MbtrainError(f"{path}: written inside an epoch by {ranks} process(es): resume it on {ranks} (the "
+                               "epoch's batches are cut for that many; a checkpoint at an epoch's end resumes on any "
+                               "number)")
         done = self._steps_done()
         self.history = [row for row in _read_history(self.work / "history.jsonl")
                         if row.get("step", row["epoch"] * self.steps) <= done]  # older rows have no step
@@ -238,8 +246,7 @@ class FitRecipe:
                         break
                     self._record(entry)
                     clock.restart()
-                    if self.main:
-                        self._save_checkpoint(entry["best"], sample)
+                    self._save_checkpoint(entry["best"], sample)
                     console.print(history_line(entry, self.spec.main_task, self.monitor), soft_wrap=True)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(_interrupted(self.out, self.work, self.staging)) from None
@@ -311,22 +318,24 @@ class FitRecipe:
 
     def _save_checkpoint(self, best: bool, sample: dict[str, torch.Tensor] | None,
                          position: Position | None = None) -> None:
-        """History first (resume drops lines past last.pt), best.pt last (never ahead of last.pt). Mid-epoch
-        (`position`; every rank calls it, to sum the epoch's losses so far), as of the last finished epoch and
-        the steps taken since, with a line saying so."""
+        """History first (resume drops lines past last.pt), best.pt last (never ahead of last.pt). Every rank calls
+        it (each rank's RNG state is gathered, and mid-epoch each rank's losses so far); rank 0 writes. Mid-epoch
+        (`position`), as of the last finished epoch and the steps taken since, with a line saying so."""
         if position is not None:
-            position = position.summed(self.cluster)
+            position = position.gathered()
+        cuda = self.cluster.device.type == "cuda"
+        rngs = every_rank({"cpu": torch.get_rng_state(),
+                           **({"cuda": torch.cuda.get_rng_state(self.cluster.device)} if cuda else {})})
         if not self.main:
             return
         written = time.perf_counter()
-        cuda = self.cluster.device.type == "cuda"
         checkpoint = Checkpoint(
             config=self.config.to_dict(), spec=self.spec.to_dict(), model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(), balancer=self.balancer.state_dict(),
             epoch=self.epoch - (position is not None), best=self.best, bad_epochs=self.bad_epochs,
-            streamed=self.data.train.streamed, rng=torch.get_rng_state(), sample=sample,
-            cuda_rng=torch.cuda.get_rng_state(self.cluster.device) if cuda else None,
+            streamed=self.data.train.streamed, rng=rngs[0]["cpu"], sample=sample, cuda_rng=rngs[0].get("cuda"),
             position=None if position is None else position.to_dict(),
+            rank_rngs=rngs if self.cluster.world_size > 1 else None,
         )
         write_jsonl(self.history, self.work / "history.jsonl")
         checkpoint.save(self.work / "checkpoints" / "last.pt")
@@ -482,16 +491,17 @@ class Position:
     the epoch, resumed, takes the very steps and gives the very history row of the uninterrupted run."""
 
     step: int
-    loss_sum: torch.Tensor  # [T] the epoch's summed weighted losses so far (this rank's; a checkpoint's: all ranks')
+    loss_sum: torch.Tensor  # [T] the epoch's summed weighted losses so far, this rank's (a checkpoint's: [ranks, T])
     rows_sum: torch.Tensor  # [T] the rows (weight) with a label they are over (likewise)
     ratio_sum: torch.Tensor  # [T] the balancer's grad_norm_ratio summed over the balanced steps (alike on all ranks)
     balanced: int  # steps the balancer took
 
-    def summed(self, cluster: Cluster) -> Position:
-        """A copy whose sums are every rank's (a collective): what a checkpoint keeps, for rank 0 to resume with."""
-        sums = [self.loss_sum.clone(), self.rows_sum.clone()]
-        cluster.sum_(sums)
-        return dataclasses.replace(self, loss_sum=sums[0], rows_sum=sums[1])
+    def gathered(self) -> Position:
+        """A copy whose sums are every rank's own, [ranks, T] (a collective): what a checkpoint keeps, for each rank
+        to resume its own with, so that the resumed sums add up in the uninterrupted run's order."""
+        sums = every_rank(torch.stack([self.loss_sum, self.rows_sum]).cpu())
+        stacked = torch.stack(sums).to(self.loss_sum.device)
+        return dataclasses.replace(self, loss_sum=stacked[:, 0], rows_sum=stacked[:, 1])
 
     def to_dict(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -576,7 +586,7 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
 
     `start` (a mid-epoch checkpoint's) skips the batches the epoch already took, drawn again in the same seeded
     order (in memory: cut and dropped; streamed: read and dropped, the shuffle buffer rebuilt as it was), and
-    carries on its sums (rank 0 holds every rank's). `on_step` is called after every step but the last with the
+    carries on its sums (each rank its own). `on_step` is called after every step but the last with the
     position and a way to read the training so far (mid-epoch checkpoints and validation); when it says stop,
     the pass ends there and returns None.
 
@@ -597,8 +607,7 @@ def train_steps(model: ScoringModel, optimizer: TrainOptimizer, balancer: Balanc
     done = 0  # steps taken before `start`'s checkpoint
     if start is not None:
         done, balanced, ratio_sum = start.step, start.balanced, start.ratio_sum.clone()
-        if cluster.is_main:  # the others' shares are in rank 0's sums
-            loss_sum, rows_sum = start.loss_sum.clone(), start.rows_sum.clone()
+        loss_sum, rows_sum = start.loss_sum[cluster.rank].clone(), start.rows_sum[cluster.rank].clone()
     counted = config.data.missing_labels == "skip" or config.data.weight_column is not None
     plain = None if config.balance.balance == "none" or not counted else build_balancer(
         "none", Setup.of(model, len(tasks.names), config.train.seed, cluster, PARAMETERS, LOOP))
