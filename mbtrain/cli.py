@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -20,7 +19,7 @@ from mbtrain.balance import BALANCERS
 from mbtrain.balance.metabalance import STRATEGIES
 from mbtrain.balance.mgda import NORMALIZATIONS
 from mbtrain.config import RunConfig, parse_list, parse_pairs, read_toml, setting_sections
-from mbtrain.elastic import own_run
+from mbtrain.elastic import torchrun_job
 from mbtrain.errors import MbtrainError
 from mbtrain.models import MODELS
 from mbtrain.models.mlp import NORMS
@@ -316,36 +315,12 @@ def fit(
         if data is None:
             raise MbtrainError("missing DATA: give the training file, e.g. mbtrain fit data.parquet --tasks a,b")
         run_config = _resolve(config, flags)
-        out = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = out or Path("runs") / (torchrun_job() or datetime.now().strftime("%Y%m%d-%H%M%S"))  # ranks agree
     run_config.validate()
-    own = None if resume else own_run(out, overwrite)
-    if own is not None and (own / "checkpoints" / "last.pt").is_file():  # torchrun restarted this fit: carry on
-        _check_same_run(own, run_config, data)
-        resume = True
-        restarted_note = f"torchrun restarted this fit: resuming {own} from its last checkpoint"
-    elif own is not None:
-        overwrite = True
-        restarted_note = f"torchrun restarted this fit before its first checkpoint: starting {out} over"
-    if own is not None and os.environ.get("RANK", "0") == "0":
-        console.print(restarted_note, highlight=False, soft_wrap=True)
     try:
-        fit_run(run_config, data, out, overwrite=overwrite, resume=resume, staged=own is not None and own != out,
-                console=console)
+        fit_run(run_config, data, out, overwrite=overwrite, resume=resume, console=console)
     except KeyboardInterrupt as exc:
         raise _fail(str(exc) or "interrupted", 130) from None
-
-
-def _check_same_run(run: Path, config: RunConfig, data: Path) -> None:
-    """A restarted fit's settings and data are the ones its run was written with, or one error line."""
-    saved, saved_data = _resumed(run, None, {}, None)
-    theirs, ours = saved.flat(), config.flat()
-    ours["valid"] = str(Path(ours["valid"]).resolve()) if ours["valid"] else None
-    differing = [f"--{key.replace('_', '-')}" for key in ours if ours[key] != theirs.get(key)]
-    if saved_data != data.resolve():
-        differing.insert(0, "DATA")
-    if differing:
-        raise MbtrainError(f"{run}: torchrun restarted this fit, but the run there was written with another "
-                           f"{differing[0]}; give another --out")
 
 
 def _resumed(out: Path, config_file: Path | None, flags: dict[str, Any],

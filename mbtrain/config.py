@@ -284,7 +284,7 @@ class Every:
     @classmethod
     def parse(cls, text: str) -> Every:
         """`5000` (steps) or `90s`, `15m`, `2h`; anything else is one error line naming the flag."""
-        text = text.strip().lower()
+        given, text = text, text.strip().lower()
         number, unit = (text[:-1], text[-1]) if text[-1:] in UNITS else (text, "")
         try:
             value = float(number) if unit else int(number)
@@ -292,7 +292,7 @@ class Every:
             value = 0
         if not value > 0:
             raise MbtrainError(f"--checkpoint-every takes a number of steps (5000) or a duration (90s, 15m, 2h), "
-                               f"above 0: got {text!r}")
+                               f"above 0: got {given!r}")
         return cls(seconds=value * UNITS[unit]) if unit else cls(steps=int(value))
 
 

@@ -103,9 +103,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def cluster_from_env(device: str) -> Cluster:
     """One process, or the rank torchrun started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
-    The process group's keys carry torchrun's attempt (TORCHELASTIC_RESTART_COUNT): torchrun's agent keeps one
-    store across the restarts of --max-restarts, and a restarted group looking up the same key names would find
-    the dead attempt's addresses there and fail to connect, or wait on each other (pytorch/pytorch#135712)."""
+    On one machine the process group's keys carry torchrun's attempt (TORCHELASTIC_RESTART_COUNT): torchrun's agent
+    keeps one store across the restarts of --max-restarts, and a restarted group looking up the same key names
+    would find the dead attempt's addresses there and fail to connect, or wait on each other
+    (pytorch/pytorch#135712). Each machine's agent counts its own attempts (one whose workers lived restarts
+    without counting), so on several machines the keys stay as they are, and torchrun needs
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, a fresh store each attempt (docs/scaling.md)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     where = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -113,9 +116,10 @@ def cluster_from_env(device: str) -> Cluster:
         if where.type == "cuda":
             torch.cuda.set_device(where)
         store, _, _ = next(dist.rendezvous("env://", rank, world_size))  # the store env:// init would use
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if os.environ.get("GROUP_WORLD_SIZE", "1") == "1":  # one machine: every rank counts the same attempts
+            store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group("nccl" if where.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                store=dist.PrefixStore(f"attempt_{attempt}", store))
+                                store=store)
         global _handoff_group
         _handoff_group = dist.new_group(backend="gloo", timeout=HANDOFF_TIMEOUT)
     return Cluster(rank, world_size, where)

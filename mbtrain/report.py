@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich import box
@@ -115,8 +116,8 @@ def bag_lines(schema: Schema, max_bag: int) -> list[str]:
 
 def history_line(entry: dict[str, Any], main_task: str, monitor: str = "auc") -> str:
     """One line per validation for logs (each epoch's end, and inside it with --validate-every): train losses, each
-    task's headline validation metric (AUC for a binary task,
-    RMSE for a regression one) and the main task's --monitor metric, time; `*` marks a new best epoch."""
+    task's headline validation metric (AUC for a binary task, RMSE for a regression one) and the main task's
+    --monitor metric, time; `*` marks a new best validation."""
     losses = " ".join(f"{t}={v:.4f}" for t, v in entry["train_loss"].items())
     shown = {t: headline(m) for t, m in entry["valid"].items()}
     values = ", ".join(f"{HEADERS.get(metric, metric)} " + " ".join(
@@ -126,7 +127,7 @@ def history_line(entry: dict[str, Any], main_task: str, monitor: str = "auc") ->
         f" | {main_task} {monitor} {_number(entry['valid'][main_task][monitor])}"
     flag = " *" if entry.get("best") else ""
     where = f"epoch {entry['epoch']}" if "progress" not in entry else \
-        f"epoch {entry['epoch']} at {entry['progress']:.0%} (step {entry['step']:,})"
+        f"epoch {entry['epoch']} at {math.floor(100 * entry['progress'])}% (step {entry['step']:,})"
     return (f"{where}: loss {losses} | valid {values}{monitored} | "
             f"{entry['seconds']:.1f}s, {entry['rows_per_second']:,.0f} rows/s{flag}")
 

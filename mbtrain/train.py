@@ -46,7 +46,7 @@ from mbtrain.data.encoders import table_slices
 from mbtrain.data.feed import DeviceFeed
 from mbtrain.data.prepare import Prepared, prepare
 from mbtrain.distributed import Cluster, any_rank, cluster_from_env, every_rank, from_main, main_says
-from mbtrain.elastic import JOB_KEY, staging_dir, torchrun_job
+from mbtrain.elastic import JOB_KEY, Continuation, continuation, staging_dir, torchrun_job
 from mbtrain.errors import MbtrainError, first_line
 from mbtrain.models.scoring import ModelSpec, Predictions, ScoringModel, score_rows
 from mbtrain.optim import TrainOptimizer
@@ -61,20 +61,25 @@ SPARSE_LABELS = 10  # labelled rows a global batch may expect of a task below wh
 
 
 def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = False, resume: bool = False,
-        staged: bool = False, console: Console | None = None) -> dict[str, Any]:
+        console: Console | None = None) -> dict[str, Any]:
     """Train into `out` and return the metrics.json content (validation metrics of the best validation).
 
-    `staged` (with `resume`): continue the staging directory of an --overwrite run torchrun restarted (elastic.py).
-    A KeyboardInterrupt comes back with a message saying where the finished epochs are."""
+    Without `resume`, a run its own torchrun job left in `out` (a restart, elastic.py) is resumed or started over.
+    A KeyboardInterrupt comes back with a message saying where the last checkpoint is."""
     config.validate()
     if config.train.tensorboard:
         require_tensorboard()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     cluster = cluster_from_env(config.train.device)
+    console = console or Console()
     try:
-        recipe = FitRecipe(config, data_path, out, cluster, console or Console())
-        recipe.setup(overwrite, resume, staged)
+        going_on = Continuation(True, False, False) if resume else \
+            from_main(lambda: continuation(out, overwrite, config, data_path))  # rank 0's view, before it writes
+        if going_on.note and cluster.is_main:
+            console.print(going_on.note, highlight=False, soft_wrap=True)
+        recipe = FitRecipe(config, data_path, out, cluster, console)
+        recipe.setup(going_on.overwrite, going_on.resume, going_on.staged)
         recipe.train()
         metrics = recipe.finish()
     except BaseException:
@@ -97,6 +102,7 @@ class FitRecipe:
         self.epoch = 0  # the last finished epoch (while training: the one under way)
         self.position: Position | None = None  # a resumed mid-epoch checkpoint's place in epoch self.epoch + 1
         self.cut_short = False  # --patience ran out inside an epoch (--validate-every)
+        self.trained = False  # whether this fit took a step (a resumed run may have none left to take)
         self.row_started = 0.0  # when the time of the next history row began (the epoch's start, or the last row)
         self.seconds = 0.0
 
@@ -104,7 +110,9 @@ class FitRecipe:
 
     def setup(self, overwrite: bool, resume: bool, staged: bool = False) -> None:
         """The data, model, balancer and optimizer; a resumed run's state; the staging directory."""
-        if not resume and self.out.exists() and any(self.out.iterdir()) and not overwrite:
+        if self.out.exists() and not self.out.is_dir():
+            raise MbtrainError(f"--out {self.out}: is a file, not a run directory")
+        if not resume and self.out.exists() and _holds_files(self.out) and not overwrite:
             raise MbtrainError(f"--out {self.out} already exists: pass --overwrite to replace it or --resume to "
                                "continue it")
         self.staging = staged or (not resume and self.out.exists())  # an old run is replaced once this one ends
@@ -129,6 +137,9 @@ class FitRecipe:
             if self.staging and self.work.exists() and not resume:
                 shutil.rmtree(self.work)
             (self.work / "checkpoints").mkdir(parents=True, exist_ok=True)
+            _drop_temporaries(self.work)
+            # first of this attempt's files: a torchrun restart finds its job's run by it (elastic.py)
+            write_json(_config_record(self.config, self.data_path, self.data), self.work / "config.json")
         self._build(fresh=resumed is None)
         self.feed = DeviceFeed(self.data.train, self.cluster.device)  # once: resident rows last every epoch
         if resumed is not None:
@@ -223,8 +234,6 @@ class FitRecipe:
         config, console = self.config, self.console
         log = RunLog(self.work / "tensorboard", self.spec.tasks, steps_done=self._steps_done()) \
             if self.main and config.train.tensorboard else None
-        if self.main:
-            write_json(_config_record(config, self.data_path, self.data), self.work / "config.json")
         console.print(self._first_line(), soft_wrap=True)
         sample = _sample(self.data.valid) if self.main else None
         keep_freed_memory()  # from here on every step allocates and frees the same tensors
@@ -235,6 +244,7 @@ class FitRecipe:
                                    config.train.batch_size * self.cluster.world_size)
                 clock = CheckpointClock(config.train.checkpoint_every, self.cluster)
                 while self.epoch < config.train.epochs and not self._patience_spent():
+                    self.trained = True
                     self.epoch += 1
                     self.row_started = time.perf_counter()
                     entry = train_epoch(self.model, self.optimizer, self.balancer, self.data.train, self.data.valid,
@@ -282,7 +292,7 @@ class FitRecipe:
         self.history.append(entry)
 
     def _mid_epoch(self, sample: dict[str, torch.Tensor] | None, clock: CheckpointClock, log: RunLog | None
-                   ) -> Callable[[Position, Callable[[], Trained]], bool] | None:
+                   ) -> OnStep | None:
         """With --validate-every or --checkpoint-every: what every rank calls after each step inside the epoch,
         given the place in it and the epoch's training so far; True once --patience has run out (the epoch stops).
         Each rank takes the same decisions at the same steps: validation and a checkpoint are collectives."""
@@ -308,12 +318,11 @@ class FitRecipe:
         return after
 
     def _validation(self) -> dict[str, dict[str, Any]]:
-        """Every task's validation metrics, from rank 0 to all; the model back in training mode after."""
-        metrics = from_main(lambda: validate(self.model, self.data.valid, self.tasks, self.config.funnel_tasks))
-        self.model.train()
-        return metrics
+        """Every task's validation metrics, from rank 0 to all (scoring leaves the model in training mode)."""
+        return from_main(lambda: validate(self.model, self.data.valid, self.tasks, self.config.funnel_tasks))
 
     def _steps_done_at(self, position: Position) -> int:
+        """The run's steps at `position` of the epoch under way."""
         return (self.epoch - 1) * self.steps + position.step
 
     def _save_checkpoint(self, best: bool, sample: dict[str, torch.Tensor] | None,
@@ -350,8 +359,10 @@ class FitRecipe:
 
     def finish(self) -> dict[str, Any]:
         """metrics.json (the best epoch's validation metrics), the run directory swapped in, the summary."""
-        config, spec, data, best, epoch = self.config, self.spec, self.data, self.best, self.epoch
-        stopped_early = self._patience_spent() and (epoch < config.train.epochs or self.cut_short)
+        config, spec, data, best = self.config, self.spec, self.data, self.best
+        epoch = self.epoch + (self.position is not None)  # a resumed run stopped inside an epoch: that epoch too
+        stopped_early = self._patience_spent() and (epoch < config.train.epochs or self.cut_short
+                                                    or self.position is not None)
         metrics = {
             "main_task": spec.main_task,
             "tasks": best["metrics"],
@@ -368,7 +379,8 @@ class FitRecipe:
             "seconds": round(self.seconds, 3),
         }
         if self.main:
-            write_json(metrics, self.work / "metrics.json")
+            if self.trained or not (self.work / "metrics.json").is_file():  # a finished run resumed keeps its own
+                write_json(metrics, self.work / "metrics.json")
             if self.staging:
                 _swap(self.work, self.out)
         note = f"stopped early in epoch {epoch}; " if stopped_early else ""
@@ -762,8 +774,20 @@ def _interrupted(out: Path, work: Path, staging: bool) -> str:
     if staging:
         return f"interrupted; {out} is unchanged, the unfinished run is in {work}"
     if (work / "checkpoints" / "last.pt").is_file():
-        return f"interrupted; finished epochs are in {out}, continue with: mbtrain fit --resume --out {out}"
-    return "interrupted before the first epoch finished; nothing to resume"
+        return f"interrupted; the last checkpoint is in {out}, continue with: mbtrain fit --resume --out {out}"
+    return "interrupted before the first checkpoint; nothing to resume"
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether a run directory holds anything (a fit killed as it began may have left empty folders only)."""
+    return any(path.is_file() for path in folder.rglob("*"))
+
+
+def _drop_temporaries(work: Path) -> None:
+    """Temp files of writes a killed process never finished (checkpoint.write_atomic's names)."""
+    for folder in (work, work / "checkpoints"):
+        for temporary in folder.glob(".*.tmp*"):
+            temporary.unlink(missing_ok=True)
 
 
 def _config_record(config: RunConfig, data_path: Path, prepared: Prepared) -> dict[str, Any]:

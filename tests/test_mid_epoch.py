@@ -114,6 +114,11 @@ def test_patience_counts_validations_and_stops_inside_the_one_pass(tmp_path: Pat
     assert metrics["stopped_early"] and "stopped early in epoch 1" in stopped.stdout
     assert history[-1]["progress"] < 1 and len(history) >= 3
     assert sum(not row["best"] for row in history[-2:]) == 2
+    assert metrics["epochs_run"] == 1
+    before = (tmp_path / "stopped" / "metrics.json").read_bytes()
+    again = run_cli("fit", "--resume", "--out", str(tmp_path / "stopped"))  # patience still spent: nothing to do
+    assert again.exit_code == 0 and "stopped early in epoch 1" in again.stdout
+    assert (tmp_path / "stopped" / "metrics.json").read_bytes() == before
     resumed = run_cli("fit", "--resume", "--out", str(tmp_path / "stopped"), "--patience", "0")
     assert resumed.exit_code == 0, resumed.output
     straight = run_cli("fit", *common, "--patience", "0", "--out", str(tmp_path / "straight"))
@@ -218,6 +223,9 @@ def test_a_restart_before_the_first_checkpoint_starts_over(tmp_path: Path, monke
     assert restarted.exit_code == 0, restarted.output
     assert "before its first checkpoint: starting" in restarted.stdout
     same_weights(tmp_path / "straight", tmp_path / "run")
+    (tmp_path / "bare" / "checkpoints").mkdir(parents=True)  # killed before any file: an empty run directory
+    assert run_cli(*command, "--out", str(tmp_path / "bare")).exit_code == 0
+    same_weights(tmp_path / "straight", tmp_path / "bare")
 
 
 def test_a_restart_leaves_another_jobs_run_or_other_settings_alone(tmp_path: Path,
@@ -234,6 +242,11 @@ def test_a_restart_leaves_another_jobs_run_or_other_settings_alone(tmp_path: Pat
         other = run_cli(*command)
         as_torchrun(patch, "job1", 1)  # this job's run, but other settings
         changed = run_cli(*command, "--lr", "0.5")
+    with monkeypatch.context() as patch:
+        as_torchrun(patch, "none", 1)  # torchrun's static rendezvous names every job "none": no id to go by
+        nameless = run_cli(*command)
+    assert nameless.exit_code == 2 and nameless.stderr.count("\n") == 1
+    assert "--standalone or --rdzv-id" in nameless.stderr
     assert other.exit_code == 2 and "already exists" in other.stderr
     assert changed.exit_code == 2 and changed.stderr.count("\n") == 1 and "--lr" in changed.stderr
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
