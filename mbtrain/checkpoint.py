@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,11 @@ def write_atomic(path: Path, write: Callable[[Path], None], flag: str = "output"
         raise MbtrainError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def copy_atomic(source: Path, path: Path) -> None:
+    """`source`'s bytes as `path`, atomically: best.pt from the last.pt just written, without pickling again."""
+    write_atomic(path, lambda temporary: shutil.copyfile(source, temporary))
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

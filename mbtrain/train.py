@@ -39,7 +39,7 @@ from mbtrain import __version__
 from mbtrain.allocator import keep_freed_memory
 from mbtrain.balance import Balancer, Setup, build_balancer
 from mbtrain.balance.per_task import LOOP, PARAMETERS
-from mbtrain.checkpoint import RESUME, Checkpoint, write_json, write_jsonl
+from mbtrain.checkpoint import RESUME, Checkpoint, copy_atomic, write_json, write_jsonl
 from mbtrain.config import Every, RunConfig, peak_lr
 from mbtrain.data.batches import EncodedData, Rows
 from mbtrain.data.encoders import table_slices
@@ -212,7 +212,7 @@ class FitRecipe:
         self.history = [row for row in _read_history(self.work / "history.jsonl")
                         if row.get("step", row["epoch"] * self.steps) <= done]  # older rows have no step
         if self.main and self.best is not None and self.best.get("step", self.best["epoch"] * self.steps) == done:
-            resumed.save(self.work / "checkpoints" / "best.pt")  # an interruption may have beaten best.pt
+            copy_atomic(path, self.work / "checkpoints" / "best.pt")  # an interruption may have beaten best.pt
 
     def _check_ranks_agree(self, resumed: Checkpoint, path: Path) -> None:
         """Every rank read the checkpoint rank 0 read (a rank that read it while the file was being replaced
@@ -349,7 +349,7 @@ class FitRecipe:
         write_jsonl(self.history, self.work / "history.jsonl")
         checkpoint.save(self.work / "checkpoints" / "last.pt")
         if best:
-            checkpoint.save(self.work / "checkpoints" / "best.pt")
+            copy_atomic(self.work / "checkpoints" / "last.pt", self.work / "checkpoints" / "best.pt")
         if position is not None:
             self.console.print(f"checkpoint: epoch {self.epoch}, step {position.step:,}/{self.steps:,} in "
                                f"{self.work / 'checkpoints' / 'last.pt'} ({time.perf_counter() - written:.2f}s)",
