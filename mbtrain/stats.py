@@ -49,6 +49,8 @@ def t_quantile(df: int) -> float:
 
 def t_p_value(t: float, df: int) -> float:
     """Two-sided p-value of Student's t statistic `t` on `df` degrees of freedom: I_x(df/2, 1/2), x = df/(df+t²)."""
+    if df < 1:
+        raise ValueError("a t-test needs at least 1 degree of freedom")
     if math.isinf(t):
         return 0.0
     return _incomplete_beta(df / 2, 0.5, df / (df + t * t))
@@ -122,7 +124,7 @@ class Paired:
             return "identical on every seed"
         ahead = self.mean > 0 if self.higher_is_better else self.mean < 0
         unadjusted = (self.low > 0 or self.high < 0) and ("better" if ahead else "worse")
-        if self.adjusted_p is not None and unadjusted and self.adjusted_p >= LEVEL:
+        if self.adjusted_p is not None and self.compared > 1 and unadjusted and self.adjusted_p >= LEVEL:
             return (f"no difference once adjusted for {self.compared} methods compared (Holm p "
                     f"{self.adjusted_p:.3f}; alone it would read {unadjusted})")
         if unadjusted:
@@ -135,8 +137,10 @@ class Paired:
 
 
 def paired(method: Sequence[float | None], baseline: Sequence[float | None], higher_is_better: bool = True) -> Paired:
-    """`method` and `baseline` seed by seed (None: that run failed or is missing; such seeds are left out)."""
-    diffs = [m - b for m, b in zip(method, baseline, strict=True) if m is not None and b is not None]
+    """`method` and `baseline` seed by seed (None or NaN: that run failed, is missing or has no value; such seeds
+    are left out)."""
+    diffs = [m - b for m, b in zip(method, baseline, strict=True)
+             if m is not None and b is not None and math.isfinite(m) and math.isfinite(b)]
     n = len(diffs)
     if n == 0:
         return Paired(0, None, None, None, None, 0, higher_is_better)

@@ -147,7 +147,8 @@ def test_report_again_and_a_different_grid(swept: Path, data: Path, tmp_path: Pa
     shutil.copytree(swept, out)
     other = run_cli("sweep", str(data / "train.parquet"), *COMMON, "--balance", "none,famo", "--seeds", "2",
                     "--out", str(out))
-    assert other.exit_code == 2 and "holds another sweep: pass --overwrite" in other.stderr
+    assert other.exit_code == 2 and "holds another sweep (its grid lists, grid methods differ): pass --overwrite" \
+        in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
 
 
@@ -354,3 +355,59 @@ def test_a_group_split_keeps_each_groups_rows_together(data: Path, tmp_path: Pat
 def test_a_bad_split_column_is_one_line(flags: list[str], message: str, data: Path, tmp_path: Path) -> None:
     result = _sweep(data / "train.parquet", tmp_path / "bad", *flags, "--plan")
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_a_time_split_keeps_each_time_in_one_part(tmp_path: Path) -> None:
+    data = tmp_path / "days.parquet"
+    make_frame(600, seed=0).with_columns(day=pl.col("row_id") // 100).write_parquet(data)
+    out = tmp_path / "by-day"
+    result = _sweep(data, out, "--split-time", "day", "--exclude", "row_id,day", "--plan")
+    assert result.exit_code == 0, result.output
+    days = {part: set(_split(out, "by-time", part)["day"]) for part in ("train", "valid", "test")}
+    # 120 test rows asked: the cut moves back to where day 4 begins; 48 validation rows: back to day 3's start
+    assert days == {"train": {0, 1, 2}, "valid": {3}, "test": {4, 5}}
+
+
+def test_a_mistyped_split_column_leaves_no_folder_behind(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "typo"
+    result = _sweep(data / "train.parquet", out, "--split-time", "rowid", "--plan")
+    assert result.exit_code == 2 and "--split-time rowid" in result.stderr and not out.exists()
+    assert _sweep(data / "train.parquet", out, "--split-time", "row_id", "--plan").exit_code == 0
+
+
+def test_a_group_split_never_empties_a_part(tmp_path: Path) -> None:
+    """One group of 90 rows beside 10 of one row: each seed either splits with every part holding whole groups,
+    or says in one line that the largest group holds 90 % of the rows."""
+    frame = make_frame(100, seed=0).with_columns(
+        team=pl.Series([0] * 90 + list(range(1, 11))).cast(pl.Int64).cast(pl.String))
+    data = tmp_path / "teams.parquet"
+    frame.write_parquet(data)
+    for seed in range(4):
+        out = tmp_path / f"teams{seed}"
+        result = run_cli("sweep", str(data), *COMMON, "--balance", "none,metabalance", "--seed", f"{seed},{seed + 10}",
+                         "--split-group", "team", "--out", str(out), "--plan")
+        if result.exit_code:
+            assert result.stderr.count("\n") == 1 and "the largest holds 90% of the rows" in result.stderr
+            continue
+        parts = {part: set(_split(out, seed, part)["team"]) for part in ("train", "valid", "test")}
+        assert all(parts.values()) and not parts["train"] & (parts["valid"] | parts["test"])
+
+
+def test_a_split_flag_with_both_held_out_files_is_one_line(data: Path, tmp_path: Path) -> None:
+    result = _sweep(data / "train.parquet", tmp_path / "files", "--split-group", "user", "--test",
+                    str(data / "test.parquet"), "--valid", str(data / "test.parquet"), "--plan")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "splits nothing" in result.stderr
+
+
+def test_a_sweep_begun_with_other_default_seeds_goes_on_with_its_own(swept: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "older"
+    shutil.copytree(swept, out)  # two seeds; the command below names none, and the default is now 5
+    result = run_cli("sweep", str(data / "train.parquet"), *COMMON, *GRID[:4], "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "seeds 0, 1;" in result.stdout and not (out / "runs" / "none-0-seed2").exists()
+
+
+def test_one_method_alone_is_never_adjusted_into_another_verdict() -> None:
+    pair = paired([0.80, 0.82, 0.81], [0.70, 0.71, 0.74])
+    pair.adjusted_p, pair.compared = 0.2, 1  # as if the p-value sat at the interval's edge
+    assert pair.verdict() == "better"

@@ -38,6 +38,7 @@ class Grid:
     methods: list[str] = field(default_factory=lambda: ["none"])
     seeds: list[int] = field(default_factory=lambda: list(range(DEFAULT_SEEDS)))
     variants: dict[str, dict[str, list[Any]]] = field(default_factory=dict)  # a [method.NAME] table's settings
+    seeds_given: bool = False  # --seeds or --seed named them (else DEFAULT_SEEDS, or a sweep folder's own)
 
     def balancer(self, method: str) -> str:
         """The --balance a method runs (a [method.NAME] table's `balance`, else its own name)."""
@@ -92,7 +93,7 @@ def read_grid(arguments: list[str], config_file: Path | None, seeds: int | None,
         if name == "balance":
             grid.methods = _unique(name, values)
         elif name == "seed":
-            grid.seeds = _unique(name, values)
+            grid.seeds, grid.seeds_given = _unique(name, values), True
         elif len(values) > 1 and name in FIXED:
             raise MbtrainError(f"--{_flag(name)} takes one value in a sweep (every run shares it): got "
                                f"{len(values)}")
@@ -105,7 +106,7 @@ def read_grid(arguments: list[str], config_file: Path | None, seeds: int | None,
             raise MbtrainError("--seeds and --seed both name the seeds: give one of them")
         if seeds < 1:
             raise MbtrainError(f"--seeds must be at least 1: got {seeds}")
-        grid.seeds = list(range(seeds))
+        grid.seeds, grid.seeds_given = list(range(seeds)), True
     if variants:
         grid.methods = [*(m for m in grid.methods if m not in variants), *variants] if "balance" in alternatives \
             else [*variants]

@@ -7,8 +7,9 @@ regression task's RMSE beside binary tasks' AUC: sweep.json's `task_metrics`) ge
 that no axis mixes units. Right: the trade-off, one small panel per
 auxiliary task: the main task's test metric (y) against that task's (x), one point per method with its standard
 deviation over seeds as error bars, the baseline a black star with dotted guides. Beyond NAMED_POINTS methods
-the points carry numbers instead of names, keyed by the left panel's rows ("3 · famo"), on axes that fit the
-means, without the bars (the widest is noted; the intervals are on the left), so that 26 methods stay readable.
+besides the baseline the points carry numbers instead of names, keyed by the left panel's rows ("3 · famo"), on
+axes that fit the means, without the bars (the widest is noted; the intervals are on the left), so that 26
+methods stay readable.
 
 matplotlib is an optional extra (`pip install 'mbtrain[plot]'`): callers check `have_matplotlib()` first. The
 figure is drawn on its own Agg canvas, never through pyplot, so no global backend or figure registry is touched;
@@ -34,7 +35,7 @@ _METHOD_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c56
 _STYLE = {"svg.hashsalt": "mbtrain-sweep", "svg.fonttype": "path", "font.size": 9, "axes.titlesize": 10,
           "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 8}
 _DPI = 150
-NAMED_POINTS = 8  # methods whose trade-off points carry their names; beyond, numbers keyed by the left panel
+NAMED_POINTS = 8  # methods besides the baseline whose trade-off points carry names; beyond, numbers
 
 
 def have_matplotlib() -> bool:
@@ -82,7 +83,8 @@ def draw(summary: dict[str, Any], figure_class: Any, canvas_class: Any) -> Any:
     metrics = {task: (summary.get("task_metrics") or {}).get(task, metric) for task in tasks}
     highers = {task: (summary.get("task_higher_is_better") or {}).get(task, higher) for task in tasks}
     kinds = list(dict.fromkeys(metrics.values()))  # the left panels, the main task's metric first
-    numbers = {method: str(row + 1) for row, method in enumerate(others)} if len(others) > NAMED_POINTS else {}
+    numbers = {method: str(row + 1) for row, method in enumerate(others)} \
+        if auxiliary and len(others) > NAMED_POINTS else {}
 
     row_height = 0.2 * len(tasks) + 0.35
     height = max(4.2, row_height * max(len(others), 1) + 2.0, (2.9 * len(auxiliary) + 1.3) if auxiliary else 0)
@@ -280,6 +282,8 @@ def _short(verdict: Any) -> str:
         return "no comparison"
     if verdict in ("better", "worse"):
         return verdict
+    if verdict.startswith("no difference once adjusted"):
+        return "none after Holm"
     if verdict.startswith("no difference"):
         return "no detectable difference"
     if verdict.startswith("no interval"):

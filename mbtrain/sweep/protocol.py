@@ -80,11 +80,16 @@ class Holdout:
     time_column: str | None = None
     group_column: str | None = None
 
-    def check(self) -> None:
+    def check(self, valid: str | None) -> None:
+        """One error line for settings that cannot hold rows out (`valid`: --valid, a file of validation rows)."""
         if self.test is None and not 0.0 < self.test_fraction < 1.0:
             raise MbtrainError(f"--test-fraction must be in (0, 1): got {self.test_fraction}")
         if self.time_column and self.group_column:
             raise MbtrainError("--split-time and --split-group contradict each other: pick one")
+        if (self.time_column or self.group_column) and self.test is not None and valid:
+            flag = "--split-time" if self.time_column else "--split-group"
+            raise MbtrainError(f"{flag} splits nothing when --test and --valid both give their rows: drop it, or one "
+                               "of them")
 
     def to_dict(self) -> dict[str, Any]:
         return {"test": str(self.test.resolve()) if self.test else None, "test_fraction": self.test_fraction,
@@ -129,11 +134,9 @@ def _write_split(frame: pl.DataFrame, data: Path, split: Split, seed: int, holdo
     if rows - tests - valids < 1:
         raise MbtrainError(f"{data}: {rows} rows are too few to split into training, validation and test rows")
     if holdout.time_column:
-        order = _by_time(frame, data, holdout.time_column)
-        parts = {"test": order[rows - tests :], "valid": order[rows - tests - valids : rows - tests],
-                 "train": order[: rows - tests - valids]}
+        parts = _by_time(frame, data, holdout.time_column, tests, valids)
     elif holdout.group_column:
-        parts = _by_group(frame, data, holdout.group_column, seed, tests, valids)
+        parts = _by_group(frame, data, holdout.group_column, seed, tests, valid_fraction if hold_valid else 0.0)
     else:
         order = np.random.default_rng(seed).permutation(rows)
         parts = {"test": order[:tests], "valid": order[tests : tests + valids], "train": order[tests + valids :]}
@@ -147,38 +150,58 @@ def _column(frame: pl.DataFrame, data: Path, name: str, flag: str) -> pl.Series:
     if name not in frame.columns:
         raise MbtrainError(f"{flag} {name}: {data} has no such column")
     column = frame[name]
-    if column.null_count():
-        raise MbtrainError(f"{flag} {name}: {column.null_count():,} rows of {data} have no value there")
+    missing = column.null_count() + (int(column.is_nan().sum()) if column.dtype.is_float() else 0)
+    if missing:
+        raise MbtrainError(f"{flag} {name}: {missing:,} rows of {data} have no value there")
     return column
 
 
-def _by_time(frame: pl.DataFrame, data: Path, name: str) -> np.ndarray:
-    """Row indices from the earliest to the latest by the column (ties in file order)."""
+def _by_time(frame: pl.DataFrame, data: Path, name: str, tests: int, valids: int) -> dict[str, np.ndarray]:
+    """The latest `tests` rows by the column to test, the `valids` before them to validation, the rest to
+    training; each cut moved back to where a time begins, so that rows of one time (a day) share a part."""
     column = _column(frame, data, name, "--split-time")
     try:
         ordered = pl.DataFrame({"time": column, "row": np.arange(len(column))}).sort(["time", "row"])
-        return ordered["row"].to_numpy()
     except pl.exceptions.PolarsError as exc:
         raise MbtrainError(f"--split-time {name}: its values cannot be ordered ({exc})") from None
+    order, times = ordered["row"].to_numpy(), ordered["time"]
+    starts = np.flatnonzero(np.concatenate([[True], (times[1:] != times[:-1]).to_numpy()]))  # each time's first row
+
+    def cut(at: int) -> int:
+        return int(starts[np.searchsorted(starts, at, side="right") - 1])
+
+    rows = len(order)
+    test_at = cut(rows - tests) if tests else rows
+    valid_at = cut(test_at - valids) if valids else test_at
+    if valid_at < 1 or (tests and test_at == valid_at and valids):
+        raise MbtrainError(f"--split-time {name}: its {len(starts):,} distinct times are too few to split into "
+                           "training, validation and test rows")
+    return {"test": order[test_at:], "valid": order[valid_at:test_at], "train": order[:valid_at]}
 
 
-def _by_group(frame: pl.DataFrame, data: Path, name: str, seed: int, tests: int, valids: int
+def _by_group(frame: pl.DataFrame, data: Path, name: str, seed: int, tests: int, valid_fraction: float
               ) -> dict[str, np.ndarray]:
     """Whole groups in a seeded order: the first ones to the test rows until they hold `tests` rows, the next
-    to validation until `valids`, the rest to training."""
+    to validation until they hold `valid_fraction` of the rest, the others to training (one group at least)."""
     codes = _column(frame, data, name, "--split-group").rank("dense").to_numpy().astype(np.int64) - 1
     sizes = np.bincount(codes)
     order = np.random.default_rng(seed).permutation(len(sizes))
-    ends = np.cumsum(sizes[order])
-    test_groups = order[: int(np.searchsorted(ends, tests)) + 1] if tests else order[:0]
-    taken = int(sizes[test_groups].sum())
+
+    def take(groups: np.ndarray, wanted: int) -> np.ndarray:
+        """The first groups until they hold `wanted` rows (none for 0), never the last group."""
+        if not wanted:
+            return groups[:0]
+        return groups[: min(int(np.searchsorted(np.cumsum(sizes[groups]), wanted)) + 1, len(groups) - 1)]
+
+    test_groups = take(order, tests)
     rest = order[len(test_groups):]
-    valid_groups = rest[: int(np.searchsorted(np.cumsum(sizes[rest]), valids)) + 1] if valids else rest[:0]
+    valid_groups = take(rest, max(1, round(int(sizes[rest].sum()) * valid_fraction)) if valid_fraction else 0)
     part = np.full(len(sizes), 2)  # 0 test, 1 validation, 2 training, by group
     part[test_groups], part[valid_groups] = 0, 1
     where = part[codes]
-    if not (where == 2).any() or taken >= len(codes):
-        raise MbtrainError(f"--split-group {name}: {len(sizes):,} groups are too few to split into training, "
+    if (tests and not len(test_groups)) or (valid_fraction and not len(valid_groups)):
+        raise MbtrainError(f"--split-group {name}: {len(sizes):,} groups (the largest holds "
+                           f"{sizes.max() / len(codes):.0%} of the rows) are too few to split into training, "
                            "validation and test rows")
     return {"test": np.flatnonzero(where == 0), "valid": np.flatnonzero(where == 1),
             "train": np.flatnonzero(where == 2)}

@@ -34,7 +34,7 @@ def sweep(data: Path, arguments: list[str], config_file: Path | None, seeds: int
           switches: dict[str, tuple[str, bool]], console: Console) -> None:
     grid = read_grid(arguments, config_file, seeds, switches)
     baseline = _baseline(grid, baseline)
-    holdout.check()
+    holdout.check(grid.fixed.get("valid"))
     if jobs < 1:
         raise MbtrainError(f"--jobs must be at least 1: got {jobs}")
     started = time.perf_counter()
@@ -108,22 +108,39 @@ def _baseline(grid: Grid, baseline: str | None) -> str:
 def _prepare(out: Path, data: Path, grid: Grid, holdout: Holdout, baseline: str, overwrite: bool) -> list[Run]:
     """The sweep folder for this grid: a new one, or the same sweep's to continue; each seed's split, each run's
     settings. Every run's settings are checked before anything is written."""
+    saved = read_definition(out)
+    if saved is not None and not grid.seeds_given:  # a sweep begun with other default seeds goes on with its own
+        grid.seeds = list(saved["grid"]["seeds"])
     wanted = json.loads(json.dumps(definition(data, grid, holdout)))
     for method in grid.methods:
         for configuration in grid.configurations(method):
             grid.config(method, configuration, grid.seeds[0]).validate()
-    saved = read_definition(out)
-    same = saved is not None and {key: value for key, value in saved.items() if key != "baseline"} == wanted
-    if out.exists() and any(out.iterdir()) and not same:
+    differing = [] if saved is None else _differing({k: v for k, v in saved.items() if k != "baseline"}, wanted)
+    if out.exists() and any(out.iterdir()) and (saved is None or differing):
         if not overwrite:
-            what = "another sweep" if saved is not None else "files that are not a sweep"
+            what = f"another sweep (its {', '.join(differing)} differ)" if saved is not None else \
+                "files that are not a sweep"
             raise MbtrainError(f"--out {out} holds {what}: pass --overwrite to replace it, or another --out")
         shutil.rmtree(out)
+    fresh = not out.exists() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        splits = write_splits(out, data, grid, holdout)
+    except BaseException:
+        if fresh:  # a bad split column leaves no folder that a corrected command would take for another sweep
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     write_json({**wanted, "baseline": baseline}, out / DEFINITION)
-    runs = plan_runs(out, grid, write_splits(out, data, grid, holdout))
+    runs = plan_runs(out, grid, splits)
     write_configs(runs)
     return runs
+
+
+def _differing(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The definition's keys (the grid's, by its parts) whose values differ."""
+    keys = [key for key in {**saved, **wanted} if key != "grid" and saved.get(key) != wanted.get(key)]
+    grids = saved.get("grid", {}), wanted.get("grid", {})
+    return keys + [f"grid {part}" for part in {**grids[0], **grids[1]} if grids[0].get(part) != grids[1].get(part)]
 
 
 def _valid(run: Run) -> str:

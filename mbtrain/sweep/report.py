@@ -196,8 +196,8 @@ def report(summary: dict[str, Any]) -> Group:
     metrics = summary.get("task_metrics") or dict.fromkeys(tasks, metric)  # a sweep.json of before task types
     methods = summary["methods"]
     table = _table(f"test {metric} of {tasks[0]} (main) · {len(summary['seeds'])} seeds · Δ against {baseline}, "
-                   f"paired by seed", ("method (configs)", f"test {metric}", "Δ", "95 % interval", "Holm p",
-                                       "won", "time ×"))
+                   f"paired by seed", ("method (k)", f"test {metric}", "Δ", "95 % interval", "Holm p",
+                                       "won"))
     # the auxiliary tasks: a table per metric they are reported in (AUC for binary tasks, RMSE for regression ones)
     auxiliary = {name: _table(f"auxiliary tasks' test {name}: Δ against {baseline}",
                               ("method", "task", f"test {name}", "Δ", "95 % interval", "Holm p", "won"))
@@ -206,22 +206,23 @@ def report(summary: dict[str, Any]) -> Group:
     for method, block in methods.items():
         name = f"{method} ({block['configurations']})"
         if method == baseline:
-            table.add_row(name, _mean_std(block["test"][tasks[0]]), "baseline", "", "", "", "1.00/1.00")
+            table.add_row(name, _mean_std(block["test"][tasks[0]]), "", "baseline", "", "")
             continue
         pair = block["paired"][tasks[0]]
-        table.add_row(name, _mean_std(block["test"][tasks[0]]), *_paired(pair),
-                      f"{_ratio(block['epoch_time_ratio'])}/{_ratio(block['total_time_ratio'])}")
+        table.add_row(name, _mean_std(block["test"][tasks[0]]), *_paired(pair))
         for task in tasks[1:]:
             auxiliary[metrics[task]].add_row(method, task, _mean_std(block["test"][task]),
                                              *_paired(block["paired"][task]))
-        lines.append(f"{method} against {baseline} on {tasks[0]}: {pair['verdict']}")
+        lines.append(f"{method} against {baseline} on {tasks[0]}: {pair['verdict']}; time ×"
+                     f"{_ratio(block['epoch_time_ratio'])} an epoch, ×{_ratio(block['total_time_ratio'])} all runs")
     chosen = [f"  {method}: " + "; ".join(f"seed {seed} {_settings(pick)}" for seed, pick in block["chosen"].items())
               for method, block in methods.items() if block["configurations"] > 1]
     lower = list(dict.fromkeys(name for name in metrics.values() if not higher_is_better(name)))
     direction = f" ({', '.join(lower)}: lower is better)" if lower else ""
-    caption = (f"Δ: method − baseline{direction}; [ ]: {summary['interval']}; Holm p: the paired t-test's p-value "
-               f"adjusted for the methods compared ({ADJUSTMENT}), which the verdicts read; time ×: epoch time / all "
-               f"runs' time over the baseline's; {summary['selection']}.")
+    caption = (f"(k): the method's configurations; Δ: method − baseline{direction}; [ ]: {summary['interval']}; "
+               f"Holm p: the paired t-test's p-value adjusted for the methods compared ({ADJUSTMENT}), which the "
+               f"verdicts read; time ×: the method's epoch time and all its runs' time over the baseline's; "
+               f"{summary['selection']}.")
     notes = [f"warning: {note}" for note in summary["warnings"]]
     return Group(table, *(auxiliary.values() if len(methods) > 1 else []), caption, *lines,
                  *(["chosen on validation:", *chosen] if chosen else []), *notes)
