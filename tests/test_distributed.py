@@ -301,11 +301,11 @@ def test_a_rank_killed_mid_epoch_under_max_restarts_ends_as_the_uninterrupted_ru
     streams apart by then; DWA weighs epoch 2's losses by epoch 1's, summed over both ranks."""
     data = tmp_path / "train.parquet"
     make_frame(1500, seed=4).write_parquet(data)  # 1,350 training rows: 96 global batches of 14, then 6 rows
-    common = [str(data), *SETTINGS, "--balance", "dwa", "--epochs", "3", "--checkpoint-every", "5", "--dropout",
-              "0.3", "--batch-size", "7", "--exclude", "row_id"]
+    common = [str(data), *SETTINGS, "--balance", "dwa", "--epochs", "3", "--dropout", "0.3", "--batch-size", "7",
+              "--exclude", "row_id"]
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "--max-restarts", "1", "-m", "mbtrain", "fit", *common, "--out", str(out)]
+               "--max-restarts", "1", "-m", "mbtrain", "fit", *common, "--checkpoint-every", "5", "--out", str(out)]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as agent:
         killed = None
         deadline = time.monotonic() + 90
@@ -323,7 +323,11 @@ def test_a_rank_killed_mid_epoch_under_max_restarts_ends_as_the_uninterrupted_ru
     assert killed is not None, "the run ended before a checkpoint inside epoch 2: make it longer"
     assert agent.returncode == 0, stdout + stderr
     assert "torchrun restarted this fit: resuming" in stdout
-    torchrun(*common, "--out", str(tmp_path / "straight"))
+    # the straight run checkpoints by the clock (a duration shorter than any step: rank 0 reads its clock every
+    # 20 steps and tells the other rank), which changes no step
+    straight = launch(*common, "--checkpoint-every", "0.000001s", "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    assert straight.stdout.count("checkpoint: epoch ") == 3 * 4  # after steps 20, 40, 60 and 80 of 97, each epoch
     ours, theirs = weights(out), weights(tmp_path / "straight")
     for name, tensor in theirs["model"].items():
         torch.testing.assert_close(ours["model"][name], tensor, rtol=0, atol=0, msg=name)
