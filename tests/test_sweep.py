@@ -333,6 +333,10 @@ def test_a_time_split_holds_out_the_latest_rows_for_every_seed(data: Path, tmp_p
     assert train.max() < valid.min() and valid.max() < test.min()
     configs = [(out / "configs" / f"none-0-seed{seed}.toml").read_text() for seed in (0, 1)]
     assert all("splits/by-time/valid.parquet" in text for text in configs)  # every seed reads the one split
+    report = run_cli("sweep", "--report", str(out))  # nothing ran: the report says what the intervals speak for
+    assert report.exit_code == 0, report.output
+    assert "one split by row_id that every seed shares" in " ".join(report.stdout.split())
+    assert _summary(out)["split"]["by"] == "time"
 
 
 def test_a_group_split_keeps_each_groups_rows_together(data: Path, tmp_path: Path) -> None:

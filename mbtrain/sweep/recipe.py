@@ -84,7 +84,7 @@ def finish(out: Path, runs: list[Run], grid: Grid, baseline: str, console: Conso
     """Select, score the test rows, write sweep.json (with this invocation's `timing`: what the sweep cost
     besides its runs), print the report, draw the picture."""
     started = time.perf_counter()
-    summary = summarize(runs, grid.methods, grid.seeds, baseline)
+    summary = summarize(runs, grid.methods, grid.seeds, baseline, Holdout.from_dict(read_definition(out)))
     summary["timing"] = {**(timing or {}), "select_and_score_s": time.perf_counter() - started}
     write_summary(summary, out)
     console.print(report(summary), soft_wrap=True)

@@ -19,7 +19,7 @@ from mbtrain.compare import seconds_per_epoch
 from mbtrain.errors import MbtrainError
 from mbtrain.inference import evaluate
 from mbtrain.stats import ADJUSTMENT, METHOD, holm, mean_std, paired
-from mbtrain.sweep.protocol import Run
+from mbtrain.sweep.protocol import Holdout, Run
 from mbtrain.tasks import headline, higher_is_better
 from mbtrain.train import monitor_score
 
@@ -27,8 +27,10 @@ SUMMARY = "sweep.json"
 FORMAT = "mbtrain-sweep/1"
 
 
-def summarize(runs: list[Run], methods: list[str], seeds: list[int], baseline: str) -> dict[str, Any]:
-    """sweep.json's content from the runs as they stand (unfinished ones shown as such)."""
+def summarize(runs: list[Run], methods: list[str], seeds: list[int], baseline: str, holdout: Holdout
+              ) -> dict[str, Any]:
+    """sweep.json's content from the runs as they stand (unfinished ones shown as such); `holdout`: how the
+    rows were held out, which says what the intervals speak for."""
     config = runs[0].config
     tasks = config.ordered_tasks
     records = [_record(run) for run in runs]
@@ -44,7 +46,7 @@ def summarize(runs: list[Run], methods: list[str], seeds: list[int], baseline: s
     summary = {"format": FORMAT, "tasks": tasks, "main_task": tasks[0], "metric": metric,
                "higher_is_better": higher_is_better(metric), "task_metrics": metrics,
                "task_higher_is_better": {task: higher_is_better(name) for task, name in metrics.items()},
-               "baseline": baseline, "seeds": seeds,
+               "baseline": baseline, "seeds": seeds, "split": _split(holdout),
                "interval": METHOD, "selection": f"per method and seed, the configuration with the best main-task "
                f"validation {metric}; test rows scored once, for the selected runs only",
                "methods": _adjusted({method: _method(method, records, metrics, seeds, baseline)
@@ -52,6 +54,16 @@ def summarize(runs: list[Run], methods: list[str], seeds: list[int], baseline: s
                "runs": records}
     summary["warnings"] = _warnings(summary)
     return summary
+
+
+def _split(holdout: Holdout) -> dict[str, Any]:
+    if holdout.time_column:
+        return {"by": "time", "column": holdout.time_column,
+                "note": f"one split by {holdout.time_column} that every seed shares: the intervals speak for the "
+                        "seeds' initialisation and row order, not for the choice of rows"}
+    if holdout.group_column:
+        return {"by": "group", "column": holdout.group_column}
+    return {"by": "row"}
 
 
 def task_metrics(records: list[dict[str, Any]], tasks: list[str], metric: str) -> dict[str, str]:
@@ -224,6 +236,9 @@ def report(summary: dict[str, Any]) -> Group:
                f"verdicts read; time ×: the method's epoch time and all its runs' time over the baseline's; "
                f"{summary['selection']}.")
     notes = [f"warning: {note}" for note in summary["warnings"]]
+    split = summary.get("split") or {}  # a sweep.json of before the split flags: by row
+    if split.get("note"):
+        notes.insert(0, f"note: {split['note']}")
     return Group(table, *(auxiliary.values() if len(methods) > 1 else []), caption, *lines,
                  *(["chosen on validation:", *chosen] if chosen else []), *notes)
 
