@@ -559,8 +559,8 @@ class Bar:
 
 class CheckpointClock:
     """--checkpoint-every, in steps or rank 0's seconds. Every rank must take a mid-epoch checkpoint at the same
-    step (its losses so far are summed), so on several ranks rank 0 reads its clock every CLOCK_EVERY steps and
-    says what it read."""
+    step (its losses so far and RNG state are gathered), so on several ranks rank 0 reads its clock every
+    CLOCK_EVERY steps and says what it read."""
 
     def __init__(self, every: str | None, cluster: Cluster) -> None:
         self.every = Every.parse(every) if every is not None else None
