@@ -246,7 +246,7 @@ class FitRecipe:
                 while self.epoch < config.train.epochs and not self._patience_spent():
                     self.trained = True
                     self.epoch += 1
-                    self.row_started = time.perf_counter()
+                    self.row_started = time.perf_counter() - (self.position.row_seconds if self.position else 0.0)
                     entry = train_epoch(self.model, self.optimizer, self.balancer, self.data.train, self.data.valid,
                                         self.tasks, config, self.epoch, bar, self.cluster, log, feed=self.feed,
                                         start=self.position, on_step=self._mid_epoch(sample, clock, log))
@@ -331,7 +331,7 @@ class FitRecipe:
         it (each rank's RNG state is gathered, and mid-epoch each rank's losses so far); rank 0 writes. Mid-epoch
         (`position`), as of the last finished epoch and the steps taken since, with a line saying so."""
         if position is not None:
-            position = position.gathered()
+            position = position.gathered(time.perf_counter() - self.row_started)
         cuda = self.cluster.device.type == "cuda"
         rngs = every_rank({"cpu": torch.get_rng_state(),
                            **({"cuda": torch.cuda.get_rng_state(self.cluster.device)} if cuda else {})})
@@ -507,13 +507,14 @@ class Position:
     rows_sum: torch.Tensor  # [T] the rows (weight) with a label they are over (likewise)
     ratio_sum: torch.Tensor  # [T] the balancer's grad_norm_ratio summed over the balanced steps (alike on all ranks)
     balanced: int  # steps the balancer took
+    row_seconds: float = 0.0  # a checkpoint's: seconds of the history row under way (a resumed row counts them)
 
-    def gathered(self) -> Position:
+    def gathered(self, row_seconds: float) -> Position:
         """A copy whose sums are every rank's own, [ranks, T] (a collective): what a checkpoint keeps, for each rank
         to resume its own with, so that the resumed sums add up in the uninterrupted run's order."""
         sums = every_rank(torch.stack([self.loss_sum, self.rows_sum]).cpu())
         stacked = torch.stack(sums).to(self.loss_sum.device)
-        return dataclasses.replace(self, loss_sum=stacked[:, 0], rows_sum=stacked[:, 1])
+        return dataclasses.replace(self, loss_sum=stacked[:, 0], rows_sum=stacked[:, 1], row_seconds=row_seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

@@ -281,3 +281,21 @@ def test_the_intervals_are_toml_keys(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout.count("checkpoint: epoch 1, step") == 3  # after steps 2, 3 (a validation) and 4 of 6
     assert [row["step"] for row in rows(tmp_path / "run")] == [3, 6]
+
+
+def test_a_resumed_row_counts_the_seconds_before_its_checkpoint(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "train.parquet"
+    make_frame(400, seed=5).write_parquet(data)
+    settings = [*SETTINGS, "--balance", "famo"]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, epoch=2, step=6)
+        assert run_cli("fit", str(data), *settings, "--out", str(tmp_path / "split")).exit_code == 130
+    last = tmp_path / "split" / "checkpoints" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["position"]["row_seconds"] > 0
+    checkpoint["position"]["row_seconds"] = 1000.0  # as if the row had run that long before the interruption
+    torch.save(checkpoint, last)
+    resumed = run_cli("fit", "--resume", "--out", str(tmp_path / "split"))
+    assert resumed.exit_code == 0, resumed.output
+    assert 1000.0 <= rows(tmp_path / "split")[-1]["seconds"] < 1060.0
