@@ -239,6 +239,7 @@ class TaskSet:
         self.groups = [(kind, torch.tensor(indices), torch.tensor([c for i in indices for c in self.columns[i]]),
                         [tasks[i] for i in indices]) for kind, indices in by_type.items()]
         self.single_type = len(self.groups) == 1 and max(self.widths) == 1  # one column a task: all in order
+        self.on_device: dict[torch.device, list] = {}  # the groups with their index tensors on each device
 
     @classmethod
     def from_dict(cls, tasks: list[str], raw: dict[str, dict[str, Any]] | None) -> TaskSet:
@@ -282,8 +283,10 @@ class TaskSet:
             losses = kind.losses(logits, filled, members)
         else:
             losses = torch.empty_like(filled)
-            for kind, indices, columns, members in self.groups:
-                indices, columns = indices.to(logits.device), columns.to(logits.device)
+            if logits.device not in self.on_device:  # once: a copy to the GPU every step waits for it
+                self.on_device[logits.device] = [(kind, indices.to(logits.device), columns.to(logits.device), members)
+                                                 for kind, indices, columns, members in self.groups]
+            for kind, indices, columns, members in self.on_device[logits.device]:
                 losses = losses.index_copy(1, indices, kind.losses(logits.index_select(1, columns),
                                                                    filled.index_select(1, indices), members))
         return torch.where(present, losses, 0.0)

@@ -11,6 +11,7 @@ skewed target: RMSE in the column's units pays for that, XAUC (ordering) does no
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -26,6 +27,20 @@ from mbtrain.tasks.base import LabelSums, TaskSettings, TaskType, register
 TRANSFORMS = ("log1p", "standardize", "none")
 LOSSES = ("mse", "huber")
 HUBER_DELTA = 1.0  # in the transformed target's units: one standard deviation under log1p and standardize
+
+
+def _key(state: dict[str, Any]) -> tuple[float, float, bool, bool]:
+    return float(state["mean"]), float(state["std"]), state["transform"] == "log1p", state["loss"] == "huber"
+
+
+@functools.cache
+def _constants(tasks: tuple[tuple[float, float, bool, bool], ...], device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(shift, scale, log1p mask, Huber mask) of a run's regression tasks on `device`, made once: built from
+    Python numbers every step, they were a host-to-device copy a step on a GPU (each one waits for the device)."""
+    shift, scale, logged, huber = zip(*tasks, strict=True)
+    return (torch.tensor(shift, dtype=torch.float32, device=device), torch.tensor(scale, dtype=torch.float32,
+            device=device), torch.tensor(logged, device=device), torch.tensor(huber, device=device))
 
 
 class Untransform(nn.Module):
@@ -94,21 +109,17 @@ class Regression(TaskType):
     @classmethod
     def targets(cls, labels: torch.Tensor, tasks: list[TaskType]) -> torch.Tensor:
         """The labels [B, n] as the network learns them (transformed)."""
-        states = [t.state for t in tasks]
-        shift = labels.new_tensor([s["mean"] for s in states])
-        scale = labels.new_tensor([s["std"] for s in states])
-        logged = torch.tensor([s["transform"] == "log1p" for s in states], device=labels.device)
+        shift, scale, logged, _ = _constants(tuple(_key(t.state) for t in tasks), labels.device)
         return (torch.where(logged, torch.log1p(labels.clamp(min=0.0)), labels) - shift) / scale
 
     @classmethod
     def losses(cls, logits: torch.Tensor, labels: torch.Tensor, tasks: list[TaskType]) -> torch.Tensor:
         targets = cls.targets(labels, tasks)
         squared = F.mse_loss(logits, targets, reduction="none")
-        huber = [t.state["loss"] == "huber" for t in tasks]
-        if not any(huber):
+        if not any(t.state["loss"] == "huber" for t in tasks):
             return squared
-        return torch.where(torch.tensor(huber, device=logits.device),
-                           F.huber_loss(logits, targets, reduction="none", delta=HUBER_DELTA), squared)
+        huber = _constants(tuple(_key(t.state) for t in tasks), logits.device)[3]
+        return torch.where(huber, F.huber_loss(logits, targets, reduction="none", delta=HUBER_DELTA), squared)
 
     @classmethod
     def output(cls, tasks: list[TaskType], columns: list[int]) -> nn.Module:
