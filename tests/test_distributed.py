@@ -256,30 +256,6 @@ def assert_same_state(two: object, one: object, case: str) -> None:
         assert two == one, case
 
 
-def test_a_distributed_run_resumes_inside_an_epoch(tmp_path: Path) -> None:
-    """Two ranks stopped by --patience at a validation inside the one pass (random purchase labels) and resumed there
-    with more patience end where one process at twice the batch does, its losses over the pass included: the
-    checkpoint kept both ranks' losses so far."""
-    data = tmp_path / "train.parquet"
-    noise = torch.Generator().manual_seed(0)
-    make_frame(800, seed=1).with_columns(purchase=pl.Series((torch.rand(800, generator=noise) < 0.3).int().tolist())
-                                         ).write_parquet(data)
-    common = [str(data), *SETTINGS[:2], *SETTINGS[4:], "--balance", "metabalance", "--epochs", "1",
-              "--validate-every", "2", "--exclude", "row_id"]
-    torchrun(*common, "--patience", "2", "--batch-size", "16", "--out", str(tmp_path / "split"))
-    stopped = weights(tmp_path / "split")
-    assert stopped["position"] is not None and stopped["position"]["step"] < 23  # 720 rows at 32 a step: 23
-    torchrun("--resume", "--out", str(tmp_path / "split"), "--patience", "0")
-    result = run_cli("fit", *common, "--patience", "0", "--batch-size", "32", "--out", str(tmp_path / "one"))
-    assert result.exit_code == 0, result.output
-    assert_same_weights(weights(tmp_path / "split"), weights(tmp_path / "one"))
-    ours, theirs = ([json.loads(line) for line in (tmp_path / run / "history.jsonl").read_text().splitlines()]
-                    for run in ("split", "one"))
-    assert [row["step"] for row in ours] == [row["step"] for row in theirs]
-    for mine, expected in zip(ours, theirs, strict=True):
-        assert mine["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
-
-
 def _workers(agent: int) -> dict[int, int]:
     """{rank: pid} of the workers torchrun's agent `agent` started (its children with a RANK)."""
     found = {}
