@@ -31,7 +31,7 @@ from rich.table import Table
 from mbtrain.config import RunConfig, setting_sections
 from mbtrain.errors import MbtrainError, first_line
 from mbtrain.report import HEADERS
-from mbtrain.stats import ADJUSTMENT, METHOD, Paired, holm, paired
+from mbtrain.stats import ADJUSTMENT, METHOD, Paired, adjust, paired
 from mbtrain.sweep.protocol import SPLITS
 from mbtrain.tasks import headline, higher_is_better
 
@@ -249,16 +249,10 @@ def _pair(comparison: Comparison, groups: list[list[_Run]], key: str, value: str
             main=_paired_on(runs, base_runs, seeds, task, metric),
             tasks={name: _paired_on(runs, base_runs, seeds, name, headline(rows[index].tasks[name]))
                    for name in tasks})
-    _adjust([pairing.main for pairing in pairings.values()])
+    adjust([pairing.main for pairing in pairings.values()])
     for name in rows[index].tasks:
-        _adjust([pairing.tasks[name] for pairing in pairings.values() if name in pairing.tasks])
+        adjust([pairing.tasks[name] for pairing in pairings.values() if name in pairing.tasks])
     return Baseline(key, value, index, task, metric, pairings)
-
-
-def _adjust(pairs: list[Paired]) -> None:
-    """The rows' tests against the baseline, adjusted for their number (stats.holm), in place."""
-    for pair, adjusted in zip(pairs, holm([pair.p for pair in pairs]), strict=True):
-        pair.adjusted_p, pair.compared = adjusted, sum(p.p is not None for p in pairs)
 
 
 def _paired_on(runs: list[_Run], base_runs: list[_Run], seeds: list[int], task: str, metric: str) -> Paired:

@@ -136,6 +136,14 @@ class Paired:
                 **({"adjustment": ADJUSTMENT} if self.adjusted_p is not None else {})}
 
 
+def adjust(pairs: list[Paired]) -> None:
+    """Each of several methods' tests against one baseline, its p-value adjusted for their number (holm), in
+    place: what their verdicts then read."""
+    compared = sum(pair.p is not None for pair in pairs)
+    for pair, adjusted in zip(pairs, holm([pair.p for pair in pairs]), strict=True):
+        pair.adjusted_p, pair.compared = adjusted, compared
+
+
 def paired(method: Sequence[float | None], baseline: Sequence[float | None], higher_is_better: bool = True) -> Paired:
     """`method` and `baseline` seed by seed (None or NaN: that run failed, is missing or has no value; such seeds
     are left out)."""

@@ -18,7 +18,7 @@ from mbtrain.checkpoint import write_json
 from mbtrain.compare import seconds_per_epoch
 from mbtrain.errors import MbtrainError
 from mbtrain.inference import evaluate
-from mbtrain.stats import ADJUSTMENT, METHOD, holm, mean_std, paired
+from mbtrain.stats import ADJUSTMENT, METHOD, adjust, mean_std, paired
 from mbtrain.sweep.protocol import Holdout, Run
 from mbtrain.tasks import headline, higher_is_better
 from mbtrain.train import monitor_score
@@ -155,12 +155,10 @@ def _method(method: str, records: list[dict[str, Any]], metrics: dict[str, str],
 
 def _adjusted(blocks: dict[str, dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, Any]]:
     """The blocks with each task's paired tests (stats.Paired) adjusted for the methods compared with the
-    baseline (stats.holm), as JSON."""
+    baseline (stats.adjust), as JSON."""
     compared = [block for block in blocks.values() if "paired" in block]
     for task in tasks:
-        pairs = [block["paired"][task] for block in compared]
-        for pair, adjusted in zip(pairs, holm([pair.p for pair in pairs]), strict=True):
-            pair.adjusted_p, pair.compared = adjusted, sum(p.p is not None for p in pairs)
+        adjust([block["paired"][task] for block in compared])
     for block in compared:
         block["paired"] = {task: pair.to_dict() for task, pair in block["paired"].items()}
     return blocks
