@@ -19,6 +19,7 @@ from mbtrain.errors import MbtrainError, first_line
 from mbtrain.models.scoring import ModelSpec, ScoringModel
 
 CHECKPOINT_FORMAT = "mbtrain-checkpoint/1"
+TEMPORARY = ".tmp"  # write_atomic's temp file: .NAME.tmpPID beside NAME
 
 
 def check_writable(path: Path, flag: str = "output") -> None:
@@ -32,7 +33,7 @@ def check_writable(path: Path, flag: str = "output") -> None:
 def write_atomic(path: Path, write: Callable[[Path], None], flag: str = "output") -> None:
     """Call `write` on a temp file beside `path`, then rename it over `path`: readers never see half a file."""
     check_writable(path, flag)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary = path.with_name(f".{path.name}{TEMPORARY}{os.getpid()}")
     try:
         write(temporary)
         with temporary.open("rb") as written:  # on disk before it takes the name: a crash leaves old or new
@@ -41,6 +42,12 @@ def write_atomic(path: Path, write: Callable[[Path], None], flag: str = "output"
     except OSError as exc:
         raise MbtrainError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
     finally:
+        temporary.unlink(missing_ok=True)
+
+
+def drop_temporaries(folder: Path) -> None:
+    """The temp files in `folder` of writes a killed process never finished."""
+    for temporary in folder.glob(f".*{TEMPORARY}*"):
         temporary.unlink(missing_ok=True)
 
 

@@ -39,7 +39,7 @@ from mbtrain import __version__
 from mbtrain.allocator import keep_freed_memory
 from mbtrain.balance import Balancer, Setup, build_balancer
 from mbtrain.balance.per_task import LOOP, PARAMETERS
-from mbtrain.checkpoint import RESUME, Checkpoint, copy_atomic, write_json, write_jsonl
+from mbtrain.checkpoint import RESUME, Checkpoint, copy_atomic, drop_temporaries, write_json, write_jsonl
 from mbtrain.config import Every, RunConfig, peak_lr
 from mbtrain.data.batches import EncodedData, Rows
 from mbtrain.data.encoders import table_slices
@@ -137,7 +137,8 @@ class FitRecipe:
             if self.staging and self.work.exists() and not resume:
                 shutil.rmtree(self.work)
             (self.work / "checkpoints").mkdir(parents=True, exist_ok=True)
-            _drop_temporaries(self.work)
+            for folder in (self.work, self.work / "checkpoints"):
+                drop_temporaries(folder)
             # first of this attempt's files: a torchrun restart finds its job's run by it (elastic.py)
             write_json(_config_record(self.config, self.data_path, self.data), self.work / "config.json")
         self._build(fresh=resumed is None)
@@ -782,13 +783,6 @@ def _interrupted(out: Path, work: Path, staging: bool) -> str:
 def _holds_files(folder: Path) -> bool:
     """Whether a run directory holds anything (a fit killed as it began may have left empty folders only)."""
     return any(path.is_file() for path in folder.rglob("*"))
-
-
-def _drop_temporaries(work: Path) -> None:
-    """Temp files of writes a killed process never finished (checkpoint.write_atomic's names)."""
-    for folder in (work, work / "checkpoints"):
-        for temporary in folder.glob(".*.tmp*"):
-            temporary.unlink(missing_ok=True)
 
 
 def _config_record(config: RunConfig, data_path: Path, prepared: Prepared) -> dict[str, Any]:

@@ -296,6 +296,9 @@ def test_a_resumed_row_counts_the_seconds_before_its_checkpoint(tmp_path: Path,
     assert checkpoint["position"]["row_seconds"] > 0
     checkpoint["position"]["row_seconds"] = 1000.0  # as if the row had run that long before the interruption
     torch.save(checkpoint, last)
+    stale = last.with_name(".last.pt.tmp4242")  # a write a killed process never finished
+    stale.write_bytes(b"half")
     resumed = run_cli("fit", "--resume", "--out", str(tmp_path / "split"))
     assert resumed.exit_code == 0, resumed.output
     assert 1000.0 <= rows(tmp_path / "split")[-1]["seconds"] < 1060.0
+    assert not stale.exists()
