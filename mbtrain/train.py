@@ -255,10 +255,7 @@ class FitRecipe:
                     if entry is None:  # --patience ran out at a validation inside the epoch
                         self.cut_short = True
                         break
-                    self._record(entry)
-                    clock.restart()
-                    self._save_checkpoint(entry["best"], sample)
-                    console.print(history_line(entry, self.spec.main_task, self.monitor), soft_wrap=True)
+                    self._keep(entry, sample, clock)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(_interrupted(self.out, self.work, self.staging)) from None
         finally:
@@ -307,16 +304,22 @@ class FitRecipe:
                                     self.balancer, self._steps_done_at(position), position.step / self.steps)
                 if log is not None:
                     log.validation(entry["step"], entry)
-                self._record(entry)
-                self._save_checkpoint(entry["best"], sample, position)
-                clock.restart()
-                self.console.print(history_line(entry, self.spec.main_task, self.monitor), soft_wrap=True)
+                self._keep(entry, sample, clock, position)
                 return self._patience_spent()
             if clock.due(position.step):
                 self._save_checkpoint(False, sample, position)
                 clock.restart()
             return False
         return after
+
+    def _keep(self, entry: dict[str, Any], sample: dict[str, torch.Tensor] | None, clock: CheckpointClock,
+              position: Position | None = None) -> None:
+        """After a validation, at an epoch's end or inside it (`position`): its history row, a checkpoint, its
+        line."""
+        self._record(entry)
+        self._save_checkpoint(entry["best"], sample, position)
+        clock.restart()
+        self.console.print(history_line(entry, self.spec.main_task, self.monitor), soft_wrap=True)
 
     def _validation(self) -> dict[str, dict[str, Any]]:
         """Every task's validation metrics, from rank 0 to all (scoring leaves the model in training mode)."""

@@ -33,6 +33,14 @@ def interrupt_at(monkeypatch: pytest.MonkeyPatch, epoch: int, step: int) -> None
     monkeypatch.setattr(mbtrain.train.FitRecipe, "_save_checkpoint", saved_then_stopped)
 
 
+def same_weights(ours: Path, theirs: Path) -> None:
+    """The two runs ended (no place inside an epoch) with the very same weights."""
+    one, two = (torch.load(run / "checkpoints" / "last.pt", weights_only=True) for run in (ours, theirs))
+    assert one["position"] is None and two["position"] is None
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two["model"][name], tensor, rtol=0, atol=0, msg=name)
+
+
 def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
@@ -57,11 +65,8 @@ def test_a_mid_epoch_checkpoint_resumes_to_the_uninterrupted_run(streamed: bool,
     assert checkpoint["epoch"] == 1 and checkpoint["position"]["step"] == 6
     resumed = run_cli("fit", "--resume", "--out", str(tmp_path / "split"))
     assert resumed.exit_code == 0, resumed.output
-    one, two = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
-                for name in ("straight", "split"))
-    assert two["epoch"] == 2 and two["position"] is None
-    for name, tensor in one["model"].items():
-        torch.testing.assert_close(two["model"][name], tensor, rtol=0, atol=0, msg=name)
+    assert torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+    same_weights(tmp_path / "straight", tmp_path / "split")
     for ours, theirs in zip(rows(tmp_path / "straight"), rows(tmp_path / "split"), strict=True):
         assert ours["step"] == theirs["step"] and ours.get("progress") == theirs.get("progress")
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-6) and ours["valid"] == theirs["valid"]
@@ -77,10 +82,7 @@ def test_validating_inside_the_epoch_changes_no_step_and_picks_the_best_validati
     assert plain.exit_code == 0, plain.output
     stepped = run_cli("fit", *common, "--validate-every", "4", "--out", str(tmp_path / "stepped"))
     assert stepped.exit_code == 0, stepped.output
-    one, two = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
-                for name in ("plain", "stepped"))
-    for name, tensor in one["model"].items():
-        torch.testing.assert_close(two["model"][name], tensor, rtol=0, atol=0, msg=name)
+    same_weights(tmp_path / "plain", tmp_path / "stepped")
     history = rows(tmp_path / "stepped")
     steps = rows(tmp_path / "plain")[0]["step"]  # per epoch: 360 training rows at batch 32
     assert steps == 12
@@ -123,10 +125,7 @@ def test_patience_counts_validations_and_stops_inside_the_one_pass(tmp_path: Pat
     assert resumed.exit_code == 0, resumed.output
     straight = run_cli("fit", *common, "--patience", "0", "--out", str(tmp_path / "straight"))
     assert straight.exit_code == 0, straight.output
-    one, two = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
-                for name in ("straight", "stopped"))
-    for name, tensor in one["model"].items():
-        torch.testing.assert_close(two["model"][name], tensor, rtol=0, atol=0, msg=name)
+    same_weights(tmp_path / "straight", tmp_path / "stopped")
     assert [row["valid"] for row in rows(tmp_path / "stopped")] == [row["valid"] for row in rows(tmp_path / "straight")]
 
 
@@ -166,13 +165,6 @@ def test_compare_times_an_epoch_over_rows_inside_epochs(tmp_path: Path) -> None:
         {"epoch": 1, "step": 4, "progress": 0.5, "seconds": 2.0}, {"epoch": 1, "step": 8, "seconds": 2.5},
         {"epoch": 2, "step": 12, "progress": 0.5, "seconds": 3.5}]))
     assert seconds_per_epoch(history) == pytest.approx(8.0 / 1.5)
-
-
-def same_weights(ours: Path, theirs: Path) -> None:
-    one, two = (torch.load(run / "checkpoints" / "last.pt", weights_only=True) for run in (ours, theirs))
-    assert one["position"] is None and two["position"] is None
-    for name, tensor in one["model"].items():
-        torch.testing.assert_close(two["model"][name], tensor, rtol=0, atol=0, msg=name)
 
 
 def as_torchrun(monkeypatch: pytest.MonkeyPatch, job: str, restart: int) -> None:
