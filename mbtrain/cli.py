@@ -18,7 +18,7 @@ from mbtrain import __version__
 from mbtrain.balance import BALANCERS
 from mbtrain.balance.metabalance import STRATEGIES
 from mbtrain.balance.mgda import NORMALIZATIONS
-from mbtrain.config import RunConfig, parse_list, parse_pairs, read_toml, setting_sections
+from mbtrain.config import RunConfig, from_run_record, parse_list, parse_pairs, read_toml, setting_sections
 from mbtrain.elastic import torchrun_job
 from mbtrain.errors import MbtrainError
 from mbtrain.models import MODELS
@@ -332,11 +332,7 @@ def _resumed(out: Path, config_file: Path | None, flags: dict[str, Any],
     if not record.is_file():
         raise MbtrainError(f"--resume: {out} is not an mbtrain run directory (no config.json)")
     try:
-        saved = json.loads(record.read_text())
-        run_config = RunConfig.from_dict(saved)
-        saved_data = Path(saved["paths"]["data"])
-        if saved["paths"].get("valid"):  # absolute: the run may be resumed from another directory
-            run_config = run_config.updated({"valid": saved["paths"]["valid"]})
+        run_config, saved_data = from_run_record(json.loads(record.read_text()))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise MbtrainError(f"--resume: {record} is corrupt ({type(exc).__name__}: {exc})") from None
     changes = read_toml(config_file) if config_file else {}

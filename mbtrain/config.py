@@ -271,6 +271,16 @@ class RunConfig:
         self.train.check(self.data.group_by)
 
 
+def from_run_record(saved: dict[str, Any]) -> tuple[RunConfig, Path]:
+    """A run's config.json as its settings (--valid as the absolute path it recorded: the run may be resumed from
+    another directory) and its data path. A damaged record raises KeyError, TypeError, ValueError or
+    AttributeError."""
+    config = RunConfig.from_dict(saved)
+    if saved["paths"].get("valid"):
+        config = config.updated({"valid": saved["paths"]["valid"]})
+    return config, Path(saved["paths"]["data"])
+
+
 UNITS = {"s": 1, "m": 60, "h": 3600}  # --checkpoint-every's duration suffixes
 
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mbtrain.config import RunConfig
+from mbtrain.config import RunConfig, from_run_record
 from mbtrain.errors import MbtrainError
 
 JOB_KEY = "torchrun_job"  # config.json's record of the torchrun job that wrote the run
@@ -73,12 +73,10 @@ def _check_same_run(folder: Path, saved: dict, config: RunConfig, data: Path) ->
     differs."""
     record = folder / "config.json"
     try:
-        theirs = RunConfig.from_dict(saved).flat()
-        theirs["valid"] = saved["paths"]["valid"]
-        saved_data = Path(saved["paths"]["data"])
+        settings, saved_data = from_run_record(saved)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise MbtrainError(f"{record}: corrupt ({type(exc).__name__}: {exc})") from None
-    ours = config.flat()
+    theirs, ours = settings.flat(), config.flat()
     ours["valid"] = str(Path(ours["valid"]).resolve()) if ours["valid"] else None
     differing = [f"--{key.replace('_', '-')}" for key in ours if ours[key] != theirs.get(key)]
     if saved_data != data.resolve():
