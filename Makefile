@@ -13,7 +13,7 @@ $(BIN)/mbtrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# the CPU wheel first: a bare torch requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev,tensorboard,onnx,plot]'  # the extras the tests exercise
+	$(BIN)/pip install --quiet -e '.[dev,tensorboard,onnx,plot,tune]'  # the extras the tests exercise
 	touch $@
 
 install: $(BIN)/mbtrain

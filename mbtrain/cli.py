@@ -543,6 +543,14 @@ def sweep(
     report: Annotated[Path | None, typer.Option(help="Print the report of this sweep folder again (from what has "
                                                      "finished).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a different sweep in --out.")] = False,
+    trials: Annotated[int | None, typer.Option(help="Tune each method on N trials of Optuna's TPE (on the first "
+                                                    "seed's rows; ranges such as --lr 0.001:0.03:log, else each "
+                                                    "method's default space), then run its best on every seed. "
+                                                    "Needs the tune extra.", show_default=False)] = None,
+    storage: Annotated[str | None, typer.Option(help="Where --trials keeps its studies, shared by every process "
+                                                     "given the same --out: a journal file's path, or a database "
+                                                     "URL (sqlite:///..., postgresql://...). Default: "
+                                                     "SWEEP/study.journal.", show_default=False)] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Does balancing help on my data? Any fit flag may be a list (--balance none,metabalance --lr 0.01,0.003
@@ -560,7 +568,7 @@ def sweep(
                            "--tasks click,purchase --balance none,metabalance --seeds 5 --out sweep")
     try:
         run_sweep(data, list(context.args), config, seeds, out, Holdout(test, test_fraction, split_time, split_group),
-                  baseline, jobs, plan, overwrite, _switches(), console)
+                  baseline, jobs, plan, overwrite, _switches(), console, trials, storage)
     except KeyboardInterrupt as exc:
         raise _fail(str(exc) or "interrupted", 130) from None
 

@@ -61,10 +61,12 @@ SPARSE_LABELS = 10  # labelled rows a global batch may expect of a task below wh
 
 
 def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = False, resume: bool = False,
-        console: Console | None = None) -> dict[str, Any]:
+        console: Console | None = None, on_validation: OnValidation | None = None) -> dict[str, Any]:
     """Train into `out` and return the metrics.json content (validation metrics of the best validation).
 
     Without `resume`, a run its own torchrun job left in `out` (a restart, elastic.py) is resumed or started over.
+    `on_validation` hears each validation's history row and main-task score (--monitor's, higher is better) and,
+    returning True, stops the run there as --patience would (a sweep's pruner; one process only).
     A KeyboardInterrupt comes back with a message saying where the last checkpoint is."""
     config.validate()
     if config.train.tensorboard:
@@ -78,7 +80,7 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = Fals
             from_main(lambda: continuation(out, overwrite, config, data_path))  # rank 0's view, before it writes
         if going_on.note and cluster.is_main:
             console.print(going_on.note, highlight=False, soft_wrap=True)
-        recipe = FitRecipe(config, data_path, out, cluster, console)
+        recipe = FitRecipe(config, data_path, out, cluster, console, on_validation)
         recipe.setup(going_on.overwrite, going_on.resume, going_on.staged)
         recipe.train()
         metrics = recipe.finish()
@@ -92,8 +94,11 @@ def fit(config: RunConfig, data_path: Path, out: Path, *, overwrite: bool = Fals
 class FitRecipe:
     """One fit: `setup`, `train`, `finish`, in that order. Only the main rank writes files and prints."""
 
-    def __init__(self, config: RunConfig, data_path: Path, out: Path, cluster: Cluster, console: Console) -> None:
+    def __init__(self, config: RunConfig, data_path: Path, out: Path, cluster: Cluster, console: Console,
+                 on_validation: OnValidation | None = None) -> None:
         self.config, self.data_path, self.out, self.cluster = config, data_path, out, cluster
+        self.on_validation = on_validation
+        self.stopped = False  # on_validation asked to stop
         self.main = cluster.is_main
         self.console = console if self.main else Console(quiet=True)
         self.history: list[dict[str, Any]] = []
@@ -101,7 +106,7 @@ class FitRecipe:
         self.bad_epochs = 0  # validations since the best one (epochs, without --validate-every)
         self.epoch = 0  # the last finished epoch (while training: the one under way)
         self.position: Position | None = None  # a resumed mid-epoch checkpoint's place in epoch self.epoch + 1
-        self.cut_short = False  # --patience ran out inside an epoch (--validate-every)
+        self.cut_short = False  # stopped inside an epoch (--validate-every)
         self.trained = False  # whether this fit took a step (a resumed run may have none left to take)
         self.row_started = 0.0  # when the time of the next history row began (the epoch's start, or the last row)
         self.seconds = 0.0
@@ -244,7 +249,7 @@ class FitRecipe:
                 bar = Bar.over_run(progress, self.steps, config.train.epochs, self._steps_done(),
                                    config.train.batch_size * self.cluster.world_size)
                 clock = CheckpointClock(config.train.checkpoint_every, self.cluster)
-                while self.epoch < config.train.epochs and not self._patience_spent():
+                while self.epoch < config.train.epochs and not self._stopping():
                     self.trained = True
                     self.epoch += 1
                     self.row_started = time.perf_counter() - (self.position.row_seconds if self.position else 0.0)
@@ -252,7 +257,7 @@ class FitRecipe:
                                         self.tasks, config, self.epoch, bar, self.cluster, log, feed=self.feed,
                                         start=self.position, on_step=self._mid_epoch(sample, clock, log))
                     self.position = None
-                    if entry is None:  # --patience ran out at a validation inside the epoch
+                    if entry is None:  # stopped at a validation inside the epoch (--patience, on_validation)
                         self.cut_short = True
                         break
                     self._keep(entry, sample, clock)
@@ -271,9 +276,10 @@ class FitRecipe:
                 f"tasks {', '.join(spec.tasks)} (main {spec.main_task}); data {data.storage}; {cluster.device}"
                 f"{ranks}; run {self.out}")
 
-    def _patience_spent(self) -> bool:
+    def _stopping(self) -> bool:
+        """--patience has run out, or on_validation asked to stop."""
         patience = self.config.train.patience
-        return bool(patience and self.bad_epochs >= patience)
+        return self.stopped or bool(patience and self.bad_epochs >= patience)
 
     def _record(self, entry: dict[str, Any]) -> None:
         """A validation's history row (the time since the last row), marked best where the main task's --monitor
@@ -305,7 +311,7 @@ class FitRecipe:
                 if log is not None:
                     log.validation(entry["step"], entry)
                 self._keep(entry, sample, clock, position)
-                return self._patience_spent()
+                return self._stopping()
             if clock.due(position.step):
                 self._save_checkpoint(False, sample, position)
                 clock.restart()
@@ -320,6 +326,9 @@ class FitRecipe:
         self._save_checkpoint(entry["best"], sample, position)
         clock.restart()
         self.console.print(history_line(entry, self.spec.main_task, self.monitor), soft_wrap=True)
+        score = monitor_score(entry["valid"][self.spec.main_task], self.monitor)
+        if self.on_validation is not None and self.on_validation(entry, score):
+            self.stopped = True
 
     def _validation(self) -> dict[str, dict[str, Any]]:
         """Every task's validation metrics, from rank 0 to all (scoring leaves the model in training mode)."""
@@ -365,7 +374,7 @@ class FitRecipe:
         """metrics.json (the best epoch's validation metrics), the run directory swapped in, the summary."""
         config, spec, data, best = self.config, self.spec, self.data, self.best
         epoch = self.epoch + (self.position is not None)  # a resumed run stopped inside an epoch: that epoch too
-        stopped_early = self._patience_spent() and (epoch < config.train.epochs or self.cut_short
+        stopped_early = self._stopping() and (epoch < config.train.epochs or self.cut_short
                                                     or self.position is not None)
         metrics = {
             "main_task": spec.main_task,
@@ -542,6 +551,7 @@ class Trained:
 
 
 OnStep = Callable[[Position, Callable[[], Trained]], bool]  # FitRecipe._mid_epoch's: True stops the epoch
+OnValidation = Callable[[dict[str, Any], float], bool]  # fit's: each history row and its score; True stops the run
 
 
 @dataclass

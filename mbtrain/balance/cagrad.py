@@ -42,11 +42,13 @@ from mbtrain.balance.mgda import (
 from mbtrain.balance.per_task import PARAMETERS, WeightedGradients
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import in_unit_interval
+from mbtrain.space import Range, tuned
 
 
 @dataclass(frozen=True)
 class CagradSettings:
-    cagrad_c: float = 0.4  # the radius c of the ball around the average gradient, in units of its norm
+    # the radius c of the ball around the average gradient, in units of its norm
+    cagrad_c: float = tuned(0.4, Range(0.1, 0.9))
 
     def __post_init__(self) -> None:
         in_unit_interval("--cagrad-c", self.cagrad_c)

@@ -37,14 +37,16 @@ from mbtrain.balance.per_task import PARAMETERS, PerTaskGradients, RowGradient, 
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import in_unit_interval, non_negative
 from mbtrain.models.split import SplitForward
+from mbtrain.space import Range, tuned
 
 EPS = 1e-8  # LibMTL's, inside the log and under the norms' ratio
 
 
 @dataclass(frozen=True)
 class DBMTLSettings:
-    db_mtl_beta: float = 0.9  # β: the moving averages' factor (LibMTL's --DB_beta)
-    db_mtl_beta_sigma: float = 0.0  # σ: the factor at step t is β / t^σ (LibMTL's --DB_beta_sigma)
+    db_mtl_beta: float = tuned(0.9, Range(0.5, 0.99))  # β: the moving averages' factor (LibMTL's --DB_beta)
+    # σ: the factor at step t is β / t^σ (LibMTL's --DB_beta_sigma)
+    db_mtl_beta_sigma: float = tuned(0.0, Range(0.0, 1.0))
 
     def __post_init__(self) -> None:
         in_unit_interval("--db-mtl-beta", self.db_mtl_beta)

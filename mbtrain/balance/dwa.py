@@ -16,11 +16,13 @@ from mbtrain.balance.base import Gather, Reduce
 from mbtrain.balance.plain import PlainSum
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import positive
+from mbtrain.space import Range, tuned
 
 
 @dataclass(frozen=True)
 class DWASettings:
-    temperature: float = 2.0  # T: the softmax's temperature over the tasks' loss ratios
+    # T: the softmax's temperature over the tasks' loss ratios
+    temperature: float = tuned(2.0, Range(0.5, 10.0, log=True))
 
     def __post_init__(self) -> None:
         positive("--temperature", self.temperature)

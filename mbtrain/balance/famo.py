@@ -16,12 +16,13 @@ from mbtrain.balance.base import Gather, Reduce, restore
 from mbtrain.balance.plain import PlainSum
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import non_negative, positive
+from mbtrain.space import Range, tuned
 
 
 @dataclass(frozen=True)
 class FAMOSettings:
-    famo_lr: float = 0.025  # the learning rate of its task logits
-    famo_decay: float = 0.01  # the weight decay (gamma) on its task logits
+    famo_lr: float = tuned(0.025, Range(0.001, 0.1, log=True))  # the learning rate of its task logits
+    famo_decay: float = tuned(0.01, Range(0.0001, 0.1, log=True))  # the weight decay (gamma) on its task logits
     famo_same_batch: bool = False  # update from the same batch scored again (the reference code), not the next
 
     def __post_init__(self) -> None:

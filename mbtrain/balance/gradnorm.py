@@ -23,6 +23,7 @@ from mbtrain.balance.per_task import LEVELS, PARAMETERS, REPRESENTATION, accumul
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import positive
 from mbtrain.models.split import SplitForward
+from mbtrain.space import Range, tuned
 from mbtrain.table import is_table, no_rows, summed_rows, touched
 
 WEIGHT_FLOOR = 1e-3  # a weight Adam pushed to 0 would never move again (its gradient is w-proportional)
@@ -30,7 +31,8 @@ WEIGHT_FLOOR = 1e-3  # a weight Adam pushed to 0 would never move again (its gra
 
 @dataclass(frozen=True)
 class GradNormSettings:
-    gradnorm_alpha: float = 1.5  # the asymmetry α: how hard tasks that train slower are pulled up
+    # the asymmetry α: how hard tasks that train slower are pulled up
+    gradnorm_alpha: float = tuned(1.5, Range(0.1, 3.0))
 
     def __post_init__(self) -> None:
         positive("--gradnorm-alpha", self.gradnorm_alpha)

@@ -33,13 +33,15 @@ from mbtrain.balance.base import Gather, Reduce
 from mbtrain.balance.per_task import LEVELS, PARAMETERS, WeightedGradients, drawn_on_host
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import in_unit_interval
+from mbtrain.space import Range, tuned
 
 EPS = 1e-8  # LibMTL's, under the cosine and the correction's denominator
 
 
 @dataclass(frozen=True)
 class GradVacSettings:
-    gradvac_beta: float = 0.5  # β: how fast the targets follow the observed cosines (LibMTL's --GradVac_beta)
+    # β: how fast the targets follow the observed cosines (LibMTL's --GradVac_beta)
+    gradvac_beta: float = tuned(0.5, Range(0.001, 0.9, log=True))
 
     def __post_init__(self) -> None:
         in_unit_interval("--gradvac-beta", self.gradvac_beta)

@@ -19,6 +19,7 @@ from mbtrain.balance.base import Gather, Reduce
 from mbtrain.balance.per_task import LEVELS, REPRESENTATION, PerTaskGradients, RowGradient, Sinks, accumulate
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import in_unit_interval, one_of
+from mbtrain.space import Range, tuned
 
 if TYPE_CHECKING:
     from mbtrain.balance.multibalance import MultiBalance
@@ -30,9 +31,11 @@ STRATEGIES = ("both", "reduce", "enlarge")
 class MetaBalanceSettings:
     """MetaBalance's settings, the paper's defaults (MultiBalance's too)."""
 
-    relax_factor: float = 0.7  # r: how far each auxiliary gradient's norm moves toward the main task's
-    beta: float = 0.9  # the moving averages' factor
-    strategy: str = "both"  # rescale always (both), only larger auxiliary norms (reduce) or only smaller (enlarge)
+    # r: how far each auxiliary gradient's norm moves toward the main task's
+    relax_factor: float = tuned(0.7, Range(0.3, 0.95))
+    beta: float = tuned(0.9, Range(0.5, 0.99))  # the moving averages' factor
+    # rescale always (both), only larger auxiliary norms (reduce) or only smaller (enlarge)
+    strategy: str = tuned("both", STRATEGIES)
 
     def __post_init__(self) -> None:
         in_unit_interval("--relax-factor", self.relax_factor)

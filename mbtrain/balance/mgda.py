@@ -37,6 +37,7 @@ from mbtrain.balance.base import Gather, Reduce
 from mbtrain.balance.per_task import PARAMETERS, WeightedGradients
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import one_of
+from mbtrain.space import tuned
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 EXACT_MAX_TASKS = 8  # 2^8 − 1 = 255 systems of 9 unknowns: still cheap; 2^T grows past that
@@ -45,7 +46,7 @@ FRANK_WOLFE_STEPS = 250  # the authors' MinNormSolver.MAX_ITER
 
 @dataclass(frozen=True)
 class MgdaSettings:
-    mgda_normalization: str = "loss+"  # the authors' sample.json; the paper: none
+    mgda_normalization: str = tuned("loss+", NORMALIZATIONS)  # the authors' sample.json; the paper: none
 
     def __post_init__(self) -> None:
         one_of("--mgda-normalization", self.mgda_normalization, NORMALIZATIONS)

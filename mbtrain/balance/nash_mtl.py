@@ -42,6 +42,7 @@ from mbtrain.balance.base import Gather, Reduce
 from mbtrain.balance.per_task import PARAMETERS, WeightedGradients
 from mbtrain.balance.registry import Setup, register
 from mbtrain.checks import at_least_one, non_negative
+from mbtrain.space import Range, tuned
 
 NEWTON_STEPS = 20  # a fixed count; on HOST_DEVICES at most, the solve stopping once converged
 LINE_SEARCH_DOUBLINGS = 30  # far from the solution, 1, 2, 4, ..., 2^30 Newton steps are tried too
@@ -53,8 +54,10 @@ STOP_DECREMENT = 1e-9  # converged: the full step from a decrement below it leav
 
 @dataclass(frozen=True)
 class NashMtlSettings:
-    nash_update_weights_every: int = 1  # solve for α every so many steps (the authors' update_weights_every)
-    nash_max_norm: float = 1.0  # clip the shared gradient's norm to this (the authors' max_norm); 0: no clipping
+    # solve for α every so many steps (the authors' update_weights_every)
+    nash_update_weights_every: int = tuned(1, Range(1, 50, log=True, integer=True))
+    # clip the shared gradient's norm to this (the authors' max_norm); 0: no clipping
+    nash_max_norm: float = tuned(1.0, Range(0.5, 10.0, log=True))
 
     def __post_init__(self) -> None:
         at_least_one("--nash-update-weights-every", self.nash_update_weights_every)

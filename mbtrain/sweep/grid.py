@@ -7,6 +7,9 @@ more than one level (the others run at their own), any other setting every metho
 configurations are the product of its lists; each runs once per seed. In a TOML file, a table `[method.NAME]`
 adds a method of its own name with its own settings and lists (`balance = "none"` and a list of task weights: the
 plain sum with tuned weights, beside the untuned one).
+
+With `--trials N` a setting may also be a range (`--lr 0.001:0.03:log`, `--task-weights click=0.05:1:log`, or the
+same text in TOML), which sweep/tune.py searches; a task weight's range is kept as `task_weights.TASK`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from mbtrain.balance.registry import BALANCERS, setting_fields, setting_names
 from mbtrain.config import RunConfig, load_toml, parse_list, parse_pairs, setting_types, toml_setting
 from mbtrain.errors import MbtrainError
+from mbtrain.space import Range, is_range
 
 # settings every run of a sweep shares: they define the data, its split, or what selection reads
 FIXED = {"tasks", "main_task", "valid", "valid_fraction", "group_by", "categorical", "numeric", "exclude",
@@ -39,6 +43,12 @@ class Grid:
     seeds: list[int] = field(default_factory=lambda: list(range(DEFAULT_SEEDS)))
     variants: dict[str, dict[str, list[Any]]] = field(default_factory=dict)  # a [method.NAME] table's settings
     seeds_given: bool = False  # --seeds or --seed named them (else DEFAULT_SEEDS, or a sweep folder's own)
+    ranges: dict[str, Range] = field(default_factory=dict)  # --trials: settings searched in a range
+    trials: int | None = None  # --trials: each method's budget of trials (None: the grid's configurations)
+
+    def __post_init__(self) -> None:
+        self.ranges = {name: Range(**value) if isinstance(value, dict) else value
+                       for name, value in self.ranges.items()}  # as definition.json holds them
 
     def balancer(self, method: str) -> str:
         """The --balance a method runs (a [method.NAME] table's `balance`, else its own name)."""
@@ -68,16 +78,19 @@ class Grid:
 
     def to_dict(self) -> dict[str, Any]:
         return {"fixed": self.fixed, "lists": self.lists, "methods": self.methods, "seeds": self.seeds,
-                "variants": self.variants}
+                "variants": self.variants, "ranges": {name: r.to_dict() for name, r in self.ranges.items()},
+                "trials": self.trials}
 
 
 def read_grid(arguments: list[str], config_file: Path | None, seeds: int | None,
-              switches: dict[str, tuple[str, bool]]) -> Grid:
-    """The grid from fit's flags (each may take a comma list, or several values, or repeat) over a TOML file's
-    keys (a TOML list is a list of alternatives), and --seeds N (seeds 0..N-1) or --seed with a list.
-    `switches` maps each spelling of fit's on/off flags (--funnel, --no-funnel, ...) to (setting, value)."""
+              switches: dict[str, tuple[str, bool]], trials: int | None = None) -> Grid:
+    """The grid from fit's flags (each may take a comma list, or several values, or repeat; with `trials`, a
+    range) over a TOML file's keys (a TOML list is a list of alternatives), and --seeds N (seeds 0..N-1) or --seed
+    with a list. `switches` maps each spelling of fit's on/off flags (--funnel, --no-funnel, ...) to (setting,
+    value)."""
     alternatives: dict[str, list[Any]] = {}
     variants: dict[str, dict[str, list[Any]]] = {}
+    ranges: dict[str, Range] = {}
     if config_file is not None:
         for key, value in load_toml(config_file).items():
             if key == "method" and isinstance(value, dict):
@@ -86,9 +99,18 @@ def read_grid(arguments: list[str], config_file: Path | None, seeds: int | None,
             name = key.replace("-", "_")
             alternatives[name] = _toml_alternatives(str(config_file), key, value)
     alternatives.update(_flag_alternatives(arguments, switches))
-    grid = Grid(variants=variants)
+    if trials is not None and trials < 1:
+        raise MbtrainError(f"--trials must be at least 1: got {trials}")
+    alternatives = {name: _without_ranges(name, values, ranges) for name, values in alternatives.items()}
+    if ranges and trials is None:
+        name, searched = next(iter(ranges.items()))
+        raise MbtrainError(f"--{_flag(name.partition('.')[0])} {searched.text()} is a range, which --trials N "
+                           "searches: give --trials, or values")
+    grid = Grid(variants=variants, ranges=ranges, trials=trials)
     for name, values in alternatives.items():
         if not values:
+            if any(searched.partition(".")[0] == name for searched in ranges):
+                continue
             raise MbtrainError(f"--{_flag(name)}: an empty list; give at least one value")
         if name == "balance":
             grid.methods = _unique(name, values)
@@ -115,6 +137,24 @@ def read_grid(arguments: list[str], config_file: Path | None, seeds: int | None,
             raise MbtrainError(f"--balance {grid.balancer(method)!r} is not a method: choose among "
                                f"{', '.join(BALANCERS)}")
     return grid
+
+
+def _without_ranges(name: str, values: list[Any], ranges: dict[str, Range]) -> list[Any]:
+    """The values that are not ranges; the ranges go to `ranges` (a task weight's as `task_weights.TASK`)."""
+    kept = []
+    for value in values:
+        searched: dict[str, Range] = {}
+        if isinstance(value, Range):
+            searched = {name: value}
+        elif isinstance(value, dict):
+            searched = {f"{name}.{task}": weight for task, weight in value.items() if isinstance(weight, Range)}
+            value = {task: weight for task, weight in value.items() if not isinstance(weight, Range)}
+        if searched and len(values) > 1:
+            raise MbtrainError(f"--{_flag(name)}: a range is searched on its own: give it without other values")
+        ranges.update(searched)
+        if not isinstance(value, Range) and not (searched and value == {}):
+            kept.append(value)
+    return kept
 
 
 def _variants(where: str, tables: dict[str, Any]) -> dict[str, dict[str, list[Any]]]:
@@ -169,12 +209,15 @@ def _parsed(flag: str, kind: str, words: list[str]) -> list[Any]:
     if kind.startswith("list"):
         return [parse_list(where, word, int if "int" in kind else str) for word in words]
     if kind.startswith("dict"):
-        return [parse_pairs(where, word, float if "float" in kind else str) for word in words]
+        return [_pairs(where, word) if "float" in kind else parse_pairs(where, word, str) for word in words]
     scalar = {"int": int, "float": float, "str": str}[kind.replace(" | None", "")]
     values = []
     for part in (part.strip() for word in words for part in word.split(",")):
         if not part:
             raise MbtrainError(f"{where}: an empty value in the list")
+        if scalar is not str and is_range(part):
+            values.append(Range.parse(where, part, integer=scalar is int))
+            continue
         try:
             values.append(scalar(part))
         except ValueError:
@@ -183,11 +226,26 @@ def _parsed(flag: str, kind: str, words: list[str]) -> list[Any]:
     return values
 
 
+def _pairs(where: str, text: str) -> dict[str, float | Range]:
+    """Task weights, each a number or a range: 'cart=0.3,click=0.05:1:log'."""
+    if not is_range(text):
+        return parse_pairs(where, text)
+    pairs: dict[str, float | Range] = {}
+    for part in (part.strip() for part in text.split(",") if part.strip()):
+        task, _, weight = part.partition("=")
+        pairs.update({task.strip(): Range.parse(f"{where} {task.strip()}", weight)} if is_range(weight) else
+                     parse_pairs(where, part))
+    return pairs
+
+
 def _toml_alternatives(where: str, key: str, value: Any) -> list[Any]:
     """A TOML value as alternatives: a list of scalars for a scalar setting, a list of lists (of tables or
-    comma strings) for a list or task-weights setting; anything else is one value."""
+    comma strings) for a list or task-weights setting, a range as text ("0.001:0.03:log"); anything else is one
+    value."""
     name = key.replace("-", "_")
     kind = setting_types().get(name, "")
+    if is_range(value) and kind.replace(" | None", "") in ("int", "float", "dict[str, float]"):
+        return _parsed(f"{where}: {key}", kind, [value])
     several = isinstance(value, list) and (not kind.startswith("list") or any(isinstance(v, list) for v in value))
     if kind.startswith("dict") and isinstance(value, list):
         several = True

@@ -9,7 +9,8 @@ auxiliary task: the main task's test metric (y) against that task's (x), one poi
 deviation over seeds as error bars, the baseline a black star with dotted guides. Beyond NAMED_POINTS methods
 besides the baseline the points carry numbers instead of names, keyed by the left panel's rows ("3 · famo"), on
 axes that fit the means, without the bars (the widest is noted; the intervals are on the left), so that 26
-methods stay readable.
+methods stay readable. Beneath, for a sweep with --trials, the budget: each method's best validation score
+against the number of its trials so far.
 
 matplotlib is an optional extra (`pip install 'mbtrain[plot]'`): callers check `have_matplotlib()` first. The
 figure is drawn on its own Agg canvas, never through pyplot, so no global backend or figure registry is touched;
@@ -36,6 +37,7 @@ _STYLE = {"svg.hashsalt": "mbtrain-sweep", "svg.fonttype": "path", "font.size": 
           "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 8}
 _DPI = 150
 NAMED_POINTS = 8  # methods besides the baseline whose trade-off points carry names; beyond, numbers
+_BUDGET_HEIGHT = 2.8  # inches of the --trials panel beneath the rest
 
 
 def have_matplotlib() -> bool:
@@ -89,15 +91,21 @@ def draw(summary: dict[str, Any], figure_class: Any, canvas_class: Any) -> Any:
     row_height = 0.2 * len(tasks) + 0.35
     height = max(4.2, row_height * max(len(others), 1) + 2.0, (2.9 * len(auxiliary) + 1.3) if auxiliary else 0)
     width = (12.0 if auxiliary else 7.5) + 4.0 * (len(kinds) - 1)
-    figure = figure_class(figsize=(width, height), dpi=_DPI, layout="constrained")
+    budget = summary.get("budget")  # --trials: a panel of each method's best validation score against its trials
+    rows = max(len(auxiliary), 1)
+    figure = figure_class(figsize=(width, height + (_BUDGET_HEIGHT if budget else 0)), dpi=_DPI,
+                          layout="constrained")
     canvas_class(figure)  # attaches itself: the non-interactive Agg canvas
-    grid = figure.add_gridspec(max(len(auxiliary), 1), 2 if auxiliary else 1,
-                               width_ratios=[1.45 * len(kinds), 1] if auxiliary else [1])
-    left = grid[:, 0].subgridspec(1, len(kinds)) if len(kinds) > 1 else None
+    grid = figure.add_gridspec(rows + bool(budget), 2 if auxiliary else 1,
+                               width_ratios=[1.45 * len(kinds), 1] if auxiliary else [1],
+                               height_ratios=[height / rows] * rows + ([_BUDGET_HEIGHT] if budget else []))
+    left = grid[:rows, 0].subgridspec(1, len(kinds)) if len(kinds) > 1 else None
     for at, kind in enumerate(kinds):
         shown = [task for task in tasks if metrics[task] == kind]
-        _differences(figure.add_subplot(left[0, at] if left is not None else grid[:, 0]), tasks, shown, baseline,
-                     kind, methods, others, highers[shown[0]], first=at == 0, numbers=numbers)
+        _differences(figure.add_subplot(left[0, at] if left is not None else grid[:rows, 0]), tasks, shown,
+                     baseline, kind, methods, others, highers[shown[0]], first=at == 0, numbers=numbers)
+    if budget:
+        _budget(figure.add_subplot(grid[rows, :]), budget, metric, summary["seeds"][0])
     panels = [figure.add_subplot(grid[row, 1]) for row in range(len(auxiliary))]
     points = [_trade_off(axes, main, task, baseline, metrics, methods, highers[task], numbers)
               for axes, task in zip(panels, auxiliary, strict=True)]
@@ -116,6 +124,25 @@ def draw(summary: dict[str, Any], figure_class: Any, canvas_class: Any) -> Any:
         for axes, placed in zip(panels, points, strict=True):
             _label(axes, placed, renderer)
     return figure
+
+
+def _budget(axes: Any, budget: dict[str, Any], metric: str, seed: int) -> None:
+    """Each method's best validation metric after each of its trials (in the order asked), as steps: a curve still
+    climbing at the right edge says the budget was short."""
+    trials = budget["trials"]
+    for at, (method, account) in enumerate(budget["methods"].items()):
+        values = [math.nan if value is None else value for value in account["curve"]]
+        axes.step(range(1, len(values) + 2), values + values[-1:], where="post", color=_METHOD_COLOURS[at % len(_METHOD_COLOURS)],
+                  linestyle=("-", "--", ":")[at // len(_METHOD_COLOURS) % 3], label=method)
+    axes.set_xlim(0.5, trials + 0.5)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set_xlabel(f"trials (budget: {trials} per method)")
+    axes.set_ylabel(f"best valid {metric} so far")
+    axes.set_title(f"Tuning on seed {seed}'s validation rows: each method's best {metric} against its trials",
+                   loc="left")
+    axes.grid(alpha=0.3)
+    count = len(budget["methods"])
+    axes.legend(loc="lower right", ncol=max(1, math.ceil(count / 6)), fontsize=7 if count > 6 else 8)
 
 
 def _differences(axes: Any, tasks: list[str], shown: list[str], baseline: str, metric: str,

@@ -207,11 +207,14 @@ def _by_group(frame: pl.DataFrame, data: Path, name: str, seed: int, tests: int,
             "train": np.flatnonzero(where == 2)}
 
 
-def plan_runs(folder: Path, grid: Grid, splits: dict[int, Split]) -> list[Run]:
-    """Every run of the sweep, method by method, configuration by configuration, seed by seed."""
+def plan_runs(folder: Path, grid: Grid, splits: dict[int, Split], chosen: dict[str, dict[str, Any]] | None = None
+              ) -> list[Run]:
+    """Every run of the sweep, method by method, configuration by configuration (the grid's, or with --trials the
+    one `chosen` for each method by its search), seed by seed."""
     runs = []
     for method in grid.methods:
-        for index, settings in enumerate(grid.configurations(method)):
+        configurations = grid.configurations(method) if chosen is None else [chosen[method]]
+        for index, settings in enumerate(configurations):
             for seed in grid.seeds:
                 split = splits[seed]
                 name = f"{method}-{index}-seed{seed}"

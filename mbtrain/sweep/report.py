@@ -20,6 +20,7 @@ from mbtrain.errors import MbtrainError
 from mbtrain.inference import evaluate
 from mbtrain.stats import ADJUSTMENT, METHOD, adjust, mean_std, paired
 from mbtrain.sweep.protocol import Holdout, Run
+from mbtrain.sweep.tune import settings_text
 from mbtrain.tasks import headline, higher_is_better
 from mbtrain.train import monitor_score
 
@@ -212,9 +213,10 @@ def report(summary: dict[str, Any]) -> Group:
     auxiliary = {name: _table(f"auxiliary tasks' test {name}: Δ against {baseline}",
                               ("method", "task", f"test {name}", "Δ", "95 % interval", "Holm p", "won"))
                  for name in dict.fromkeys(metrics[task] for task in tasks[1:])}
+    budget = summary.get("budget")  # --trials: each method's search
     lines = []
     for method, block in methods.items():
-        name = f"{method} ({block['configurations']})"
+        name = f"{method} ({budget['trials'] if budget else block['configurations']})"
         if method == baseline:
             table.add_row(name, _mean_std(block["test"][tasks[0]]), "", "baseline", "", "")
             continue
@@ -226,10 +228,11 @@ def report(summary: dict[str, Any]) -> Group:
         lines.append(f"{method} against {baseline} on {tasks[0]}: {pair['verdict']}; time ×"
                      f"{_ratio(block['epoch_time_ratio'])} an epoch, ×{_ratio(block['total_time_ratio'])} all runs")
     chosen = [f"  {method}: " + "; ".join(f"seed {seed} {_settings(pick)}" for seed, pick in block["chosen"].items())
-              for method, block in methods.items() if block["configurations"] > 1]
+              for method, block in methods.items() if block["configurations"] > 1 and not budget]
     lower = list(dict.fromkeys(name for name in metrics.values() if not higher_is_better(name)))
     direction = f" ({', '.join(lower)}: lower is better)" if lower else ""
-    caption = (f"(k): the method's configurations; Δ: method − baseline{direction}; [ ]: {summary['interval']}; "
+    counted = "the trials each method was tuned on" if budget else "the method's configurations"
+    caption = (f"(k): {counted}; Δ: method − baseline{direction}; [ ]: {summary['interval']}; "
                f"Holm p: the paired t-test's p-value adjusted for the methods compared ({ADJUSTMENT}), which the "
                f"verdicts read; time ×: the method's epoch time and all its runs' time over the baseline's; "
                f"{summary['selection']}.")
@@ -237,8 +240,30 @@ def report(summary: dict[str, Any]) -> Group:
     split = summary.get("split") or {}  # a sweep.json of before the split flags: by row
     if split.get("note"):
         notes.insert(0, f"note: {split['note']}")
-    return Group(table, *(auxiliary.values() if len(methods) > 1 else []), caption, *lines,
+    searched = _budget(budget, metric, summary["seeds"][0]) if budget else []
+    return Group(*searched, table, *(auxiliary.values() if len(methods) > 1 else []), caption, *lines,
                  *(["chosen on validation:", *chosen] if chosen else []), *notes)
+
+
+def _budget(budget: dict[str, Any], metric: str, seed: int) -> list[Any]:
+    """--trials: each method's search (trials completed, pruned, failed; its best validation score and the trial
+    that found it; that trial's settings), and a note where the best came late in the budget."""
+    trials = budget["trials"]
+    table = _table(f"tuning: {trials} trials per method on seed {seed}'s validation rows (Optuna TPE, median "
+                   "pruner)", ("method", "done", "pruned", "failed", f"best valid {metric}", "at trial"))
+    lines, late = [], []
+    for method, account in budget["methods"].items():
+        best = account["best_trial"]
+        value = "—" if account["best_value"] is None else f"{account['best_value']:.4f}"
+        table.add_row(method, str(account["completed"]), str(account["pruned"]), str(account["failed"]), value,
+                      "—" if best is None else f"{best + 1}/{trials}")
+        lines.append(f"  {method}: " + (settings_text(account["settings"]) or "nothing searched" if best is not None
+                                        else "no trial completed: its defaults"))
+        if best is not None and trials >= 4 and best + 1 > trials * 3 // 4:
+            late.append(method)
+    notes = [f"note: the best trial came in the last quarter of the budget for {', '.join(late)}: more --trials may "
+             "find better settings"] if late else []
+    return [table, "chosen by the search (each method's best trial, run on every seed):", *lines, *notes]
 
 
 def _table(title: str, headings: tuple[str, ...]) -> Table:
@@ -274,4 +299,4 @@ def _ratio(value: float | None) -> str:
 def _settings(pick: dict[str, Any] | None) -> str:
     if pick is None:
         return "failed"
-    return ", ".join(f"{key}={value}" for key, value in pick["settings"].items()) or pick["run"]
+    return settings_text(pick["settings"]) or pick["run"]

@@ -3,7 +3,7 @@ share the CPU threads (and, with several GPUs, take one each); and `--plan`, the
 command lines for a scheduler the user already has. A finished run is never redone; an interrupted one resumes
 from its last checkpoint; a failed one is tried again and, failing, reported as failed. As soon as every run of
 a method on a seed has ended, its chosen run (on validation) has its test rows scored in a worker, beside the
-fits still running."""
+fits still running. Several processes may share one sweep folder: each run is claimed by one (claims.py)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,17 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from mbtrain.checkpoint import write_text
 from mbtrain.errors import first_line
+from mbtrain.sweep.claims import Claims
 from mbtrain.sweep.protocol import Run
 from mbtrain.sweep.report import chosen, test_metrics
+from mbtrain.sweep.tune import Search, take_trials
 
+POLL = 2.0  # seconds between looks at runs other processes hold
 Report = Callable[[Run, str | None, float], None]  # after each run: the run, its failure (None: finished), seconds
 
 
@@ -30,20 +33,45 @@ def threads_per_job(jobs: int, threads: int | None) -> int:
     return threads or max(1, (os.cpu_count() or 1) // jobs)
 
 
-def execute(runs: list[Run], jobs: int, threads: int, report: Report) -> None:
-    """Run every run not finished yet; `report` hears of each as it ends."""
-    todo = [run for run in runs if run.status() != "finished"]
-    for run in todo:
-        run.failure.unlink(missing_ok=True)
-        if run.status() == "pending" and run.folder.exists():  # stopped before its first epoch: start again
-            shutil.rmtree(run.folder)
+def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Claims | None = None) -> None:
+    """Run every run not finished yet; `report` hears of each as it ends. With `claims` (what the processes sharing
+    the sweep folder hold), a run another live process holds is left to it and waited for; one whose process died
+    is taken over."""
+    since = time.time()
+    attempted: set[str] = set()
+
+    def next_run() -> Run | None:
+        """The next run this process may take (claimed), cleared of what a failed or unstarted attempt left."""
+        for run in runs:
+            if run.name in attempted or run.status() == "finished" or _failed_since(run, since):
+                continue
+            if claims is not None and not claims.take(run.name):
+                continue
+            attempted.add(run.name)
+            run.failure.unlink(missing_ok=True)
+            if run.status() == "pending" and run.folder.exists():  # stopped before its first epoch: start again
+                shutil.rmtree(run.folder)
+            return run
+        return None
+
+    def ended(run: Run, outcome: tuple[str | None, float]) -> None:
+        if claims is not None:
+            claims.release(run.name)
+        report(run, *outcome)
+
+    def others_running() -> bool:
+        return claims is not None and any(claims.busy(run.name) for run in runs if run.status() != "finished")
+
     groups: dict[tuple[str, int], list[Run]] = {}
     for run in runs:
         groups.setdefault((run.method, run.seed), []).append(run)
     if jobs == 1:
         _init_worker(threads, None)
-        for run in todo:
-            report(run, *_fit(_task(run)))
+        while (run := next_run()) is not None or others_running():
+            if run is None:
+                time.sleep(POLL)
+                continue
+            ended(run, _fit(_task(run)))
             for pick in _scoring(groups[run.method, run.seed], set()):
                 test_metrics(pick)
         return
@@ -53,15 +81,22 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report) -> None:
         devices.put(_device_for(slot))
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
                              initargs=(threads, devices)) as pool:
-        running = {pool.submit(_fit, _task(run)): run for run in todo}
+        running: dict[Future, Run] = {}
         asked: set[str] = set()  # runs whose scoring is under way: scored once
         scoring = [pool.submit(test_metrics, pick) for group in groups.values() for pick in _scoring(group, asked)]
         try:
-            while running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+            while True:
+                while len(running) < jobs and (run := next_run()) is not None:
+                    running[pool.submit(_fit, _task(run))] = run
+                if not running:
+                    if not others_running():
+                        break
+                    time.sleep(POLL)
+                    continue
+                done, _ = wait(running, timeout=POLL, return_when=FIRST_COMPLETED)
                 for future in done:
                     run = running.pop(future)
-                    report(run, *future.result())
+                    ended(run, future.result())
                     group = groups[run.method, run.seed]
                     scoring += [pool.submit(test_metrics, pick) for pick in _scoring(group, asked)]
             for future in scoring:
@@ -69,6 +104,38 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report) -> None:
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+
+
+def take_trials_in_workers(search: Search, jobs: int, threads: int) -> list[dict[str, float]]:
+    """--trials with --jobs N: N worker processes, each taking trials as a process of its own would; what each
+    spent on tuning and on fits."""
+    search.studies()  # made once here: a new database's tables are not made safely by several processes at once
+    context = multiprocessing.get_context("spawn")
+    devices = context.Queue()
+    for slot in range(jobs):
+        devices.put(_device_for(slot))
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                             initargs=(threads, devices)) as pool:
+        workers = [pool.submit(_take_trials, search) for _ in range(jobs)]
+        try:
+            return [worker.result() for worker in workers]
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _take_trials(search: Search) -> dict[str, float]:
+    from rich.console import Console
+
+    return take_trials(search, Console()).spent
+
+
+def _failed_since(run: Run, since: float) -> bool:
+    """Whether the run failed in this sweep's pass (here or in a process beside this one): not tried again."""
+    try:
+        return run.failure.stat().st_mtime >= since
+    except FileNotFoundError:
+        return False
 
 
 def _scoring(group: list[Run], asked: set[str]) -> list[Run]:

@@ -1,0 +1,354 @@
+"""`mbtrain sweep --trials N`: each method's own search, N trials on the first seed's training and validation rows,
+sampled by Optuna's TPE and cut short by its median pruner at each validation (a pruned or failed trial spends
+the budget like any other). Each method's best trial is then the configuration its seed runs use (recipe.py).
+
+One Optuna study per method, in a storage that several processes share: a journal file (by default SWEEP/
+study.journal; a path on a shared filesystem for several machines) or a database URL. Every process takes trials
+until each method has its N (Optuna numbers a study's trials atomically: a trial numbered N or more is surplus,
+marked so and never run), and claims.py says which process runs which trial, so that each runs once; a trial whose
+process died is taken over and resumed from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from mbtrain.balance.registry import BALANCERS, setting_fields, setting_names
+from mbtrain.config import RunConfig, peak_lr
+from mbtrain.errors import MbtrainError, first_line
+from mbtrain.space import Range, default_space
+from mbtrain.sweep.claims import Claims
+from mbtrain.sweep.grid import LEVEL, Grid
+
+if TYPE_CHECKING:
+    import optuna
+
+INSTALL = "pip install 'mbtrain[tune]'"
+JOURNAL = "study.journal"
+TRIALS = "trials"
+CLAIMS = "claims"
+SURPLUS = "surplus"
+SETTINGS = "settings"  # a trial's user attribute: the settings its fit ran with
+VALID = "valid"  # and its best main-task validation metric, as --monitor reads (the study's value is higher-better)
+GRACE = 60.0  # seconds a running trial may go unclaimed (just asked for) before it counts as abandoned
+POLL = 2.0  # seconds between looks at trials other processes are running
+LR_SPAN = (10.0, 3.0)  # the default learning-rate range: the default divided by the first, times the second
+WEIGHTS = Range(0.05, 1.0, log=True)  # the default range of each auxiliary task's weight (the main task's is 1)
+
+Space = dict[str, Range | tuple[Any, ...]]  # parameter name (a setting, or task_weights.TASK) -> range or choices
+
+
+def require_optuna() -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise MbtrainError(f"--trials and --storage need Optuna, the tune extra: {INSTALL}") from None
+
+
+def search_space(grid: Grid, method: str) -> Space:
+    """What the method's trials sample: the ranges and lists given for settings that apply to it, and, for the
+    settings given nothing, the default space (docs/sweep.md): the learning rate around its default, each auxiliary
+    task's weight (unless the method ignores task weights) and the balancer's own settings (their `tuned` ranges)."""
+    balancer = grid.balancer(method)
+    kind = BALANCERS[balancer]
+    own = {*setting_names(balancer), *([LEVEL] if len(kind.levels) > 1 else [])}
+    others = {*setting_fields(), LEVEL}  # other balancers' settings are not this method's to search
+
+    def applies(name: str) -> bool:
+        return name in own or name not in others
+
+    lists = {name: values for name, values in {**grid.lists, **grid.variants.get(method, {})}.items()
+             if name != "balance"}
+    given = {*grid.fixed, *lists, *(name.partition(".")[0] for name in grid.ranges)}
+    fixed = RunConfig().updated(grid.fixed)
+    space: Space = {}
+    if "lr" not in given:
+        default = peak_lr(fixed.train)
+        space["lr"] = Range(default / LR_SPAN[0], default * LR_SPAN[1], log=True)
+    if "task_weights" not in given and not kind.task_weights_ignored:
+        space |= {f"task_weights.{task}": WEIGHTS for task in fixed.ordered_tasks[1:]}
+    space |= {name: searched for name, searched in default_space(kind.settings_class).items() if name not in given}
+    space |= {name: tuple(values) for name, values in lists.items() if len(values) > 1 and applies(name)}
+    weights_ignored = bool(kind.task_weights_ignored)
+    space |= {name: searched for name, searched in grid.ranges.items()
+              if applies(name.partition(".")[0]) and not (name.startswith("task_weights.") and weights_ignored)}
+    return space
+
+
+def space_text(space: Space) -> str:
+    """One line: `lr 0.001:0.03:log, relax_factor 0.3:0.95, strategy both|reduce|enlarge`."""
+    return ", ".join(f"{name} {searched.text() if isinstance(searched, Range) else '|'.join(map(_label, searched))}"
+                     for name, searched in space.items())
+
+
+def sample(trial: optuna.trial.Trial, space: Space, grid: Grid) -> dict[str, Any]:
+    """The trial's settings (a trial taken over gets back the values it was first given)."""
+    values: dict[str, Any] = {}
+    for name, searched in space.items():
+        if isinstance(searched, Range) and searched.integer:
+            values[name] = trial.suggest_int(name, int(searched.low), int(searched.high), log=searched.log)
+        elif isinstance(searched, Range):
+            values[name] = trial.suggest_float(name, searched.low, searched.high, log=searched.log)
+        else:
+            labels = [_label(choice) for choice in searched]
+            values[name] = searched[labels.index(trial.suggest_categorical(name, labels))]
+    return _settings(values, grid)
+
+
+def corners(space: Space, grid: Grid) -> list[dict[str, Any]]:
+    """Settings at the ends of every range (all low, all high) and with each choice of every list: what the sweep
+    checks before it starts, so that a value a setting cannot take is one line, not N failed trials."""
+    def end(searched: Range, at: float) -> float | int:
+        return int(at) if searched.integer else at
+
+    low = {name: end(s, s.low) if isinstance(s, Range) else s[0] for name, s in space.items()}
+    high = {name: end(s, s.high) if isinstance(s, Range) else s[-1] for name, s in space.items()}
+    chosen = [{**low, name: choice} for name, s in space.items() if not isinstance(s, Range) for choice in s]
+    return [_settings(values, grid) for values in (low, high, *chosen)]
+
+
+def _settings(values: dict[str, Any], grid: Grid) -> dict[str, Any]:
+    """Parameters as run settings: task_weights.TASK values gathered into task_weights (over the fixed ones)."""
+    settings: dict[str, Any] = {}
+    for name, value in values.items():
+        setting, _, task = name.partition(".")
+        if task:
+            settings.setdefault(setting, dict(grid.fixed.get(setting, {})))[task] = value
+        else:
+            settings[setting] = value
+    return settings
+
+
+def _label(choice: Any) -> Any:
+    """A choice as Optuna stores it: itself where it is a plain value, else its JSON text (a list of widths)."""
+    return choice if choice is None or isinstance(choice, bool | int | float | str) else json.dumps(choice)
+
+
+@dataclass
+class Search:
+    """Everything a process taking trials needs (--jobs workers get a copy)."""
+
+    out: Path  # the sweep folder
+    storage: str | None  # --storage: a journal file's path or a database URL (None: SWEEP/study.journal)
+    key: str  # the sweep's digest: its studies' names, so that sweeps sharing a database never mix
+    grid: dict[str, Any]  # Grid.to_dict()
+    train: Path  # the first seed's training rows
+    valid: Path  # and its validation rows
+    seed: int  # the first seed
+    threads: int | None = None
+    spent: dict[str, float] = field(default_factory=lambda: {"tuning_s": 0.0, "fits_s": 0.0})
+
+    @classmethod
+    def of(cls, out: Path, storage: str | None, definition: dict[str, Any], grid: Grid, train: Path,
+           valid: Path) -> Search:
+        key = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:12]
+        return cls(out, storage, key, grid.to_dict(), train, valid, grid.seeds[0])
+
+    @property
+    def budget(self) -> int:
+        return int(self.grid["trials"])
+
+    def storage_object(self) -> Any:
+        """The Optuna storage: a URL (`://`) is a database, anything else a journal file."""
+        import optuna
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+        if self.storage and "://" in self.storage:
+            try:
+                return optuna.storages.RDBStorage(self.storage)
+            except Exception as exc:  # noqa: BLE001 (a bad URL or a missing driver: SQLAlchemy's errors vary)
+                raise MbtrainError(f"--storage {self.storage}: {first_line(exc)}") from None
+        path = Path(self.storage) if self.storage else self.out / JOURNAL
+        if path.is_dir():
+            raise MbtrainError(f"--storage {path}: is a folder; give a journal file's path or a database URL")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+
+    def studies(self) -> dict[str, optuna.Study]:
+        """Each method's study, made by the first process to ask (seeded TPE, median pruner)."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = self.storage_object()
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=max(3, self.budget // 4), n_warmup_steps=0)
+        return {method: optuna.create_study(storage=storage, study_name=f"mbtrain-{self.key}-{method}",
+                                            direction="maximize", pruner=pruner, load_if_exists=True,
+                                            sampler=self.sampler(0))
+                for method in self.grid["methods"]}
+
+    def sampler(self, number: int) -> Any:
+        """TPE seeded by the sweep's first seed and the trial's number: reproducible in one process, and never the
+        same draws in two (which a sampler seeded alike in each would give)."""
+        import optuna
+
+        return optuna.samplers.TPESampler(seed=self.seed * 100_003 + number)
+
+
+def take_trials(search: Search, console: Console) -> Search:
+    """Run trials, method by method in the sweep's order, until every method's budget is spent and no other
+    process is still running one of its trials; returns `search` with what the tuning and the fits took."""
+    grid = Grid(**search.grid)
+    claims = Claims(search.out / CLAIMS)
+    started = time.perf_counter()
+    studies = search.studies()
+    while True:
+        for method in grid.methods:
+            trial = _next_trial(studies[method], search, claims, method)
+            if trial is not None:
+                search.spent["tuning_s"] += _run_trial(studies[method], trial, method, grid, search, claims, console)
+                break
+        else:
+            if all(_finished(studies[method], search.budget) for method in grid.methods):
+                break
+            time.sleep(POLL)  # the trials left are other processes' to finish
+    search.spent["tuning_s"] = time.perf_counter() - started - search.spent["fits_s"]
+    return search
+
+
+def _trial_name(method: str, number: int) -> str:
+    return f"trial-{method}-{number}"
+
+
+def _next_trial(study: optuna.Study, search: Search, claims: Claims, method: str) -> optuna.trial.Trial | None:
+    """A trial of `method` for this process: one whose process died (taken over), else a new one while the
+    budget lasts; None when neither."""
+    import optuna
+
+    for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if frozen.number >= search.budget or SURPLUS in frozen.user_attrs:
+            continue
+        name = _trial_name(method, frozen.number)
+        young = frozen.datetime_start is not None and time.time() - frozen.datetime_start.timestamp() < GRACE
+        if (claims.seen(name) or not young) and claims.take(name):
+            return optuna.trial.Trial(study, frozen._trial_id)
+    if _asked(study) >= search.budget:
+        return None
+    trial = study.ask()
+    if trial.number >= search.budget:  # another process took the last one first
+        trial.set_user_attr(SURPLUS, True)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return None
+    study.sampler = search.sampler(trial.number)  # sampling happens at suggest time, after this
+    claims.take(_trial_name(method, trial.number))
+    return trial
+
+
+def _asked(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False))
+
+
+def _finished(study: optuna.Study, budget: int) -> bool:
+    """Whether each of the method's `budget` trials has ended (completed, pruned or failed)."""
+    return sum(t.number < budget and t.state.is_finished() for t in study.get_trials(deepcopy=False)) >= budget
+
+
+def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, method: str, grid: Grid, search: Search,
+               claims: Claims, console: Console) -> float:
+    """Fit the trial on the first seed's rows, reporting each validation to the pruner; tell Optuna how it
+    ended. Returns the seconds spent outside the fit."""
+    import optuna
+
+    from mbtrain.train import fit, monitor_score
+
+    before = time.perf_counter()
+    settings = sample(trial, search_space(grid, method), grid)
+    trial.set_user_attr(SETTINGS, settings)
+    folder = trial_folder(search.out, method, trial.number)
+    config = grid.config(method, settings, search.seed).updated({"valid": str(search.valid)})
+    reported = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number).intermediate_values
+    pruned: list[int] = []
+
+    def heard(entry: dict[str, Any], score: float) -> bool:
+        """Each validation's main-task score to the pruner (a resumed trial's earlier ones are there already)."""
+        if entry["step"] not in reported and math.isfinite(score):
+            trial.report(score, entry["step"])
+        if trial.should_prune():
+            pruned.append(entry["step"])
+            return True
+        return False
+
+    resume = (folder / "checkpoints" / "last.pt").is_file()
+    fitting = time.perf_counter()
+    outside = fitting - before
+    try:
+        metrics = fit(config, search.train, folder, resume=resume, overwrite=not resume,
+                      console=Console(quiet=True), on_validation=heard)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 (a trial that fails is a result of the search, not its end)
+        search.spent["fits_s"] += time.perf_counter() - fitting
+        trial.set_user_attr("error", f"{type(exc).__name__}: {first_line(exc)}")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        claims.release(_trial_name(method, trial.number))
+        console.print(f"trial {trial.number + 1}/{search.budget} of {method}: failed: {first_line(exc)}",
+                      soft_wrap=True, markup=False)
+        return outside
+    search.spent["fits_s"] += time.perf_counter() - fitting
+    told = time.perf_counter()
+    score = monitor_score(metrics["tasks"][metrics["main_task"]], metrics["monitor"])
+    if pruned:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        outcome = f"pruned at step {pruned[0]:,}"
+    else:
+        value = metrics["tasks"][metrics["main_task"]].get(metrics["monitor"])
+        trial.set_user_attr(VALID, value)
+        study.tell(trial, score if math.isfinite(score) else None,
+                   state=None if math.isfinite(score) else optuna.trial.TrialState.FAIL)
+        outcome = f"{metrics['monitor']} {value:.4f} on validation" if value is not None else "no score"
+    claims.release(_trial_name(method, trial.number))
+    console.print(f"trial {trial.number + 1}/{search.budget} of {method}: {outcome} ({settings_text(settings)})",
+                  soft_wrap=True, markup=False)
+    return outside + time.perf_counter() - told
+
+
+def trial_folder(out: Path, method: str, number: int) -> Path:
+    return out / TRIALS / method / f"{number:03d}"
+
+
+def settings_text(settings: dict[str, Any]) -> str:
+    """`lr 0.003162, task_weights.click 0.2, strategy both`: settings as the report and the trial lines show them."""
+    parts = []
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            parts += [f"{name}.{task} {_number(v)}" for task, v in value.items()]
+        else:
+            parts.append(f"{name} {_number(value)}")
+    return ", ".join(parts)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def outcome(search: Search) -> dict[str, Any]:
+    """The budget's account, per method: trials completed, pruned and failed, the best trial (its number,
+    validation metric and settings; None if none completed) and the best metric after each trial in the order
+    asked (None before the first completed one): what sweep.json and the picture's budget panel show."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    methods = {}
+    for method, study in search.studies().items():
+        trials = sorted((t for t in study.get_trials(deepcopy=False) if t.number < search.budget),
+                        key=lambda t: t.number)
+        counted = {name: sum(t.state == kind for t in trials)
+                   for name, kind in (("completed", state.COMPLETE), ("pruned", state.PRUNED),
+                                      ("failed", state.FAIL), ("running", state.RUNNING))}
+        best, curve = None, []
+        for t in trials:
+            if t.state == state.COMPLETE and (best is None or t.value > best.value):
+                best = t
+            curve.append(None if best is None else best.user_attrs.get(VALID))
+        methods[method] = {**counted, "curve": curve, "best_trial": None if best is None else best.number,
+                           "best_value": None if best is None else best.user_attrs.get(VALID),
+                           "settings": None if best is None else best.user_attrs.get(SETTINGS, {}),
+                           "space": space_text(search_space(Grid(**search.grid), method))}
+    return {"trials": search.budget, "storage": search.storage or str(search.out / JOURNAL), "methods": methods}
