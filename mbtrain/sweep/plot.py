@@ -132,7 +132,8 @@ def _budget(axes: Any, budget: dict[str, Any], metric: str, seed: int) -> None:
     trials = budget["trials"]
     for at, (method, account) in enumerate(budget["methods"].items()):
         values = [math.nan if value is None else value for value in account["curve"]]
-        axes.step(range(1, len(values) + 2), values + values[-1:], where="post", color=_METHOD_COLOURS[at % len(_METHOD_COLOURS)],
+        axes.step(range(1, len(values) + 2), values + values[-1:], where="post",
+                  color=_METHOD_COLOURS[at % len(_METHOD_COLOURS)],
                   linestyle=("-", "--", ":")[at // len(_METHOD_COLOURS) % 3], label=method)
     axes.set_xlim(0.5, trials + 0.5)
     axes.xaxis.get_major_locator().set_params(integer=True)

@@ -85,8 +85,10 @@ def search_space(grid: Grid, method: str) -> Space:
 
 def space_text(space: Space) -> str:
     """One line: `lr 0.001:0.03:log, relax_factor 0.3:0.95, strategy both|reduce|enlarge`."""
-    return ", ".join(f"{name} {searched.text() if isinstance(searched, Range) else '|'.join(map(_label, searched))}"
-                     for name, searched in space.items())
+    def shown(searched: Range | tuple[Any, ...]) -> str:
+        return searched.text() if isinstance(searched, Range) else "|".join(str(_label(c)) for c in searched)
+
+    return ", ".join(f"{name} {shown(searched)}" for name, searched in space.items())
 
 
 def sample(trial: optuna.trial.Trial, space: Space, grid: Grid) -> dict[str, Any]:
