@@ -15,6 +15,7 @@ import torch
 
 from mbtrain.balance.base import Balancer, Gather, Reduce
 from mbtrain.balance.per_task import BATCHED, LOOP
+from mbtrain.space import Range, default_space
 
 if TYPE_CHECKING:
     from mbtrain.distributed import Cluster
@@ -109,13 +110,20 @@ def build_balancer(name: str, setup: Setup, settings: Any = None) -> Balancer:
 
 def balancer_table() -> str:
     """The docs' table of balancers (docs/balancers.md), one row per registered balancer."""
-    rows = ["| `--balance` | method | `--balance-level` | settings (flag = default) |", "|---|---|---|---|"]
+    rows = ["| `--balance` | method | `--balance-level` | settings (flag = default) | `--trials` searches (default) |",
+            "|---|---|---|---|---|"]
     for name, kind in BALANCERS.items():
         flags = ", ".join(f"`--{field.name.replace('_', '-')}` = {_shown(_default(field))}"
                           for field in _fields(kind.settings_class)) or "—"
         levels = ", ".join(kind.levels) or "— (weighs the losses)"
-        rows.append(f"| `{name}` | {kind.method} | {levels} | {flags} |")
+        searched = ", ".join(f"`{setting.replace('_', '-')} {_space_text(space)}`"
+                             for setting, space in default_space(kind.settings_class).items()) or "—"
+        rows.append(f"| `{name}` | {kind.method} | {levels} | {flags} | {searched} |")
     return "\n".join(rows) + "\n"
+
+
+def _space_text(space: Range | tuple[Any, ...]) -> str:
+    return space.text() if isinstance(space, Range) else "|".join(map(str, space))
 
 
 def _fields(settings_class: type) -> tuple[dataclasses.Field, ...]:

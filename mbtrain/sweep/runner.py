@@ -24,7 +24,7 @@ from mbtrain.sweep.protocol import Run
 from mbtrain.sweep.report import chosen, test_metrics
 from mbtrain.sweep.tune import Search, take_trials
 
-POLL = 2.0  # seconds between looks at runs other processes hold
+POLL = 0.5  # seconds between looks at runs other processes hold
 Report = Callable[[Run, str | None, float], None]  # after each run: the run, its failure (None: finished), seconds
 
 

@@ -39,7 +39,7 @@ SURPLUS = "surplus"
 SETTINGS = "settings"  # a trial's user attribute: the settings its fit ran with
 VALID = "valid"  # and its best main-task validation metric, as --monitor reads (the study's value is higher-better)
 GRACE = 60.0  # seconds a running trial may go unclaimed (just asked for) before it counts as abandoned
-POLL = 2.0  # seconds between looks at trials other processes are running
+POLL = 0.5  # seconds between looks at trials other processes are running
 LR_SPAN = (10.0, 3.0)  # the default learning-rate range: the default divided by the first, times the second
 WEIGHTS = Range(0.05, 1.0, log=True)  # the default range of each auxiliary task's weight (the main task's is 1)
 
