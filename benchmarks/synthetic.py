@@ -112,3 +112,71 @@ def feed_log(rows: int, users: int = 2_000, items: int = 500, seed: int = 0) -> 
         "like": like.astype(np.int8),
         "watch": np.round(watch, 2),
     }).with_columns(pl.when(pl.col("click") == 1).then(pl.col("like")).otherwise(None).alias("like"))
+
+
+def funnel_log(rows: int, seed: int = 0) -> pl.DataFrame:
+    """An ad impression log with a click → cart → purchase funnel (purchase ⊂ cart ⊂ click; ~14 % click, ~4.5 %
+    cart, ~2 % purchase) whose labels hang on additive per-id propensities, not a user·item dot product.
+
+    3,000 users and 1,000 items (a heavy head over a long tail), 30 categories, device, hour, ad slot, price and
+    the user's activity. Each stage's logit adds effects it shares with the others: the user's taste (in part
+    told by `user_activity`), the item's quality and its category; and drivers of its own: click the ad slot
+    (position bias), the hour and an item's catchiness (`bait`, which lowers cart); cart a category effect of
+    its own; purchase the price (strongest there), the device (web buys more) and the evening; plus a
+    per-row, per-stage noise the log does not record."""
+    rng = np.random.default_rng(seed)
+    users, items, categories = 3_000, 1_000, 30
+
+    def sigmoid(x: np.ndarray) -> np.ndarray:
+        return 1 / (1 + np.exp(-x))
+
+    # who and what: a heavy head of busy users and popular items over a long tail (ids shuffled off rank order)
+    user_p = 1 / (np.arange(users) + 10.0) ** 0.9
+    item_p = 1 / (np.arange(items) + 5.0) ** 0.8
+    user = rng.permutation(users)[rng.choice(users, rows, p=user_p / user_p.sum())]
+    item = rng.permutation(items)[rng.choice(items, rows, p=item_p / item_p.sum())]
+    # per user: activity (a feature) partly tells a hidden taste that every stage shares, each with a twist
+    log_activity = rng.normal(0, 1, users)
+    taste = 0.25 * log_activity + rng.normal(0, 0.6, users)
+    taste_click = taste + rng.normal(0, 0.3, users)
+    taste_buy = taste + rng.normal(0, 0.4, users)
+    home_device = rng.choice(3, users, p=[0.45, 0.4, 0.15])  # ios, android, web
+    # per item: a category, a quality every stage shares, a catchiness, a price about its category's level
+    category = rng.integers(0, categories, items)
+    cat_effect = rng.normal(0, 0.3, categories)
+    cat_cart = cat_effect + rng.normal(0, 0.3, categories)
+    cat_price = rng.normal(3.5, 0.7, categories)
+    quality = rng.normal(0, 0.5, items)
+    bait = rng.normal(0, 0.7, items)  # a catchy image: clicks that convert worse
+    item_log_price = cat_price[category] + rng.normal(0, 0.5, items)
+    # each impression's context: mostly the user's own device, a daily rhythm, the ad's slot, today's price
+    device = np.where(rng.random(rows) < 0.8, home_device[user], rng.integers(0, 3, rows))
+    hour_p = 1 + 0.7 * np.sin((np.arange(24) - 9) / 24 * 2 * np.pi)
+    hour = rng.choice(24, rows, p=hour_p / hour_p.sum())
+    slot = rng.integers(1, 7, rows)
+    log_price = item_log_price[item] + rng.normal(0, 0.1, rows)
+    lp = log_price - 3.5
+    u, i, c = user, item, category[item]
+    evening = ((hour >= 19) & (hour <= 23)).astype(float)
+    click_logit = (-1.8 + taste_click[u] + quality[i] + bait[i] + cat_effect[c] - 0.3 * (slot - 1)
+                   + np.array([0.2, 0.0, -0.3])[device] + 0.2 * evening - 0.05 * lp)
+    cart_logit = -1.2 + 0.7 * taste[u] + 0.7 * quality[i] + cat_cart[c] - 0.3 * bait[i] - 0.2 * lp
+    buy_logit = (-1.0 + 0.7 * taste_buy[u] + 0.4 * quality[i] - 0.4 * lp + np.array([0.2, -0.2, 0.4])[device]
+                 + 0.3 * evening)
+    noise = rng.normal(0, 1, (3, rows)) * np.array([[0.7], [0.8], [1.0]])  # what the log does not record
+    click = rng.random(rows) < sigmoid(click_logit + noise[0])
+    cart = click & (rng.random(rows) < sigmoid(cart_logit + noise[1]))  # a stage only after the one before
+    purchase = cart & (rng.random(rows) < sigmoid(buy_logit + noise[2]))
+    return pl.DataFrame({
+        "user_id": user,
+        "item_id": item,
+        "category": np.array([f"cat{k}" for k in range(categories)])[c],
+        "device": np.array(["ios", "android", "web"])[device],
+        "hour": hour.astype(np.int8),
+        "slot": slot.astype(np.int8),
+        "price": np.round(np.exp(log_price), 2),
+        "user_activity": np.round(np.exp(log_activity), 3)[u],
+        "click": click.astype(np.int8),
+        "cart": cart.astype(np.int8),
+        "purchase": purchase.astype(np.int8),
+    })
