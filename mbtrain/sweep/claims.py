@@ -38,7 +38,7 @@ class Claims:
         if path in self.held:
             return True
         self.folder.mkdir(parents=True, exist_ok=True)
-        with self._folder_locked():
+        with locked(self.folder / ".lock"):
             if path.exists() and not self._abandoned(path):
                 return False
             path.unlink(missing_ok=True)
@@ -74,15 +74,6 @@ class Claims:
             return not _alive(int(owner.get("pid", 0)))
         return time.time() - touched > STALE
 
-    @contextmanager
-    def _folder_locked(self) -> Iterator[None]:
-        with open(self.folder / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
     def _beat(self) -> None:
         """Start the heartbeat thread once (a daemon: it dies with the process, which is the point)."""
         if self._beating is None:
@@ -99,6 +90,18 @@ class Claims:
                     os.utime(path)
                 except OSError:
                     pass  # released meanwhile
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file at `path` (made if missing) for the block: between processes, on one host or,
+    through the filesystem's locks, several."""
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _alive(pid: int) -> bool:

@@ -15,7 +15,7 @@ from rich.console import Console
 from mbtrain.checkpoint import write_json
 from mbtrain.errors import MbtrainError
 from mbtrain.sweep import plot, tune
-from mbtrain.sweep.claims import Claims
+from mbtrain.sweep.claims import Claims, locked
 from mbtrain.sweep.grid import Grid, read_grid
 from mbtrain.sweep.protocol import (
     DEFINITION,
@@ -31,6 +31,7 @@ from mbtrain.sweep.protocol import (
 from mbtrain.sweep.report import read_summary, report, summarize, write_summary
 from mbtrain.sweep.runner import execute, plan, take_trials_in_workers, threads_per_job
 
+LOCK = ".lock"  # held while a process settles the folder's definition and splits
 BUDGET = "budget.json"  # --trials: each method's account of its search (tune.outcome), written once it has ended
 CLAIMS = "claims"
 
@@ -198,15 +199,28 @@ def _prepare(out: Path, data: Path, grid: Grid, holdout: Holdout, baseline: str,
             tune.corners(tune.search_space(grid, method), grid)
         for configuration in configurations:
             grid.config(method, configuration, grid.seeds[0]).validate()
+    if out.exists() and not out.is_dir():
+        raise MbtrainError(f"--out {out}: is a file, not a sweep folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out / LOCK):  # processes started together on one --out: the first writes, the others then read
+        return _settle(out, data, grid, holdout, baseline, overwrite, wanted)
+
+
+def _settle(out: Path, data: Path, grid: Grid, holdout: Holdout, baseline: str, overwrite: bool,
+            wanted: dict[str, Any]) -> tuple[dict[int, Split], dict[str, Any]]:
+    """The folder's definition and splits: written, or found to be this sweep's (a split is written once)."""
+    saved = read_definition(out)
     differing = [] if saved is None else _differing({k: v for k, v in saved.items() if k != "baseline"}, wanted)
-    if out.exists() and any(out.iterdir()) and (saved is None or differing):
+    fresh = not any(path.name != LOCK for path in out.iterdir())
+    if not fresh and (saved is None or differing):
         if not overwrite:
             what = f"another sweep (its {', '.join(differing)} differ)" if saved is not None else \
                 "files that are not a sweep"
             raise MbtrainError(f"--out {out} holds {what}: pass --overwrite to replace it, or another --out")
-        shutil.rmtree(out)
-    fresh = not out.exists() or not any(out.iterdir())
-    out.mkdir(parents=True, exist_ok=True)
+        for path in out.iterdir():
+            if path.name != LOCK:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        fresh = True
     try:
         splits = write_splits(out, data, grid, holdout)
     except BaseException:
