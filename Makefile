@@ -50,7 +50,7 @@ bench-defaults: install
 	POLARS_MAX_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/defaults_sweep.py
 
 bench-balancers: install
-	$(BIN)/python benchmarks/balancers.py --out bench-balancers
+	$(BIN)/python benchmarks/balancers.py --trials 8 --out bench-balancers
 
 bench-architectures: install
 	$(BIN)/python benchmarks/architectures.py --out bench-architectures

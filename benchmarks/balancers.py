@@ -1,6 +1,11 @@
 """Does each loss balancer beat the plain sum of the task losses, and at what cost? `mbtrain sweep`, on each data
 set below; this script only writes the data and the grid, and prints the sweep's report.
 
+Equal budgets (`--trials N`, what `make bench-balancers` runs): every method (`--methods`, default every registered
+balancer) tuned by Optuna on N trials of its default space (the learning rate, each auxiliary task's weight, its
+own settings; docs/sweep.md) on the first seed's validation rows, then its best trial on every seed, against
+`none`, which with its weights tuned is the tuned plain sum. Without `--trials`, the grid below.
+
 The grid: every registered balancer at its defaults, and each gradient balancer that works at both levels once
 more at `--balance-level representation` (`NAME-representation`; MetaBalance's is `multibalance`); the plain sum
 as it is (`none`); and the plain sum with tuned task weights (`tuned-sum`, the baseline: every auxiliary task's
@@ -16,11 +21,12 @@ says so (unequal budgets favour it, the baseline here).
 
 Data sets:
 - adult: Adult (../shared/data/adult/adult.parquet, 48,842 rows): income_50k (main), never_married.
-- generated funnel: benchmarks/synthetic.py (--rows rows): purchase (rare, main), cart, click.
+- generated funnel: benchmarks/synthetic.py's funnel_log (--rows rows): purchase (rare, main), cart, click.
 
 Run it alone on the machine (2 fits at a time, 1 thread each, by default):
-    .venv/bin/python benchmarks/balancers.py --out bench-balancers        # make bench-balancers
-    .venv/bin/python benchmarks/balancers.py --quick                      # 2 seeds, 2 epochs, 10k rows
+    .venv/bin/python benchmarks/balancers.py --trials 8 --out bench-balancers   # make bench-balancers
+    .venv/bin/python benchmarks/balancers.py --out bench-balancers-grid        # the grid
+    .venv/bin/python benchmarks/balancers.py --quick --trials 3               # 2 seeds, 2 epochs, 10k rows
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for synthetic.py as a script
 
-from synthetic import impressions  # noqa: E402
+from synthetic import funnel_log, impressions  # noqa: E402
 
 from mbtrain.balance import BALANCERS  # noqa: E402
 from mbtrain.balance.per_task import PARAMETERS, REPRESENTATION  # noqa: E402
@@ -60,11 +66,11 @@ def grid(tasks: list[str], seeds: int, quick: bool) -> str:
 
 def sweep_each(datasets: list[str], grid_of: Callable[[str, int, bool], str], baseline: str,
                args: argparse.Namespace, generators: dict[str, Callable[[int], pl.DataFrame]] | None = None,
-               reads: dict[str, str] | None = None) -> None:
+               reads: dict[str, str] | None = None, flags: tuple[str, ...] = ()) -> None:
     """Per data set: the data (Adult, or generated once under --out: by `generators[dataset](rows)`, by default
-    the generated funnel), its grid (`grid_of(dataset, seeds, quick)`), and `mbtrain sweep` on them against
-    `baseline`, which prints the report. `reads` maps a data set that is a variant of another (other settings on
-    the same rows) to the one whose data it reads."""
+    the generated funnel of synthetic.impressions), its grid (`grid_of(dataset, seeds, quick)`), and `mbtrain
+    sweep` on them against `baseline` (with `flags`), which prints the report. `reads` maps a data set that is a
+    variant of another (other settings on the same rows) to the one whose data it reads."""
     seeds, rows = (2, 10_000) if args.quick else (args.seeds, args.rows)
     with tempfile.TemporaryDirectory() as scratch:
         root = args.out or Path(scratch)
@@ -81,7 +87,7 @@ def sweep_each(datasets: list[str], grid_of: Callable[[str, int, bool], str], ba
             config.write_text(grid_of(dataset, seeds, args.quick))
             print(f"\n== {dataset}: {data}", flush=True)
             subprocess.run([sys.executable, "-m", "mbtrain", "sweep", str(data), "--config", str(config),
-                            "--baseline", baseline, "--jobs", str(args.jobs), "--out", str(root / name)],
+                            "--baseline", baseline, "--jobs", str(args.jobs), "--out", str(root / name), *flags],
                            check=True)
 
 
@@ -97,11 +103,28 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def equal_budgets(tasks: list[str], methods: list[str], seeds: int, quick: bool) -> str:
+    """The sweep's --config under --trials: the methods and seeds; each method's space is its default one."""
+    names = ", ".join(f'"{name}"' for name in methods)
+    return (f'tasks = "{",".join(tasks)}"\nbalance = [{names}]\nseed = {list(range(seeds))}\n'
+            + ("epochs = 2\n" if quick else ""))
+
+
 def main() -> None:
     parser = common_arguments(__doc__)
     parser.add_argument("--datasets", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--trials", type=int, help="equal budgets: each method tuned on N Optuna trials")
+    parser.add_argument("--methods", nargs="+", choices=list(BALANCERS), default=list(BALANCERS),
+                        help="the methods compared under --trials (none first: the baseline)")
     args = parser.parse_args()
-    sweep_each(args.datasets, lambda dataset, seeds, quick: grid(TASKS[dataset], seeds, quick), "tuned-sum", args)
+    generators = {"generated funnel": funnel_log}
+    if args.trials is None:
+        sweep_each(args.datasets, lambda dataset, seeds, quick: grid(TASKS[dataset], seeds, quick), "tuned-sum",
+                   args, generators)
+        return
+    methods = ["none", *(name for name in args.methods if name != "none")]
+    sweep_each(args.datasets, lambda dataset, seeds, quick: equal_budgets(TASKS[dataset], methods, seeds, quick),
+               "none", args, generators, flags=("--trials", str(args.trials)))
 
 
 if __name__ == "__main__":

@@ -165,6 +165,9 @@ def finish(out: Path, runs: list[Run], grid: Grid, baseline: str, console: Conso
     summary = summarize(runs, grid.methods, grid.seeds, baseline, Holdout.from_dict(read_definition(out)))
     if budget is not None:
         summary["budget"] = budget
+        summary["selection"] = (f"per method, its best trial on seed {grid.seeds[0]}'s validation rows "
+                                f"({budget['trials']} trials each), run on every seed; test rows scored once, for "
+                                "those runs only")
     summary["timing"] = {**(timing or {}), "select_and_score_s": time.perf_counter() - started}
     write_summary(summary, out)
     console.print(report(summary), soft_wrap=True)
