@@ -4,7 +4,6 @@ account, several processes sharing one sweep, an interrupted search, the pruner'
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -80,6 +79,8 @@ def test_each_method_searches_its_own_settings_and_the_ranges_given(tuned: tuple
     assert set(none) == {"lr", "task_weights"} and set(none["task_weights"]) == {"click"}
     assert set(meta) == {"lr", "task_weights", "relax_factor", "beta", "strategy"}
     assert 0.5 <= meta["relax_factor"] <= 0.9
+    first = dict(re.findall(r"^trial 1/3 of (\S+): .*\((lr [^,]+, task_weights.click [^,)]+)", output, re.M))
+    assert first["none"] == first["metabalance"]  # trial k of every method draws the settings they share alike
     assert "metabalance searches lr 6.25e-05:0.001875:log, task_weights.click 0.05:1:log, beta 0.5:0.99, strategy " \
         "both|reduce|enlarge, relax_factor 0.5:0.9" in output
     report = run_cli("sweep", "--report", str(out))
@@ -148,16 +149,21 @@ def test_an_interrupted_search_keeps_every_finished_trial(data: Path, tmp_path: 
 
 
 def test_a_claim_is_one_live_process_s_and_a_dead_one_s_is_taken_over(tmp_path: Path) -> None:
-    mine, theirs = Claims(tmp_path), Claims(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mbtrain.sweep.claims import Claims; "
+         f"Claims(Path({str(tmp_path)!r})).take('run-b'); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    mine = Claims(tmp_path)
     assert mine.take("run-a") and mine.take("run-a")
-    theirs.me = {**theirs.me, "pid": os.getppid()}  # another live process on this host
-    assert theirs.take("run-b")
-    assert not mine.take("run-b") and mine.busy("run-b")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / "run-c.claim").write_text(json.dumps({**mine.me, "pid": int(dead.stdout)}))
-    assert not mine.busy("run-c") and mine.take("run-c")
+    assert not mine.take("run-b") and mine.busy("run-b")  # a live process's
+    holder.kill()
+    holder.wait()
+    assert not mine.busy("run-b") and mine.take("run-b")  # its process is gone: taken over
+    (tmp_path / "run-c.claim").write_text(json.dumps({**mine.me, "token": "a dead process's that had this pid"}))
+    assert mine.take("run-c")  # this process's number, yet not its claim: a container restarted with the same pid
     mine.release("run-a")
-    assert not (tmp_path / "run-a.claim").exists()
+    assert not (tmp_path / "run-a.claim").exists() and (tmp_path / "run-b.claim").exists()
 
 
 def test_fit_stops_where_on_validation_says(tmp_path: Path) -> None:
@@ -187,6 +193,10 @@ def test_fit_stops_where_on_validation_says(tmp_path: Path) -> None:
     (["--storage", "x.journal"], "--storage holds the studies of --trials: give --trials N too"),
     (["--trials", "3", "--plan"], "--plan writes a grid's runs"),
     (["--trials", "3", "--relax-factor", "0.5:1.5"], "--relax-factor must be in [0, 1)"),
+    (["--trials", "3", "--seed", "0:4"], "--seed takes the sweep's seeds, not a range"),
+    (["--trials", "3", "--valid-fraction", "0.1:0.3"], "--valid-fraction takes one value in a sweep"),
+    (["--trials", "3", "--storage", "/dev/null/studies.journal"], "--storage /dev/null/studies.journal:"),
+    (["--trials", "3", "--storage", "postgresql://nobody@nowhere/db"], "--storage postgresql://nobody@nowhere/db:"),
 ])
 def test_bad_input_is_one_line(arguments: list[str], message: str, data: Path, tmp_path: Path) -> None:
     result = run_cli("sweep", str(data), "--tasks", "purchase,click", "--balance", "none,metabalance", *arguments,
@@ -194,6 +204,14 @@ def test_bad_input_is_one_line(arguments: list[str], message: str, data: Path, t
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_a_range_in_a_methods_own_table_is_one_line(data: Path, tmp_path: Path) -> None:
+    config = tmp_path / "grid.toml"
+    config.write_text('tasks = "purchase,click"\n[method.tuned]\nbalance = "none"\nlr = "0.001:0.01:log"\n')
+    result = run_cli("sweep", str(data), "--config", str(config), "--trials", "2", "--out", str(tmp_path / "s"))
+    assert result.exit_code == 2 and "method.tuned: lr is a range" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
 
 
 def test_without_optuna_trials_is_one_line_naming_the_extra(data: Path, tmp_path: Path,

@@ -1,9 +1,10 @@
 """Which process does what, for several `mbtrain sweep` processes sharing one sweep folder (on one machine, or on
-many through a shared filesystem): a claim file per trial or run, made exclusively, naming its host and process,
-and touched by a heartbeat thread while that process lives. A claim whose process is gone (on this host: no such
-process; elsewhere: no heartbeat for STALE seconds) may be taken over, so that an interrupted sweep, run again,
-picks up what the dead process held. Taking one over happens under a lock on the folder, so that two processes
-never both take the same one.
+many through a shared filesystem): a claim file per trial or run, made exclusively with its whole content (a token
+of its own, the host, the process and when that process started), and touched by a heartbeat thread while the
+process lives. A claim is abandoned when its heartbeat has stopped for STALE seconds, or at once when its process
+is gone from this host (no such process, or another one that reuses the number); an abandoned claim may be taken
+over, so that an interrupted sweep, run again, picks up what the dead process held. Taking one over happens under a
+lock on the folder, so that two processes never both take the same one.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 HEARTBEAT = 30.0  # seconds between touches of the claims a process holds
-STALE = 300.0  # a claim from another host without a touch for this long is its dead process's
+STALE = 300.0  # a claim without a touch for this long is a dead (or hung) process's
 
 
 class Claims:
@@ -27,33 +30,39 @@ class Claims:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.held: set[Path] = set()
-        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.held: dict[Path, str] = {}  # claim file -> its token
+        pid = os.getpid()
+        self.me = {"host": socket.gethostname(), "pid": pid, "started": _started(pid)}
         self._beating: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def take(self, name: str) -> bool:
-        """Claim `name` for this process: True if it is now ours (free, ours already, or its process gone)."""
+        """Claim `name` for this process: True if it is now ours (free, ours already, or abandoned)."""
         path = self.folder / f"{name}.claim"
         if path in self.held:
             return True
         self.folder.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex
         with locked(self.folder / ".lock"):
             if path.exists() and not self._abandoned(path):
                 return False
             path.unlink(missing_ok=True)
-            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w") as file:
-                json.dump(self.me, file)
+            written = path.with_name(f".{path.name}.{token}")
+            written.write_text(json.dumps({**self.me, "token": token}))
+            os.link(written, path)  # the claim appears whole or not at all
+            written.unlink()
         with self._lock:
-            self.held.add(path)
+            self.held[path] = token
         self._beat()
         return True
 
     def release(self, name: str) -> None:
+        """Give `name` back (its file is removed only while it is still this process's claim)."""
         path = self.folder / f"{name}.claim"
         with self._lock:
-            self.held.discard(path)
-        path.unlink(missing_ok=True)
+            token = self.held.pop(path, None)
+        if token is not None and _owner(path).get("token") == token:
+            path.unlink(missing_ok=True)
 
     def busy(self, name: str) -> bool:
         """Whether another live process holds `name`."""
@@ -64,15 +73,25 @@ class Claims:
         """Whether `name` was ever claimed (its claim file exists, live or not)."""
         return (self.folder / f"{name}.claim").exists()
 
+    def holder(self, name: str) -> str:
+        """`host:pid` of the process that holds `name` (for a line saying what a process waits for)."""
+        owner = _owner(self.folder / f"{name}.claim")
+        return f"{owner.get('host', '?')}:{owner.get('pid', '?')}"
+
     def _abandoned(self, path: Path) -> bool:
+        owner = _owner(path)
         try:
-            owner = json.loads(path.read_text())
             touched = path.stat().st_mtime
-        except (OSError, ValueError):  # gone meanwhile, or half written by a process killed at once
+        except OSError:
+            return True  # gone meanwhile
+        if not owner or time.time() - touched > STALE:
             return True
-        if owner.get("host") == self.me["host"]:
-            return not _alive(int(owner.get("pid", 0)))
-        return time.time() - touched > STALE
+        if owner.get("host") != self.me["host"]:
+            return False
+        pid = int(owner.get("pid", 0))
+        if pid == self.me["pid"]:  # this process's number, yet not a claim it holds: a dead process's that had it
+            return True
+        return not _alive(pid) or owner.get("started") != _started(pid)  # gone, or its number reused
 
     def _beat(self) -> None:
         """Start the heartbeat thread once (a daemon: it dies with the process, which is the point)."""
@@ -84,12 +103,13 @@ class Claims:
         while True:
             time.sleep(HEARTBEAT)
             with self._lock:
-                held = list(self.held)
-            for path in held:
-                try:
-                    os.utime(path)
-                except OSError:
-                    pass  # released meanwhile
+                held = dict(self.held)
+            for path, token in held.items():
+                if _owner(path).get("token") == token:  # never freshen a claim another process has taken over
+                    try:
+                        os.utime(path)
+                    except OSError:
+                        pass  # released meanwhile
 
 
 @contextmanager
@@ -104,6 +124,14 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _owner(path: Path) -> dict[str, Any]:
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
 def _alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -114,3 +142,13 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def _started(pid: int) -> str | None:
+    """When the process started, in clock ticks since boot (Linux's /proc/PID/stat field 22; None elsewhere): with
+    the number, what tells a process from a later one that reuses its number."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]

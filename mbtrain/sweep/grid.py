@@ -102,6 +102,11 @@ def read_grid(arguments: list[str], config_file: Path | None, seeds: int | None,
     if trials is not None and trials < 1:
         raise MbtrainError(f"--trials must be at least 1: got {trials}")
     alternatives = {name: _without_ranges(name, values, ranges) for name, values in alternatives.items()}
+    for name in ranges:
+        if name == "seed":
+            raise MbtrainError("--seed takes the sweep's seeds, not a range: --seeds N, or --seed 0,1,2")
+        if name in FIXED | {"balance"}:
+            raise MbtrainError(f"--{_flag(name)} takes one value in a sweep (every run shares it): it is not searched")
     if ranges and trials is None:
         name, searched = next(iter(ranges.items()))
         raise MbtrainError(f"--{_flag(name.partition('.')[0])} {searched.text()} is a range, which --trials N "
@@ -165,6 +170,12 @@ def _variants(where: str, tables: dict[str, Any]) -> dict[str, dict[str, list[An
             raise MbtrainError(f"{where}: method.{method} should be a table of settings")
         settings = {key.replace("-", "_"): _toml_alternatives(f"{where}: method.{method}", key, value)
                     for key, value in table.items()}
+        ranged = [name for name, values in settings.items()
+                  if any(isinstance(v, Range) or isinstance(v, dict) and any(isinstance(w, Range) for w in v.values())
+                         for v in values)]
+        if ranged:
+            raise MbtrainError(f"{where}: method.{method}: {ranged[0]} is a range; a method's own table takes values: "
+                               "give the range at the top level, where it applies to the methods it belongs to")
         fixed = [name for name, values in settings.items() if len(values) > 1 and name in FIXED | {"balance"}]
         if fixed:
             raise MbtrainError(f"{where}: method.{method}: {fixed[0]} takes one value in a sweep")

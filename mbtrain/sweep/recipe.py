@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from mbtrain.checkpoint import write_json
+from mbtrain.checkpoint import write_json, write_text
 from mbtrain.errors import MbtrainError
 from mbtrain.sweep import plot, tune
 from mbtrain.sweep.claims import Claims, locked
@@ -32,6 +33,7 @@ from mbtrain.sweep.report import read_summary, report, summarize, write_summary
 from mbtrain.sweep.runner import execute, plan, take_trials_in_workers, threads_per_job
 
 LOCK = ".lock"  # held while a process settles the folder's definition and splits
+SWEEP_ID = "sweep_id"  # a random id made with the folder: its studies' names in a storage other sweeps may share
 BUDGET = "budget.json"  # --trials: each method's account of its search (tune.outcome), written once it has ended
 CLAIMS = "claims"
 
@@ -48,18 +50,20 @@ def sweep(data: Path, arguments: list[str], config_file: Path | None, seeds: int
         if plan_only:
             raise MbtrainError("--plan writes a grid's runs for a scheduler; a --trials sweep shares its work through "
                                "--storage instead: start the same command, with --storage, on each machine")
+        if storage is not None:  # a storage that cannot open is one line before the sweep folder is written
+            tune.open_storage(storage, out)
     baseline = _baseline(grid, baseline)
     holdout.check(grid.fixed.get("valid"))
     if jobs < 1:
         raise MbtrainError(f"--jobs must be at least 1: got {jobs}")
     started = time.perf_counter()
-    splits, wanted = _prepare(out, data, grid, holdout, baseline, overwrite)
+    splits = _prepare(out, data, grid, holdout, baseline, overwrite)
     timing: dict[str, Any] = {"prepare_s": time.perf_counter() - started, "run_s": {}}
     threads = threads_per_job(jobs, grid.fixed.get("threads"))
     claims = Claims(out / CLAIMS)
     budget = None
     if grid.trials is not None:
-        runs, budget = _search(out, data, grid, splits, storage, wanted, jobs, threads, claims, console, timing)
+        runs, budget = _search(out, data, grid, splits, storage, jobs, threads, claims, console, timing)
     else:
         runs = plan_runs(out, grid, splits)
         write_configs(runs)
@@ -82,7 +86,7 @@ def sweep(data: Path, arguments: list[str], config_file: Path | None, seeds: int
 
     running = time.perf_counter()
     try:
-        execute(runs, jobs, threads, heard, claims)
+        execute(runs, jobs, threads, heard, claims, lambda line: console.print(line, highlight=False))
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted; finished runs are kept in {out}: run the same command again to finish "
                                 "the rest") from None
@@ -90,13 +94,13 @@ def sweep(data: Path, arguments: list[str], config_file: Path | None, seeds: int
     finish(out, runs, grid, baseline, console, {**timing, "jobs": jobs, "threads_per_job": threads}, budget)
 
 
-def _search(out: Path, data: Path, grid: Grid, splits: dict[int, Split], storage: str | None,
-            definition: dict[str, Any], jobs: int, threads: int, claims: Claims, console: Console,
+def _search(out: Path, data: Path, grid: Grid, splits: dict[int, Split], storage: str | None, jobs: int,
+            threads: int, claims: Claims, console: Console,
             timing: dict[str, Any]) -> tuple[list[Run], dict[str, Any]]:
     """--trials: every method's search on the first seed's rows (with the processes sharing the sweep), then its
     seed runs with the best trial's settings; the first seed's is the best trial itself, copied."""
     first = splits[grid.seeds[0]]
-    search = tune.Search.of(out, storage, definition, grid, first.train, first.valid)
+    search = tune.Search.of(out, storage, (out / SWEEP_ID).read_text().strip(), grid, first.train, first.valid)
     console.print(f"[bold]mbtrain sweep[/] {data}: {len(grid.methods)} methods, {grid.trials} trials each on seed "
                   f"{grid.seeds[0]}'s training and validation rows, then each method's best on seeds "
                   f"{', '.join(map(str, grid.seeds))}; {jobs} at a time, {threads} threads each; studies in "
@@ -131,6 +135,9 @@ def _chosen(budget: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _copy_trial(trial: Path, run: Run, claims: Claims) -> None:
     """The best trial is the first seed's run already (the same settings, rows and seed): copied, not fitted."""
     if run.status() != "pending" or not (trial / "metrics.json").is_file() or not claims.take(run.name):
+        return
+    if run.status() != "pending":  # another process copied it between the look and the claim
+        claims.release(run.name)
         return
     staged = run.folder.with_name(f".{run.folder.name}.copy")
     for leftover in (staged, run.folder):
@@ -189,9 +196,9 @@ def _baseline(grid: Grid, baseline: str | None) -> str:
 
 
 def _prepare(out: Path, data: Path, grid: Grid, holdout: Holdout, baseline: str, overwrite: bool
-             ) -> tuple[dict[int, Split], dict[str, Any]]:
-    """The sweep folder for this grid: a new one, or the same sweep's to continue; each seed's split; and the
-    sweep's definition. Every run's settings (with --trials, the ends of each range) are checked before anything is
+             ) -> dict[int, Split]:
+    """The sweep folder for this grid: a new one, or the same sweep's to continue; each seed's split. Every run's
+    settings (with --trials, the ends of each range) are checked before anything is
     written."""
     saved = read_definition(out)
     if saved is not None and not grid.seeds_given:  # a sweep begun with other default seeds goes on with its own
@@ -210,7 +217,7 @@ def _prepare(out: Path, data: Path, grid: Grid, holdout: Holdout, baseline: str,
 
 
 def _settle(out: Path, data: Path, grid: Grid, holdout: Holdout, baseline: str, overwrite: bool,
-            wanted: dict[str, Any]) -> tuple[dict[int, Split], dict[str, Any]]:
+            wanted: dict[str, Any]) -> dict[int, Split]:
     """The folder's definition and splits: written, or found to be this sweep's (a split is written once)."""
     saved = read_definition(out)
     differing = [] if saved is None else _differing({k: v for k, v in saved.items() if k != "baseline"}, wanted)
@@ -231,7 +238,9 @@ def _settle(out: Path, data: Path, grid: Grid, holdout: Holdout, baseline: str, 
             shutil.rmtree(out, ignore_errors=True)
         raise
     write_json({**wanted, "baseline": baseline}, out / DEFINITION)
-    return splits, wanted
+    if not (out / SWEEP_ID).is_file():
+        write_text(out / SWEEP_ID, uuid.uuid4().hex[:16] + "\n")
+    return splits
 
 
 def _differing(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

@@ -33,10 +33,11 @@ def threads_per_job(jobs: int, threads: int | None) -> int:
     return threads or max(1, (os.cpu_count() or 1) // jobs)
 
 
-def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Claims | None = None) -> None:
+def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Claims | None = None,
+            say: Callable[[str], None] = print) -> None:
     """Run every run not finished yet; `report` hears of each as it ends. With `claims` (what the processes sharing
-    the sweep folder hold), a run another live process holds is left to it and waited for; one whose process died
-    is taken over."""
+    the sweep folder hold), a run another live process holds is left to it and waited for (`say` tells of it
+    once); one whose process died is taken over."""
     since = time.time()
     attempted: set[str] = set()
 
@@ -46,6 +47,9 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Cl
             if run.name in attempted or run.status() == "finished" or _failed_since(run, since):
                 continue
             if claims is not None and not claims.take(run.name):
+                continue
+            if run.status() == "finished":  # it finished between the look and the claim
+                claims.release(run.name)
                 continue
             attempted.add(run.name)
             run.failure.unlink(missing_ok=True)
@@ -59,8 +63,15 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Cl
             claims.release(run.name)
         report(run, *outcome)
 
+    said: list[bool] = []
+
     def others_running() -> bool:
-        return claims is not None and any(claims.busy(run.name) for run in runs if run.status() != "finished")
+        held = [run.name for run in runs if claims is not None and run.status() != "finished" and claims.busy(run.name)]
+        if held and not said:
+            holders = sorted({claims.holder(name) for name in held})
+            say(f"waiting for {len(held)} run(s) other processes hold ({', '.join(holders)})")
+            said.append(True)
+        return bool(held)
 
     groups: dict[tuple[str, int], list[Run]] = {}
     for run in runs:

@@ -11,9 +11,9 @@ process died is taken over and resumed from its checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +80,11 @@ def search_space(grid: Grid, method: str) -> Space:
     weights_ignored = bool(kind.task_weights_ignored)
     space |= {name: searched for name, searched in grid.ranges.items()
               if applies(name.partition(".")[0]) and not (name.startswith("task_weights.") and weights_ignored)}
-    return space
+    # the settings methods share first, in one order, the method's own last: trial k of every method then draws
+    # the shared ones alike (TPE's random start-up draws are taken in the order suggested)
+    order = sorted(space, key=lambda name: (name.partition(".")[0] in own, name != "lr",
+                                            not name.startswith("task_weights.")))
+    return {name: space[name] for name in order}
 
 
 def space_text(space: Space) -> str:
@@ -134,52 +138,55 @@ def _label(choice: Any) -> Any:
     return choice if choice is None or isinstance(choice, bool | int | float | str) else json.dumps(choice)
 
 
+def open_storage(storage: str | None, out: Path) -> Any:
+    """The Optuna storage --storage names: a URL (`://`) is a database, anything else a journal file (None:
+    OUT/study.journal); one error line naming --storage where it cannot open."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    if storage and "://" in storage:
+        try:
+            return optuna.storages.RDBStorage(storage)
+        except Exception as exc:  # noqa: BLE001 (a bad URL or a missing driver: SQLAlchemy's errors vary)
+            raise MbtrainError(f"--storage {storage}: {first_line(exc)}") from None
+    path = Path(storage) if storage else out / JOURNAL
+    if path.is_dir():
+        raise MbtrainError(f"--storage {path}: is a folder; give a journal file's path or a database URL")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    except OSError as exc:
+        raise MbtrainError(f"--storage {path}: {exc.strerror or exc}") from None
+
+
 @dataclass
 class Search:
     """Everything a process taking trials needs (--jobs workers get a copy)."""
 
     out: Path  # the sweep folder
     storage: str | None  # --storage: a journal file's path or a database URL (None: SWEEP/study.journal)
-    key: str  # the sweep's digest: its studies' names, so that sweeps sharing a database never mix
+    key: str  # the sweep folder's id (recipe.py): its studies' names, so that sweeps sharing a database never mix
     grid: dict[str, Any]  # Grid.to_dict()
     train: Path  # the first seed's training rows
     valid: Path  # and its validation rows
     seed: int  # the first seed
     threads: int | None = None
-    spent: dict[str, float] = field(default_factory=lambda: {"tuning_s": 0.0, "fits_s": 0.0})
+    spent: dict[str, float] = field(default_factory=lambda: {"tuning_s": 0.0, "fits_s": 0.0, "waited_s": 0.0})
 
     @classmethod
-    def of(cls, out: Path, storage: str | None, definition: dict[str, Any], grid: Grid, train: Path,
-           valid: Path) -> Search:
-        key = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:12]
-        return cls(out, storage, key, grid.to_dict(), train, valid, grid.seeds[0])
+    def of(cls, out: Path, storage: str | None, sweep_id: str, grid: Grid, train: Path, valid: Path) -> Search:
+        return cls(out, storage, sweep_id, grid.to_dict(), train, valid, grid.seeds[0])
 
     @property
     def budget(self) -> int:
         return int(self.grid["trials"])
-
-    def storage_object(self) -> Any:
-        """The Optuna storage: a URL (`://`) is a database, anything else a journal file."""
-        import optuna
-        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
-        if self.storage and "://" in self.storage:
-            try:
-                return optuna.storages.RDBStorage(self.storage)
-            except Exception as exc:  # noqa: BLE001 (a bad URL or a missing driver: SQLAlchemy's errors vary)
-                raise MbtrainError(f"--storage {self.storage}: {first_line(exc)}") from None
-        path = Path(self.storage) if self.storage else self.out / JOURNAL
-        if path.is_dir():
-            raise MbtrainError(f"--storage {path}: is a folder; give a journal file's path or a database URL")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
     def studies(self) -> dict[str, optuna.Study]:
         """Each method's study, made by the first process to ask (seeded TPE, median pruner)."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = self.storage_object()
+        storage = open_storage(self.storage, self.out)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=max(3, self.budget // 4), n_warmup_steps=0)
         return {method: optuna.create_study(storage=storage, study_name=f"mbtrain-{self.key}-{method}",
                                             direction="maximize", pruner=pruner, load_if_exists=True,
@@ -191,7 +198,13 @@ class Search:
         same draws in two (which a sampler seeded alike in each would give)."""
         import optuna
 
-        return optuna.samplers.TPESampler(seed=self.seed * 100_003 + number)
+        return optuna.samplers.TPESampler(seed=self.seed * 100_003 + number, n_startup_trials=self.startup)
+
+    @property
+    def startup(self) -> int:
+        """TPE's random trials before it models the others: Optuna's 10, or a third of a smaller budget (at
+        least 2), so that a budget of 8 is searched by TPE too, not at random only."""
+        return min(10, max(2, self.budget // 3))
 
 
 def take_trials(search: Search, console: Console) -> Search:
@@ -201,17 +214,23 @@ def take_trials(search: Search, console: Console) -> Search:
     claims = Claims(search.out / CLAIMS)
     started = time.perf_counter()
     studies = search.studies()
+    waited, said = 0.0, False
     while True:
         for method in grid.methods:
             trial = _next_trial(studies[method], search, claims, method)
             if trial is not None:
-                search.spent["tuning_s"] += _run_trial(studies[method], trial, method, grid, search, claims, console)
+                _run_trial(studies[method], trial, method, grid, search, claims, console)
                 break
         else:
             if all(_finished(studies[method], search.budget) for method in grid.methods):
                 break
-            time.sleep(POLL)  # the trials left are other processes' to finish
-    search.spent["tuning_s"] = time.perf_counter() - started - search.spent["fits_s"]
+            if not said:
+                console.print("waiting for the trials other processes are running", highlight=False)
+                said = True
+            time.sleep(POLL)
+            waited += POLL
+    search.spent["tuning_s"] = time.perf_counter() - started - search.spent["fits_s"] - waited
+    search.spent["waited_s"] = waited
     return search
 
 
@@ -230,7 +249,9 @@ def _next_trial(study: optuna.Study, search: Search, claims: Claims, method: str
         name = _trial_name(method, frozen.number)
         young = frozen.datetime_start is not None and time.time() - frozen.datetime_start.timestamp() < GRACE
         if (claims.seen(name) or not young) and claims.take(name):
-            return optuna.trial.Trial(study, frozen._trial_id)
+            if _state(study, frozen.number) == optuna.trial.TrialState.RUNNING:
+                return optuna.trial.Trial(study, frozen._trial_id)
+            claims.release(name)  # it ended between the look and the claim
     if _asked(study) >= search.budget:
         return None
     trial = study.ask()
@@ -239,8 +260,14 @@ def _next_trial(study: optuna.Study, search: Search, claims: Claims, method: str
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return None
     study.sampler = search.sampler(trial.number)  # sampling happens at suggest time, after this
-    claims.take(_trial_name(method, trial.number))
+    if not claims.take(_trial_name(method, trial.number)):  # taken over already (clocks apart by GRACE): theirs
+        return None
+    shutil.rmtree(trial_folder(search.out, method, trial.number), ignore_errors=True)  # a study started afresh
     return trial
+
+
+def _state(study: optuna.Study, number: int) -> Any:
+    return next(t.state for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
 def _asked(study: optuna.Study) -> int:
@@ -253,25 +280,26 @@ def _finished(study: optuna.Study, budget: int) -> bool:
 
 
 def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, method: str, grid: Grid, search: Search,
-               claims: Claims, console: Console) -> float:
-    """Fit the trial on the first seed's rows, reporting each validation to the pruner; tell Optuna how it
-    ended. Returns the seconds spent outside the fit."""
+               claims: Claims, console: Console) -> None:
+    """Fit the trial on the first seed's rows, reporting each validation to the pruner (by its ordinal, so that
+    trials of other batch sizes compare); tell Optuna how it ended."""
     import optuna
 
     from mbtrain.train import fit, monitor_score
 
-    before = time.perf_counter()
     settings = sample(trial, search_space(grid, method), grid)
     trial.set_user_attr(SETTINGS, settings)
     folder = trial_folder(search.out, method, trial.number)
     config = grid.config(method, settings, search.seed).updated({"valid": str(search.valid)})
     reported = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number).intermediate_values
     pruned: list[int] = []
+    ordinal = [len(reported)]  # a resumed trial's validations so far
 
     def heard(entry: dict[str, Any], score: float) -> bool:
-        """Each validation's main-task score to the pruner (a resumed trial's earlier ones are there already)."""
-        if entry["step"] not in reported and math.isfinite(score):
-            trial.report(score, entry["step"])
+        """Each validation's main-task score to the pruner."""
+        ordinal[0] += 1
+        if ordinal[0] not in reported and math.isfinite(score):
+            trial.report(score, ordinal[0])
         if trial.should_prune():
             pruned.append(entry["step"])
             return True
@@ -279,7 +307,6 @@ def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, method: str, grid
 
     resume = (folder / "checkpoints" / "last.pt").is_file()
     fitting = time.perf_counter()
-    outside = fitting - before
     try:
         metrics = fit(config, search.train, folder, resume=resume, overwrite=not resume,
                       console=Console(quiet=True), on_validation=heard)
@@ -292,9 +319,8 @@ def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, method: str, grid
         claims.release(_trial_name(method, trial.number))
         console.print(f"trial {trial.number + 1}/{search.budget} of {method}: failed: {first_line(exc)}",
                       soft_wrap=True, markup=False)
-        return outside
+        return
     search.spent["fits_s"] += time.perf_counter() - fitting
-    told = time.perf_counter()
     score = monitor_score(metrics["tasks"][metrics["main_task"]], metrics["monitor"])
     if pruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -308,7 +334,6 @@ def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, method: str, grid
     claims.release(_trial_name(method, trial.number))
     console.print(f"trial {trial.number + 1}/{search.budget} of {method}: {outcome} ({settings_text(settings)})",
                   soft_wrap=True, markup=False)
-    return outside + time.perf_counter() - told
 
 
 def trial_folder(out: Path, method: str, number: int) -> Path:
