@@ -187,7 +187,8 @@ class Search:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = open_storage(self.storage, self.out)
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=max(3, self.budget // 4), n_warmup_steps=0)
+        # validations count from 1: the earliest a trial is pruned is at its second, not on its first epoch's noise
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=max(3, self.budget // 4), n_warmup_steps=2)
         return {method: optuna.create_study(storage=storage, study_name=f"mbtrain-{self.key}-{method}",
                                             direction="maximize", pruner=pruner, load_if_exists=True,
                                             sampler=self.sampler(0))
