@@ -9,6 +9,7 @@ lock on the folder, so that two processes never both take the same one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -115,9 +116,16 @@ class Claims:
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock on the file at `path` (made if missing) for the block: between processes, on one host or,
-    through the filesystem's locks, several."""
+    through the filesystem's locks, several. On a filesystem without locks, none: one process still works there,
+    processes sharing a folder may then repeat work (docs/sweep.md)."""
     with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            yield
+            return
         try:
             yield
         finally:

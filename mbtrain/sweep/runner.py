@@ -83,7 +83,7 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Cl
                 time.sleep(POLL)
                 continue
             ended(run, _fit(_task(run)))
-            for pick in _scoring(groups[run.method, run.seed], set()):
+            for pick in _scoring(groups[run.method, run.seed], set(), since):
                 test_metrics(pick)
         return
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
@@ -94,7 +94,8 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Cl
                              initargs=(threads, devices)) as pool:
         running: dict[Future, Run] = {}
         asked: set[str] = set()  # runs whose scoring is under way: scored once
-        scoring = [pool.submit(test_metrics, pick) for group in groups.values() for pick in _scoring(group, asked)]
+        scoring = [pool.submit(test_metrics, pick) for group in groups.values()
+                   for pick in _scoring(group, asked, since)]
         try:
             while True:
                 while len(running) < jobs and (run := next_run()) is not None:
@@ -109,7 +110,7 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Cl
                     run = running.pop(future)
                     ended(run, future.result())
                     group = groups[run.method, run.seed]
-                    scoring += [pool.submit(test_metrics, pick) for pick in _scoring(group, asked)]
+                    scoring += [pool.submit(test_metrics, pick) for pick in _scoring(group, asked, since)]
             for future in scoring:
                 future.result()
         except BaseException:
@@ -149,10 +150,12 @@ def _failed_since(run: Run, since: float) -> bool:
         return False
 
 
-def _scoring(group: list[Run], asked: set[str]) -> list[Run]:
-    """The run whose test rows a method's runs on one seed ask to score once they have all ended: their chosen
-    one, unless it is scored already or `asked` holds it (then it joins `asked`)."""
-    if any(run.status() in ("pending", "interrupted") for run in group):
+def _scoring(group: list[Run], asked: set[str], since: float) -> list[Run]:
+    """The run whose test rows a method's runs on one seed ask to score once they have all ended in this pass
+    (begun at `since`: a run that failed before it is tried again first): their chosen one, unless it is scored
+    already or `asked` holds it (then it joins `asked`)."""
+    if any(run.status() in ("pending", "interrupted") or run.status() == "failed" and not _failed_since(run, since)
+           for run in group):
         return []
     pick = chosen(group)
     if pick is None or pick.name in asked or (pick.folder / "test_metrics.json").is_file():
