@@ -281,6 +281,16 @@ def from_run_record(saved: dict[str, Any]) -> tuple[RunConfig, Path]:
     return config, Path(saved["paths"]["data"])
 
 
+def differing(saved: dict[str, Any], config: RunConfig, data: Path) -> list[str]:
+    """What a run's config.json was written with that differs from `config` and `data`: "DATA" first, then each
+    setting's flag. A damaged record raises as from_run_record does."""
+    settings, saved_data = from_run_record(saved)
+    theirs, ours = settings.flat(), config.flat()
+    ours["valid"] = str(Path(ours["valid"]).resolve()) if ours["valid"] else None
+    found = [f"--{key.replace('_', '-')}" for key in ours if ours[key] != theirs.get(key)]
+    return (["DATA"] if saved_data != data.resolve() else []) + found
+
+
 UNITS = {"s": 1, "m": 60, "h": 3600}  # --checkpoint-every's duration suffixes
 
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mbtrain.config import RunConfig, from_run_record
+from mbtrain.config import RunConfig, differing
 from mbtrain.errors import MbtrainError
 
 JOB_KEY = "torchrun_job"  # config.json's record of the torchrun job that wrote the run
@@ -73,14 +73,9 @@ def _check_same_run(folder: Path, saved: dict, config: RunConfig, data: Path) ->
     differs."""
     record = folder / "config.json"
     try:
-        settings, saved_data = from_run_record(saved)
+        found = differing(saved, config, data)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise MbtrainError(f"{record}: corrupt ({type(exc).__name__}: {exc})") from None
-    theirs, ours = settings.flat(), config.flat()
-    ours["valid"] = str(Path(ours["valid"]).resolve()) if ours["valid"] else None
-    differing = [f"--{key.replace('_', '-')}" for key in ours if ours[key] != theirs.get(key)]
-    if saved_data != data.resolve():
-        differing.insert(0, "DATA")
-    if differing:
+    if found:
         raise MbtrainError(f"{folder}: torchrun restarted this fit, but the run there was written with another "
-                           f"{differing[0]}; give another --out")
+                           f"{found[0]}; give another --out")

@@ -105,6 +105,20 @@ def test_the_default_spaces() -> None:
     assert weights["none"] == {"lr": Range(0.001, 0.03, log=True), "task_weights.click": Range(0.1, 0.5)}
 
 
+def test_ranges_in_a_toml_file_read_as_on_the_command_line(tmp_path: Path) -> None:
+    config = tmp_path / "sweep.toml"
+    config.write_text('tasks = "purchase,cart,click"\nbalance = ["none", "metabalance"]\nlr = "0.001:0.03:log"\n'
+                      'task-weights = "cart=0.05:1:log,click=0.3"\nrelax-factor = "0.3:0.95"\n'
+                      'nash-update-weights-every = "1:50:log"\n')
+    grid = read_grid([], config, None, {}, trials=4)
+    assert grid.ranges == {"lr": Range(0.001, 0.03, log=True), "task_weights.cart": Range(0.05, 1.0, log=True),
+                           "relax_factor": Range(0.3, 0.95),
+                           "nash_update_weights_every": Range(1, 50, log=True, integer=True)}
+    assert grid.fixed["task_weights"] == {"click": 0.3}
+    assert search_space(grid, "none") == {"lr": Range(0.001, 0.03, log=True),
+                                          "task_weights.cart": Range(0.05, 1.0, log=True)}
+
+
 def test_two_processes_share_one_sweep_and_run_nothing_twice(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "shared"
     command = [sys.executable, "-m", "mbtrain", "sweep", str(data), "--tasks", "purchase,click", "--epochs", "1",

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from mbtrain.balance.registry import BALANCERS, setting_fields, setting_names
-from mbtrain.config import RunConfig, peak_lr
+from mbtrain.config import RunConfig, differing, peak_lr
 from mbtrain.errors import MbtrainError, first_line
 from mbtrain.space import Range, default_space
 from mbtrain.sweep.claims import Claims
@@ -263,7 +263,6 @@ def _next_trial(study: optuna.Study, search: Search, claims: Claims, method: str
     study.sampler = search.sampler(trial.number)  # sampling happens at suggest time, after this
     if not claims.take(_trial_name(method, trial.number)):  # taken over already (clocks apart by GRACE): theirs
         return None
-    shutil.rmtree(trial_folder(search.out, method, trial.number), ignore_errors=True)  # a study started afresh
     return trial
 
 
@@ -306,11 +305,12 @@ def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, method: str, grid
             return True
         return False
 
-    resume = (folder / "checkpoints" / "last.pt").is_file()
+    resume = _resumable(folder, config, search.train)
+    if not resume:
+        shutil.rmtree(folder, ignore_errors=True)  # unstarted, or not this trial's (a study begun afresh)
     fitting = time.perf_counter()
     try:
-        metrics = fit(config, search.train, folder, resume=resume, overwrite=not resume,
-                      console=Console(quiet=True), on_validation=heard)
+        metrics = fit(config, search.train, folder, resume=resume, console=Console(quiet=True), on_validation=heard)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 (a trial that fails is a result of the search, not its end)
@@ -335,6 +335,15 @@ def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, method: str, grid
     claims.release(_trial_name(method, trial.number))
     console.print(f"trial {trial.number + 1}/{search.budget} of {method}: {outcome} ({settings_text(settings)})",
                   soft_wrap=True, markup=False)
+
+
+def _resumable(folder: Path, config: RunConfig, data: Path) -> bool:
+    """Whether the trial's folder holds a checkpoint of this very trial (its settings and rows) to resume."""
+    try:
+        record = json.loads((folder / "config.json").read_text())
+        return (folder / "checkpoints" / "last.pt").is_file() and not differing(record, config, data)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False
 
 
 def trial_folder(out: Path, method: str, number: int) -> Path:
