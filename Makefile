@@ -7,7 +7,7 @@ DEMO := demo
 
 BENCH := .venv-bench
 
-.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults bench-balancers bench-architectures bench-vocab bench-table-optimizers bench-task-types bench-checkpoints bench-ops clean
+.PHONY: install demo test lint bench bench-adult bench-scale bench-defaults bench-balancers bench-architectures bench-vocab bench-table-optimizers bench-task-types bench-checkpoints bench-tune bench-ops clean
 
 $(BIN)/mbtrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +50,7 @@ bench-defaults: install
 	POLARS_MAX_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/defaults_sweep.py
 
 bench-balancers: install
-	$(BIN)/python benchmarks/balancers.py --trials 8 --out bench-balancers
+	$(BIN)/python benchmarks/balancers.py --trials 8 --rows 200000 --out bench-balancers
 
 bench-architectures: install
 	$(BIN)/python benchmarks/architectures.py --out bench-architectures
@@ -63,6 +63,9 @@ bench-table-optimizers: install
 
 bench-task-types: install
 	$(BIN)/python benchmarks/task_types.py --out bench-task-types
+
+bench-tune: install
+	$(BIN)/python benchmarks/tune_cost.py
 
 bench-checkpoints: install
 	$(BIN)/python benchmarks/checkpoint_cost.py

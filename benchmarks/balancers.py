@@ -24,7 +24,7 @@ Data sets:
 - generated funnel: benchmarks/synthetic.py's funnel_log (--rows rows): purchase (rare, main), cart, click.
 
 Run it alone on the machine (2 fits at a time, 1 thread each, by default):
-    .venv/bin/python benchmarks/balancers.py --trials 8 --out bench-balancers   # make bench-balancers
+    .venv/bin/python benchmarks/balancers.py --trials 8 --rows 200000 --out bench-balancers  # make bench-balancers
     .venv/bin/python benchmarks/balancers.py --out bench-balancers-grid        # the grid
     .venv/bin/python benchmarks/balancers.py --quick --trials 3               # 2 seeds, 2 epochs, 10k rows
 """
