@@ -171,6 +171,8 @@ def test_a_claim_is_one_live_process_s_and_a_dead_one_s_is_taken_over(tmp_path: 
     mine = Claims(tmp_path)
     assert mine.take("run-a") and mine.take("run-a")
     assert not mine.take("run-b") and mine.busy("run-b")  # a live process's
+    holder.send_signal(signal.SIGSTOP)  # stopped (Ctrl-Z), not dead: still its
+    assert not mine.take("run-b")
     holder.kill()
     holder.wait()
     assert not mine.busy("run-b") and mine.take("run-b")  # its process is gone: taken over

@@ -1,10 +1,11 @@
 """Which process does what, for several `mbtrain sweep` processes sharing one sweep folder (on one machine, or on
 many through a shared filesystem): a claim file per trial or run, made exclusively with its whole content (a token
 of its own, the host, the process and when that process started), and touched by a heartbeat thread while the
-process lives. A claim is abandoned when its heartbeat has stopped for STALE seconds, or at once when its process
-is gone from this host (no such process, or another one that reuses the number); an abandoned claim may be taken
-over, so that an interrupted sweep, run again, picks up what the dead process held. Taking one over happens under a
-lock on the folder, so that two processes never both take the same one.
+process lives. A claim of this host (this machine's boot and process namespace: containers apart count as hosts
+apart) is abandoned once its process is gone (no such process, or another that reuses the number); one of another
+host once its heartbeat has stopped for STALE seconds. An abandoned claim may be taken over, so that an
+interrupted sweep, run again, picks up what the dead process held; taking one over happens under a lock on the
+folder, so that two processes never both take the same one.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Claims:
         self.folder = folder
         self.held: dict[Path, str] = {}  # claim file -> its token
         pid = os.getpid()
-        self.me = {"host": socket.gethostname(), "pid": pid, "started": _started(pid)}
+        self.me = {"host": _host(), "pid": pid, "started": _started(pid)}
         self._beating: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -45,13 +46,12 @@ class Claims:
         self.folder.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex
         with locked(self.folder / ".lock"):
-            if path.exists() and not self._abandoned(path):
-                return False
-            path.unlink(missing_ok=True)
-            written = path.with_name(f".{path.name}.{token}")
-            written.write_text(json.dumps({**self.me, "token": token}))
-            os.link(written, path)  # the claim appears whole or not at all
-            written.unlink()
+            if path.exists():
+                if not self._abandoned(path):
+                    return False
+                path.unlink(missing_ok=True)
+            if not create(path, json.dumps({**self.me, "token": token})):
+                return False  # another process made it meanwhile (only where the filesystem has no locks)
         with self._lock:
             self.held[path] = token
         self._beat()
@@ -65,6 +65,11 @@ class Claims:
         if token is not None and _owner(path).get("token") == token:
             path.unlink(missing_ok=True)
 
+    def holds(self, name: str) -> bool:
+        """Whether `name` is still this process's claim (not taken over while this process was stopped)."""
+        path = self.folder / f"{name}.claim"
+        return path in self.held and _owner(path).get("token") == self.held[path]
+
     def busy(self, name: str) -> bool:
         """Whether another live process holds `name`."""
         path = self.folder / f"{name}.claim"
@@ -77,7 +82,7 @@ class Claims:
     def holder(self, name: str) -> str:
         """`host:pid` of the process that holds `name` (for a line saying what a process waits for)."""
         owner = _owner(self.folder / f"{name}.claim")
-        return f"{owner.get('host', '?')}:{owner.get('pid', '?')}"
+        return f"{str(owner.get('host', '?')).split('/')[0]}:{owner.get('pid', '?')}"
 
     def _abandoned(self, path: Path) -> bool:
         owner = _owner(path)
@@ -85,14 +90,17 @@ class Claims:
             touched = path.stat().st_mtime
         except OSError:
             return True  # gone meanwhile
-        if not owner or time.time() - touched > STALE:
+        if not owner:
             return True
         if owner.get("host") != self.me["host"]:
-            return False
+            return time.time() - touched > STALE
         pid = int(owner.get("pid", 0))
         if pid == self.me["pid"]:  # this process's number, yet not a claim it holds: a dead process's that had it
             return True
-        return not _alive(pid) or owner.get("started") != _started(pid)  # gone, or its number reused
+        if not _alive(pid):
+            return True
+        theirs, now = owner.get("started"), _started(pid)
+        return theirs is not None and now is not None and theirs != now  # its number reused by another process
 
     def _beat(self) -> None:
         """Start the heartbeat thread once (a daemon: it dies with the process, which is the point)."""
@@ -130,6 +138,38 @@ def locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def create(path: Path, text: str) -> bool:
+    """Make `path` holding `text`, whole, unless it exists: False if it does."""
+    written = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    written.write_text(text)
+    try:
+        os.link(written, path)  # appears whole or not at all
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links: exclusive creation, then the text
+        try:
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w") as file:
+                file.write(text)
+        except FileExistsError:
+            return False
+    finally:
+        written.unlink(missing_ok=True)
+    return True
+
+
+def _host() -> str:
+    """This host as claims name it: the machine's name, its boot and the process namespace (so that containers
+    that share a name but not their process numbers are told apart)."""
+    parts = [socket.gethostname()]
+    for source in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8],
+                   lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            parts.append(source())
+        except OSError:
+            pass
+    return "/".join(parts)
 
 
 def _owner(path: Path) -> dict[str, Any]:

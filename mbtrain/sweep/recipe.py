@@ -13,10 +13,10 @@ from typing import Any
 
 from rich.console import Console
 
-from mbtrain.checkpoint import write_json, write_text
+from mbtrain.checkpoint import write_json
 from mbtrain.errors import MbtrainError
 from mbtrain.sweep import plot, tune
-from mbtrain.sweep.claims import Claims, locked
+from mbtrain.sweep.claims import Claims, create, locked
 from mbtrain.sweep.grid import Grid, read_grid
 from mbtrain.sweep.protocol import (
     DEFINITION,
@@ -51,7 +51,7 @@ def sweep(data: Path, arguments: list[str], config_file: Path | None, seeds: int
             raise MbtrainError("--plan writes a grid's runs for a scheduler; a --trials sweep shares its work through "
                                "--storage instead: start the same command, with --storage, on each machine")
         if storage is not None:  # a storage that cannot open is one line before the sweep folder is written
-            tune.open_storage(storage, out)
+            tune.check_storage(storage)
     baseline = _baseline(grid, baseline)
     holdout.check(grid.fixed.get("valid"))
     if jobs < 1:
@@ -212,8 +212,14 @@ def _prepare(out: Path, data: Path, grid: Grid, holdout: Holdout, baseline: str,
     if out.exists() and not out.is_dir():
         raise MbtrainError(f"--out {out}: is a file, not a sweep folder")
     out.mkdir(parents=True, exist_ok=True)
-    with locked(out / LOCK):  # processes started together on one --out: the first writes, the others then read
-        return _settle(out, data, grid, holdout, baseline, overwrite, wanted)
+    made = not (out / LOCK).exists()
+    try:
+        with locked(out / LOCK):  # processes started together on one --out: the first writes, the others then read
+            return _settle(out, data, grid, holdout, baseline, overwrite, wanted)
+    except MbtrainError:
+        if made and out.is_dir():  # a folder refused keeps nothing of this call
+            (out / LOCK).unlink(missing_ok=True)
+        raise
 
 
 def _settle(out: Path, data: Path, grid: Grid, holdout: Holdout, baseline: str, overwrite: bool,
@@ -229,7 +235,7 @@ def _settle(out: Path, data: Path, grid: Grid, holdout: Holdout, baseline: str, 
             raise MbtrainError(f"--out {out} holds {what}: pass --overwrite to replace it, or another --out")
         for path in out.iterdir():
             if path.name != LOCK:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                path.unlink() if path.is_symlink() or not path.is_dir() else shutil.rmtree(path)
         fresh = True
     try:
         splits = write_splits(out, data, grid, holdout)
@@ -238,8 +244,7 @@ def _settle(out: Path, data: Path, grid: Grid, holdout: Holdout, baseline: str, 
             shutil.rmtree(out, ignore_errors=True)
         raise
     write_json({**wanted, "baseline": baseline}, out / DEFINITION)
-    if not (out / SWEEP_ID).is_file():
-        write_text(out / SWEEP_ID, uuid.uuid4().hex[:16] + "\n")
+    create(out / SWEEP_ID, uuid.uuid4().hex[:16] + "\n")  # once: every process reads the first one's
     return splits
 
 

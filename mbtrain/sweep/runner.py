@@ -48,7 +48,7 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Cl
                 continue
             if claims is not None and not claims.take(run.name):
                 continue
-            if run.status() == "finished":  # it finished between the look and the claim
+            if run.status() == "finished" or _failed_since(run, since):  # it ended between the look and the claim
                 claims.release(run.name)
                 continue
             attempted.add(run.name)

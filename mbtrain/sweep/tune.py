@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -80,10 +81,11 @@ def search_space(grid: Grid, method: str) -> Space:
     weights_ignored = bool(kind.task_weights_ignored)
     space |= {name: searched for name, searched in grid.ranges.items()
               if applies(name.partition(".")[0]) and not (name.startswith("task_weights.") and weights_ignored)}
-    # the settings methods share first, in one order, the method's own last: trial k of every method then draws
-    # the shared ones alike (TPE's random start-up draws are taken in the order suggested)
+    # the settings every method may share first (the learning rate, then the others), the task weights (which some
+    # methods ignore) next, the method's own last: trial k of every method then draws the shared ones alike (TPE's
+    # random start-up draws are taken in the order suggested)
     order = sorted(space, key=lambda name: (name.partition(".")[0] in own, name != "lr",
-                                            not name.startswith("task_weights.")))
+                                            name.startswith("task_weights.")))
     return {name: space[name] for name in order}
 
 
@@ -157,6 +159,20 @@ def open_storage(storage: str | None, out: Path) -> Any:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     except OSError as exc:
         raise MbtrainError(f"--storage {path}: {exc.strerror or exc}") from None
+
+
+def check_storage(storage: str) -> None:
+    """One error line for a --storage that cannot open, without making anything: a database is opened (and
+    closed), a journal file's folder must be one this process can write in (or make)."""
+    if "://" in storage:
+        open_storage(storage, Path())
+        return
+    path = Path(storage)
+    if path.is_dir():
+        raise MbtrainError(f"--storage {path}: is a folder; give a journal file's path or a database URL")
+    above = next(parent for parent in path.absolute().parents if parent.exists())
+    if not above.is_dir() or not os.access(above, os.W_OK):
+        raise MbtrainError(f"--storage {path}: {above} is not a folder this process can write in")
 
 
 @dataclass
@@ -251,6 +267,7 @@ def _next_trial(study: optuna.Study, search: Search, claims: Claims, method: str
         young = frozen.datetime_start is not None and time.time() - frozen.datetime_start.timestamp() < GRACE
         if (claims.seen(name) or not young) and claims.take(name):
             if _state(study, frozen.number) == optuna.trial.TrialState.RUNNING:
+                study.sampler = search.sampler(frozen.number)  # what it had not drawn yet, drawn as it would have been
                 return optuna.trial.Trial(study, frozen._trial_id)
             claims.release(name)  # it ended between the look and the claim
     if _asked(study) >= search.budget:
@@ -309,32 +326,34 @@ def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, method: str, grid
     if not resume:
         shutil.rmtree(folder, ignore_errors=True)  # unstarted, or not this trial's (a study begun afresh)
     fitting = time.perf_counter()
+    name, failure = _trial_name(method, trial.number), None
     try:
         metrics = fit(config, search.train, folder, resume=resume, console=Console(quiet=True), on_validation=heard)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 (a trial that fails is a result of the search, not its end)
-        search.spent["fits_s"] += time.perf_counter() - fitting
-        trial.set_user_attr("error", f"{type(exc).__name__}: {first_line(exc)}")
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        claims.release(_trial_name(method, trial.number))
-        console.print(f"trial {trial.number + 1}/{search.budget} of {method}: failed: {first_line(exc)}",
-                      soft_wrap=True, markup=False)
-        return
+        failure = f"{type(exc).__name__}: {first_line(exc)}"
     search.spent["fits_s"] += time.perf_counter() - fitting
-    score = monitor_score(metrics["tasks"][metrics["main_task"]], metrics["monitor"])
-    if pruned:
+    heading = f"trial {trial.number + 1}/{search.budget} of {method}"
+    if not claims.holds(name):  # another process took it over while this one stood still: its result counts
+        console.print(f"{heading}: taken over by another process; this one's result is dropped", markup=False)
+        return
+    if failure is not None:
+        trial.set_user_attr("error", failure)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        outcome = f"failed: {failure}"
+    elif pruned:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         outcome = f"pruned at step {pruned[0]:,}"
     else:
+        score = monitor_score(metrics["tasks"][metrics["main_task"]], metrics["monitor"])
         value = metrics["tasks"][metrics["main_task"]].get(metrics["monitor"])
         trial.set_user_attr(VALID, value)
         study.tell(trial, score if math.isfinite(score) else None,
                    state=None if math.isfinite(score) else optuna.trial.TrialState.FAIL)
         outcome = f"{metrics['monitor']} {value:.4f} on validation" if value is not None else "no score"
-    claims.release(_trial_name(method, trial.number))
-    console.print(f"trial {trial.number + 1}/{search.budget} of {method}: {outcome} ({settings_text(settings)})",
-                  soft_wrap=True, markup=False)
+    claims.release(name)
+    console.print(f"{heading}: {outcome} ({settings_text(settings)})", soft_wrap=True, markup=False)
 
 
 def _resumable(folder: Path, config: RunConfig, data: Path) -> bool:
