@@ -213,6 +213,7 @@ def test_fit_stops_where_on_validation_says(tmp_path: Path) -> None:
     (["--trials", "3", "--valid-fraction", "0.1:0.3"], "--valid-fraction takes one value in a sweep"),
     (["--trials", "3", "--storage", "/dev/null/studies.journal"], "--storage /dev/null/studies.journal:"),
     (["--trials", "3", "--storage", "postgresql://nobody@nowhere/db"], "--storage postgresql://nobody@nowhere/db:"),
+    (["--trials", "3", "--storage", "sqlite:////dev/null/x.db"], "--storage /dev/null/x.db: /dev/null is not a folder"),
 ])
 def test_bad_input_is_one_line(arguments: list[str], message: str, data: Path, tmp_path: Path) -> None:
     result = run_cli("sweep", str(data), "--tasks", "purchase,click", "--balance", "none,metabalance", *arguments,

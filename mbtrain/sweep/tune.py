@@ -164,10 +164,11 @@ def open_storage(storage: str | None, out: Path) -> Any:
 def check_storage(storage: str) -> None:
     """One error line for a --storage that cannot open, without making anything: a database is opened (and
     closed), a journal file's folder must be one this process can write in (or make)."""
-    if "://" in storage:
+    sqlite = storage.startswith("sqlite:///")  # a file too: checked as a journal's, not made here
+    if "://" in storage and not sqlite:
         open_storage(storage, Path())
         return
-    path = Path(storage)
+    path = Path(storage.removeprefix("sqlite:///"))
     if path.is_dir():
         raise MbtrainError(f"--storage {path}: is a folder; give a journal file's path or a database URL")
     above = next(parent for parent in path.absolute().parents if parent.exists())
