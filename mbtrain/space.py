@@ -8,6 +8,7 @@ No Optuna here: sweep/tune.py turns a Range into Optuna's distributions.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,17 @@ class Range:
 def is_range(text: Any) -> bool:
     """Whether a flag's or TOML value's text is written as a range."""
     return isinstance(text, str) and ":" in text
+
+
+def plain(choice: Any) -> Any:
+    """A choice as a plain value: itself where it is one (a number, text, a switch, None), else its JSON text (a
+    list of widths); what Optuna stores, and what the text of a space shows."""
+    return choice if choice is None or isinstance(choice, bool | int | float | str) else json.dumps(choice)
+
+
+def space_text(space: Range | tuple[Any, ...]) -> str:
+    """A range as the user writes it (`0.3:0.95`), or the choices (`both|reduce|enlarge`)."""
+    return space.text() if isinstance(space, Range) else "|".join(str(plain(choice)) for choice in space)
 
 
 def tuned(default: Any, space: Range | tuple[Any, ...]) -> Any:

@@ -15,7 +15,7 @@ import torch
 
 from mbtrain.balance.base import Balancer, Gather, Reduce
 from mbtrain.balance.per_task import BATCHED, LOOP
-from mbtrain.space import Range, default_space
+from mbtrain.space import default_space, space_text
 
 if TYPE_CHECKING:
     from mbtrain.distributed import Cluster
@@ -116,14 +116,10 @@ def balancer_table() -> str:
         flags = ", ".join(f"`--{field.name.replace('_', '-')}` = {_shown(_default(field))}"
                           for field in _fields(kind.settings_class)) or "—"
         levels = ", ".join(kind.levels) or "— (weighs the losses)"
-        searched = ", ".join(f"`{setting.replace('_', '-')} {_space_text(space)}`"
+        searched = ", ".join(f"`{setting.replace('_', '-')} {space_text(space)}`"
                              for setting, space in default_space(kind.settings_class).items()) or "—"
         rows.append(f"| `{name}` | {kind.method} | {levels} | {flags} | {searched} |")
     return "\n".join(rows) + "\n"
-
-
-def _space_text(space: Range | tuple[Any, ...]) -> str:
-    return space.text() if isinstance(space, Range) else "|".join(map(str, space))
 
 
 def _fields(settings_class: type) -> tuple[dataclasses.Field, ...]:

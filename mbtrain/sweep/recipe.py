@@ -106,7 +106,7 @@ def _search(out: Path, data: Path, grid: Grid, splits: dict[int, Split], storage
                   f"{', '.join(map(str, grid.seeds))}; {jobs} at a time, {threads} threads each; studies in "
                   f"{storage or out / tune.JOURNAL}", soft_wrap=True, highlight=False)
     for method in grid.methods:
-        searched = tune.space_text(tune.search_space(grid, method)) or "nothing (one configuration)"
+        searched = tune.space_line(tune.search_space(grid, method)) or "nothing (one configuration)"
         console.print(f"  {method} searches {searched}", soft_wrap=True, highlight=False, markup=False)
     started = time.perf_counter()
     try:

@@ -25,7 +25,7 @@ from rich.console import Console
 from mbtrain.balance.registry import BALANCERS, setting_fields, setting_names
 from mbtrain.config import RunConfig, differing, peak_lr
 from mbtrain.errors import MbtrainError, first_line
-from mbtrain.space import Range, default_space
+from mbtrain.space import Range, default_space, plain, space_text
 from mbtrain.sweep.claims import Claims
 from mbtrain.sweep.grid import LEVEL, Grid
 
@@ -89,12 +89,9 @@ def search_space(grid: Grid, method: str) -> Space:
     return {name: space[name] for name in order}
 
 
-def space_text(space: Space) -> str:
+def space_line(space: Space) -> str:
     """One line: `lr 0.001:0.03:log, relax_factor 0.3:0.95, strategy both|reduce|enlarge`."""
-    def shown(searched: Range | tuple[Any, ...]) -> str:
-        return searched.text() if isinstance(searched, Range) else "|".join(str(_label(c)) for c in searched)
-
-    return ", ".join(f"{name} {shown(searched)}" for name, searched in space.items())
+    return ", ".join(f"{name} {space_text(searched)}" for name, searched in space.items())
 
 
 def sample(trial: optuna.trial.Trial, space: Space, grid: Grid) -> dict[str, Any]:
@@ -106,7 +103,7 @@ def sample(trial: optuna.trial.Trial, space: Space, grid: Grid) -> dict[str, Any
         elif isinstance(searched, Range):
             values[name] = trial.suggest_float(name, searched.low, searched.high, log=searched.log)
         else:
-            labels = [_label(choice) for choice in searched]
+            labels = [plain(choice) for choice in searched]
             values[name] = searched[labels.index(trial.suggest_categorical(name, labels))]
     return _settings(values, grid)
 
@@ -133,11 +130,6 @@ def _settings(values: dict[str, Any], grid: Grid) -> dict[str, Any]:
         else:
             settings[setting] = value
     return settings
-
-
-def _label(choice: Any) -> Any:
-    """A choice as Optuna stores it: itself where it is a plain value, else its JSON text (a list of widths)."""
-    return choice if choice is None or isinstance(choice, bool | int | float | str) else json.dumps(choice)
 
 
 def open_storage(storage: str | None, out: Path) -> Any:
@@ -407,5 +399,5 @@ def outcome(search: Search) -> dict[str, Any]:
         methods[method] = {**counted, "curve": curve, "best_trial": None if best is None else best.number,
                            "best_value": None if best is None else best.user_attrs.get(VALID),
                            "settings": None if best is None else best.user_attrs.get(SETTINGS, {}),
-                           "space": space_text(search_space(Grid(**search.grid), method))}
+                           "space": space_line(search_space(Grid(**search.grid), method))}
     return {"trials": search.budget, "storage": search.storage or str(search.out / JOURNAL), "methods": methods}
