@@ -33,11 +33,11 @@ def threads_per_job(jobs: int, threads: int | None) -> int:
     return threads or max(1, (os.cpu_count() or 1) // jobs)
 
 
-def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Claims | None = None,
+def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Claims,
             say: Callable[[str], None] = print) -> None:
-    """Run every run not finished yet; `report` hears of each as it ends. With `claims` (what the processes sharing
-    the sweep folder hold), a run another live process holds is left to it and waited for (`say` tells of it
-    once); one whose process died is taken over."""
+    """Run every run not finished yet; `report` hears of each as it ends. `claims`: what the processes sharing the
+    sweep folder hold; a run another live process holds is left to it and waited for (`say` tells of it once), one
+    whose process died is taken over."""
     since = time.time()
     attempted: set[str] = set()
 
@@ -46,7 +46,7 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Cl
         for run in runs:
             if run.name in attempted or run.status() == "finished" or _failed_since(run, since):
                 continue
-            if claims is not None and not claims.take(run.name):
+            if not claims.take(run.name):
                 continue
             if run.status() == "finished" or _failed_since(run, since):  # it ended between the look and the claim
                 claims.release(run.name)
@@ -59,14 +59,13 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Cl
         return None
 
     def ended(run: Run, outcome: tuple[str | None, float]) -> None:
-        if claims is not None:
-            claims.release(run.name)
+        claims.release(run.name)
         report(run, *outcome)
 
     said: list[bool] = []
 
     def others_running() -> bool:
-        held = [run.name for run in runs if claims is not None and run.status() != "finished" and claims.busy(run.name)]
+        held = [run.name for run in runs if run.status() != "finished" and claims.busy(run.name)]
         if held and not said:
             holders = sorted({claims.holder(name) for name in held})
             say(f"waiting for {len(held)} run(s) other processes hold ({', '.join(holders)})")
@@ -86,12 +85,7 @@ def execute(runs: list[Run], jobs: int, threads: int, report: Report, claims: Cl
             for pick in _scoring(groups[run.method, run.seed], set(), since):
                 test_metrics(pick)
         return
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
-    devices = context.Queue()
-    for slot in range(jobs):
-        devices.put(_device_for(slot))
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(threads, devices)) as pool:
+    with _pool(jobs, threads) as pool:
         running: dict[Future, Run] = {}
         asked: set[str] = set()  # runs whose scoring is under way: scored once
         scoring = [pool.submit(test_metrics, pick) for group in groups.values()
@@ -122,18 +116,23 @@ def take_trials_in_workers(search: Search, jobs: int, threads: int) -> list[dict
     """--trials with --jobs N: N worker processes, each taking trials as a process of its own would; what each
     spent on tuning and on fits."""
     search.studies()  # made once here: a new database's tables are not made safely by several processes at once
-    context = multiprocessing.get_context("spawn")
-    devices = context.Queue()
-    for slot in range(jobs):
-        devices.put(_device_for(slot))
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(threads, devices)) as pool:
+    with _pool(jobs, threads) as pool:
         workers = [pool.submit(_take_trials, search) for _ in range(jobs)]
         try:
             return [worker.result() for worker in workers]
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+
+
+def _pool(jobs: int, threads: int) -> ProcessPoolExecutor:
+    """`jobs` worker processes, fresh interpreters (spawned: no forked torch threads), each with its share of the
+    machine (_init_worker)."""
+    context = multiprocessing.get_context("spawn")
+    devices = context.Queue()
+    for slot in range(jobs):
+        devices.put(_device_for(slot))
+    return ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads, devices))
 
 
 def _take_trials(search: Search) -> dict[str, float]:
