@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+FOLDER = "claims"  # SWEEP/claims: where the processes sharing a sweep folder keep their claims
 HEARTBEAT = 30.0  # seconds between touches of the claims a process holds
 STALE = 300.0  # a claim without a touch for this long is a dead (or hung) process's
 
@@ -37,6 +38,11 @@ class Claims:
         self.me = {"host": _host(), "pid": pid, "started": _started(pid)}
         self._beating: threading.Thread | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, sweep: Path) -> Claims:
+        """This process's claims in the sweep folder `sweep`."""
+        return cls(sweep / FOLDER)
 
     def take(self, name: str) -> bool:
         """Claim `name` for this process: True if it is now ours (free, ours already, or abandoned)."""

@@ -35,7 +35,6 @@ from mbtrain.sweep.runner import execute, plan, take_trials_in_workers, threads_
 LOCK = ".lock"  # held while a process settles the folder's definition and splits
 SWEEP_ID = "sweep_id"  # a random id made with the folder: its studies' names in a storage other sweeps may share
 BUDGET = "budget.json"  # --trials: each method's account of its search (tune.outcome), written once it has ended
-CLAIMS = "claims"
 
 
 def sweep(data: Path, arguments: list[str], config_file: Path | None, seeds: int | None, out: Path,
@@ -60,7 +59,7 @@ def sweep(data: Path, arguments: list[str], config_file: Path | None, seeds: int
     splits = _prepare(out, data, grid, holdout, baseline, overwrite)
     timing: dict[str, Any] = {"prepare_s": time.perf_counter() - started, "run_s": {}}
     threads = threads_per_job(jobs, grid.fixed.get("threads"))
-    claims = Claims(out / CLAIMS)
+    claims = Claims.of(out)
     budget = None
     if grid.trials is not None:
         runs, budget = _search(out, data, grid, splits, storage, jobs, threads, claims, console, timing)
@@ -104,7 +103,7 @@ def _search(out: Path, data: Path, grid: Grid, splits: dict[int, Split], storage
     console.print(f"[bold]mbtrain sweep[/] {data}: {len(grid.methods)} methods, {grid.trials} trials each on seed "
                   f"{grid.seeds[0]}'s training and validation rows, then each method's best on seeds "
                   f"{', '.join(map(str, grid.seeds))}; {jobs} at a time, {threads} threads each; studies in "
-                  f"{storage or out / tune.JOURNAL}", soft_wrap=True, highlight=False)
+                  f"{search.where}", soft_wrap=True, highlight=False)
     for method in grid.methods:
         searched = tune.space_line(tune.search_space(grid, method)) or "nothing (one configuration)"
         console.print(f"  {method} searches {searched}", soft_wrap=True, highlight=False, markup=False)
@@ -112,8 +111,8 @@ def _search(out: Path, data: Path, grid: Grid, splits: dict[int, Split], storage
     try:
         spent = take_trials_in_workers(search, jobs, threads) if jobs > 1 else [tune.take_trials(search, console).spent]
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted; finished trials are kept in {storage or out / tune.JOURNAL}: run the "
-                                "same command again to finish the rest") from None
+        raise KeyboardInterrupt(f"interrupted; finished trials are kept in {search.where}: run the same command again "
+                                "to finish the rest") from None
     timing.update(trials_s=time.perf_counter() - started, tuning_s=sum(part["tuning_s"] for part in spent),
                   trial_fits_s=sum(part["fits_s"] for part in spent))
     budget = tune.outcome(search)
@@ -198,8 +197,7 @@ def _baseline(grid: Grid, baseline: str | None) -> str:
 def _prepare(out: Path, data: Path, grid: Grid, holdout: Holdout, baseline: str, overwrite: bool
              ) -> dict[int, Split]:
     """The sweep folder for this grid: a new one, or the same sweep's to continue; each seed's split. Every run's
-    settings (with --trials, the ends of each range) are checked before anything is
-    written."""
+    settings (with --trials, the ends of each range) are checked before anything is written."""
     saved = read_definition(out)
     if saved is not None and not grid.seeds_given:  # a sweep begun with other default seeds goes on with its own
         grid.seeds = list(saved["grid"]["seeds"])

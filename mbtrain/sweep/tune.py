@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 INSTALL = "pip install 'mbtrain[tune]'"
 JOURNAL = "study.journal"
 TRIALS = "trials"
-CLAIMS = "claims"
 SURPLUS = "surplus"
 SETTINGS = "settings"  # a trial's user attribute: the settings its fit ran with
 VALID = "valid"  # and its best main-task validation metric, as --monitor reads (the study's value is higher-better)
@@ -143,9 +142,7 @@ def open_storage(storage: str | None, out: Path) -> Any:
             return optuna.storages.RDBStorage(storage)
         except Exception as exc:  # noqa: BLE001 (a bad URL or a missing driver: SQLAlchemy's errors vary)
             raise MbtrainError(f"--storage {storage}: {first_line(exc)}") from None
-    path = Path(storage) if storage else out / JOURNAL
-    if path.is_dir():
-        raise MbtrainError(f"--storage {path}: is a folder; give a journal file's path or a database URL")
+    path = _file(Path(storage) if storage else out / JOURNAL)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
@@ -160,12 +157,17 @@ def check_storage(storage: str) -> None:
     if "://" in storage and not sqlite:
         open_storage(storage, Path())
         return
-    path = Path(storage.removeprefix("sqlite:///"))
-    if path.is_dir():
-        raise MbtrainError(f"--storage {path}: is a folder; give a journal file's path or a database URL")
+    path = _file(Path(storage.removeprefix("sqlite:///")))
     above = next(parent for parent in path.absolute().parents if parent.exists())
     if not above.is_dir() or not os.access(above, os.W_OK):
         raise MbtrainError(f"--storage {path}: {above} is not a folder this process can write in")
+
+
+def _file(path: Path) -> Path:
+    """A storage file's path, or one error line where it names a folder."""
+    if path.is_dir():
+        raise MbtrainError(f"--storage {path}: is a folder; give a journal file's path or a database URL")
+    return path
 
 
 @dataclass
@@ -179,12 +181,16 @@ class Search:
     train: Path  # the first seed's training rows
     valid: Path  # and its validation rows
     seed: int  # the first seed
-    threads: int | None = None
-    spent: dict[str, float] = field(default_factory=lambda: {"tuning_s": 0.0, "fits_s": 0.0, "waited_s": 0.0})
+    spent: dict[str, float] = field(default_factory=lambda: {"tuning_s": 0.0, "fits_s": 0.0})
 
     @classmethod
     def of(cls, out: Path, storage: str | None, sweep_id: str, grid: Grid, train: Path, valid: Path) -> Search:
         return cls(out, storage, sweep_id, grid.to_dict(), train, valid, grid.seeds[0])
+
+    @property
+    def where(self) -> str:
+        """Where the studies are kept, as the lines and budget.json name it."""
+        return self.storage or str(self.out / JOURNAL)
 
     @property
     def budget(self) -> int:
@@ -221,7 +227,7 @@ def take_trials(search: Search, console: Console) -> Search:
     """Run trials, method by method in the sweep's order, until every method's budget is spent and no other
     process is still running one of its trials; returns `search` with what the tuning and the fits took."""
     grid = Grid(**search.grid)
-    claims = Claims(search.out / CLAIMS)
+    claims = Claims.of(search.out)
     started = time.perf_counter()
     studies = search.studies()
     waited, said = 0.0, False
@@ -240,7 +246,6 @@ def take_trials(search: Search, console: Console) -> Search:
             time.sleep(POLL)
             waited += POLL
     search.spent["tuning_s"] = time.perf_counter() - started - search.spent["fits_s"] - waited
-    search.spent["waited_s"] = waited
     return search
 
 
@@ -259,7 +264,7 @@ def _next_trial(study: optuna.Study, search: Search, claims: Claims, method: str
         name = _trial_name(method, frozen.number)
         young = frozen.datetime_start is not None and time.time() - frozen.datetime_start.timestamp() < GRACE
         if (claims.seen(name) or not young) and claims.take(name):
-            if _state(study, frozen.number) == optuna.trial.TrialState.RUNNING:
+            if _frozen(study, frozen.number).state == optuna.trial.TrialState.RUNNING:
                 study.sampler = search.sampler(frozen.number)  # what it had not drawn yet, drawn as it would have been
                 return optuna.trial.Trial(study, frozen._trial_id)
             claims.release(name)  # it ended between the look and the claim
@@ -276,8 +281,9 @@ def _next_trial(study: optuna.Study, search: Search, claims: Claims, method: str
     return trial
 
 
-def _state(study: optuna.Study, number: int) -> Any:
-    return next(t.state for t in study.get_trials(deepcopy=False) if t.number == number)
+def _frozen(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    """The trial numbered `number` as the storage holds it now."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
 def _asked(study: optuna.Study) -> int:
@@ -301,7 +307,7 @@ def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, method: str, grid
     trial.set_user_attr(SETTINGS, settings)
     folder = trial_folder(search.out, method, trial.number)
     config = grid.config(method, settings, search.seed).updated({"valid": str(search.valid)})
-    reported = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number).intermediate_values
+    reported = _frozen(study, trial.number).intermediate_values
     pruned: list[int] = []
     ordinal = [len(reported)]  # a resumed trial's validations so far
 
@@ -400,4 +406,4 @@ def outcome(search: Search) -> dict[str, Any]:
                            "best_value": None if best is None else best.user_attrs.get(VALID),
                            "settings": None if best is None else best.user_attrs.get(SETTINGS, {}),
                            "space": space_line(search_space(Grid(**search.grid), method))}
-    return {"trials": search.budget, "storage": search.storage or str(search.out / JOURNAL), "methods": methods}
+    return {"trials": search.budget, "storage": search.where, "methods": methods}
