@@ -281,9 +281,9 @@ class FitRecipe:
         patience = self.config.train.patience
         return self.stopped or bool(patience and self.bad_epochs >= patience)
 
-    def _record(self, entry: dict[str, Any]) -> None:
+    def _record(self, entry: dict[str, Any]) -> float:
         """A validation's history row (the time since the last row), marked best where the main task's --monitor
-        metric gained."""
+        metric gained; returns that score (higher is better)."""
         now = time.perf_counter()
         entry["seconds"], self.row_started = round(now - self.row_started, 4), now
         score = monitor_score(entry["valid"][self.spec.main_task], self.monitor)
@@ -294,6 +294,7 @@ class FitRecipe:
         else:
             self.bad_epochs += 1
         self.history.append(entry)
+        return score
 
     def _mid_epoch(self, sample: dict[str, torch.Tensor] | None, clock: CheckpointClock, log: RunLog | None
                    ) -> OnStep | None:
@@ -322,11 +323,10 @@ class FitRecipe:
               position: Position | None = None) -> None:
         """After a validation, at an epoch's end or inside it (`position`): its history row, a checkpoint, its
         line."""
-        self._record(entry)
+        score = self._record(entry)
         self._save_checkpoint(entry["best"], sample, position)
         clock.restart()
         self.console.print(history_line(entry, self.spec.main_task, self.monitor), soft_wrap=True)
-        score = monitor_score(entry["valid"][self.spec.main_task], self.monitor)
         if self.on_validation is not None and self.on_validation(entry, score):
             self.stopped = True
 
